@@ -1,0 +1,237 @@
+"""The routing vocabulary shared by every stage: what the kernel holds, decoded.
+
+Objects are frozen and slotted: the netlink decoder makes them, the RIB keeps
+them, nobody mutates them. Addresses are packed bytes (4 or 16) so that they go
+into BPF keys without conversion; ``str()`` gives the usual text forms.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+
+ADDR_LEN = {AF_INET: 4, AF_INET6: 16}
+
+
+def addr_str(family: int, addr: bytes) -> str:
+    return socket.inet_ntop(family, addr)
+
+
+def family_of(text: str) -> int:
+    return AF_INET6 if ":" in text else AF_INET
+
+
+class RouteType(IntEnum):
+    """The kernel's RTN_* route types."""
+
+    UNSPEC = 0
+    UNICAST = 1
+    LOCAL = 2
+    BROADCAST = 3
+    ANYCAST = 4
+    MULTICAST = 5
+    BLACKHOLE = 6
+    UNREACHABLE = 7
+    PROHIBIT = 8
+    THROW = 9
+    NAT = 10
+    XRESOLVE = 11
+
+
+class Op(IntEnum):
+    ADD = 1
+    DEL = 2
+
+
+# neighbour states (NUD_*) whose lladdr is usable for forwarding
+NUD_INCOMPLETE = 0x01
+NUD_REACHABLE = 0x02
+NUD_STALE = 0x04
+NUD_DELAY = 0x08
+NUD_PROBE = 0x10
+NUD_FAILED = 0x20
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP
+
+RT_TABLE_MAIN = 254
+RT_TABLE_LOCAL = 255
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Prefix:
+    """A destination prefix; host bits are always zero."""
+
+    family: int
+    addr: bytes
+    length: int
+
+    @classmethod
+    def parse(cls, text: str) -> Prefix:
+        net = ipaddress.ip_network(text, strict=False)
+        family = AF_INET6 if net.version == 6 else AF_INET
+        return cls(family, net.network_address.packed, net.prefixlen)
+
+    @classmethod
+    def of(cls, family: int, addr: bytes, length: int) -> Prefix:
+        """Build from a possibly unmasked address (the kernel always masks)."""
+        n = int.from_bytes(addr, "big")
+        bits = len(addr) * 8
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
+        return cls(family, (n & mask).to_bytes(len(addr), "big"), length)
+
+    def __str__(self) -> str:
+        return f"{addr_str(self.family, self.addr)}/{self.length}"
+
+
+@dataclass(frozen=True, slots=True)
+class Nexthop:
+    """One path of a route: RTA_GATEWAY/RTA_VIA + RTA_OIF, or one RTA_MULTIPATH entry.
+
+    ``gateway`` is None for a connected (on-link) path; ``gateway_family`` may
+    differ from the route's family (IPv4 via an IPv6 next hop, RFC 5549).
+    """
+
+    ifindex: int
+    gateway: bytes | None = None
+    gateway_family: int = 0
+    weight: int = 1
+    flags: int = 0
+
+    def __str__(self) -> str:
+        via = f"via {addr_str(self.gateway_family, self.gateway)} " if self.gateway else ""
+        return f"{via}ifindex {self.ifindex} weight {self.weight}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A kernel route (RTM_NEWROUTE).
+
+    A route either carries its paths inline (``nexthops``) or refers to a
+    kernel nexthop object (``nhid``); with ``nexthop_compat_mode=1`` the
+    kernel sends both, and ``nhid`` wins.
+    """
+
+    prefix: Prefix
+    table: int = RT_TABLE_MAIN
+    type: RouteType = RouteType.UNICAST
+    protocol: int = 0
+    scope: int = 0
+    metric: int = 0
+    tos: int = 0
+    nexthops: tuple[Nexthop, ...] = ()
+    nhid: int = 0
+    mtu: int = 0
+    flags: int = 0
+
+    @property
+    def key(self) -> tuple[int, Prefix, int, int]:
+        """The kernel's identity of a route within a table (prefix, tos, metric)."""
+        return (self.table, self.prefix, self.tos, self.metric)
+
+
+@dataclass(frozen=True, slots=True)
+class NexthopObject:
+    """A kernel nexthop object (RTM_NEWNEXTHOP): a single path, a blackhole, or a group.
+
+    ``group`` holds (member id, weight) pairs; weights are 1..256 as ``ip
+    nexthop`` shows them.
+    """
+
+    id: int
+    family: int = 0
+    ifindex: int = 0
+    gateway: bytes | None = None
+    blackhole: bool = False
+    group: tuple[tuple[int, int], ...] = ()
+    flags: int = 0
+    protocol: int = 0
+
+    @property
+    def is_group(self) -> bool:
+        return bool(self.group)
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    """An ARP/NDP entry (RTM_NEWNEIGH)."""
+
+    family: int
+    ifindex: int
+    address: bytes
+    lladdr: bytes | None = None
+    state: int = 0
+    flags: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return self.lladdr is not None and bool(self.state & NUD_VALID)
+
+    @property
+    def key(self) -> tuple[int, int, bytes]:
+        return (self.ifindex, self.family, self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A network interface (RTM_NEWLINK)."""
+
+    ifindex: int
+    name: str
+    mac: bytes | None = None
+    mtu: int = 1500
+    flags: int = 0
+    kind: str = ""
+    link: int = 0
+    vlan_id: int = 0
+
+    @property
+    def up(self) -> bool:
+        # IFF_UP and IFF_LOWER_UP: administratively up with carrier
+        return bool(self.flags & 0x1) and bool(self.flags & 0x10000)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """An interface address (RTM_NEWADDR)."""
+
+    family: int
+    ifindex: int
+    address: bytes
+    prefixlen: int
+
+    @property
+    def key(self) -> tuple[int, int, bytes, int]:
+        return (self.ifindex, self.family, self.address, self.prefixlen)
+
+
+KernelObject = Route | NexthopObject | Neighbour | Link | Address
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One netlink notification, decoded: add/replace or delete of one object.
+
+    ``nlflags`` keeps the header flags (NLM_F_REPLACE, NLM_F_APPEND, ...)
+    because IPv6 multipath updates depend on them.
+    """
+
+    op: Op
+    obj: KernelObject
+    nlflags: int = 0
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything a full dump returned, in dump order."""
+
+    links: list[Link] = field(default_factory=list)
+    addresses: list[Address] = field(default_factory=list)
+    neighbours: list[Neighbour] = field(default_factory=list)
+    nexthops: list[NexthopObject] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
