@@ -1,0 +1,89 @@
+"""Fixtures for tests that build namespaces and run FRR or BIRD in them.
+
+Every fixture cleans up after itself even when the test fails: namespaces are
+deleted with everything still running inside them, daemons are stopped by
+their pid files, run directories are removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fibsync.lab import RUN_ROOT, Bird, Frr, Lab, Netns
+
+
+@pytest.fixture
+def lab(unique_prefix: str) -> Iterator[Lab]:
+    """The demo topology, up, under a name no other test uses."""
+    topology = Lab(unique_prefix)
+    try:
+        topology.up()
+        yield topology
+    finally:
+        topology.down()
+
+
+@pytest.fixture
+def lab_rundir(unique_prefix: str) -> Iterator[Path]:
+    """A run directory for this test's daemons (under /run: FRR must reach it)."""
+    path = RUN_ROOT / unique_prefix
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def netns_factory(unique_prefix: str) -> Iterator[Callable[[str], Netns]]:
+    """``make(suffix)`` creates namespace ``<unique_prefix>-<suffix>``."""
+    made: list[Netns] = []
+
+    def make(suffix: str) -> Netns:
+        ns = Netns(f"{unique_prefix}-{suffix}")
+        made.append(ns)
+        return ns.create()
+
+    try:
+        yield make
+    finally:
+        for ns in reversed(made):
+            ns.delete()
+
+
+@pytest.fixture
+def frr_factory(lab_rundir: Path) -> Iterator[Callable[[Netns], Frr]]:
+    """``make(ns)`` returns an (unstarted) Frr for ``ns``; stopped at the end."""
+    made: list[Frr] = []
+
+    def make(ns: Netns) -> Frr:
+        frr = Frr(ns, lab_rundir / f"frr-{ns.name}")
+        made.append(frr)
+        return frr
+
+    try:
+        yield make
+    finally:
+        for frr in made:
+            frr.stop()
+
+
+@pytest.fixture
+def bird_factory(lab_rundir: Path) -> Iterator[Callable[[Netns], Bird]]:
+    """``make(ns)`` returns an (unstarted) Bird for ``ns``; stopped at the end."""
+    made: list[Bird] = []
+
+    def make(ns: Netns) -> Bird:
+        bird = Bird(ns, lab_rundir / f"bird-{ns.name}")
+        made.append(bird)
+        return bird
+
+    try:
+        yield make
+    finally:
+        for bird in made:
+            bird.stop()
