@@ -197,7 +197,12 @@ class Netns:
         """Kill every process inside, then delete the namespace; fine if it is gone."""
         if not self.exists():
             return
-        terminate(self.pids())
+        # A dying process may have started another one inside: look again.
+        for _ in range(3):
+            pids = self.pids()
+            if not pids:
+                break
+            terminate(pids)
         run(["ip", "netns", "del", self.name], check=False)
         if self.exists():
             raise LabError(f"could not delete namespace {self.name}")
@@ -377,7 +382,10 @@ class Frr:
             raise LabError(f"{exc}; log: {_tail(self.log_file(daemon))}") from None
 
     def apply(self, config: str) -> None:
-        """Feed configuration lines to the running daemons (like ``vtysh -f``)."""
+        """Feed configuration lines to the running daemons (``vtysh -f``).
+
+        A rejected line raises LabError naming it; lines before it stay applied.
+        """
         conf = self.rundir / "frr.conf"
         conf.write_text(config if config.endswith("\n") else config + "\n")
         result = run(["vtysh", "--vty_socket", str(self.rundir), "-f", str(conf)],
@@ -689,11 +697,21 @@ class Lab:
                            f"zebra log: {_tail(self.frr.log_file('zebra'))}") from None
 
     def down(self) -> None:
-        """Remove everything the lab made; works from the name alone, after any crash."""
-        self.frr.stop()
-        for ns in self.namespaces:
-            ns.delete()
+        """Remove everything the lab made; works from the name alone, after any crash.
+
+        Each step runs even when an earlier one failed, so one stuck process
+        does not leave the rest of the lab behind; the failures are raised
+        together at the end.
+        """
+        errors = []
+        for step in (self.frr.stop, *(ns.delete for ns in self.namespaces)):
+            try:
+                step()
+            except LabError as exc:
+                errors.append(str(exc))
         shutil.rmtree(self.rundir, ignore_errors=True)
+        if errors:
+            raise LabError(f"lab {self.name} not fully removed: {'; '.join(errors)}")
         log.info("lab.down", lab=self.name)
 
     def set_forwarding(self, on: bool) -> None:

@@ -18,8 +18,12 @@ from fibsync.lab import RUN_ROOT, Bird, Frr, Lab, Netns
 
 @pytest.fixture
 def lab(unique_prefix: str) -> Iterator[Lab]:
-    """The demo topology, up, under a name no other test uses."""
-    topology = Lab(unique_prefix)
+    """The demo topology, up, under a name no other test uses.
+
+    The name differs from ``unique_prefix`` so that namespaces the test makes
+    with ``netns_factory`` never collide with the lab's own.
+    """
+    topology = Lab(f"{unique_prefix}-lab")
     try:
         topology.up()
         yield topology
