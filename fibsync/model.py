@@ -102,6 +102,9 @@ class Nexthop:
     gateway_family: int = 0
     weight: int = 1
     flags: int = 0
+    # lwtunnel encapsulation (LWTUNNEL_ENCAP_*, RTA_ENCAP_TYPE); non-zero means
+    # the kernel adds headers (MPLS, SRv6, ...) the fast path does not
+    encap: int = 0
 
     def __str__(self) -> str:
         via = f"via {addr_str(self.gateway_family, self.gateway)} " if self.gateway else ""
@@ -151,6 +154,8 @@ class NexthopObject:
     group: tuple[tuple[int, int], ...] = ()
     flags: int = 0
     protocol: int = 0
+    # lwtunnel encapsulation (NHA_ENCAP_TYPE), as Nexthop.encap
+    encap: int = 0
 
     @property
     def is_group(self) -> bool:
