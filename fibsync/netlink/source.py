@@ -1,0 +1,393 @@
+"""The rtnetlink source: subscribe, dump, stream, and start over on overrun.
+
+One session is: open an event socket and join the multicast groups, *then*
+dump links, addresses, neighbours, nexthop objects and routes on a second
+socket, hand the dump to the sink as one ``Snapshot``, then hand it every
+event that arrived since the subscription, in order, as batches. Events that
+arrive during the dump are replayed after the snapshot; replaying a change the
+dump already saw is harmless because each event carries the object's whole
+state.
+
+Whatever makes the mirror untrustworthy ends the session: ENOBUFS on the event
+socket (the kernel dropped notifications), NLM_F_DUMP_INTR on a dump (the
+kernel's tables changed under it), or a dump error. The next session starts
+from fresh sockets and the sink gets ``resync()`` again. NETLINK_NO_ENOBUFS is
+deliberately not set: a silent drop would leave the fast path wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import itertools
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from fibsync.errors import DecodeError, NetlinkError, NetlinkOverrun
+from fibsync.model import AF_INET, AF_INET6, Change, Snapshot
+from fibsync.netlink import decode as nl
+from fibsync.netlink.decode import HANDLED_TYPES, decode
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33
+CLONE_NEWNET = 0x40000000
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+
+EVENT_GROUPS = (
+    nl.RTNLGRP_LINK,
+    nl.RTNLGRP_IPV4_IFADDR,
+    nl.RTNLGRP_IPV6_IFADDR,
+    nl.RTNLGRP_NEIGH,
+    nl.RTNLGRP_IPV4_ROUTE,
+    nl.RTNLGRP_IPV6_ROUTE,
+    nl.RTNLGRP_NEXTHOP,
+)
+
+# A dump skb never exceeds 32 KiB, an event is one message; 1 MiB leaves room
+# for the odd huge link message (VF lists) without MSG_TRUNC.
+RECV_BUFFER = 1 << 20
+DUMP_RCVBUF = 4 << 20
+
+
+class Sink(Protocol):
+    def resync(self, snapshot: Snapshot) -> None:
+        """Full state after a (re)dump; replaces everything held before."""
+
+    def apply(self, changes: list[Change]) -> None:
+        """Ordered changes since the last resync or apply."""
+
+
+@dataclass(slots=True)
+class SourceStats:
+    messages: int = 0  # netlink messages received on the event socket
+    batches: int = 0  # apply() calls
+    undecodable: int = 0  # messages DecodeError rejected (skipped)
+    unknown: int = 0  # message types the decoder does not handle (skipped)
+    overruns: int = 0  # ENOBUFS on the event socket
+    dump_intr: int = 0  # dumps the kernel flagged NLM_F_DUMP_INTR
+    dump_errors: int = 0  # dumps that ended in an error
+    resyncs: int = 0  # snapshots handed to the sink
+    last_resync_seconds: float = 0.0  # subscribe + dump + sink.resync, last time
+    rcvbuf: int = 0  # the event socket's receive buffer as the kernel granted it
+
+
+def _enter_netns(netns: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(os.path.join("/run/netns", netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def open_socket(
+    *, netns: str | None = None, rcvbuf: int = 0, groups: Iterable[int] = ()
+) -> socket.socket:
+    """A non-blocking NETLINK_ROUTE socket, in ``netns`` if given, joined to ``groups``.
+
+    A socket belongs to the namespace it was created in for its whole life,
+    so for another namespace it is created by a short-lived thread that
+    entered it; the rest of the process stays where it is.
+    """
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            if rcvbuf:
+                try:
+                    # FORCE passes net.core.rmem_max (needs CAP_NET_ADMIN)
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.bind((0, 0))
+            for group in groups:
+                # ADD_MEMBERSHIP, not bind()'s 32-bit mask: RTNLGRP_NEXTHOP is 32
+                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    if netns is None:
+        return make()
+    result: list[socket.socket | BaseException] = []
+
+    def in_netns() -> None:
+        try:
+            _enter_netns(netns)
+            result.append(make())
+        except BaseException as exc:  # handed to the caller's thread below
+            result.append(exc)
+
+    thread = threading.Thread(target=in_netns, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    outcome = result[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+_seq = itertools.count(int(time.time()) & 0xFFFF)
+
+
+def request(mtype: int, body: bytes, flags: int = nl.NLM_F_REQUEST | nl.NLM_F_DUMP) -> bytes:
+    """One netlink request message; the sequence number is its bytes 8..12."""
+    seq = next(_seq) & 0xFFFFFFFF
+    return struct.pack("=IHHII", 16 + len(body), mtype, flags, seq, 0) + body
+
+
+def dump_requests() -> list[tuple[str, bytes]]:
+    """The snapshot's dumps, in the order the sink expects them."""
+    link = struct.pack("=BxHiII", 0, 0, 0, 0, 0) + struct.pack(
+        "=HHI", 8, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS
+    )
+    out = [("links", request(nl.RTM_GETLINK, link))]
+    for family in (AF_INET, AF_INET6):
+        out.append(
+            ("addresses", request(nl.RTM_GETADDR, struct.pack("=BBBBI", family, 0, 0, 0, 0)))
+        )
+    for family in (AF_INET, AF_INET6):
+        # per family: AF_UNSPEC would also dump the bridge FDB
+        out.append(
+            ("neighbours", request(nl.RTM_GETNEIGH, struct.pack("=BxxxiHBB", family, 0, 0, 0, 0)))
+        )
+    out.append(("nexthops", request(nl.RTM_GETNEXTHOP, struct.pack("=BBBBI", 0, 0, 0, 0, 0))))
+    for family in (AF_INET, AF_INET6):
+        # rtm_table 0 dumps every table; AF_UNSPEC would add MPLS and mroute
+        out.append(
+            ("routes", request(nl.RTM_GETROUTE, struct.pack("=BBBBBBBBI", family, *[0] * 8)))
+        )
+    return out
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def dump_raw(sock: socket.socket, req: bytes, on_chunk: Callable[[bytes], bool]) -> None:
+    """Send one dump request and hand every received buffer to ``on_chunk``.
+
+    ``on_chunk`` returns True when it has seen the NLMSG_DONE (or error) that
+    ends the dump. The caller checks sequence numbers and flags; this only
+    moves bytes. Used by the source and by bench/bench_decode.py.
+    """
+    loop = asyncio.get_running_loop()
+    sock.send(req)
+    buf = bytearray(RECV_BUFFER)
+    view = memoryview(buf)
+    while True:
+        try:
+            n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+        except BlockingIOError:
+            await _wait_readable(loop, sock)
+            continue
+        if n > len(buf):
+            raise NetlinkError(f"a {n}-byte dump message does not fit the receive buffer")
+        if on_chunk(bytes(view[:n])):
+            return
+
+
+class NetlinkSource:
+    """Mirrors rtnetlink into a ``Sink``: one ``resync`` per (re)dump, then ``apply`` batches."""
+
+    def __init__(
+        self,
+        *,
+        rcvbuf: int = 64 << 20,
+        netns: str | None = None,
+        log: Any = None,
+        max_reads: int = 256,
+    ) -> None:
+        self.rcvbuf = rcvbuf
+        self.netns = netns
+        self.log = log if log is not None else structlog.get_logger()
+        self.max_reads = max_reads  # recv() calls per wakeup before yielding to the loop
+        self.stats = SourceStats()
+        self._buf = bytearray(RECV_BUFFER)
+        self._pending: list[Change] = []
+        self._wake = asyncio.Event()
+        self._overrun: str | None = None
+
+    async def run(self, sink: Sink) -> None:
+        """Mirror forever; cancel the task to stop."""
+        reason = "start"
+        failures = 0
+        while True:
+            try:
+                await self._session(sink, reason)
+            except NetlinkOverrun as exc:
+                reason = str(exc)
+                failures = 0
+                self.log.warning("netlink.overrun", reason=reason, overruns=self.stats.overruns)
+            except (NetlinkError, OSError) as exc:
+                # a dump the kernel refused, or a socket that failed: start over,
+                # backing off so that a persistent failure does not spin
+                reason = f"error: {exc}"
+                failures += 1
+                delay = min(0.05 * 2**failures, 5.0)
+                self.log.error("netlink.error", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+
+    async def _session(self, sink: Sink, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self.log.info("resync.start", reason=reason)
+        self._pending = []
+        self._overrun = None
+        self._wake = asyncio.Event()
+        events = open_socket(netns=self.netns, rcvbuf=self.rcvbuf, groups=EVENT_GROUPS)
+        self.stats.rcvbuf = events.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        fd = events.fileno()
+        try:
+            loop.add_reader(fd, self._drain, events)
+            snapshot = await self._dump()
+            self._check_overrun()
+            sink.resync(snapshot)
+            self.stats.resyncs += 1
+            self.stats.last_resync_seconds = time.monotonic() - started
+            self.log.info(
+                "resync.done",
+                duration=round(self.stats.last_resync_seconds, 3),
+                links=len(snapshot.links),
+                addresses=len(snapshot.addresses),
+                neighbours=len(snapshot.neighbours),
+                nexthops=len(snapshot.nexthops),
+                routes=len(snapshot.routes),
+                queued=len(self._pending),
+            )
+            while True:
+                if not self._pending and self._overrun is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                self._check_overrun()
+                batch, self._pending = self._pending, []
+                if batch:
+                    self.stats.batches += 1
+                    sink.apply(batch)
+        finally:
+            loop.remove_reader(fd)
+            events.close()
+
+    def _check_overrun(self) -> None:
+        if self._overrun is not None:
+            raise NetlinkOverrun(self._overrun)
+
+    def _undecodable(self, exc: DecodeError) -> None:
+        self.stats.undecodable += 1
+        self.log.debug("netlink.undecodable", error=str(exc))
+
+    def _drain(self, sock: socket.socket) -> None:
+        """Reader callback: read what the event socket holds, decode, queue."""
+        if self._overrun is not None:
+            return
+        buf = self._buf
+        view = memoryview(buf)
+        pending = self._pending
+        stats = self.stats
+        on_error = self._undecodable
+        for _ in range(self.max_reads):
+            try:
+                n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    stats.overruns += 1
+                    self._overrun = "ENOBUFS: the kernel dropped notifications"
+                else:
+                    self._overrun = f"event socket failed: {exc}"
+                self._wake.set()
+                return
+            if n > len(buf):
+                stats.undecodable += 1
+                continue
+            try:
+                for mtype, _flags, _seq, payload in decode(view[:n], on_error):
+                    stats.messages += 1
+                    if payload.__class__ is Change:
+                        pending.append(payload)  # type: ignore[arg-type]
+                    elif payload is None and mtype not in HANDLED_TYPES:
+                        stats.unknown += 1
+            except DecodeError as exc:
+                # framing broken: the rest of this buffer is lost, and with it
+                # changes the mirror needed
+                on_error(exc)
+                self._overrun = f"undecodable event buffer: {exc}"
+                self._wake.set()
+                return
+        if pending:
+            self._wake.set()
+
+    async def _dump(self) -> Snapshot:
+        snapshot = Snapshot()
+        sock = open_socket(netns=self.netns, rcvbuf=DUMP_RCVBUF)
+        try:
+            for what, req in dump_requests():
+                target: list[Any] = getattr(snapshot, what)
+                await self._dump_one(sock, what, req, target)
+                self._check_overrun()
+        finally:
+            sock.close()
+        return snapshot
+
+    async def _dump_one(
+        self, sock: socket.socket, what: str, req: bytes, target: list[Any]
+    ) -> None:
+        seq = struct.unpack_from("=I", req, 8)[0]
+        stats = self.stats
+        on_error = self._undecodable
+        append = target.append
+        failure: list[BaseException] = []
+
+        def on_chunk(chunk: bytes) -> bool:
+            try:
+                for mtype, flags, mseq, payload in decode(chunk, on_error):
+                    if mseq != seq:
+                        continue
+                    if flags & nl.NLM_F_DUMP_INTR:
+                        stats.dump_intr += 1
+                        failure.append(NetlinkOverrun(f"{what} dump interrupted (NLM_F_DUMP_INTR)"))
+                        return True
+                    if payload.__class__ is Change:
+                        append(payload.obj)  # type: ignore[union-attr]
+                    elif mtype == nl.NLMSG_DONE or mtype == nl.NLMSG_ERROR:
+                        if payload == errno.EOPNOTSUPP and what == "nexthops":
+                            return True  # a kernel without nexthop objects has none
+                        if payload:
+                            stats.dump_errors += 1
+                            failure.append(
+                                NetlinkError(f"{what} dump failed: {os.strerror(payload)}")  # type: ignore[arg-type]
+                            )
+                        return True
+                    elif payload is None and mtype not in HANDLED_TYPES:
+                        stats.unknown += 1
+            except DecodeError as exc:
+                on_error(exc)
+                failure.append(NetlinkError(f"{what} dump undecodable: {exc}"))
+                return True
+            return False
+
+        await dump_raw(sock, req, on_chunk)
+        if failure:
+            raise failure[0]
