@@ -1,0 +1,179 @@
+"""The ``fibsync`` command: run, status, routes, lookup, detach, lab.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error — always with one
+line on stderr that names what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from . import config
+from .errors import DaemonDown, FibsyncError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Mirror the kernel FIB into eBPF maps for an XDP fast path.",
+)
+lab_app = typer.Typer(no_args_is_help=True, help="A network-namespace lab with FRR (demo, tests).")
+app.add_typer(lab_app, name="lab")
+
+Instance = Annotated[str, typer.Option("--instance", help="Daemon instance name.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def fail(err: FibsyncError) -> None:
+    print(f"fibsync: error: {err}", file=sys.stderr)
+
+
+@app.command()
+def run(
+    interface: Annotated[list[str] | None, typer.Option(
+        "--interface", "-i", help="Attach XDP to IF (repeatable).", metavar="IF")] = None,
+    instance: Annotated[str | None, typer.Option(
+        "--instance", help="Instance name (pins, socket).")] = None,
+    config_file: Annotated[str | None, typer.Option(
+        "--config", "-c", help="TOML config file (default /etc/fibsync/fibsync.toml).")] = None,
+    table: Annotated[str | None, typer.Option(
+        "--table", help="Kernel table to mirror: main, default or a number.")] = None,
+    protocol: Annotated[list[str] | None, typer.Option(
+        "--protocol", help="Only routes of this protocol (bgp, static, ...; repeatable).")] = None,
+    xdp_mode: Annotated[str | None, typer.Option(
+        "--xdp-mode", help="auto, native or generic.")] = None,
+    replace_xdp: Annotated[bool | None, typer.Option(
+        "--replace-xdp/--no-replace-xdp", help="Replace another XDP program on the interfaces.")
+    ] = None,
+    netlink_rcvbuf: Annotated[str | None, typer.Option(
+        "--netlink-rcvbuf", help="Netlink receive buffer, e.g. 64MiB.")] = None,
+    socket_group: Annotated[str | None, typer.Option(
+        "--socket-group", help="Group allowed to use the status socket.")] = None,
+    metrics_listen: Annotated[str | None, typer.Option(
+        "--metrics", help="Serve Prometheus metrics on HOST:PORT.")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+    log_format: Annotated[str | None, typer.Option("--log-format")] = None,
+) -> None:
+    """Run the daemon in the foreground in this network namespace."""
+    from . import daemon
+
+    overrides: dict[str, Any] = {
+        "instance": instance, "interfaces": interface, "table": table, "protocols": protocol,
+        "xdp_mode": xdp_mode, "replace_xdp": replace_xdp, "netlink_rcvbuf": netlink_rcvbuf,
+        "socket_group": socket_group, "metrics_listen": metrics_listen,
+        "log_level": log_level, "log_format": log_format,
+    }
+    settings = config.build(config_file, overrides)
+    if not settings.interfaces:
+        raise UsageError("no interface to attach to: give -i IF (repeatable) "
+                         "or `interfaces = [...]` in the config file")
+    daemon.check_interfaces(settings.interfaces)
+    raise typer.Exit(daemon.main(settings, fail))
+
+
+@app.command()
+def status(instance: Instance = "default", as_json: AsJson = False) -> None:
+    """Show the daemon's state, or what the pinned maps hold when it is down."""
+    from . import status as st
+    from .fastpath.maps import offline_status
+
+    settings = config.validate({"instance": instance})
+    try:
+        doc = st.query(settings.status_socket)
+    except DaemonDown:
+        doc = offline_status(settings)
+    print(st.dumps(doc) if as_json else st.render(doc))
+    if doc.get("daemon") != "up":
+        raise typer.Exit(1)
+
+
+@app.command()
+def routes(instance: Instance = "default", as_json: AsJson = False) -> None:
+    """List the fast-path prefixes, read from the pinned maps themselves."""
+    from .fastpath.maps import PinnedMaps, render_routes
+
+    settings = config.validate({"instance": instance})
+    entries = PinnedMaps(settings.pin_dir).routes()
+    print(json.dumps(entries, indent=2) if as_json else render_routes(entries))
+
+
+@app.command()
+def lookup(address: str, instance: Instance = "default", as_json: AsJson = False) -> None:
+    """Say which path a destination takes in the fast path, and why."""
+    from .fastpath.maps import PinnedMaps, render_lookup
+
+    settings = config.validate({"instance": instance})
+    result = PinnedMaps(settings.pin_dir).lookup(address)
+    print(json.dumps(result, indent=2) if as_json else render_lookup(result))
+
+
+@app.command()
+def detach(instance: Instance = "default") -> None:
+    """Detach the XDP program from every interface and remove the pinned maps."""
+    from .fastpath.program import remove
+
+    settings = config.validate({"instance": instance})
+    removed = remove(settings.instance)
+    print(f"fibsync: instance {settings.instance}: detached from "
+          f"{', '.join(removed) or 'no interface'}; pins removed")
+
+
+@lab_app.command("up")
+def lab_up(name: Annotated[str, typer.Option("--name")] = "lab") -> None:
+    """Build the lab (idempotent)."""
+    from .lab import Lab
+
+    lab = Lab(name)
+    lab.up()
+    print(f"lab {name} is up: namespaces {lab.h1}, {lab.r}, {lab.h2}; "
+          f"router interfaces {' '.join(lab.router_interfaces)}")
+
+
+@lab_app.command("down")
+def lab_down(name: Annotated[str, typer.Option("--name")] = "lab") -> None:
+    """Remove the lab and everything running in it."""
+    from .lab import Lab
+
+    Lab(name).down()
+    print(f"lab {name} removed")
+
+
+@lab_app.command("status")
+def lab_status(name: Annotated[str, typer.Option("--name")] = "lab",
+               as_json: AsJson = False) -> None:
+    """Show whether the lab is up."""
+    from .lab import Lab
+
+    doc = Lab(name).status()
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(f"lab {name}: {'up' if doc.get('up') else 'down'}")
+        for problem in doc.get("problems", []):
+            print(f"  problem: {problem}")
+    if not doc.get("up"):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: turn every failure into one line and an exit code."""
+    try:
+        rc = app(standalone_mode=False)
+    except FibsyncError as e:
+        fail(e)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # click's usage errors, raised because standalone_mode is off
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            cmd = getattr(getattr(e, "ctx", None), "command_path", "fibsync")
+            print(f"fibsync: error: {e.format_message()} (see `{cmd} --help`)", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            sys.exit(130)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)

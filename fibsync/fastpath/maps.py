@@ -1,0 +1,280 @@
+"""The pinned maps of one instance, opened by path: no compiler, no daemon needed.
+
+``PinnedMaps`` is the ``MapSet`` the daemon's writer uses (batched bpf(2)
+calls), and it is what ``fibsync routes``, ``fibsync lookup`` and the offline
+``fibsync status`` read: they show what the XDP program really sees, not what
+the daemon believes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import struct
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from functools import reduce
+from math import gcd
+from pathlib import Path
+from typing import Any
+
+from ..errors import FastPathError
+from ..model import AF_INET, AF_INET6
+from . import abi, bpfsys
+from .writer import (
+    GROUP,
+    NEIGH,
+    NEIGH_KEY,
+    NEXTHOP,
+    NH_CONNECTED,
+    NH_RESOLVED,
+    ROUTE,
+    ROUTE_GROUP,
+    U32,
+    V4_KEY,
+    V6_KEY,
+    MapSet,
+)
+
+COUNTER = struct.Struct("=QQ")
+ACTIONS = {0: "unicast", 1: "blackhole", 2: "kernel", 3: "fib"}
+
+
+class PinnedMaps:
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        if not (pin_dir / "routes_v4").exists():
+            raise FastPathError(
+                f"no fast path pinned at {pin_dir}: start `fibsync run` for this instance "
+                f"(or name it with --instance)")
+        self._fds: dict[str, int] = {}
+
+    def fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = bpfsys.obj_get(str(self.pin_dir / name))
+        return fd
+
+    # ------------------------------------------------------------ MapSet
+
+    def update(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
+        if items:
+            bpfsys.update_batch(self.fd(name), b"".join(k for k, _ in items),
+                                b"".join(v for _, v in items), len(items))
+
+    def delete(self, name: str, keys: list[bytes]) -> None:
+        if keys:
+            bpfsys.delete_batch(self.fd(name), b"".join(keys), len(keys))
+
+    def items(self, name: str) -> Iterator[tuple[bytes, bytes]]:
+        return bpfsys.iterate(self.fd(name))
+
+    # ------------------------------------------------------------ readers
+
+    def max_nexthop_id(self) -> int:
+        ids = [U32.unpack(k)[0] for name in ("nexthops", "groups") for k, _ in self.items(name)]
+        return max(ids, default=0)
+
+    def counters(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        fd = self.fd("counters")
+        for reason in abi.Reason:
+            per_cpu = bpfsys.lookup(fd, U32.pack(reason.value)) or []
+            packets = bytes_ = 0
+            for value in per_cpu:
+                p, b = COUNTER.unpack_from(value)
+                packets += p
+                bytes_ += b
+            out[reason.name] = {"packets": packets, "bytes": bytes_,
+                                "description": reason.description}
+        return out
+
+    def routes(self) -> list[dict[str, Any]]:
+        return read_routes(self)
+
+    def lookup(self, address: str) -> dict[str, Any]:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            raise FastPathError(f"{address!r} is not an IPv4 or IPv6 address") from None
+        family = AF_INET6 if ip.version == 6 else AF_INET
+        name, key = ("routes_v6", V6_KEY) if family == AF_INET6 else ("routes_v4", V4_KEY)
+        bits = ip.max_prefixlen
+        keys = {k[:key.size]: v for k, v in self.items(name)}
+        n = int(ip)
+        for plen in range(bits, -1, -1):
+            masked = (n >> (bits - plen) << (bits - plen)) if plen else 0
+            k = key.pack(plen, masked.to_bytes(bits // 8, "big"))
+            if k in keys:
+                doc = _route_doc(family, masked.to_bytes(bits // 8, "big"), plen, keys[k],
+                                 _nexthops(self), _groups(self), _ifnames())
+                doc["address"] = address
+                doc["path"] = _explain(doc)
+                return doc
+        return {"address": address, "prefix": None,
+                "path": "no fast-path prefix: the XDP program asks bpf_fib_lookup, and "
+                        "passes the packet to the kernel if that finds no usable route"}
+
+    def close(self) -> None:
+        import os
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _nexthops(maps: MapSet) -> dict[int, tuple[Any, ...]]:
+    return {U32.unpack(k)[0]: NEXTHOP.unpack(v[:NEXTHOP.size]) for k, v in maps.items("nexthops")}
+
+
+def _groups(maps: MapSet) -> dict[int, tuple[int, ...]]:
+    out = {}
+    for k, v in maps.items("groups"):
+        fields = GROUP.unpack(v[:GROUP.size])
+        out[U32.unpack(k)[0]] = fields[1:1 + fields[0]]
+    return out
+
+
+def read_routes(maps: MapSet) -> list[dict[str, Any]]:
+    """One entry per fast-path prefix with its next hops, sorted by family and prefix."""
+    nexthops = _nexthops(maps)
+    groups = _groups(maps)
+    names = _ifnames()
+    out = []
+    for family, name, key in ((AF_INET, "routes_v4", V4_KEY), (AF_INET6, "routes_v6", V6_KEY)):
+        rows = []
+        for k, v in maps.items(name):
+            plen, addr = key.unpack(k[:key.size])
+            rows.append((addr, plen, v))
+        rows.sort()
+        for addr, plen, v in rows:
+            out.append(_route_doc(family, addr, plen, v, nexthops, groups, names))
+    return out
+
+
+def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
+               nexthops: dict[int, tuple[Any, ...]], groups: dict[int, tuple[int, ...]],
+               names: dict[int, str]) -> dict[str, Any]:
+    nh_id, action, flags, reason, _ = ROUTE.unpack(value[:ROUTE.size])
+    doc: dict[str, Any] = {
+        "prefix": f"{socket.inet_ntop(family, addr)}/{plen}",
+        "type": ACTIONS.get(action, f"action{action}"),
+        "nexthops": [],
+    }
+    if action == 2:
+        doc["reason"] = abi.Reason(reason).name
+    if action != 0:
+        return doc
+    if flags & ROUTE_GROUP:
+        buckets = groups.get(nh_id, ())
+        shares = Counter(buckets)
+        unit = reduce(gcd, shares.values()) if shares else 1
+        members = [(m, shares[m] // unit) for m in dict.fromkeys(buckets)]
+        doc["group"] = nh_id
+    else:
+        members = [(nh_id, 1)]
+    for mid, weight in members:
+        nh = nexthops.get(mid)
+        if nh is None:
+            doc["nexthops"].append({"id": mid, "missing": True})
+            continue
+        ifindex, mtu, nflags, nfamily, _smac, dmac, gateway = nh
+        connected = bool(nflags & NH_CONNECTED)
+        glen = 16 if nfamily == AF_INET6 else 4
+        doc["nexthops"].append({
+            "gateway": None if connected else socket.inet_ntop(nfamily, gateway[:glen]),
+            "ifname": names.get(ifindex),
+            "ifindex": ifindex,
+            "weight": weight,
+            "resolved": bool(nflags & NH_RESOLVED),
+            "mac": None if connected or not nflags & NH_RESOLVED else dmac.hex(":"),
+            "mtu": mtu,
+        })
+    return doc
+
+
+def _explain(doc: dict[str, Any]) -> str:
+    kind = doc["type"]
+    if kind == "blackhole":
+        return f"{doc['prefix']} is a blackhole: dropped in XDP"
+    if kind == "kernel":
+        return f"{doc['prefix']}: handed to the kernel ({doc.get('reason')})"
+    if kind == "fib":
+        return f"{doc['prefix']}: the XDP program asks bpf_fib_lookup (route it cannot mirror)"
+    hops = doc["nexthops"]
+    ready = [h for h in hops if h.get("resolved")]
+    via = ", ".join(f"{h['gateway'] or 'connected'} dev {h['ifname']}" for h in hops)
+    if not ready:
+        return (f"{doc['prefix']} via {via}: next hop not resolved yet, so bpf_fib_lookup/the "
+                f"kernel forward and resolve it")
+    return f"{doc['prefix']} via {via}: forwarded by the fast path"
+
+
+def render_routes(entries: list[dict[str, Any]]) -> str:
+    lines = []
+    for e in entries:
+        if e["type"] != "unicast":
+            extra = f" ({e['reason']})" if e.get("reason") else ""
+            lines.append(f"{e['prefix']:<24} {e['type']}{extra}")
+            continue
+        for i, h in enumerate(e["nexthops"]):
+            head = f"{e['prefix']:<24}" if i == 0 else " " * 24
+            via = f"via {h['gateway']}" if h.get("gateway") else "connected"
+            state = "" if h.get("resolved") else "  (unresolved)"
+            weight = f" weight {h['weight']}" if len(e["nexthops"]) > 1 else ""
+            lines.append(f"{head} {via} dev {h.get('ifname')}{weight}{state}")
+    return "\n".join(lines) if lines else "(no fast-path prefixes)"
+
+
+def render_lookup(doc: dict[str, Any]) -> str:
+    return f"{doc['address']}: {doc['path']}"
+
+
+def _ifnames() -> dict[int, str]:
+    return {i: n for i, n in socket.if_nameindex()}
+
+
+def attached_interfaces(pin_dir: Path) -> list[dict[str, Any]]:
+    """Interfaces of this network namespace running the pinned program (read from the kernel)."""
+    prog = pin_dir / "prog"
+    try:
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(prog)],
+                                         capture_output=True, text=True, check=True).stdout)
+        links = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show"],
+                                          capture_output=True, text=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return []
+    out = []
+    for link in links:
+        xdp = link.get("xdp") or {}
+        prog_id = (xdp.get("prog") or {}).get("id")
+        if prog_id == info.get("id"):
+            mode = {1: "native", 2: "generic", 3: "offload"}.get(xdp.get("mode"), xdp.get("mode"))
+            out.append({"name": link["ifname"], "ifindex": link["ifindex"], "mode": mode,
+                        "prog_id": prog_id})
+    return out
+
+
+def offline_status(settings: Any) -> dict[str, Any]:
+    """What ``fibsync status`` shows when no daemon answers: the pinned maps' content."""
+    doc: dict[str, Any] = {"instance": settings.instance, "daemon": "down", "state": "down"}
+    try:
+        maps = PinnedMaps(settings.pin_dir)
+    except FastPathError as e:
+        doc["state"] = "not running"
+        doc["note"] = str(e)
+        return doc
+    counts = {"routes_v4": 0, "routes_v6": 0, "nexthops": 0, "groups": 0, "neighbours": 0}
+    for name in counts:
+        counts[name] = sum(1 for _ in maps.items(name))
+    doc["fastpath"] = counts
+    doc["counters"] = maps.counters()
+    doc["interfaces"] = attached_interfaces(settings.pin_dir)
+    doc["note"] = ("the daemon is down: the XDP program keeps forwarding with the maps as "
+                   "they were; start `fibsync run` to resync")
+    return doc
+
+
+__all__ = ["NEIGH", "NEIGH_KEY", "PinnedMaps", "offline_status", "render_lookup",
+           "render_routes"]

@@ -1,0 +1,286 @@
+"""The mirror, tested with decoded kernel objects in and map contents out.
+
+Every test drives ``Rib`` -> ``MapWriter`` -> ``MemoryMaps`` and reads the maps
+back with the same reader ``fibsync routes`` uses: what is asserted is what
+the XDP program would see.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fibsync.fastpath.maps import read_routes
+from fibsync.fastpath.writer import MapWriter, MemoryMaps
+from fibsync.model import (
+    AF_INET,
+    AF_INET6,
+    NUD_FAILED,
+    NUD_REACHABLE,
+    Change,
+    Link,
+    Neighbour,
+    Nexthop,
+    NexthopObject,
+    Op,
+    Prefix,
+    Route,
+    RouteType,
+    Snapshot,
+)
+from fibsync.rib import GROUP_BUCKETS, Filter, Rib, weighted_buckets
+
+UP = 0x1 | 0x10000
+MAC1 = bytes.fromhex("020000000001")
+MAC2 = bytes.fromhex("020000000002")
+
+
+def ip(text: str) -> bytes:
+    return socket.inet_pton(AF_INET6 if ":" in text else AF_INET, text)
+
+
+def link(ifindex: int, flags: int = UP) -> Link:
+    return Link(ifindex, f"eth{ifindex}", bytes([2, 0, 0, 0, 0, ifindex]), 1500, flags)
+
+
+def neigh(ifindex: int, addr: str, mac: bytes = MAC1, state: int = NUD_REACHABLE) -> Neighbour:
+    return Neighbour(AF_INET6 if ":" in addr else AF_INET, ifindex, ip(addr), mac, state)
+
+
+def route(prefix: str, *paths: tuple[str | None, int, int], nhid: int = 0,
+          type: RouteType = RouteType.UNICAST, table: int = 254, metric: int = 0,
+          protocol: int = 186) -> Route:
+    hops = tuple(Nexthop(ifindex, ip(gw) if gw else None,
+                         (AF_INET6 if gw and ":" in gw else AF_INET) if gw else 0, weight)
+                 for gw, ifindex, weight in paths)
+    return Route(Prefix.parse(prefix), table, type, protocol, 0, metric, 0, hops, nhid)
+
+
+def nh_obj(id: int, gw: str | None = None, ifindex: int = 0,
+           group: tuple[tuple[int, int], ...] = (), blackhole: bool = False) -> NexthopObject:
+    family = AF_INET6 if gw and ":" in gw else AF_INET
+    return NexthopObject(id, family, ifindex, ip(gw) if gw else None, blackhole, group)
+
+
+class Mirror:
+    """RIB + writer + in-memory maps, the way the daemon wires them."""
+
+    def __init__(self, filter: Filter | None = None, maps: MemoryMaps | None = None,
+                 first_id: int = 1) -> None:
+        self.rib = Rib(filter, first_id=first_id)
+        self.maps = maps or MemoryMaps()
+        self.writer = MapWriter(self.maps)
+        self.writes: list[int] = []
+
+    def sync(self, **kw: list) -> None:  # type: ignore[type-arg]
+        self.rib.resync(Snapshot(**kw))
+        self._flush()
+
+    def apply(self, *changes: Change) -> None:
+        self.rib.apply(changes)
+        self._flush()
+
+    def add(self, *objs: object) -> None:
+        self.apply(*(Change(Op.ADD, o) for o in objs))  # type: ignore[arg-type]
+
+    def delete(self, *objs: object) -> None:
+        self.apply(*(Change(Op.DEL, o) for o in objs))  # type: ignore[arg-type]
+
+    def _flush(self) -> None:
+        diff = self.rib.take_diff()
+        self.writes.append(len(diff))
+        self.writer.write(diff)
+
+    def routes(self) -> dict[str, dict]:  # type: ignore[type-arg]
+        return {e["prefix"]: e for e in read_routes(self.maps)}
+
+    def paths(self, prefix: str) -> set[tuple[str | None, int, int, bool]]:
+        e = self.routes()[prefix]
+        return {(h["gateway"], h["ifindex"], h["weight"], h["resolved"]) for h in e["nexthops"]}
+
+
+@pytest.fixture
+def m() -> Mirror:
+    mirror = Mirror()
+    mirror.sync(links=[link(1), link(2), link(3)],
+                neighbours=[neigh(1, "192.0.2.2"), neigh(2, "198.51.100.2", MAC2),
+                            neigh(3, "198.51.100.6", MAC2)])
+    return mirror
+
+
+def test_gateway_route_resolves_to_neighbour_mac(m: Mirror) -> None:
+    m.add(route("192.0.2.64/26", ("192.0.2.2", 1, 1)))
+    e = m.routes()["192.0.2.64/26"]
+    assert e["type"] == "unicast"
+    assert e["nexthops"][0]["mac"] == MAC1.hex(":")
+    assert m.paths("192.0.2.64/26") == {("192.0.2.2", 1, 1, True)}
+
+
+def test_unresolved_gateway_is_marked_and_asks_for_resolution(m: Mirror) -> None:
+    m.rib.apply([Change(Op.ADD, route("203.0.113.0/24", ("192.0.2.9", 1, 1)))])
+    diff = m.rib.take_diff()
+    assert diff.resolve == {(1, AF_INET, ip("192.0.2.9"))}
+    m.writer.write(diff)
+    assert m.paths("203.0.113.0/24") == {("192.0.2.9", 1, 1, False)}
+    m.add(neigh(1, "192.0.2.9", MAC2))
+    assert m.paths("203.0.113.0/24") == {("192.0.2.9", 1, 1, True)}
+    m.add(neigh(1, "192.0.2.9", MAC2, NUD_FAILED))
+    assert m.paths("203.0.113.0/24") == {("192.0.2.9", 1, 1, False)}
+
+
+def test_connected_route_and_neighbour_map(m: Mirror) -> None:
+    m.add(route("192.0.2.0/30", (None, 1, 1), protocol=2))
+    assert m.paths("192.0.2.0/30") == {(None, 1, 1, True)}
+    assert len(m.maps.maps["neighbours"]) == 3
+    m.delete(neigh(1, "192.0.2.2"))
+    assert len(m.maps.maps["neighbours"]) == 2
+
+
+def test_nexthop_object_change_is_one_map_write(m: Mirror) -> None:
+    m.add(nh_obj(10, "198.51.100.2", 2))
+    m.add(*(route(f"203.0.{i}.0/24", nhid=10) for i in range(200)))
+    assert len(m.routes()) == 200
+    before = dict(m.maps.maps["routes_v4"])
+    m.add(nh_obj(10, "198.51.100.6", 3))
+    assert m.writes[-1] == 1  # the nexthop entry, not 200 routes
+    assert m.maps.maps["routes_v4"] == before
+    assert m.paths("203.0.7.0/24") == {("198.51.100.6", 3, 1, True)}
+
+
+def test_group_object_with_weights(m: Mirror) -> None:
+    m.add(nh_obj(10, "198.51.100.2", 2), nh_obj(11, "198.51.100.6", 3),
+          nh_obj(12, group=((10, 1), (11, 3))))
+    m.add(route("203.0.113.0/24", nhid=12))
+    assert m.paths("203.0.113.0/24") == {("198.51.100.2", 2, 1, True),
+                                         ("198.51.100.6", 3, 3, True)}
+
+
+def test_inline_multipath_shares_and_frees_entries(m: Mirror) -> None:
+    paths = (("198.51.100.2", 2, 1), ("198.51.100.6", 3, 2))
+    m.add(route("203.0.113.0/24", *paths), route("203.0.112.0/24", *paths))
+    assert m.paths("203.0.113.0/24") == {("198.51.100.2", 2, 1, True),
+                                         ("198.51.100.6", 3, 2, True)}
+    assert len(m.maps.maps["groups"]) == 1
+    m.delete(route("203.0.113.0/24", *paths), route("203.0.112.0/24", *paths))
+    assert m.routes() == {}
+    assert m.maps.maps["groups"] == {} and m.maps.maps["nexthops"] == {}
+
+
+def test_deleted_nexthop_object_takes_its_routes_silently(m: Mirror) -> None:
+    m.add(nh_obj(10, "198.51.100.2", 2), nh_obj(11, "198.51.100.6", 3),
+          nh_obj(12, group=((10, 1), (11, 1))))
+    m.add(route("203.0.113.0/24", nhid=12), route("198.51.100.128/25", nhid=10))
+    m.delete(nh_obj(10))
+    assert "198.51.100.128/25" not in m.routes()
+    assert m.paths("203.0.113.0/24") == {("198.51.100.6", 3, 1, True)}
+    m.delete(nh_obj(11))  # the group is now empty: the kernel removes it and its routes
+    assert m.routes() == {}
+
+
+def test_link_down_flushes_ipv4_and_nexthop_objects(m: Mirror) -> None:
+    m.add(nh_obj(10, "198.51.100.2", 2), nh_obj(20, "2001:db8::2", 2))
+    m.add(route("203.0.113.0/24", nhid=10), route("203.0.112.0/24", ("198.51.100.2", 2, 1)),
+          route("2001:db8:5::/48", nhid=20), route("192.0.2.64/26", ("192.0.2.2", 1, 1)))
+    m.add(link(2, flags=0))
+    assert set(m.routes()) == {"192.0.2.64/26"}
+
+
+def test_route_types(m: Mirror) -> None:
+    m.add(route("203.0.113.0/24", type=RouteType.BLACKHOLE),
+          route("198.51.100.0/24", type=RouteType.UNREACHABLE),
+          route("192.0.2.1/32", (None, 1, 1), type=RouteType.LOCAL, table=255),
+          route("192.0.2.0/30", (None, 1, 1)))
+    r = m.routes()
+    assert r["203.0.113.0/24"]["type"] == "blackhole"
+    assert (r["198.51.100.0/24"]["type"], r["198.51.100.0/24"]["reason"]) == \
+        ("kernel", "PASS_UNREACHABLE")
+    assert (r["192.0.2.1/32"]["type"], r["192.0.2.1/32"]["reason"]) == ("kernel", "PASS_LOCAL")
+    assert r["192.0.2.0/30"]["type"] == "unicast"
+
+
+def test_lowest_metric_wins_and_falls_back(m: Mirror) -> None:
+    a = route("203.0.113.0/24", ("192.0.2.2", 1, 1), metric=20)
+    b = route("203.0.113.0/24", ("198.51.100.2", 2, 1), metric=10)
+    m.add(a, b)
+    assert m.paths("203.0.113.0/24") == {("198.51.100.2", 2, 1, True)}
+    m.delete(b)
+    assert m.paths("203.0.113.0/24") == {("192.0.2.2", 1, 1, True)}
+
+
+def test_filter_by_table_and_protocol() -> None:
+    mirror = Mirror(Filter(table=100, protocols=frozenset({186})))
+    mirror.sync(links=[link(1)], neighbours=[neigh(1, "192.0.2.2")])
+    mirror.add(route("203.0.113.0/24", ("192.0.2.2", 1, 1), table=100),
+               route("198.51.100.0/24", ("192.0.2.2", 1, 1), table=254),
+               route("203.0.112.0/24", ("192.0.2.2", 1, 1), table=100, protocol=4))
+    assert set(mirror.routes()) == {"203.0.113.0/24"}
+
+
+def test_ipv6_siblings_join_and_leave(m: Mirror) -> None:
+    m.add(neigh(2, "2001:db8:2::2"), neigh(3, "2001:db8:3::2"))
+    m.add(route("2001:db8:20::/64", ("2001:db8:2::2", 2, 1)))
+    m.add(route("2001:db8:20::/64", ("2001:db8:3::2", 3, 1)))
+    assert {p[0] for p in m.paths("2001:db8:20::/64")} == {"2001:db8:2::2", "2001:db8:3::2"}
+    m.delete(route("2001:db8:20::/64", ("2001:db8:2::2", 2, 1)))
+    assert {p[0] for p in m.paths("2001:db8:20::/64")} == {"2001:db8:3::2"}
+
+
+def test_resync_keeps_valid_entries_and_sweeps_stale(m: Mirror) -> None:
+    keep = route("203.0.113.0/24", ("192.0.2.2", 1, 1))
+    gone = route("198.51.100.128/25", ("198.51.100.2", 2, 1))
+    m.add(keep, gone)
+    snapshot = dict(links=[link(1), link(2), link(3)], neighbours=[neigh(1, "192.0.2.2")],
+                    routes=[keep, route("203.0.112.0/24", ("192.0.2.2", 1, 1))])
+    m.rib.resync(Snapshot(**snapshot))
+    diff = m.rib.take_diff()
+    # nothing valid is deleted or rewritten: only the stale prefix goes, the new one comes
+    assert {str(p): e is None for p, e in diff.routes.items()} == {
+        "198.51.100.128/25": True, "203.0.112.0/24": False}
+    m.writer.write(diff)
+    assert set(m.routes()) == {"203.0.113.0/24", "203.0.112.0/24"}
+
+
+def test_restart_adopts_maps_and_sweeps_leftovers() -> None:
+    old = Mirror()
+    old.sync(links=[link(1)], neighbours=[neigh(1, "192.0.2.2")],
+             routes=[route("203.0.113.0/24", ("192.0.2.2", 1, 1)),
+                     route("198.51.100.0/24", ("192.0.2.2", 1, 1))])
+    # a new daemon on the same maps: ids above the old ones, then a sweep
+    new = Mirror(maps=old.maps, first_id=100)
+    new.sync(links=[link(1)], neighbours=[neigh(1, "192.0.2.2")],
+             routes=[route("203.0.113.0/24", ("192.0.2.2", 1, 1))])
+    assert set(new.routes()) == {"203.0.113.0/24", "198.51.100.0/24"}  # not yet swept
+    swept = new.writer.sweep(new.rib)
+    assert swept >= 2
+    assert set(new.routes()) == {"203.0.113.0/24"}
+    assert new.paths("203.0.113.0/24") == {("192.0.2.2", 1, 1, True)}
+
+
+def test_full_map_is_counted_not_fatal(m: Mirror) -> None:
+    small = Mirror(maps=MemoryMaps(capacity={"routes_v4": 2}))
+    small.sync(links=[link(1)], neighbours=[neigh(1, "192.0.2.2")])
+    small.add(*(route(f"203.0.{i}.0/24", ("192.0.2.2", 1, 1)) for i in range(5)))
+    assert len(small.routes()) == 2
+    assert small.writer.stats.full == 1
+    assert len(small.writer.unwritten) == 3
+
+
+@given(st.lists(st.integers(1, 256), min_size=1, max_size=16))
+def test_weighted_buckets_follow_weights(weights: list[int]) -> None:
+    members = [(i + 1, w) for i, w in enumerate(weights)]
+    buckets = weighted_buckets(members)
+    if len(members) == 1:
+        assert buckets == (1,)
+        return
+    assert len(buckets) == GROUP_BUCKETS
+    share = Counter(buckets)
+    total = sum(weights)
+    exact = {mid: GROUP_BUCKETS * w / total for mid, w in members}
+    clamped = sum(1 for e in exact.values() if e < 1)
+    for mid, _ in members:
+        assert share[mid] >= 1
+        assert abs(share[mid] - exact[mid]) < 1 + clamped
