@@ -135,11 +135,19 @@ def lab_up(name: Annotated[str, typer.Option("--name")] = "lab") -> None:
 
 @lab_app.command("down")
 def lab_down(name: Annotated[str, typer.Option("--name")] = "lab") -> None:
-    """Remove the lab and everything running in it."""
-    from .lab import Lab
+    """Remove the lab, the fibsync running in it and its pins."""
+    from .demo import down
 
-    Lab(name).down()
+    down(name)
     print(f"lab {name} removed")
+
+
+@lab_app.command("demo")
+def lab_demo(name: Annotated[str, typer.Option("--name")] = "lab") -> None:
+    """Build the lab, run fibsync on its router and show XDP forwarding (`make demo`)."""
+    from .demo import demo
+
+    demo(name)
 
 
 @lab_app.command("status")

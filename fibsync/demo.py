@@ -1,0 +1,159 @@
+"""fibsync running on the lab's router: used by `make demo` and the end-to-end tests.
+
+``RouterDaemon`` starts ``fibsync run`` inside the lab's router namespace as
+its own process (pid file, log file in the lab's run directory), waits until
+it reports ``synced``, and stops it by pid. ``demo`` is what `make demo` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import PIN_ROOT, RUN_DIR
+from .errors import FibsyncError
+from .lab import Lab, pid_alive, read_pid_file, terminate, wait_until
+
+
+def fibsync_argv() -> list[str]:
+    """The fibsync of this checkout (the venv's entry point), whatever is on PATH."""
+    exe = Path(sys.executable).with_name("fibsync")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fibsync"]
+
+
+class RouterDaemon:
+    """``fibsync run`` on a lab router, instance named after the lab."""
+
+    def __init__(self, lab: Lab, instance: str | None = None,
+                 interfaces: list[str] | None = None, extra: list[str] | None = None) -> None:
+        self.lab = lab
+        self.instance = instance or lab.name
+        self.interfaces = interfaces if interfaces is not None else lab.router_interfaces
+        self.extra = extra or []
+        self.rundir = lab.rundir
+        self.pid_file = self.rundir / f"fibsync-{self.instance}.pid"
+        self.log_file = self.rundir / f"fibsync-{self.instance}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        pid = read_pid_file(self.pid_file)
+        return pid if pid is not None and pid_alive(pid) else None
+
+    def start(self, timeout: float = 60) -> None:
+        if self.pid is not None:
+            return
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        argv = self.lab.r.argv([*fibsync_argv(), "run", "--instance", self.instance,
+                                "--log-format", "json",
+                                *[a for i in self.interfaces for a in ("-i", i)], *self.extra])
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file.write_text(f"{self.proc.pid}\n")
+        self.wait_synced(timeout)
+
+    def wait_synced(self, timeout: float = 60) -> dict[str, Any]:
+        def synced() -> dict[str, Any] | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise FibsyncError(f"fibsync exited with {self.proc.returncode}: "
+                                   f"{self.log_tail()}")
+            doc = self.status()
+            return doc if doc.get("state") == "synced" else None
+        return wait_until(synced, timeout=timeout, what=f"fibsync {self.instance} synced")
+
+    def status(self) -> dict[str, Any]:
+        r = self.cli("status", "--json", check=False)
+        try:
+            return json.loads(r.stdout)  # type: ignore[no-any-return]
+        except ValueError:
+            return {}
+
+    def routes(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("routes", "--json").stdout)  # type: ignore[no-any-return]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a fibsync command inside the router namespace, for this instance."""
+        return self.lab.r.run([*fibsync_argv(), *args, "--instance", self.instance], check=check)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        pid = self.pid
+        if pid is not None:
+            os.kill(pid, sig)
+            wait_until(lambda: not pid_alive(pid) or _reap(self.proc), timeout=10,
+                       what=f"fibsync pid {pid} gone")
+
+    def stop(self) -> None:
+        pid = self.pid
+        if pid is not None:
+            terminate([pid])
+        if self.proc is not None:
+            _reap(self.proc)
+        self.pid_file.unlink(missing_ok=True)
+
+    def remove_pins(self) -> None:
+        shutil.rmtree(PIN_ROOT / self.instance, ignore_errors=True)
+        (RUN_DIR / f"{self.instance}.sock").unlink(missing_ok=True)
+
+
+def _reap(proc: subprocess.Popen[bytes] | None) -> bool:
+    if proc is None:
+        return False
+    try:
+        proc.wait(timeout=0.1)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def demo(name: str = "lab") -> None:
+    lab = Lab(name)
+    print(f"==> building the lab {name!r}: h1 -- r (FRR) == h2 in network namespaces")
+    lab.up()
+    daemon = RouterDaemon(lab)
+    print(f"==> starting fibsync on {lab.r} (XDP on {', '.join(lab.router_interfaces)})")
+    daemon.start()
+    print("==> turning kernel forwarding OFF in the router: only XDP can carry packets now")
+    lab.set_forwarding(False)
+    src4, dst4 = str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip)
+    src6, dst6 = str(lab.h1_lan_v6.ip), str(lab.h2_lan_v6.ip)
+    for src, dst in ((src4, dst4), (src6, dst6)):
+        # the first packets may go to the kernel while the router resolves its next hops
+        lab.h1.run(["ping", "-c", "2", "-W", "1", "-I", src, dst], check=False)
+        print(f"==> ping {dst} from {src} (h1 -> r -> h2 and back)")
+        r = lab.h1.run(["ping", "-c", "5", "-i", "0.2", "-W", "1", "-I", src, dst], check=False)
+        print("\n".join("    " + line for line in r.stdout.strip().splitlines()[-2:]))
+    print("==> fibsync status (in the router namespace)")
+    print(daemon.cli("status", check=False).stdout)
+    print("==> fibsync routes")
+    print(daemon.cli("routes", check=False).stdout)
+    print(f"""==> the lab stays up. Explore it:
+    ip netns exec {lab.r} fibsync status --instance {name}
+    ip netns exec {lab.r} fibsync routes --instance {name}
+    ip netns exec {lab.r} fibsync lookup {dst4} --instance {name}
+    ip netns exec {lab.h1} ping -I {src4} {dst4}
+    ip netns exec {lab.r} vtysh --vty_socket {lab.rundir}/frr  (FRR's shell)
+    daemon log: {daemon.log_file}
+  Remove it: fibsync lab down""")
+
+
+def down(name: str = "lab") -> None:
+    lab = Lab(name)
+    daemon = RouterDaemon(lab)
+    daemon.stop()
+    lab.down()
+    daemon.remove_pins()
+    time.sleep(0)
