@@ -162,8 +162,10 @@ def test_bgp_peers_exchange_ipv4_and_ipv6_prefixes(
     }
     peers = {a: [BgpNeighbor("192.0.2.2", 65002), BgpNeighbor("2001:db8:1::2", 65002)],
              b: [BgpNeighbor("192.0.2.1", 65001), BgpNeighbor("2001:db8:1::1", 65001)]}
+    frr = {}
     for ns, asn, router_id in ((a, 65001, "192.0.2.1"), (b, 65002, "192.0.2.2")):
-        frr_factory(ns).start(("zebra", "bgpd"), bgpd_config(
+        frr[ns] = frr_factory(ns)
+        frr[ns].start(("zebra", "bgpd"), bgpd_config(
             asn=asn, router_id=router_id, neighbors=peers[ns], announce=announce[ns]))
 
     def bgp_routes(ns: Netns) -> dict[str, dict[str, object]]:
@@ -180,6 +182,10 @@ def test_bgp_peers_exchange_ipv4_and_ipv6_prefixes(
             assert "nhid" in route, route
             if ":" not in prefix:
                 assert route["gateway"] == addresses[sender][0].split("/")[0]
+    summary = frr[b].vtysh_json("show bgp summary json")
+    for afi, peer in (("ipv4Unicast", "192.0.2.1"), ("ipv6Unicast", "2001:db8:1::1")):
+        assert summary[afi]["peers"][peer]["state"] == "Established"
+        assert summary[afi]["peers"][peer]["pfxRcd"] == 4
 
 
 def test_bird_exports_a_static_route_into_kernel_tables(
