@@ -335,10 +335,6 @@ class Frr:
                 found[pid_file.stem] = pid
         return found
 
-    def running(self, daemons: Iterable[str] = ("zebra", "staticd")) -> bool:
-        pids = self.pids()
-        return all(d in pids for d in daemons)
-
     def start(self, daemons: Sequence[str] = ("zebra", "staticd"), config: str = "") -> None:
         if "zebra" not in daemons:
             raise LabError("FRR needs zebra among the daemons")
