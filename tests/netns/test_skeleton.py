@@ -1,0 +1,101 @@
+"""End to end on the lab: FRR installs routes, fibsync mirrors them, XDP forwards.
+
+Kernel forwarding is switched off in the router for the traffic tests, so a
+packet that crosses it can only have been carried by the XDP program.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fibsync.demo import RouterDaemon
+from fibsync.lab import Lab
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture
+def fibsync(lab: Lab) -> Iterator[RouterDaemon]:
+    daemon = RouterDaemon(lab)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.remove_pins()
+
+
+def counter(daemon: RouterDaemon, reason: str) -> int:
+    return int(daemon.status()["counters"][reason]["packets"])
+
+
+def ping(lab: Lab, src: str, dst: str, count: int) -> int:
+    r = lab.h1.run(["ping", "-c", str(count), "-i", "0.05", "-W", "1", "-I", src, dst],
+                   check=False)
+    m = re.search(r"(\d+) received", r.stdout)
+    return int(m.group(1)) if m else 0
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_xdp_forwards_with_kernel_forwarding_off(lab: Lab, fibsync: RouterDaemon,
+                                                 family: str) -> None:
+    src = str(getattr(lab, f"h1_lan_{family}").ip)
+    dst = str(getattr(lab, f"h2_lan_{family}").ip)
+    lab.set_forwarding(False)
+    # the router resolves its next hops on the first packets (neigh_miss -> kernel)
+    deadline = time.monotonic() + 10
+    while ping(lab, src, dst, 1) != 1:
+        assert time.monotonic() < deadline, f"no answer from {dst}: {fibsync.status()}"
+    before = counter(fibsync, "FWD_FAST")
+    received = ping(lab, src, dst, 20)
+    assert received == 20
+    # each echo crosses the router twice: request h1 -> h2, reply h2 -> h1
+    assert counter(fibsync, "FWD_FAST") - before >= 2 * received
+
+
+def test_with_forwarding_off_and_no_fibsync_nothing_crosses(lab: Lab) -> None:
+    """The control for the test above: the router really cannot forward by itself."""
+    lab.set_forwarding(False)
+    assert ping(lab, str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip), 3) == 0
+
+
+def _prefixes(daemon: RouterDaemon) -> set[str]:
+    return {e["prefix"] for e in daemon.routes()}
+
+
+def _wait_for(predicate, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            return float("inf")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_static_route_from_frr_appears_and_disappears_within_1s(
+        lab: Lab, fibsync: RouterDaemon) -> None:
+    gw = str(lab.h1_link.host_v4.ip)
+    prefix = "198.51.100.128/25"
+    assert prefix not in _prefixes(fibsync)
+    lab.frr.vtysh("configure terminal", f"ip route {prefix} {gw}")
+    assert _wait_for(lambda: prefix in _prefixes(fibsync), 1.0) <= 1.0
+    entry = next(e for e in fibsync.routes() if e["prefix"] == prefix)
+    assert entry["type"] == "unicast"
+    assert [h["gateway"] for h in entry["nexthops"]] == [gw]
+    lab.frr.vtysh("configure terminal", f"no ip route {prefix} {gw}")
+    assert _wait_for(lambda: prefix not in _prefixes(fibsync), 1.0) <= 1.0
+
+
+def test_status_reports_synced_with_interfaces(lab: Lab, fibsync: RouterDaemon) -> None:
+    doc = fibsync.status()
+    assert doc["state"] == "synced"
+    assert doc["daemon"] == "up"
+    assert sorted(i["name"] for i in doc["interfaces"]) == sorted(lab.router_interfaces)
+    assert all(i["prog_id"] for i in doc["interfaces"])
+    assert doc["fastpath"]["routes_v4"] >= 4
+    text = fibsync.cli("status").stdout
+    assert "synced" in text and "r-h1" in text

@@ -1,0 +1,47 @@
+"""Bad input to the command line: exit code 2 and one line naming what is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from fibsync.demo import fibsync_argv
+
+
+def run_fibsync(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*fibsync_argv(), *args], capture_output=True, text=True, timeout=60)
+
+
+def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("fibsync: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "-i", "nosuchif0"], "nosuchif0"),
+    (["run", "-i", "lo", "--config", "/nonexistent/fibsync.toml"], "does not exist"),
+    (["run", "-i", "lo", "--config", "/"], "directory"),
+    (["run", "-i", "lo", "--bogus"], "--bogus"),
+    (["run"], "interface"),
+    (["run", "-i", "lo", "--table", "local"], "table"),
+    (["run", "-i", "lo", "--xdp-mode", "turbo"], "xdp_mode"),
+])
+def test_run_refuses_bad_input_with_exit_2_and_one_line(args: list[str], needle: str) -> None:
+    r = run_fibsync(*args)
+    assert r.returncode == 2, r.stderr
+    assert needle in one_error_line(r)
+
+
+def test_bad_toml_names_the_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "fibsync.toml"
+    cfg.write_text('interfaces = ["lo"]\ntable = "mian"\n')
+    r = run_fibsync("run", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "table" in one_error_line(r)
+    cfg.write_text('interfaces = ["lo"]\nbogus_key = 1\n')
+    r = run_fibsync("run", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "bogus_key" in one_error_line(r)
