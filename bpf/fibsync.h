@@ -1,0 +1,162 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * fibsync fast path ABI: the structs, constants and reason codes shared by the
+ * XDP program (fibsync.c) and user space (fibsync/fastpath/abi.py).
+ *
+ * tests/bpf/test_abi.py parses this file and fails when abi.py disagrees, so
+ * keep the syntax plain: one field per line, sizes as literal numbers or the
+ * FS_* macros below. Structs only grow at the end: pinned maps outlive the
+ * daemon that wrote them, and a restarted daemon adopts them when their
+ * key/value sizes still match.
+ */
+#ifndef FIBSYNC_H
+#define FIBSYNC_H
+
+/* Map sizes; the build may override each with -D. */
+#ifndef FS_MAX_ROUTES_V4
+#define FS_MAX_ROUTES_V4 2097152
+#endif
+#ifndef FS_MAX_ROUTES_V6
+#define FS_MAX_ROUTES_V6 524288
+#endif
+#ifndef FS_MAX_NEXTHOPS
+#define FS_MAX_NEXTHOPS 65536
+#endif
+#ifndef FS_MAX_GROUPS
+#define FS_MAX_GROUPS 16384
+#endif
+#ifndef FS_MAX_NEIGH
+#define FS_MAX_NEIGH 65536
+#endif
+#ifndef FS_MAX_TX_PORTS
+#define FS_MAX_TX_PORTS 1024
+#endif
+/* ring buffer size in bytes: a power of two, a multiple of the page size */
+#ifndef FS_NEIGH_MISS_BYTES
+#define FS_NEIGH_MISS_BYTES 262144
+#endif
+
+/*
+ * Not overridable: it fixes the layout of struct fs_group, which user space
+ * mirrors. A power of two so that a bucket index can be bounded by a mask.
+ */
+#define FS_GROUP_BUCKETS 128
+
+/* fs_route.action */
+#define FS_ACT_FORWARD 0
+#define FS_ACT_DROP 1
+#define FS_ACT_KERNEL 2
+#define FS_ACT_FIB 3
+
+/* fs_route.flags */
+#define FS_ROUTE_GROUP 0x1
+
+/* fs_nexthop.flags */
+#define FS_NH_RESOLVED 0x1
+#define FS_NH_CONNECTED 0x2
+
+/* fs_config.hash_policy_v4 / hash_policy_v6, as net.ipv4.fib_multipath_hash_policy */
+#define FS_HASH_L3 0
+#define FS_HASH_L4 1
+
+/* fs_config.flags */
+#define FS_CFG_PASS_FRAGMENTS 0x1
+
+/*
+ * Why a packet left the fast path the way it did: the index into `counters`.
+ * Codes are stable (a restarted daemon adopts the pinned counters), so new
+ * reasons are appended before FS_REASON_MAX, never inserted.
+ */
+#define FS_REASONS(X)                                                                \
+	X(FWD_FAST, 0, "forwarded by an LPM hit on the fast path's own tables")      \
+	X(FWD_FIB, 1, "forwarded using bpf_fib_lookup")                             \
+	X(PASS_NOT_IP, 2, "not IPv4 or IPv6 (ARP, LLDP, ...)")                       \
+	X(PASS_TTL, 3, "TTL or hop limit would expire: the kernel sends time exceeded") \
+	X(PASS_IP_OPTIONS, 4, "IPv4 options or an IPv6 hop-by-hop header")          \
+	X(PASS_FRAGMENT, 5, "IP fragment, handed to the kernel by configuration")   \
+	X(PASS_MTU, 6, "larger than the egress MTU: the kernel fragments or sends PTB") \
+	X(PASS_LOCAL, 7, "for this host, or link-local")                            \
+	X(PASS_MULTICAST, 8, "multicast or broadcast")                              \
+	X(PASS_UNREACHABLE, 9, "unreachable or prohibit route: the kernel answers ICMP") \
+	X(PASS_NO_ROUTE, 10, "no route, or the FIB does not forward it")            \
+	X(PASS_NO_NEIGH, 11, "next hop's neighbour unresolved: the kernel resolves it") \
+	X(PASS_EGRESS, 12, "egress interface is not one the fast path may redirect to") \
+	X(PASS_VLAN, 13, "VLAN-tagged frame")                                       \
+	X(PASS_FIB_OTHER, 14, "bpf_fib_lookup gave another answer (forwarding disabled, ...)") \
+	X(PASS_MALFORMED, 15, "truncated or invalid header, or martian address")    \
+	X(DROP_BLACKHOLE, 16, "dropped by a blackhole route")                       \
+	X(PASS_KERNEL_ROUTE, 17, "route says: kernel, with an unknown reason code")
+
+#define FS_REASON_ENUM(name, value, desc) FS_REASON_##name = value,
+enum fs_reason {
+	FS_REASONS(FS_REASON_ENUM)
+	FS_REASON_MAX = 18
+};
+#undef FS_REASON_ENUM
+
+/* LPM keys: prefixlen first, as BPF_MAP_TYPE_LPM_TRIE requires. */
+struct fs_v4_key {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct fs_v6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct fs_route {
+	__u32 nh_id;
+	__u8 action;
+	__u8 flags;
+	__u8 reason;
+	__u8 pad;
+};
+
+struct fs_nexthop {
+	__u32 ifindex;
+	__u16 mtu;
+	__u8 flags;
+	__u8 family;
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u8 gateway[16];
+};
+
+/* ECMP: weights are expressed by repeating a nexthop id in buckets[]. */
+struct fs_group {
+	__u32 nbuckets;
+	__u32 buckets[FS_GROUP_BUCKETS];
+};
+
+struct fs_neigh_key {
+	__u32 ifindex;
+	__u32 family;
+	__u8 addr[16];
+};
+
+struct fs_neigh {
+	__u8 mac[6];
+	__u16 pad;
+};
+
+struct fs_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct fs_config {
+	__u32 hash_policy_v4;
+	__u32 hash_policy_v6;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* neigh_miss event: the daemon asks the kernel to resolve this address. */
+struct fs_miss {
+	__u32 ifindex;
+	__u32 family;
+	__u8 addr[16];
+};
+
+#endif /* FIBSYNC_H */

@@ -1,0 +1,101 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Header parsing on a cursor, in the style of xdp-tools' parsing_helpers.h:
+ * each helper checks bounds against the end of the packet, advances the
+ * cursor past the header it returns, and returns NULL when the packet is too
+ * short, so callers never touch bytes the verifier has not seen bounded.
+ */
+#ifndef FIBSYNC_PARSE_H
+#define FIBSYNC_PARSE_H
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/in.h>
+
+#ifndef ETH_P_8021Q
+#define ETH_P_8021Q 0x8100
+#endif
+#ifndef ETH_P_8021AD
+#define ETH_P_8021AD 0x88A8
+#endif
+
+#define FS_IP_MF 0x2000
+#define FS_IP_OFFSET 0x1FFF
+
+struct fs_cursor {
+	void *pos;
+	void *end;
+};
+
+struct fs_vlan_hdr {
+	__be16 tci;
+	__be16 proto;
+};
+
+struct fs_ports {
+	__be16 sport;
+	__be16 dport;
+};
+
+static __always_inline struct ethhdr *fs_parse_eth(struct fs_cursor *c)
+{
+	struct ethhdr *eth = c->pos;
+
+	if ((void *)(eth + 1) > c->end)
+		return NULL;
+	c->pos = eth + 1;
+	return eth;
+}
+
+/* One 802.1Q/802.1ad tag; *proto becomes the encapsulated EtherType. */
+static __always_inline struct fs_vlan_hdr *fs_parse_vlan(struct fs_cursor *c, __be16 *proto)
+{
+	struct fs_vlan_hdr *vh = c->pos;
+
+	if ((void *)(vh + 1) > c->end)
+		return NULL;
+	c->pos = vh + 1;
+	*proto = vh->proto;
+	return vh;
+}
+
+static __always_inline int fs_is_vlan(__be16 proto)
+{
+	return proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD);
+}
+
+/* The fixed 20 bytes only: callers decide what to do with options (ihl > 5). */
+static __always_inline struct iphdr *fs_parse_ipv4(struct fs_cursor *c)
+{
+	struct iphdr *iph = c->pos;
+
+	if ((void *)(iph + 1) > c->end)
+		return NULL;
+	c->pos = iph + 1;
+	return iph;
+}
+
+static __always_inline struct ipv6hdr *fs_parse_ipv6(struct fs_cursor *c)
+{
+	struct ipv6hdr *ip6h = c->pos;
+
+	if ((void *)(ip6h + 1) > c->end)
+		return NULL;
+	c->pos = ip6h + 1;
+	return ip6h;
+}
+
+/* Source and destination port of TCP, UDP or SCTP: the first 4 bytes of each. */
+static __always_inline struct fs_ports *fs_parse_ports(struct fs_cursor *c, __u8 proto)
+{
+	struct fs_ports *p = c->pos;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
+		return NULL;
+	if ((void *)(p + 1) > c->end)
+		return NULL;
+	return p;
+}
+
+#endif /* FIBSYNC_PARSE_H */

@@ -1,0 +1,265 @@
+"""User-space twin of ``bpf/fibsync.h``: constants, reason codes, map structs.
+
+Every struct here has the exact size and field offsets of its C original;
+``tests/bpf/test_abi.py`` parses the header and fails on any difference. Map
+keys and values are built as these ctypes structs and written with
+``bytes(struct)``; addresses are packed bytes (``model.Prefix.addr``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from enum import IntEnum
+
+from fibsync.model import ADDR_LEN, AF_INET, Prefix
+
+# Map sizes: the header's defaults (each overridable with -D, see Sizes).
+FS_MAX_ROUTES_V4 = 2097152
+FS_MAX_ROUTES_V6 = 524288
+FS_MAX_NEXTHOPS = 65536
+FS_MAX_GROUPS = 16384
+FS_MAX_NEIGH = 65536
+FS_MAX_TX_PORTS = 1024
+FS_NEIGH_MISS_BYTES = 262144
+
+FS_GROUP_BUCKETS = 128
+
+FS_ACT_FORWARD = 0
+FS_ACT_DROP = 1
+FS_ACT_KERNEL = 2
+FS_ACT_FIB = 3
+
+FS_ROUTE_GROUP = 0x1
+
+FS_NH_RESOLVED = 0x1
+FS_NH_CONNECTED = 0x2
+
+FS_HASH_L3 = 0
+FS_HASH_L4 = 1
+
+FS_CFG_PASS_FRAGMENTS = 0x1
+
+
+class Reason(IntEnum):
+    """Why a packet left the fast path as it did; the index into ``counters``."""
+
+    description: str
+
+    def __new__(cls, value: int, description: str) -> Reason:
+        obj = int.__new__(cls, value)
+        obj._value_ = value
+        obj.description = description
+        return obj
+
+    FWD_FAST = 0, "forwarded by an LPM hit on the fast path's own tables"
+    FWD_FIB = 1, "forwarded using bpf_fib_lookup"
+    PASS_NOT_IP = 2, "not IPv4 or IPv6 (ARP, LLDP, ...)"
+    PASS_TTL = 3, "TTL or hop limit would expire: the kernel sends time exceeded"
+    PASS_IP_OPTIONS = 4, "IPv4 options or an IPv6 hop-by-hop header"
+    PASS_FRAGMENT = 5, "IP fragment, handed to the kernel by configuration"
+    PASS_MTU = 6, "larger than the egress MTU: the kernel fragments or sends PTB"
+    PASS_LOCAL = 7, "for this host, or link-local"
+    PASS_MULTICAST = 8, "multicast or broadcast"
+    PASS_UNREACHABLE = 9, "unreachable or prohibit route: the kernel answers ICMP"
+    PASS_NO_ROUTE = 10, "no route, or the FIB does not forward it"
+    PASS_NO_NEIGH = 11, "next hop's neighbour unresolved: the kernel resolves it"
+    PASS_EGRESS = 12, "egress interface is not one the fast path may redirect to"
+    PASS_VLAN = 13, "VLAN-tagged frame"
+    PASS_FIB_OTHER = 14, "bpf_fib_lookup gave another answer (forwarding disabled, ...)"
+    PASS_MALFORMED = 15, "truncated or invalid header, or martian address"
+    DROP_BLACKHOLE = 16, "dropped by a blackhole route"
+    PASS_KERNEL_ROUTE = 17, "route says: kernel, with an unknown reason code"
+
+
+FS_REASON_MAX = 18
+
+
+class FsV4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
+class FsV6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+class FsRoute(ctypes.Structure):
+    _fields_ = [
+        ("nh_id", ctypes.c_uint32),
+        ("action", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class FsNexthop(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("mtu", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("smac", ctypes.c_uint8 * 6),
+        ("dmac", ctypes.c_uint8 * 6),
+        ("gateway", ctypes.c_uint8 * 16),
+    ]
+
+
+class FsGroup(ctypes.Structure):
+    _fields_ = [
+        ("nbuckets", ctypes.c_uint32),
+        ("buckets", ctypes.c_uint32 * FS_GROUP_BUCKETS),
+    ]
+
+
+class FsNeighKey(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class FsNeigh(ctypes.Structure):
+    _fields_ = [("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+
+
+class FsCounter(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class FsConfig(ctypes.Structure):
+    _fields_ = [
+        ("hash_policy_v4", ctypes.c_uint32),
+        ("hash_policy_v6", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class FsMiss(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+# C struct name -> ctypes twin (what the ABI test compares).
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "fs_v4_key": FsV4Key,
+    "fs_v6_key": FsV6Key,
+    "fs_route": FsRoute,
+    "fs_nexthop": FsNexthop,
+    "fs_group": FsGroup,
+    "fs_neigh_key": FsNeighKey,
+    "fs_neigh": FsNeigh,
+    "fs_counter": FsCounter,
+    "fs_config": FsConfig,
+    "fs_miss": FsMiss,
+}
+
+# BPF_MAP_TYPE_* values (stable UAPI) of the maps below.
+MAP_HASH = 1
+MAP_ARRAY = 2
+MAP_PERCPU_ARRAY = 6
+MAP_LPM_TRIE = 11
+MAP_DEVMAP_HASH = 25
+MAP_RINGBUF = 27
+
+BPF_F_NO_PREALLOC = 0x1
+BPF_F_RDONLY_PROG = 0x80  # the kernel adds it to devmaps by itself: ignored when adopting
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """max_entries of the sized maps (the header's FS_MAX_* macros)."""
+
+    routes_v4: int = FS_MAX_ROUTES_V4
+    routes_v6: int = FS_MAX_ROUTES_V6
+    nexthops: int = FS_MAX_NEXTHOPS
+    groups: int = FS_MAX_GROUPS
+    neighbours: int = FS_MAX_NEIGH
+    tx_ports: int = FS_MAX_TX_PORTS
+    neigh_miss_bytes: int = FS_NEIGH_MISS_BYTES
+
+    def cflags(self) -> list[str]:
+        """The -D flags that make the C program agree with these sizes."""
+        return [
+            f"-DFS_MAX_ROUTES_V4={self.routes_v4}",
+            f"-DFS_MAX_ROUTES_V6={self.routes_v6}",
+            f"-DFS_MAX_NEXTHOPS={self.nexthops}",
+            f"-DFS_MAX_GROUPS={self.groups}",
+            f"-DFS_MAX_NEIGH={self.neighbours}",
+            f"-DFS_MAX_TX_PORTS={self.tx_ports}",
+            f"-DFS_NEIGH_MISS_BYTES={self.neigh_miss_bytes}",
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    """What a pinned map must be to be adopted rather than replaced."""
+
+    name: str
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
+    """Every map of the contract, in pin-file order."""
+    s = ctypes.sizeof
+    return (
+        MapSpec("routes_v4", MAP_LPM_TRIE, s(FsV4Key), s(FsRoute), sizes.routes_v4,
+                BPF_F_NO_PREALLOC),
+        MapSpec("routes_v6", MAP_LPM_TRIE, s(FsV6Key), s(FsRoute), sizes.routes_v6,
+                BPF_F_NO_PREALLOC),
+        MapSpec("nexthops", MAP_HASH, 4, s(FsNexthop), sizes.nexthops),
+        MapSpec("groups", MAP_HASH, 4, s(FsGroup), sizes.groups),
+        MapSpec("neighbours", MAP_HASH, s(FsNeighKey), s(FsNeigh), sizes.neighbours),
+        MapSpec("tx_ports", MAP_DEVMAP_HASH, 4, 4, sizes.tx_ports),
+        MapSpec("counters", MAP_PERCPU_ARRAY, 4, s(FsCounter), FS_REASON_MAX),
+        MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
+        MapSpec("neigh_miss", MAP_RINGBUF, 0, 0, sizes.neigh_miss_bytes),
+    )
+
+
+MAP_NAMES = tuple(spec.name for spec in map_specs(Sizes()))
+
+
+def _addr(family: int, addr: bytes) -> bytes:
+    if len(addr) != ADDR_LEN[family]:
+        raise ValueError(f"address of {len(addr)} bytes for family {family}")
+    return addr
+
+
+def route_key(prefix: Prefix) -> FsV4Key | FsV6Key:
+    """The LPM key of a prefix (routes_v4 or routes_v6 by its family)."""
+    addr = _addr(prefix.family, prefix.addr)
+    if prefix.family == AF_INET:
+        return FsV4Key(prefix.length, (ctypes.c_uint8 * 4)(*addr))
+    return FsV6Key(prefix.length, (ctypes.c_uint8 * 16)(*addr))
+
+
+def neigh_key(ifindex: int, family: int, addr: bytes) -> FsNeighKey:
+    """The neighbours key; IPv4 addresses are zero-padded to 16 bytes."""
+    padded = _addr(family, addr).ljust(16, b"\0")
+    return FsNeighKey(ifindex, family, (ctypes.c_uint8 * 16)(*padded))
+
+
+def mac(text_or_bytes: str | bytes) -> ctypes.Array[ctypes.c_uint8]:
+    """A 6-byte MAC for smac/dmac/mac fields, from bytes or "aa:bb:..."."""
+    raw = bytes.fromhex(text_or_bytes.replace(":", "")) if isinstance(text_or_bytes, str) \
+        else text_or_bytes
+    if len(raw) != 6:
+        raise ValueError(f"MAC of {len(raw)} bytes")
+    return (ctypes.c_uint8 * 6)(*raw)
+
+
+def gateway(family: int, addr: bytes | None) -> ctypes.Array[ctypes.c_uint8]:
+    """fs_nexthop.gateway: the address zero-padded to 16 bytes (zeros if none)."""
+    raw = b"" if addr is None else _addr(family, addr)
+    return (ctypes.c_uint8 * 16)(*raw.ljust(16, b"\0"))
+

@@ -1,0 +1,597 @@
+"""A thin ctypes layer over the bpf(2) syscall: pinned objects, map I/O, test runs.
+
+No bcc here, so the CLI can read pinned maps without compiling anything.
+File descriptors are plain ints owned by the caller (close them with
+``os.close``). Keys and values are bytes; per-CPU map values are lists with
+one entry per possible CPU. Every failure raises ``MapError`` (or
+``MapFullError`` when the map has no room) carrying the kernel's ``errno``,
+except the lookups that answer "absent" (None / False).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as E
+import mmap
+import os
+import platform
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+from fibsync.errors import MapError, MapFullError
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361,
+            "s390x": 351}
+
+# enum bpf_cmd
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
+
+# update flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+_PERCPU_TYPES = frozenset({5, 6, 10, 21})  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, ..
+_ENOTSUPP = 524  # the kernel's internal "operation not supported" for map ops
+_FULL_ERRNOS = frozenset({E.E2BIG, E.ENOSPC, E.ENOMEM})
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+class _MapElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),  # also next_key
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _MapBatchAttr(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    ]
+
+
+class _GetIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def _sys_bpf_nr() -> int:
+    try:
+        return _SYS_BPF[platform.machine()]
+    except KeyError:
+        raise MapError(f"bpf(2) syscall number unknown on {platform.machine()}") from None
+
+
+_NR_BPF = _sys_bpf_nr()
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """One bpf(2) call; returns the result or -errno (never raises)."""
+    ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        return -ctypes.get_errno()
+    return int(ret)
+
+
+def _error(what: str, err: int) -> MapError:
+    cls = MapFullError if err in _FULL_ERRNOS else MapError
+    exc = cls(f"{what}: {os.strerror(err)} (errno {err})")
+    exc.errno = err  # type: ignore[attr-defined]
+    exc.__cause__ = OSError(err, os.strerror(err))
+    return exc
+
+
+def _check(what: str, ret: int) -> int:
+    if ret < 0:
+        raise _error(what, -ret)
+    return ret
+
+
+def _addr(buf: bytes | bytearray | memoryview | ctypes.Array[ctypes.c_char]) -> tuple[int, object]:
+    """Address of a buffer's bytes, and the object that keeps them alive.
+
+    bytes are read in place (the kernel only reads keys and values we pass);
+    writable buffers are shared, not copied.
+    """
+    if isinstance(buf, bytes):
+        p = ctypes.c_char_p(buf)
+        return ctypes.cast(p, ctypes.c_void_p).value or 0, p
+    if isinstance(buf, ctypes.Array):
+        return ctypes.addressof(buf), buf
+    view = memoryview(buf)
+    if view.readonly:
+        copy = ctypes.create_string_buffer(view.tobytes(), len(view))
+        return ctypes.addressof(copy), copy
+    arr = (ctypes.c_char * view.nbytes).from_buffer(view)
+    return ctypes.addressof(arr), arr
+
+
+@cache
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds per key (possible, not online, CPUs)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count
+
+
+def _round8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+# ---------------------------------------------------------------- objects
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned map or program; returns a new fd."""
+    raw = os.fsencode(path)
+    attr = _ObjAttr(pathname=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0)
+    ret = _bpf(BPF_OBJ_GET, attr)
+    if ret < 0:
+        raise _error(f"open pinned {path}", -ret)
+    return ret
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin a map or program fd at path (a file on bpffs; must not exist yet)."""
+    raw = os.fsencode(path)
+    attr = _ObjAttr(pathname=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0,
+                    bpf_fd=fd)
+    _check(f"pin {path}", _bpf(BPF_OBJ_PIN, attr))
+
+
+@dataclass(frozen=True, slots=True)
+class MapInfo:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+    id: int
+    flags: int = 0
+
+    @property
+    def percpu(self) -> bool:
+        return self.type in _PERCPU_TYPES
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes one lookup returns (all CPUs, 8-byte stride, for per-CPU maps)."""
+        if self.percpu:
+            return _round8(self.value_size) * possible_cpus()
+        return self.value_size
+
+
+@dataclass(frozen=True, slots=True)
+class ProgInfo:
+    type: int
+    id: int
+    name: str
+    tag: bytes
+    map_ids: tuple[int, ...]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _check("map info", _bpf(BPF_OBJ_GET_INFO_BY_FD, attr))
+    return MapInfo(info.type, info.key_size, info.value_size, info.max_entries,
+                   info.name.decode(errors="replace"), info.id, info.map_flags)
+
+
+def prog_info(fd: int) -> ProgInfo:
+    """A program's identity and the ids of the maps it uses."""
+    info = _ProgInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _check("program info", _bpf(BPF_OBJ_GET_INFO_BY_FD, attr))
+    ids = (ctypes.c_uint32 * info.nr_map_ids)()
+    if info.nr_map_ids:
+        again = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ctypes.addressof(ids))
+        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(again),
+                         info=ctypes.addressof(again))
+        _check("program info", _bpf(BPF_OBJ_GET_INFO_BY_FD, attr))
+    return ProgInfo(info.type, info.id, info.name.decode(errors="replace"), bytes(info.tag),
+                    tuple(ids))
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(f"open program id {prog_id}",
+                  _bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id)))
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _check(f"open map id {map_id}", _bpf(BPF_MAP_GET_FD_BY_ID, _GetIdAttr(id=map_id)))
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, *,
+               flags: int = 0, name: str = "") -> int:
+    """Create a map; returns its fd. ``name`` is cut to the kernel's 15 characters."""
+    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
+                          max_entries=max_entries, map_flags=flags,
+                          map_name=name.encode()[:15])
+    return _check(f"create map {name or map_type}", _bpf(BPF_MAP_CREATE, attr))
+
+
+# ---------------------------------------------------------------- map I/O
+
+
+def _split_percpu(raw: bytes, info: MapInfo) -> list[bytes]:
+    stride = _round8(info.value_size)
+    return [raw[i * stride:i * stride + info.value_size] for i in range(possible_cpus())]
+
+
+def _pack_value(values: Sequence[bytes], info: MapInfo) -> bytes:
+    if not info.percpu:
+        raise MapError(f"map {info.name!r} is not per-CPU: give one value, not a list")
+    stride = _round8(info.value_size)
+    return b"".join(bytes(v).ljust(stride, b"\0") for v in values)
+
+
+def lookup(fd: int, key: bytes, *, info: MapInfo | None = None) -> bytes | list[bytes] | None:
+    """The value of key, or None when absent. Per-CPU maps give one value per CPU."""
+    info = info or map_info(fd)
+    kaddr, _k = _addr(key)
+    out = ctypes.create_string_buffer(max(info.value_bytes, 1))
+    ret = _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd, key=kaddr,
+                                                 value=ctypes.addressof(out)))
+    if ret == -E.ENOENT:
+        return None
+    _check(f"lookup in {info.name}", ret)
+    raw = out.raw[:info.value_bytes]
+    return _split_percpu(raw, info) if info.percpu else raw
+
+
+def update(fd: int, key: bytes, value: bytes | Sequence[bytes], flags: int = BPF_ANY) -> None:
+    """Write one entry. A per-CPU map's value is a list (one per CPU) or the
+    already packed bytes of all CPUs."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        packed = bytes(value)
+    else:
+        packed = _pack_value(value, map_info(fd))
+    kaddr, _k = _addr(key)
+    vaddr, _v = _addr(packed)
+    _check("update", _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=kaddr, value=vaddr,
+                                                            flags=flags)))
+
+
+def delete(fd: int, key: bytes) -> bool:
+    """Remove key; False when it was not there."""
+    kaddr, _k = _addr(key)
+    ret = _bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd, key=kaddr))
+    if ret == -E.ENOENT:
+        return False
+    _check("delete", ret)
+    return True
+
+
+def next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    """The key after ``key`` (the first key when None); None at the end."""
+    out = ctypes.create_string_buffer(max(key_size, 1))
+    kaddr, _k = _addr(key) if key is not None else (0, None)
+    ret = _bpf(BPF_MAP_GET_NEXT_KEY, _MapElemAttr(map_fd=fd, key=kaddr,
+                                                  value=ctypes.addressof(out)))
+    if ret == -E.ENOENT:
+        return None
+    _check("get next key", ret)
+    return out.raw[:key_size]
+
+
+def update_batch(fd: int, keys: bytes | bytearray | memoryview,
+                 values: bytes | bytearray | memoryview, count: int,
+                 flags: int = BPF_ANY) -> None:
+    """Write ``count`` entries in one syscall: keys and values laid end to end.
+
+    Per-CPU values must already be packed (``possible_cpus()`` values of
+    8-byte stride each). Map types without batch support are written one by
+    one. On failure the exception's message says how many entries went in.
+    """
+    if count <= 0:
+        return
+    kaddr, _k = _addr(keys)
+    vaddr, _v = _addr(values)
+    attr = _MapBatchAttr(keys=kaddr, values=vaddr, count=count, map_fd=fd, elem_flags=flags)
+    ret = _bpf(BPF_MAP_UPDATE_BATCH, attr)
+    if ret >= 0:
+        return
+    if -ret in (_ENOTSUPP, E.EOPNOTSUPP):
+        _update_one_by_one(fd, keys, values, count, flags)
+        return
+    raise _error(f"batch update ({attr.count} of {count} written)", -ret)
+
+
+def _update_one_by_one(fd: int, keys: bytes | bytearray | memoryview,
+                       values: bytes | bytearray | memoryview, count: int, flags: int) -> None:
+    info = map_info(fd)
+    ks, vs = info.key_size, info.value_bytes
+    kview, vview = memoryview(keys), memoryview(values)
+    for i in range(count):
+        key = kview[i * ks:(i + 1) * ks].tobytes()
+        value = vview[i * vs:(i + 1) * vs].tobytes()
+        kaddr, _k = _addr(key)
+        vaddr, _v = _addr(value)
+        ret = _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=kaddr, value=vaddr,
+                                                     flags=flags))
+        if ret < 0:
+            raise _error(f"update ({i} of {count} written)", -ret)
+
+
+def delete_batch(fd: int, keys: bytes | bytearray | memoryview, count: int) -> int:
+    """Delete ``count`` keys laid end to end; returns how many existed.
+
+    The kernel's batch delete stops at the first absent key, so the rest are
+    deleted one by one from there: an absent key is not an error.
+    """
+    if count <= 0:
+        return 0
+    kaddr, _k = _addr(keys)
+    attr = _MapBatchAttr(keys=kaddr, count=count, map_fd=fd)
+    ret = _bpf(BPF_MAP_DELETE_BATCH, attr)
+    if ret >= 0:
+        return count
+    if -ret not in (_ENOTSUPP, E.EOPNOTSUPP, E.ENOENT):
+        raise _error(f"batch delete ({attr.count} of {count} deleted)", -ret)
+    done = attr.count if -ret == E.ENOENT else 0
+    ks = map_info(fd).key_size
+    view = memoryview(keys)
+    deleted = done
+    for i in range(done, count):
+        if delete(fd, view[i * ks:(i + 1) * ks].tobytes()):
+            deleted += 1
+    return deleted
+
+
+def iterate(fd: int, *, batch: int = 4096) -> Iterator[tuple[bytes, bytes | list[bytes]]]:
+    """Every (key, value) of the map. Per-CPU values are lists, one per CPU.
+
+    Uses BPF_MAP_LOOKUP_BATCH where the map type has it, else walks keys with
+    GET_NEXT_KEY (an entry deleted meanwhile is skipped, not an error).
+    """
+    info = map_info(fd)
+    if info.type in _BATCH_LOOKUP_TYPES:
+        yield from _iterate_batch(fd, info, batch)
+        return
+    key: bytes | None = None
+    while True:
+        key = next_key(fd, key, info.key_size)
+        if key is None:
+            return
+        value = lookup(fd, key, info=info)
+        if value is not None:
+            yield key, value
+
+
+# HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH
+_BATCH_LOOKUP_TYPES = frozenset({1, 2, 5, 6, 9, 10})
+
+
+def _iterate_batch(fd: int, info: MapInfo,
+                   batch: int) -> Iterator[tuple[bytes, bytes | list[bytes]]]:
+    ks, vs = info.key_size, info.value_bytes
+    token_in = ctypes.create_string_buffer(max(ks, 8))
+    token_out = ctypes.create_string_buffer(max(ks, 8))
+    first = True
+    while True:
+        keys = ctypes.create_string_buffer(ks * batch)
+        values = ctypes.create_string_buffer(max(vs * batch, 1))
+        attr = _MapBatchAttr(in_batch=0 if first else ctypes.addressof(token_in),
+                             out_batch=ctypes.addressof(token_out),
+                             keys=ctypes.addressof(keys), values=ctypes.addressof(values),
+                             count=batch, map_fd=fd)
+        ret = _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+        if ret < 0 and -ret == E.ENOSPC and attr.count == 0:
+            batch *= 2  # one hash bucket holds more entries than fit
+            continue
+        if ret < 0 and -ret != E.ENOENT:
+            raise _error(f"batch lookup in {info.name}", -ret)
+        kraw, vraw = keys.raw, values.raw
+        for i in range(attr.count):
+            value = vraw[i * vs:(i + 1) * vs]
+            yield kraw[i * ks:(i + 1) * ks], (_split_percpu(value, info) if info.percpu
+                                              else value)
+        if ret < 0:  # ENOENT: that was the last batch
+            return
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False
+
+
+# ---------------------------------------------------------------- programs
+
+
+def xdp_md(ingress_ifindex: int = 0, rx_queue_index: int = 0) -> bytes:
+    """A ``struct xdp_md`` context for prog_test_run (sets the ingress device)."""
+    return struct.pack("=6I", 0, 0, 0, ingress_ifindex, rx_queue_index, 0)
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, *,
+                  ctx: bytes | None = None) -> tuple[int, bytes, int]:
+    """BPF_PROG_TEST_RUN: (retval, data_out, duration_ns per run).
+
+    The program runs ``repeat`` times on the same buffer, so rewrites (TTL)
+    accumulate. For XDP, ``ctx=xdp_md(ifindex)`` sets the ingress device,
+    which must exist in the calling thread's network namespace.
+    """
+    out = ctypes.create_string_buffer(len(data) + 4096)  # room for head/tail growth
+    din = ctypes.create_string_buffer(data, len(data))
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=len(out),
+                        data_in=ctypes.addressof(din), data_out=ctypes.addressof(out),
+                        repeat=repeat)
+    if ctx is not None:
+        cbuf = ctypes.create_string_buffer(ctx, len(ctx))
+        attr.ctx_in = ctypes.addressof(cbuf)
+        attr.ctx_size_in = len(ctx)
+    _check("program test run", _bpf(BPF_PROG_TEST_RUN, attr))
+    return attr.retval, out.raw[:attr.data_size_out], attr.duration
+
+
+# ---------------------------------------------------------------- ring buffer
+
+
+class RingBuffer:
+    """Consumer side of a BPF_MAP_TYPE_RINGBUF map, without libbpf.
+
+    ``fileno()`` becomes readable when records arrive (use it with
+    ``loop.add_reader``); ``drain()`` returns every record committed so far.
+    The instance keeps its own dup of the fd.
+    """
+
+    _BUSY = 1 << 31
+    _DISCARD = 1 << 30
+    _HDR = 8
+
+    def __init__(self, fd: int) -> None:
+        info = map_info(fd)
+        if info.type != 27:
+            raise MapError(f"map {info.name!r} is not a ring buffer (type {info.type})")
+        self._fd = os.dup(fd)
+        self._size = info.max_entries
+        self._mask = self._size - 1
+        page = mmap.PAGESIZE
+        self._consumer = mmap.mmap(self._fd, page, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        # producer page, then the data area mapped twice so records never wrap
+        self._producer = mmap.mmap(self._fd, page + 2 * self._size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ, offset=page)
+        self._page = page
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def drain(self) -> list[bytes]:
+        records = []
+        cons = struct.unpack_from("=Q", self._consumer, 0)[0]
+        prod = struct.unpack_from("=Q", self._producer, 0)[0]
+        while cons < prod:
+            at = self._page + (cons & self._mask)
+            hdr = struct.unpack_from("=I", self._producer, at)[0]
+            if hdr & self._BUSY:
+                break
+            length = hdr & ~(self._BUSY | self._DISCARD)
+            if not hdr & self._DISCARD:
+                records.append(bytes(self._producer[at + self._HDR:at + self._HDR + length]))
+            cons += _round8(length + self._HDR)
+            struct.pack_into("=Q", self._consumer, 0, cons)
+        return records
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._producer.close()
+        os.close(self._fd)
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,543 @@
+"""Build, load, pin and attach the XDP fast path.
+
+Everything an instance owns lives under ``/sys/fs/bpf/fibsync/<instance>/``:
+one pin file per map (the names of ``abi.MAP_NAMES``) and ``prog``. Maps are
+created here, not by bcc, so that a restarted daemon can adopt the pinned
+maps the still-attached program reads (a hitless restart), and so that a map
+whose type or sizes no longer match is replaced instead of reused. bcc then
+compiles ``bpf/fibsync.c`` against the pinned maps.
+
+XDP is attached through rtnetlink, as ``ip link set dev X xdp`` does, so the
+program keeps forwarding after the daemon exits; ``remove()`` takes it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fibsync.errors import ConfigError, FastPathError, InterfaceError, MapError
+from fibsync.fastpath import abi, bpfsys
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "fibsync"
+PROG_PIN = "prog"
+PROG_NAME = "xdp_fibsync"
+
+Mode = Literal["auto", "native", "generic"]
+MapOrigin = Literal["adopted", "created", "replaced"]
+
+# bpffs refuses names with dots
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    ifname: str
+    ifindex: int
+    mode: str  # "native", "generic" or "offload"
+    prog_id: int
+
+
+def bpf_source_dir() -> Path:
+    """Where bpf/fibsync.c is: $FIBSYNC_BPF_DIR, or the repository checkout
+    beside the package (what an editable install runs from)."""
+    candidates = []
+    if env := os.environ.get("FIBSYNC_BPF_DIR"):
+        candidates.append(Path(env))
+    package = Path(__file__).resolve().parent.parent
+    candidates += [package.parent / "bpf", package / "bpf"]
+    for path in candidates:
+        if (path / "fibsync.c").is_file():
+            return path
+    raise FastPathError(
+        "cannot find bpf/fibsync.c (looked in "
+        + ", ".join(str(p) for p in candidates)
+        + "); install fibsync from its repository checkout (pip install -e .) "
+        "or set FIBSYNC_BPF_DIR"
+    )
+
+
+def pin_dir(instance: str) -> Path:
+    if not _INSTANCE_RE.fullmatch(instance):
+        raise ConfigError(
+            "instance",
+            f"{instance!r} is not a valid instance name "
+            "(up to 32 letters, digits, '_' or '-', starting with a letter or digit)",
+        )
+    return PIN_ROOT / instance
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf when nothing is mounted there, as systemd does."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == str(BPFFS) and fields[2] == "bpf":
+                return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", os.fsencode(BPFFS), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise FastPathError(
+            f"cannot mount bpffs at {BPFFS}: {os.strerror(err)} "
+            f"(try `mount -t bpf bpf {BPFFS}` as root)"
+        )
+
+
+class FastPath:
+    """The loaded program of one instance and the fds of its maps."""
+
+    def __init__(self, instance: str, directory: Path, map_fds: dict[str, int],
+                 map_origin: dict[str, MapOrigin], bpf: Any, prog_fd: int,
+                 previous_prog_ids: frozenset[int]) -> None:
+        self.instance = instance
+        self.pin_dir = directory
+        self.map_origin = map_origin
+        self._map_fds = map_fds
+        self._bpf = bpf
+        self.prog_fd = prog_fd
+        self.prog_id = bpfsys.prog_info(prog_fd).id
+        # Programs this instance pinned before this load are still "ours"
+        # when they run on an interface: a restart replaces them silently.
+        self._own_prog_ids = previous_prog_ids | {self.prog_id}
+        self._own_map_ids = frozenset(bpfsys.map_info(fd).id for fd in map_fds.values())
+
+    @classmethod
+    def load(cls, instance: str = "default", *, sizes: abi.Sizes | None = None) -> FastPath:
+        """Create or adopt the pinned maps, compile and load the program, pin it.
+
+        Nothing is attached: ``attach()`` does that, per interface.
+        """
+        sizes = sizes or abi.Sizes()
+        directory = pin_dir(instance)
+        ensure_bpffs()
+        directory.mkdir(parents=True, exist_ok=True)
+        previous = _pinned_prog_id(directory)
+        map_fds: dict[str, int] = {}
+        origin: dict[str, MapOrigin] = {}
+        try:
+            for spec in abi.map_specs(sizes):
+                map_fds[spec.name], origin[spec.name] = _adopt_or_create(directory, spec)
+            bpf, prog_fd = _compile(directory, sizes)
+        except BaseException:
+            for fd in map_fds.values():
+                os.close(fd)
+            raise
+        _pin_replace(prog_fd, directory / PROG_PIN)
+        return cls(instance, directory, map_fds, origin, bpf, prog_fd,
+                   frozenset({previous} if previous else ()))
+
+    def map_fd(self, name: str) -> int:
+        """The fd of one of ``abi.MAP_NAMES`` (owned by this object)."""
+        try:
+            return self._map_fds[name]
+        except KeyError:
+            raise FastPathError(f"no map named {name!r}") from None
+
+    def attach(self, ifname: str, mode: Mode = "auto", replace: bool = False) -> Attachment:
+        """Run the program on ifname and allow redirects to it (tx_ports).
+
+        ``auto`` tries native XDP, then generic; where this instance's program
+        already runs it keeps that mode, so a restart swaps programs without
+        losing a packet. Another program on the interface is replaced only
+        with ``replace=True``.
+        """
+        if mode not in ("auto", "native", "generic"):
+            raise ConfigError("xdp-mode", f"{mode!r} is not one of auto, native, generic")
+        ifindex = _ifindex(ifname)
+        current = _xdp_progs(ifindex)
+        for cur_mode, prog_id in current.items():
+            if not replace and not self._is_ours(prog_id):
+                name = _prog_name(prog_id)
+                raise InterfaceError(
+                    f"{ifname} already runs another XDP program (id {prog_id}"
+                    f"{', ' + name if name else ''}, {cur_mode}); remove it with "
+                    f"`ip link set dev {ifname} xdp off` or attach with replace"
+                )
+        if mode == "auto":
+            order = list(current) + [m for m in ("native", "generic") if m not in current]
+            order = [m for m in order if m in ("native", "generic")]
+        else:
+            order = [mode]
+
+        tx = self.map_fd("tx_ports")
+        key = struct.pack("=I", ifindex)
+        bpfsys.update(tx, key, key)
+        errors = []
+        for want in order:
+            try:
+                self._attach_mode(ifindex, want, current)
+            except InterfaceError as exc:
+                errors.append(f"{want}: {exc}")
+                current = _xdp_progs(ifindex)
+                continue
+            return Attachment(ifname, ifindex, want, self.prog_id)
+        bpfsys.delete(tx, key)
+        raise InterfaceError(f"cannot attach XDP to {ifname}: " + "; ".join(errors))
+
+    def _attach_mode(self, ifindex: int, want: str, current: dict[str, int]) -> None:
+        # The kernel refuses native and generic programs side by side.
+        for other, prog_id in current.items():
+            if other != want:
+                _xdp_set(ifindex, -1, _MODE_FLAGS[other], expected_id=prog_id)
+        old = current.get(want)
+        if old == self.prog_id:
+            return
+        _xdp_set(ifindex, self.prog_fd, _MODE_FLAGS[want], expected_id=old)
+
+    def detach(self, ifname: str) -> None:
+        """Take our program off ifname (another program there stays) and stop
+        redirecting to it."""
+        ifindex = _ifindex(ifname)
+        for mode, prog_id in _xdp_progs(ifindex).items():
+            if self._is_ours(prog_id):
+                _xdp_set(ifindex, -1, _MODE_FLAGS[mode], expected_id=prog_id)
+        bpfsys.delete(self.map_fd("tx_ports"), struct.pack("=I", ifindex))
+
+    def attached(self) -> list[Attachment]:
+        """Interfaces of this network namespace that run this instance's program."""
+        return [a for a in _all_xdp() if self._is_ours(a.prog_id)]
+
+    def _is_ours(self, prog_id: int) -> bool:
+        return prog_id in self._own_prog_ids or _uses_maps(prog_id, self._own_map_ids)
+
+    def close(self) -> None:
+        """Release fds and the bcc module; pins and attachments stay."""
+        for fd in self._map_fds.values():
+            os.close(fd)
+        self._map_fds = {}
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> FastPath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attached(instance: str = "default") -> list[Attachment]:
+    """Which interfaces run the instance's pinned program, read from the kernel
+    and the pins alone (no compiling: the CLI's view)."""
+    prog_ids, map_ids = _pinned_ids(pin_dir(instance))
+    if not prog_ids and not map_ids:
+        return []
+    return [a for a in _all_xdp() if a.prog_id in prog_ids or _uses_maps(a.prog_id, map_ids)]
+
+
+def remove(instance: str = "default") -> list[Attachment]:
+    """Detach the instance's program from every interface and delete its pins.
+
+    Returns what was detached. Routes in the maps vanish with the last
+    reference to them: the kernel forwards everything again.
+    """
+    directory = pin_dir(instance)
+    detached = attached(instance)
+    for a in detached:
+        _xdp_set(a.ifindex, -1, _MODE_FLAGS[a.mode], expected_id=a.prog_id)
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            entry.unlink()
+        directory.rmdir()
+    return detached
+
+
+# ---------------------------------------------------------------- maps and pins
+
+
+def _adopt_or_create(directory: Path, spec: abi.MapSpec) -> tuple[int, MapOrigin]:
+    path = directory / spec.name
+    origin: MapOrigin = "created"
+    if path.exists():
+        try:
+            fd = bpfsys.obj_get(str(path))
+        except MapError:
+            fd = -1
+        if fd >= 0:
+            info = bpfsys.map_info(fd)
+            flags = info.flags & ~abi.BPF_F_RDONLY_PROG
+            if (info.type, info.key_size, info.value_size, info.max_entries, flags) == (
+                spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags
+            ):
+                return fd, "adopted"
+            os.close(fd)
+        # A different layout would be misread by the new program: start afresh
+        # (the old program keeps its map until it is replaced).
+        path.unlink()
+        origin = "replaced"
+    fd = bpfsys.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries,
+                           flags=spec.flags, name=spec.name)
+    try:
+        bpfsys.obj_pin(fd, str(path))
+    except MapError:
+        os.close(fd)
+        raise
+    return fd, origin
+
+
+def _pin_replace(fd: int, path: Path) -> None:
+    """Pin so that the path always names a program, even mid-replacement."""
+    tmp = path.with_name(path.name + "_new")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    bpfsys.obj_pin(fd, str(tmp))
+    os.replace(tmp, path)
+
+
+def _pinned_prog_id(directory: Path) -> int:
+    try:
+        fd = bpfsys.obj_get(str(directory / PROG_PIN))
+    except MapError:
+        return 0
+    try:
+        return bpfsys.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def _pinned_ids(directory: Path) -> tuple[frozenset[int], frozenset[int]]:
+    prog = _pinned_prog_id(directory)
+    maps = set()
+    for name in abi.MAP_NAMES:
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            fd = bpfsys.obj_get(str(path))
+        except MapError:
+            continue
+        try:
+            maps.add(bpfsys.map_info(fd).id)
+        finally:
+            os.close(fd)
+    return frozenset({prog} if prog else ()), frozenset(maps)
+
+
+def _uses_maps(prog_id: int, map_ids: frozenset[int]) -> bool:
+    try:
+        fd = bpfsys.prog_fd_by_id(prog_id)
+    except MapError:
+        return False
+    try:
+        return not map_ids.isdisjoint(bpfsys.prog_info(fd).map_ids)
+    finally:
+        os.close(fd)
+
+
+def _prog_name(prog_id: int) -> str:
+    try:
+        fd = bpfsys.prog_fd_by_id(prog_id)
+    except MapError:
+        return ""
+    try:
+        return bpfsys.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
+def _compile(directory: Path, sizes: abi.Sizes) -> tuple[Any, int]:
+    try:
+        from bcc import BPF  # noqa: PLC0415 - bcc is slow to import and only needed here
+    except ImportError as exc:
+        raise FastPathError(
+            f"bcc is not importable ({exc}): install python3-bpfcc and use a venv "
+            "made with --system-site-packages"
+        ) from exc
+    src = bpf_source_dir()
+    cflags = [f"-I{src}", f'-DFS_PIN_DIR="{directory}"', *sizes.cflags()]
+    try:
+        bpf = BPF(src_file=str(src / "fibsync.c").encode(), cflags=cflags)
+    except Exception as exc:
+        raise FastPathError(f"cannot compile {src / 'fibsync.c'}: {exc}") from exc
+    try:
+        fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+    except Exception as exc:
+        bpf.cleanup()
+        raise FastPathError(f"the kernel refused the XDP program: {exc}") from exc
+    return bpf, fn.fd
+
+
+# ---------------------------------------------------------------- rtnetlink (XDP)
+
+_RTM_NEWLINK = 16
+_RTM_GETLINK = 18
+_RTM_SETLINK = 19
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLM_F_DUMP = 0x300
+_NLM_F_ACK_TLVS = 0x200
+_NLMSGERR_ATTR_MSG = 1
+_SOL_NETLINK = 270
+_NETLINK_CAP_ACK = 10
+_NETLINK_EXT_ACK = 11
+_NLA_F_NESTED = 0x8000
+
+_IFLA_IFNAME = 3
+_IFLA_XDP = 43
+_IFLA_XDP_FD = 1
+_IFLA_XDP_FLAGS = 3
+_IFLA_XDP_DRV_PROG_ID = 5
+_IFLA_XDP_SKB_PROG_ID = 6
+_IFLA_XDP_HW_PROG_ID = 7
+_IFLA_XDP_EXPECTED_FD = 8
+
+_XDP_FLAGS_UPDATE_IF_NOEXIST = 1
+_XDP_FLAGS_REPLACE = 16
+_MODE_FLAGS = {"generic": 2, "native": 4, "offload": 8}
+_PROG_ID_ATTR = {_IFLA_XDP_DRV_PROG_ID: "native", _IFLA_XDP_SKB_PROG_ID: "generic",
+                 _IFLA_XDP_HW_PROG_ID: "offload"}
+
+_IFINFOMSG = struct.Struct("=BxHiII")
+
+
+def _ifindex(ifname: str) -> int:
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise InterfaceError(f"interface {ifname!r} does not exist") from None
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & ~_NLA_F_NESTED, data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+
+
+class _Rtnl:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+        self.sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def __enter__(self) -> _Rtnl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def request(self, kind: int, flags: int, body: bytes) -> Iterator[tuple[int, bytes]]:
+        """Send one request; yield (type, payload) of the answers until done.
+
+        Raises OSError (with the kernel's extack message) on a netlink error.
+        """
+        self.seq += 1
+        msg = struct.pack("=IHHII", 16 + len(body), kind, flags | _NLM_F_REQUEST,
+                          self.seq, 0) + body
+        self.sock.send(msg)
+        while True:
+            data = self.sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, mflags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                payload = data[offset + 16:offset + length]
+                offset += (length + 3) & ~3
+                if seq != self.seq:
+                    continue
+                if mtype == _NLMSG_DONE:
+                    return
+                if mtype == _NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", payload)[0]
+                    if err == 0:
+                        return
+                    text = os.strerror(err)
+                    if mflags & _NLM_F_ACK_TLVS:
+                        for akind, aval in _attrs(payload, 4 + 16):
+                            if akind == _NLMSGERR_ATTR_MSG:
+                                text = aval.rstrip(b"\0").decode(errors="replace")
+                    raise OSError(err, text)
+                yield mtype, payload
+                if not flags & _NLM_F_DUMP:
+                    return
+
+
+def _link_xdp(payload: bytes) -> tuple[int, str, dict[str, int]]:
+    _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(payload)
+    name = ""
+    progs: dict[str, int] = {}
+    for kind, value in _attrs(payload, _IFINFOMSG.size):
+        if kind == _IFLA_IFNAME:
+            name = value.rstrip(b"\0").decode(errors="replace")
+        elif kind == _IFLA_XDP:
+            for xkind, xval in _attrs(value):
+                if xkind in _PROG_ID_ATTR:
+                    progs[_PROG_ID_ATTR[xkind]] = struct.unpack("=I", xval[:4])[0]
+    return index, name, progs
+
+
+def _xdp_progs(ifindex: int) -> dict[str, int]:
+    """mode -> program id of what runs on the interface now."""
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    try:
+        with _Rtnl() as nl:
+            for mtype, payload in nl.request(_RTM_GETLINK, 0, body):
+                if mtype == _RTM_NEWLINK:
+                    return _link_xdp(payload)[2]
+    except OSError as exc:
+        raise InterfaceError(f"cannot read interface {ifindex}: {exc.strerror}") from exc
+    return {}
+
+
+def _all_xdp() -> list[Attachment]:
+    found = []
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    with _Rtnl() as nl:
+        for mtype, payload in nl.request(_RTM_GETLINK, _NLM_F_DUMP, body):
+            if mtype != _RTM_NEWLINK:
+                continue
+            index, name, progs = _link_xdp(payload)
+            found += [Attachment(name, index, mode, pid) for mode, pid in progs.items()]
+    return found
+
+
+def _xdp_set(ifindex: int, prog_fd: int, mode_flags: int, *, expected_id: int | None) -> None:
+    """Attach (prog_fd >= 0) or detach (-1) in one mode, atomically against
+    ``expected_id``: the program we saw there, or None for "nothing yet"."""
+    expected_fd = -1
+    if expected_id:
+        try:
+            expected_fd = bpfsys.prog_fd_by_id(expected_id)
+        except MapError:
+            expected_fd = -1
+    try:
+        flags = mode_flags
+        xdp = _nla(_IFLA_XDP_FD, struct.pack("=i", prog_fd))
+        if expected_fd >= 0:
+            flags |= _XDP_FLAGS_REPLACE
+            xdp += _nla(_IFLA_XDP_EXPECTED_FD, struct.pack("=i", expected_fd))
+        elif prog_fd >= 0:
+            flags |= _XDP_FLAGS_UPDATE_IF_NOEXIST
+        xdp += _nla(_IFLA_XDP_FLAGS, struct.pack("=I", flags))
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0) + _nla(
+            _IFLA_XDP | _NLA_F_NESTED, xdp)
+        try:
+            with _Rtnl() as nl:
+                for _ in nl.request(_RTM_SETLINK, _NLM_F_ACK, body):
+                    pass
+        except OSError as exc:
+            what = "attach" if prog_fd >= 0 else "detach"
+            raise InterfaceError(f"XDP {what} on ifindex {ifindex} failed: {exc.strerror}") \
+                from exc
+    finally:
+        if expected_fd >= 0:
+            os.close(expected_fd)
