@@ -1,0 +1,161 @@
+"""Test harness for the XDP program: namespaces, map contents, test runs.
+
+The program under test is the real one, loaded once per session under a
+unique instance name; each test starts from empty maps. Test runs execute in
+a throwaway network namespace so that bpf_fib_lookup and tx_ports see only
+what the test built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fibsync.fastpath import abi, bpfsys
+from fibsync.fastpath.abi import Reason
+from fibsync.fastpath.program import FastPath
+from fibsync.model import AF_INET, AF_INET6, Prefix
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+ACTION_NAMES = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# The tiny sizes keep map creation cheap; the layout is what matters.
+TEST_SIZES = abi.Sizes(routes_v4=4096, routes_v6=4096, nexthops=1024, groups=256,
+                       neighbours=1024, tx_ports=64, neigh_miss_bytes=4096 * 16)
+
+
+def sh(*args: str) -> str:
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the body with this thread inside network namespace ``name``."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+@contextlib.contextmanager
+def netns(name: str) -> Iterator[str]:
+    """A fresh namespace with lo up, deleted afterwards whatever happens."""
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@dataclass
+class Lab:
+    """The loaded program, its maps, and the namespace its test runs use."""
+
+    fp: FastPath
+    ns: str
+
+    # ------------------------------------------------------------ map contents
+
+    def route(self, prefix: str, nh: int = 0, *, action: int = abi.FS_ACT_FORWARD,
+              group: bool = False, reason: int = 0) -> None:
+        p = Prefix.parse(prefix)
+        name = "routes_v4" if p.family == AF_INET else "routes_v6"
+        value = abi.FsRoute(nh, action, abi.FS_ROUTE_GROUP if group else 0, reason, 0)
+        bpfsys.update(self.fp.map_fd(name), bytes(abi.route_key(p)), bytes(value))
+
+    def nexthop(self, nh_id: int, ifindex: int, smac: str, dmac: str | None = None, *,
+                mtu: int = 0, connected: bool = False, gateway: str | None = None) -> None:
+        flags = (abi.FS_NH_CONNECTED if connected else 0) | (abi.FS_NH_RESOLVED if dmac else 0)
+        gw = ipaddress.ip_address(gateway) if gateway else None
+        family = (AF_INET6 if gw.version == 6 else AF_INET) if gw else 0
+        value = abi.FsNexthop(ifindex, mtu, flags, family, abi.mac(smac),
+                              abi.mac(dmac or "00:00:00:00:00:00"),
+                              abi.gateway(family, gw.packed if gw else None))
+        bpfsys.update(self.fp.map_fd("nexthops"), struct.pack("=I", nh_id), bytes(value))
+
+    def group(self, group_id: int, members: list[int]) -> None:
+        buckets = (ctypes.c_uint32 * abi.FS_GROUP_BUCKETS)(*members)
+        bpfsys.update(self.fp.map_fd("groups"), struct.pack("=I", group_id),
+                      bytes(abi.FsGroup(len(members), buckets)))
+
+    def neighbour(self, ifindex: int, addr: str, mac: str) -> None:
+        ip = ipaddress.ip_address(addr)
+        family = AF_INET6 if ip.version == 6 else AF_INET
+        key = abi.neigh_key(ifindex, family, ip.packed)
+        bpfsys.update(self.fp.map_fd("neighbours"), bytes(key), bytes(abi.FsNeigh(abi.mac(mac), 0)))
+
+    def tx_port(self, ifindex: int) -> None:
+        key = struct.pack("=I", ifindex)
+        with in_netns(self.ns):  # the devmap resolves ifindex in the caller's namespace
+            bpfsys.update(self.fp.map_fd("tx_ports"), key, key)
+
+    def config(self, v4: int = abi.FS_HASH_L3, v6: int = abi.FS_HASH_L3, flags: int = 0) -> None:
+        bpfsys.update(self.fp.map_fd("config"), struct.pack("=I", 0),
+                      bytes(abi.FsConfig(v4, v6, flags, 0)))
+
+    def clear(self) -> None:
+        for name in ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports"):
+            fd = self.fp.map_fd(name)
+            for key in [k for k, _ in bpfsys.iterate(fd)]:
+                bpfsys.delete(fd, key)
+        zero = bytes(ctypes.sizeof(abi.FsCounter))
+        for reason in range(abi.FS_REASON_MAX):
+            bpfsys.update(self.fp.map_fd("counters"), struct.pack("=I", reason),
+                          [zero] * bpfsys.possible_cpus())
+        self.config()
+        self.misses()
+
+    # ------------------------------------------------------------ observation
+
+    def counters(self) -> dict[Reason, tuple[int, int]]:
+        """reason -> (packets, bytes) summed over CPUs, non-zero ones only."""
+        out = {}
+        fd = self.fp.map_fd("counters")
+        for reason in Reason:
+            per_cpu = bpfsys.lookup(fd, struct.pack("=I", reason))
+            assert isinstance(per_cpu, list)
+            pkts = sum(abi.FsCounter.from_buffer_copy(v).packets for v in per_cpu)
+            nbytes = sum(abi.FsCounter.from_buffer_copy(v).bytes for v in per_cpu)
+            if pkts or nbytes:
+                out[reason] = (pkts, nbytes)
+        return out
+
+    def misses(self) -> list[tuple[int, int, bytes]]:
+        """Drained neigh_miss events as (ifindex, family, address bytes)."""
+        with bpfsys.RingBuffer(self.fp.map_fd("neigh_miss")) as ring:
+            events = [abi.FsMiss.from_buffer_copy(r) for r in ring.drain()]
+        return [(e.ifindex, e.family, bytes(e.addr)[:4 if e.family == AF_INET else 16])
+                for e in events]
+
+    def run(self, frame: bytes, *, repeat: int = 1, ingress: int = 0) -> tuple[int, bytes]:
+        ctx = bpfsys.xdp_md(ingress) if ingress else None
+        with in_netns(self.ns):
+            retval, out, _ = bpfsys.prog_test_run(self.fp.prog_fd, frame, repeat, ctx=ctx)
+        return retval, out
+
+    def ifindex(self, ifname: str) -> int:
+        with in_netns(self.ns):
+            return socket.if_nametoindex(ifname)
