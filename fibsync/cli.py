@@ -118,8 +118,8 @@ def detach(instance: Instance = "default") -> None:
 
     settings = config.validate({"instance": instance})
     removed = remove(settings.instance)
-    print(f"fibsync: instance {settings.instance}: detached from "
-          f"{', '.join(removed) or 'no interface'}; pins removed")
+    names = ", ".join(a.ifname for a in removed) or "no interface"
+    print(f"fibsync: instance {settings.instance}: detached from {names}; pins removed")
 
 
 @lab_app.command("up")

@@ -19,17 +19,21 @@ DEFAULT_CONFIG = Path("/etc/fibsync/fibsync.toml")
 PIN_ROOT = Path("/sys/fs/bpf/fibsync")
 RUN_DIR = Path("/run/fibsync")
 
-# /etc/iproute2/rt_protos names FRR and BIRD use, and the kernel's own
-PROTOCOLS = {
-    "redirect": 1, "kernel": 2, "boot": 3, "static": 4, "ra": 9, "dhcp": 16, "babel": 42,
-    "bird": 12, "zebra": 11, "bgp": 186, "isis": 187, "ospf": 188, "rip": 189, "eigrp": 192,
-    "openr": 99,
+# route protocol names: the kernel's (rt_protos) and FRR's (rt_protos.d/frr.conf). "static"
+# means both the kernel's 4 (`ip route add ... proto static`) and FRR staticd's 196.
+PROTOCOLS: dict[str, tuple[int, ...]] = {
+    "redirect": (1,), "kernel": (2,), "boot": (3,), "static": (4, 196), "ra": (9,),
+    "zebra": (11,), "bird": (12,), "dhcp": (16,), "babel": (42,), "openr": (99,),
+    "bgp": (186,), "isis": (187,), "ospf": (188,), "rip": (189,), "ripng": (190,),
+    "nhrp": (191,), "eigrp": (192,), "ldp": (193,), "sharp": (194,), "pbr": (195,),
+    "openfabric": (197,),
 }
 TABLES = {"main": 254, "default": 253}
 XDP_MODES = ("auto", "native", "generic")
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# bpffs refuses some characters in pin names
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
 
 
@@ -116,7 +120,8 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
     v = dict(values)
     instance = _str(v, "instance", "default")
     if not _INSTANCE_RE.match(instance):
-        raise ConfigError("instance", f"{instance!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        raise ConfigError("instance", f"{instance!r}: use up to 32 letters, digits, '_' or '-', "
+                          "starting with a letter or digit")
     interfaces = v.get("interfaces", ())
     if isinstance(interfaces, str) or not isinstance(interfaces, list | tuple):
         raise ConfigError("interfaces", "must be a list of interface names")
@@ -129,7 +134,7 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
         instance=instance,
         interfaces=tuple(interfaces),
         table=_table(v.get("table", 254)),
-        protocols=tuple(_protocol(p) for p in _list(v, "protocols")),
+        protocols=tuple(sorted({n for p in _list(v, "protocols") for n in _protocol(p)})),
         xdp_mode=_choice(v, "xdp_mode", XDP_MODES, "auto"),
         replace_xdp=_bool(v, "replace_xdp", False),
         netlink_rcvbuf=_size(v, "netlink_rcvbuf", 64 << 20, 4096, 1 << 31),
@@ -212,7 +217,7 @@ def _table(value: Any) -> int:
     return value
 
 
-def _protocol(value: Any) -> int:
+def _protocol(value: Any) -> tuple[int, ...]:
     if isinstance(value, str):
         name = value.strip().lower()
         if name in PROTOCOLS:
@@ -223,7 +228,7 @@ def _protocol(value: Any) -> int:
         value = int(name)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
         raise ConfigError("protocols", f"{value!r} is not a protocol number 0..255")
-    return value
+    return (value,)
 
 
 def _listen(value: str) -> str:

@@ -9,10 +9,8 @@ the daemon believes.
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 import struct
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from functools import reduce
@@ -235,27 +233,6 @@ def _ifnames() -> dict[int, str]:
     return {i: n for i, n in socket.if_nameindex()}
 
 
-def attached_interfaces(pin_dir: Path) -> list[dict[str, Any]]:
-    """Interfaces of this network namespace running the pinned program (read from the kernel)."""
-    prog = pin_dir / "prog"
-    try:
-        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(prog)],
-                                         capture_output=True, text=True, check=True).stdout)
-        links = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show"],
-                                          capture_output=True, text=True, check=True).stdout)
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        return []
-    out = []
-    for link in links:
-        xdp = link.get("xdp") or {}
-        prog_id = (xdp.get("prog") or {}).get("id")
-        if prog_id == info.get("id"):
-            mode = {1: "native", 2: "generic", 3: "offload"}.get(xdp.get("mode"), xdp.get("mode"))
-            out.append({"name": link["ifname"], "ifindex": link["ifindex"], "mode": mode,
-                        "prog_id": prog_id})
-    return out
-
-
 def offline_status(settings: Any) -> dict[str, Any]:
     """What ``fibsync status`` shows when no daemon answers: the pinned maps' content."""
     doc: dict[str, Any] = {"instance": settings.instance, "daemon": "down", "state": "down"}
@@ -270,7 +247,9 @@ def offline_status(settings: Any) -> dict[str, Any]:
         counts[name] = sum(1 for _ in maps.items(name))
     doc["fastpath"] = counts
     doc["counters"] = maps.counters()
-    doc["interfaces"] = attached_interfaces(settings.pin_dir)
+    from .program import attached
+    doc["interfaces"] = [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
+                          "prog_id": a.prog_id} for a in attached(settings.instance)]
     doc["note"] = ("the daemon is down: the XDP program keeps forwarding with the maps as "
                    "they were; start `fibsync run` to resync")
     return doc
