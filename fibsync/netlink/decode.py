@@ -222,6 +222,7 @@ def decode(
             # the explicit length checks should make this unreachable; if they
             # miss a case, the caller still sees only DecodeError
             error = DecodeError(f"message type {mtype} at offset {pos}: {exc}")
+            error.__cause__ = exc
             if on_error is None:
                 raise error from exc
             on_error(error)
