@@ -510,9 +510,10 @@ def _iterate_batch(fd: int, info: MapInfo,
 # ---------------------------------------------------------------- programs
 
 
-def xdp_md(ingress_ifindex: int = 0, rx_queue_index: int = 0) -> bytes:
-    """A ``struct xdp_md`` context for prog_test_run (sets the ingress device)."""
-    return struct.pack("=6I", 0, 0, 0, ingress_ifindex, rx_queue_index, 0)
+def xdp_md(data_len: int, ingress_ifindex: int = 0, rx_queue_index: int = 0) -> bytes:
+    """A ``struct xdp_md`` context for prog_test_run of ``data_len`` bytes of
+    packet (the kernel wants data_end to say so), on an ingress device."""
+    return struct.pack("=6I", 0, data_len, 0, ingress_ifindex, rx_queue_index, 0)
 
 
 def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, *,
@@ -520,7 +521,7 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, *,
     """BPF_PROG_TEST_RUN: (retval, data_out, duration_ns per run).
 
     The program runs ``repeat`` times on the same buffer, so rewrites (TTL)
-    accumulate. For XDP, ``ctx=xdp_md(ifindex)`` sets the ingress device,
+    accumulate. For XDP, ``ctx=xdp_md(len(data), ifindex)`` sets the ingress device,
     which must exist in the calling thread's network namespace.
     """
     out = ctypes.create_string_buffer(len(data) + 4096)  # room for head/tail growth

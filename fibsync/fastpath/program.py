@@ -76,13 +76,19 @@ def pin_dir(instance: str) -> Path:
     return PIN_ROOT / instance
 
 
-def ensure_bpffs() -> None:
-    """Mount bpffs at /sys/fs/bpf when nothing is mounted there, as systemd does."""
+def ensure_bpffs() -> bool:
+    """Mount bpffs at /sys/fs/bpf when nothing is mounted there, as systemd
+    does; True when this call mounted it.
+
+    Under `ip netns exec`, /sys is a fresh sysfs of a private mount namespace:
+    a bpffs mounted there dies with the process, and with it the pins a
+    restart would adopt. Enter namespaces with `nsenter --net=...` instead.
+    """
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
             if len(fields) > 2 and fields[1] == str(BPFFS) and fields[2] == "bpf":
-                return
+                return False
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", os.fsencode(BPFFS), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
@@ -90,6 +96,7 @@ def ensure_bpffs() -> None:
             f"cannot mount bpffs at {BPFFS}: {os.strerror(err)} "
             f"(try `mount -t bpf bpf {BPFFS}` as root)"
         )
+    return True
 
 
 class FastPath:
@@ -101,6 +108,7 @@ class FastPath:
         self.instance = instance
         self.pin_dir = directory
         self.map_origin = map_origin
+        self.mounted_bpffs = False  # True: this load mounted /sys/fs/bpf (worth a log line)
         self._map_fds = map_fds
         self._bpf = bpf
         self.prog_fd = prog_fd
@@ -118,7 +126,7 @@ class FastPath:
         """
         sizes = sizes or abi.Sizes()
         directory = pin_dir(instance)
-        ensure_bpffs()
+        mounted = ensure_bpffs()
         directory.mkdir(parents=True, exist_ok=True)
         previous = _pinned_prog_id(directory)
         map_fds: dict[str, int] = {}
@@ -132,8 +140,10 @@ class FastPath:
                 os.close(fd)
             raise
         _pin_replace(prog_fd, directory / PROG_PIN)
-        return cls(instance, directory, map_fds, origin, bpf, prog_fd,
-                   frozenset({previous} if previous else ()))
+        fp = cls(instance, directory, map_fds, origin, bpf, prog_fd,
+                 frozenset({previous} if previous else ()))
+        fp.mounted_bpffs = mounted
+        return fp
 
     def map_fd(self, name: str) -> int:
         """The fd of one of ``abi.MAP_NAMES`` (owned by this object)."""

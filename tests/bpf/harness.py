@@ -151,7 +151,7 @@ class Lab:
                 for e in events]
 
     def run(self, frame: bytes, *, repeat: int = 1, ingress: int = 0) -> tuple[int, bytes]:
-        ctx = bpfsys.xdp_md(ingress) if ingress else None
+        ctx = bpfsys.xdp_md(len(frame), ingress) if ingress else None
         with in_netns(self.ns):
             retval, out, _ = bpfsys.prog_test_run(self.fp.prog_fd, frame, repeat, ctx=ctx)
         return retval, out

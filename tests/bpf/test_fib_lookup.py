@@ -1,0 +1,169 @@
+"""The bpf_fib_lookup fallback against a real FIB (selftests fib_lookup.c style).
+
+A namespace holds a veth pair, in0 (ingress) and out0 (egress), addresses,
+routes of every type and permanent neighbours; packets are run with in0 as
+their ingress device.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet, Raw
+
+from fibsync.fastpath import abi
+from fibsync.fastpath.abi import Reason
+from fibsync.fastpath.program import FastPath
+from fibsync.model import AF_INET
+from tests.bpf.harness import ACTION_NAMES, XDP_DROP, XDP_PASS, XDP_REDIRECT, Lab, netns, sh
+
+pytestmark = pytest.mark.privileged
+
+GW_MAC = "02:00:00:00:02:02"
+OUT_MAC = "02:00:00:00:00:0b"
+IN_MAC = "02:00:00:00:00:0a"
+CLIENT = "02:00:00:00:00:aa"
+
+
+@dataclass
+class FibNet:
+    lab: Lab
+    in_ifindex: int
+    out_ifindex: int
+
+    def run(self, pkt: Packet) -> tuple[int, bytes]:
+        return self.lab.run(bytes(pkt), ingress=self.in_ifindex)
+
+
+@pytest.fixture(scope="module")
+def fib_ns(fastpath: FastPath) -> Iterator[str]:
+    with netns(f"fst{uuid.uuid4().hex[:5]}fib") as ns:
+        ip = ("ip", "-n", ns)
+        sh(*ip, "link", "add", "in0", "address", IN_MAC, "type", "veth", "peer", "name", "out0",
+           "address", OUT_MAC)
+        for cmd in (
+            "link set in0 up", "link set out0 up",
+            "addr add 10.1.0.1/24 dev in0", "addr add 10.2.0.1/24 dev out0",
+            "-6 addr add 2001:db8:1::1/64 dev in0 nodad",
+            "-6 addr add 2001:db8:2::1/64 dev out0 nodad",
+            f"neigh add 10.2.0.2 lladdr {GW_MAC} dev out0 nud permanent",
+            f"-6 neigh add 2001:db8:2::2 lladdr {GW_MAC} dev out0 nud permanent",
+            "route add 192.0.2.0/25 via 10.2.0.2",
+            "route add 192.0.2.128/25 via 10.2.0.2 mtu lock 1000",
+            "route add 198.51.100.0/24 via 10.2.0.3",  # no neighbour
+            "route add unreachable 203.0.113.0/26",
+            "route add prohibit 203.0.113.64/26",
+            "route add blackhole 203.0.113.128/25",
+            "-6 route add 2001:db8:99::/48 via 2001:db8:2::2",
+        ):
+            sh(*ip, *cmd.split())
+        for key in ("net.ipv4.conf.all.forwarding", "net.ipv4.conf.in0.forwarding",
+                    "net.ipv6.conf.all.forwarding"):
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}=1")
+        yield ns
+
+
+@pytest.fixture
+def net(fastpath: FastPath, fib_ns: str) -> FibNet:
+    lab = Lab(fastpath, fib_ns)
+    lab.clear()
+    net = FibNet(lab, lab.ifindex("in0"), lab.ifindex("out0"))
+    lab.tx_port(net.out_ifindex)
+    return net
+
+
+def v4(dst: str, size: int = 32, ttl: int = 64) -> Packet:
+    return (Ether(src=CLIENT, dst=IN_MAC) / IP(src="10.1.0.7", dst=dst, ttl=ttl)
+            / UDP(sport=4000, dport=53) / Raw(b"z" * size))
+
+
+def v6(dst: str, hlim: int = 64) -> Packet:
+    return (Ether(src=CLIENT, dst=IN_MAC) / IPv6(src="2001:db8:1::7", dst=dst, hlim=hlim)
+            / UDP(sport=4000, dport=53) / Raw(b"z" * 32))
+
+
+def via_gateway(pkt: Packet) -> bytes:
+    out = Ether(bytes(pkt))
+    out.src, out.dst = OUT_MAC, GW_MAC
+    if IP in out:
+        out[IP].ttl -= 1
+        del out[IP].chksum
+    else:
+        out[IPv6].hlim -= 1
+    return bytes(out)
+
+
+CASES = [
+    ("v4 miss, FIB success", v4("192.0.2.9"), XDP_REDIRECT, Reason.FWD_FIB),
+    ("v6 miss, FIB success", v6("2001:db8:99::9"), XDP_REDIRECT, Reason.FWD_FIB),
+    ("no route", v4("100.127.0.1"), XDP_PASS, Reason.PASS_NO_ROUTE),
+    ("v6 no route", v6("2001:db8:77::1"), XDP_PASS, Reason.PASS_NO_ROUTE),
+    ("gateway without neighbour", v4("198.51.100.1"), XDP_PASS, Reason.PASS_NO_NEIGH),
+    ("unreachable route", v4("203.0.113.1"), XDP_PASS, Reason.PASS_UNREACHABLE),
+    ("prohibit route", v4("203.0.113.65"), XDP_PASS, Reason.PASS_UNREACHABLE),
+    ("blackhole route", v4("203.0.113.129"), XDP_DROP, Reason.DROP_BLACKHOLE),
+    ("larger than the route MTU", v4("192.0.2.130", size=1200), XDP_PASS, Reason.PASS_MTU),
+    ("within the route MTU", v4("192.0.2.130", size=900), XDP_REDIRECT, Reason.FWD_FIB),
+    ("TTL 1 after a FIB success", v4("192.0.2.9", ttl=1), XDP_PASS, Reason.PASS_TTL),
+]
+
+
+@pytest.mark.parametrize(("description", "pkt", "action", "reason"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_fib_fallback(net: FibNet, description: str, pkt: Packet, action: int,
+                      reason: Reason) -> None:
+    retval, out = net.run(pkt)
+    assert ACTION_NAMES[retval] == ACTION_NAMES[action]
+    assert out == (via_gateway(pkt) if action == XDP_REDIRECT else bytes(pkt))
+    assert net.lab.counters() == {reason: (1, len(pkt))}
+
+
+def test_fib_egress_not_in_tx_ports(net: FibNet) -> None:
+    net.lab.clear()  # tx_ports emptied
+    pkt = v4("192.0.2.9")
+    assert net.run(pkt) == (XDP_PASS, bytes(pkt))
+    assert net.lab.counters() == {Reason.PASS_EGRESS: (1, len(pkt))}
+
+
+def test_forwarding_disabled_on_ingress(net: FibNet, fib_ns: str) -> None:
+    sh("ip", "netns", "exec", fib_ns, "sysctl", "-qw", "net.ipv4.conf.in0.forwarding=0")
+    try:
+        pkt = v4("192.0.2.9")
+        assert net.run(pkt) == (XDP_PASS, bytes(pkt))
+        assert net.lab.counters() == {Reason.PASS_FIB_OTHER: (1, len(pkt))}
+    finally:
+        sh("ip", "netns", "exec", fib_ns, "sysctl", "-qw", "net.ipv4.conf.in0.forwarding=1")
+
+
+def test_route_action_fib_uses_the_kernel_fib(net: FibNet) -> None:
+    net.lab.route("192.0.2.0/24", action=abi.FS_ACT_FIB)
+    pkt = v4("192.0.2.9")
+    assert net.run(pkt) == (XDP_REDIRECT, via_gateway(pkt))
+    assert net.lab.counters() == {Reason.FWD_FIB: (1, len(pkt))}
+
+
+def test_unresolved_nexthop_reports_and_falls_back(net: FibNet) -> None:
+    """The fast path's own entry is unresolved: it asks the daemon to resolve
+    the gateway and still forwards this packet through the kernel's FIB."""
+    net.lab.nexthop(1, net.out_ifindex, OUT_MAC, None, gateway="10.2.0.2")
+    net.lab.route("192.0.2.0/24", 1)
+    pkt = v4("192.0.2.9")
+    assert net.run(pkt) == (XDP_REDIRECT, via_gateway(pkt))
+    assert net.lab.counters() == {Reason.FWD_FIB: (1, len(pkt))}
+    assert net.lab.misses() == [(net.out_ifindex, AF_INET, bytes([10, 2, 0, 2]))]
+
+
+def test_resolved_nexthop_beats_the_fib(net: FibNet) -> None:
+    net.lab.nexthop(1, net.out_ifindex, OUT_MAC, "02:00:00:00:03:03")
+    net.lab.route("192.0.2.0/24", 1)
+    pkt = v4("192.0.2.9")
+    retval, out = net.run(pkt)
+    assert retval == XDP_REDIRECT
+    assert Ether(out).dst == "02:00:00:00:03:03"
+    assert net.lab.counters() == {Reason.FWD_FAST: (1, len(pkt))}

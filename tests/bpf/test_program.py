@@ -1,0 +1,198 @@
+"""program.py: pinned maps adopted or replaced, XDP attach/detach/replace over
+rtnetlink, what ``attached()`` reports, ``remove()``, and that the program
+keeps running after the process that attached it is gone."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fibsync.errors import ConfigError, InterfaceError
+from fibsync.fastpath import abi, bpfsys, program
+from fibsync.model import Prefix
+from tests.bpf.harness import TEST_SIZES, in_netns, netns, sh
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture
+def instance(unique_prefix: str) -> Iterator[str]:
+    yield unique_prefix
+    # teardown must not depend on the test's namespace still existing
+    program.remove(unique_prefix)
+
+
+@pytest.fixture
+def veth_ns(unique_prefix: str) -> Iterator[str]:
+    with netns(f"{unique_prefix}att") as ns:
+        sh("ip", "-n", ns, "link", "add", "a0", "type", "veth", "peer", "name", "b0")
+        sh("ip", "-n", ns, "link", "set", "a0", "up")
+        sh("ip", "-n", ns, "link", "set", "b0", "up")
+        yield ns
+
+
+def xdp_of(ns: str, ifname: str) -> str:
+    return sh("ip", "-n", ns, "-d", "link", "show", ifname)
+
+
+def tx_ports(fp: program.FastPath) -> set[int]:
+    return {struct.unpack("=I", k)[0] for k, _ in bpfsys.iterate(fp.map_fd("tx_ports"))}
+
+
+def other_xdp_program() -> int:
+    """Load and pin a trivial XDP program that is not fibsync's; returns its fd."""
+    from bcc import BPF
+
+    bpf = BPF(text=b"int other_xdp(struct xdp_md *ctx) { return XDP_PASS; }")
+    fn = bpf.load_func(b"other_xdp", BPF.XDP)
+    return os.dup(fn.fd)
+
+
+def test_instance_names_are_checked() -> None:
+    with pytest.raises(ConfigError, match="instance"):
+        program.pin_dir("../etc")
+    with pytest.raises(ConfigError):
+        program.pin_dir("a.b")  # bpffs refuses dots
+
+
+def test_second_load_adopts_maps_and_keeps_their_contents(instance: str) -> None:
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
+        assert set(first.map_origin.values()) == {"created"}
+        key = bytes(abi.route_key(Prefix.parse("10.0.0.0/8")))
+        bpfsys.update(first.map_fd("routes_v4"), key, bytes(abi.FsRoute(7, 0, 0, 0, 0)))
+        first_prog = first.prog_id
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as second:
+        assert set(second.map_origin.values()) == {"adopted"}
+        assert bpfsys.lookup(second.map_fd("routes_v4"), key) == bytes(
+            abi.FsRoute(7, 0, 0, 0, 0))
+        assert second.prog_id != first_prog
+        pinned = bpfsys.obj_get(str(program.pin_dir(instance) / "prog"))
+        try:
+            assert bpfsys.prog_info(pinned).id == second.prog_id
+        finally:
+            os.close(pinned)
+
+
+def test_a_map_of_another_shape_is_replaced_not_reused(instance: str) -> None:
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
+        old_id = bpfsys.map_info(first.map_fd("routes_v4")).id
+    bigger = abi.Sizes(**{**{f: getattr(TEST_SIZES, f) for f in TEST_SIZES.__slots__},
+                          "routes_v4": TEST_SIZES.routes_v4 * 2})
+    with program.FastPath.load(instance, sizes=bigger) as second:
+        assert second.map_origin["routes_v4"] == "replaced"
+        assert {v for k, v in second.map_origin.items() if k != "routes_v4"} == {"adopted"}
+        info = bpfsys.map_info(second.map_fd("routes_v4"))
+        assert info.id != old_id
+        assert info.max_entries == bigger.routes_v4
+
+
+def test_a_foreign_pinned_object_is_replaced(instance: str) -> None:
+    directory = program.pin_dir(instance)
+    directory.mkdir(parents=True)
+    fd = bpfsys.map_create(abi.MAP_HASH, 4, 4, 16, name="impostor")
+    bpfsys.obj_pin(fd, str(directory / "nexthops"))
+    os.close(fd)
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp:
+        assert fp.map_origin["nexthops"] == "replaced"
+        assert bpfsys.map_info(fp.map_fd("nexthops")).value_size == 36
+
+
+def test_attach_detach(instance: str, veth_ns: str) -> None:
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+        att = fp.attach("a0")
+        assert (att.ifname, att.mode, att.prog_id) == ("a0", "native", fp.prog_id)
+        assert f"prog/xdp id {fp.prog_id}" in xdp_of(veth_ns, "a0")
+        assert fp.attached() == [att]
+        assert program.attached(instance) == [att]
+        assert tx_ports(fp) == {att.ifindex}
+
+        assert fp.attach("a0") == att  # idempotent
+        fp.detach("a0")
+        assert "prog/xdp" not in xdp_of(veth_ns, "a0")
+        assert fp.attached() == []
+        assert tx_ports(fp) == set()
+
+
+def test_attach_generic_then_switch_to_native(instance: str, veth_ns: str) -> None:
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+        assert fp.attach("a0", mode="generic").mode == "generic"
+        assert "xdpgeneric" in xdp_of(veth_ns, "a0")
+        assert fp.attach("a0", mode="native").mode == "native"
+        assert [a.mode for a in fp.attached()] == ["native"]
+
+
+def test_missing_interface_is_one_clear_line(instance: str, veth_ns: str) -> None:
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+        with pytest.raises(InterfaceError) as err:
+            fp.attach("nosuch0")
+        assert str(err.value) == "interface 'nosuch0' does not exist"
+        assert err.value.exit_code == 2
+
+
+def test_foreign_program_is_not_replaced_unless_asked(instance: str, veth_ns: str) -> None:
+    other = other_xdp_program()
+    try:
+        with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+            program._xdp_set(program._ifindex("a0"), other, 4, expected_id=None)
+            other_id = bpfsys.prog_info(other).id
+            with pytest.raises(InterfaceError) as err:
+                fp.attach("a0")
+            message = str(err.value)
+            assert "\n" not in message
+            assert f"already runs another XDP program (id {other_id}" in message
+            assert "ip link set dev a0 xdp off" in message
+            assert tx_ports(fp) == set()
+            assert program.attached(instance) == []
+
+            att = fp.attach("a0", replace=True)
+            assert att.prog_id == fp.prog_id
+    finally:
+        os.close(other)
+
+
+def test_detach_leaves_a_foreign_program_alone(instance: str, veth_ns: str) -> None:
+    other = other_xdp_program()
+    try:
+        with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+            program._xdp_set(program._ifindex("a0"), other, 4, expected_id=None)
+            fp.detach("a0")
+            assert f"prog/xdp id {bpfsys.prog_info(other).id}" in xdp_of(veth_ns, "a0")
+    finally:
+        os.close(other)
+
+
+def test_restart_replaces_its_own_program_in_place(instance: str, veth_ns: str) -> None:
+    with in_netns(veth_ns):
+        with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
+            first.attach("a0", mode="generic")
+        with program.FastPath.load(instance, sizes=TEST_SIZES) as second:
+            att = second.attach("a0")  # no replace needed: the old program was ours
+            assert (att.mode, att.prog_id) == ("generic", second.prog_id)
+            assert second.attached() == [att]
+
+
+def test_program_stays_attached_after_the_process_exits(instance: str, veth_ns: str) -> None:
+    script = (
+        "from fibsync.fastpath import program; from tests.bpf.harness import TEST_SIZES;"
+        f"fp = program.FastPath.load({instance!r}, sizes=TEST_SIZES); fp.attach('a0')"
+    )
+    root = Path(__file__).resolve().parents[2]
+    # nsenter, not `ip netns exec`: that one mounts a fresh /sys, so a bpffs
+    # mounted there would be private to the child and its pins lost with it
+    subprocess.run(["nsenter", f"--net=/run/netns/{veth_ns}", sys.executable, "-c", script],
+                   check=True, cwd=root, capture_output=True)
+    with in_netns(veth_ns):
+        (att,) = program.attached(instance)
+        assert att.ifname == "a0"
+
+        removed = program.remove(instance)
+        assert removed == [att]
+        assert program.attached(instance) == []
+    assert "prog/xdp" not in xdp_of(veth_ns, "a0")
+    assert not program.pin_dir(instance).exists()
