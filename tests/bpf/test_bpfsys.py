@@ -1,0 +1,143 @@
+"""bpfsys: the bpf(2) layer the map writer and the CLI use, on private maps."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from fibsync.errors import MapError, MapFullError
+from fibsync.fastpath import abi, bpfsys
+from fibsync.model import Prefix
+from tests.bpf.harness import TEST_SIZES, Lab
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture
+def hash_map() -> Iterator[int]:
+    fd = bpfsys.map_create(abi.MAP_HASH, 4, 8, 20000, name="t_hash")
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def lpm_map() -> Iterator[int]:
+    fd = bpfsys.map_create(abi.MAP_LPM_TRIE, 8, 8, 20000, flags=abi.BPF_F_NO_PREALLOC,
+                           name="t_lpm")
+    yield fd
+    os.close(fd)
+
+
+def u32s(values: range | list[int]) -> bytes:
+    return struct.pack(f"={len(values)}I", *values)
+
+
+def test_map_info(hash_map: int) -> None:
+    info = bpfsys.map_info(hash_map)
+    assert (info.type, info.key_size, info.value_size, info.max_entries, info.name) == (
+        abi.MAP_HASH, 4, 8, 20000, "t_hash")
+    assert info.id > 0
+
+
+def test_lookup_update_delete(hash_map: int) -> None:
+    key = struct.pack("=I", 7)
+    assert bpfsys.lookup(hash_map, key) is None
+    bpfsys.update(hash_map, key, b"abcdefgh")
+    assert bpfsys.lookup(hash_map, key) == b"abcdefgh"
+    with pytest.raises(MapError) as err:
+        bpfsys.update(hash_map, key, b"12345678", bpfsys.BPF_NOEXIST)
+    assert err.value.errno == errno.EEXIST  # type: ignore[attr-defined]
+    assert bpfsys.delete(hash_map, key) is True
+    assert bpfsys.delete(hash_map, key) is False
+
+
+def test_batch_update_and_iterate_hash(hash_map: int) -> None:
+    n = 10000
+    keys = u32s(range(n))
+    values = b"".join(struct.pack("=Q", i * 3) for i in range(n))
+    bpfsys.update_batch(hash_map, keys, values, n)
+    got = {struct.unpack("=I", k)[0]: struct.unpack("=Q", v)[0]
+           for k, v in bpfsys.iterate(hash_map, batch=1000)}
+    assert got == {i: i * 3 for i in range(n)}
+
+
+def test_batch_update_and_iterate_lpm(lpm_map: int) -> None:
+    prefixes = [Prefix.parse(f"10.{i // 256}.{i % 256}.0/24") for i in range(3000)]
+    keys = b"".join(bytes(abi.route_key(p)) for p in prefixes)
+    values = b"".join(bytes(abi.FsRoute(i, 0, 0, 0, 0)) for i in range(3000))
+    bpfsys.update_batch(lpm_map, keys, values, len(prefixes))
+    got = dict(bpfsys.iterate(lpm_map))
+    assert len(got) == 3000
+    assert got[bytes(abi.route_key(prefixes[1234]))] == bytes(abi.FsRoute(1234, 0, 0, 0, 0))
+
+
+def test_batch_delete_skips_absent_keys(hash_map: int) -> None:
+    bpfsys.update_batch(hash_map, u32s(range(10)), bytes(80), 10)
+    assert bpfsys.delete_batch(hash_map, u32s([1, 2, 99, 3, 98]), 5) == 3
+    assert sorted(struct.unpack("=I", k)[0] for k, _ in bpfsys.iterate(hash_map)) == [
+        0, 4, 5, 6, 7, 8, 9]
+
+
+def test_full_map_raises_map_full_with_progress() -> None:
+    fd = bpfsys.map_create(abi.MAP_HASH, 4, 8, 4, name="t_small")
+    try:
+        with pytest.raises(MapFullError) as err:
+            bpfsys.update_batch(fd, u32s(range(8)), bytes(64), 8)
+        assert err.value.errno == errno.E2BIG  # type: ignore[attr-defined]
+        assert "4 of 8 written" in str(err.value)
+    finally:
+        os.close(fd)
+
+
+def test_map_without_batch_support_falls_back(lab: Lab) -> None:
+    """DEVMAP_HASH has no batch update: entries go in one by one."""
+    fd = bpfsys.map_create(abi.MAP_DEVMAP_HASH, 4, 4, 8, name="t_dev")
+    try:
+        bpfsys.update_batch(fd, u32s([1]), u32s([1]), 1)  # lo exists in every namespace
+        assert list(bpfsys.iterate(fd)) == [(u32s([1]), u32s([1]))]
+        assert bpfsys.delete_batch(fd, u32s([1, 5]), 2) == 1
+    finally:
+        os.close(fd)
+
+
+def test_percpu_values_are_lists() -> None:
+    fd = bpfsys.map_create(abi.MAP_PERCPU_ARRAY, 4, 12, 2, name="t_pcpu")
+    try:
+        ncpu = bpfsys.possible_cpus()
+        values = [bytes([cpu]) * 12 for cpu in range(ncpu)]
+        bpfsys.update(fd, u32s([1]), values)
+        assert bpfsys.lookup(fd, u32s([1])) == values
+        got = dict(bpfsys.iterate(fd))
+        assert got[u32s([0])] == [bytes(12)] * ncpu
+        assert got[u32s([1])] == values
+    finally:
+        os.close(fd)
+
+
+def test_missing_pin_is_a_map_error() -> None:
+    with pytest.raises(MapError) as err:
+        bpfsys.obj_get("/sys/fs/bpf/fibsync-no-such-pin")
+    assert err.value.errno == errno.ENOENT  # type: ignore[attr-defined]
+
+
+def test_ring_buffer_survives_wrapping(lab: Lab) -> None:
+    """More events than the ring holds, drained as they come: none lost or torn."""
+    lab.nexthop(3, 1, "02:00:00:00:00:02", None, gateway="192.0.2.254")
+    lab.route("10.0.0.0/8", 3)
+    frame = bytes.fromhex(
+        "020000000001" "0200000000aa" "0800"
+        "4500001c0000000040110000" "c0000201" "0a010203" "0000000000080000")
+    total = 0
+    with bpfsys.RingBuffer(lab.fp.map_fd("neigh_miss")) as ring:
+        for _ in range(50):
+            lab.run(frame, repeat=100)
+            records = ring.drain()
+            assert len(records) == 100
+            assert {abi.FsMiss.from_buffer_copy(r).addr[:4] == [192, 0, 2, 254]
+                    for r in records} == {True}
+            total += len(records)
+    assert total * 32 > 2 * TEST_SIZES.neigh_miss_bytes  # 32 bytes a record: wrapped twice
