@@ -44,7 +44,7 @@ def populate(ns: str, count: int, v6: bool) -> None:
     if v6:
         base = int(ipaddress.IPv6Address("2001:db8:1000::"))
         lines = (
-            f"-6 route add {ipaddress.IPv6Address(base + (i << 80))}/48 via 2001:db8::2"
+            f"route add {ipaddress.IPv6Address(base + (i << 80))}/48 via 2001:db8::2"
             for i in range(count)
         )
     else:
