@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import os
 import signal
@@ -30,6 +31,7 @@ from . import log as logging
 from .config import Settings
 from .errors import ConfigError, FibsyncError, InterfaceError
 from .fastpath.maps import PinnedMaps
+from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
 from .model import Change, Snapshot
 from .rib import Filter, Rib
@@ -77,6 +79,7 @@ class Daemon:
         self.maps: PinnedMaps | None = None
         self.rib: Rib | None = None
         self.writer: MapWriter | None = None
+        self.misses: MissReader | None = None
         self.source: Any = None
         self.resolver: Any = None
         self.last_change = 0.0
@@ -99,6 +102,7 @@ class Daemon:
         self.rib = Rib(Filter(s.table, frozenset(s.protocols) or None),
                        first_id=self.maps.max_nexthop_id() + 1)
         self.writer = MapWriter(self.maps, batch=s.map_batch)
+        self.misses = MissReader(self.maps.fd("neigh_miss"))
         self.resolver = Resolver()
         self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf)
 
@@ -210,7 +214,8 @@ class Daemon:
             await asyncio.sleep(interval)
             if self._reload and self.state == "synced":
                 self._do_reload()
-            for miss in self.fastpath.poll_misses():
+            assert self.misses is not None
+            for miss in set(self.misses.drain()):
                 self.resolver.resolve(miss.ifindex, miss.family, miss.addr)
             now = time.monotonic()
             if self.notify.watchdog and now - last_ping >= self.notify.watchdog / 3:
@@ -244,6 +249,8 @@ class Daemon:
             await writer.drain()
         except (TimeoutError, OSError):
             pass
+        except Exception:
+            self.log.exception("status.failed")
         finally:
             writer.close()
 
@@ -275,6 +282,8 @@ class Daemon:
 def _public(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):
         return dict(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)  # type: ignore[arg-type]
     return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
 
 

@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from .config import PIN_ROOT, RUN_DIR
 from .errors import FibsyncError
-from .lab import Lab, pid_alive, read_pid_file, terminate, wait_until
+from .lab import Lab, Netns, pid_alive, read_pid_file, terminate, wait_until
 
 
 def fibsync_argv() -> list[str]:
@@ -29,18 +28,23 @@ def fibsync_argv() -> list[str]:
 
 
 class RouterDaemon:
-    """``fibsync run`` on a lab router, instance named after the lab."""
+    """``fibsync run`` as its own process inside a namespace (a lab's router by default)."""
 
-    def __init__(self, lab: Lab, instance: str | None = None,
-                 interfaces: list[str] | None = None, extra: list[str] | None = None) -> None:
-        self.lab = lab
-        self.instance = instance or lab.name
-        self.interfaces = interfaces if interfaces is not None else lab.router_interfaces
+    def __init__(self, ns: Netns, rundir: Path, instance: str, interfaces: list[str],
+                 extra: list[str] | None = None) -> None:
+        self.ns = ns
+        self.instance = instance
+        self.interfaces = interfaces
         self.extra = extra or []
-        self.rundir = lab.rundir
+        self.rundir = rundir
         self.pid_file = self.rundir / f"fibsync-{self.instance}.pid"
         self.log_file = self.rundir / f"fibsync-{self.instance}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def for_lab(cls, lab: Lab, extra: list[str] | None = None) -> RouterDaemon:
+        """On the lab's router, on every interface facing a host, instance named after the lab."""
+        return cls(lab.r, lab.rundir, lab.name, lab.router_interfaces, extra)
 
     @property
     def pid(self) -> int | None:
@@ -51,7 +55,7 @@ class RouterDaemon:
         if self.pid is not None:
             return
         self.rundir.mkdir(parents=True, exist_ok=True)
-        argv = self.lab.r.argv([*fibsync_argv(), "run", "--instance", self.instance,
+        argv = self.ns.argv([*fibsync_argv(), "run", "--instance", self.instance,
                                 "--log-format", "json",
                                 *[a for i in self.interfaces for a in ("-i", i)], *self.extra])
         with open(self.log_file, "ab") as log:
@@ -81,7 +85,7 @@ class RouterDaemon:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a fibsync command inside the router namespace, for this instance."""
-        return self.lab.r.run([*fibsync_argv(), *args, "--instance", self.instance], check=check)
+        return self.ns.run([*fibsync_argv(), *args, "--instance", self.instance], check=check)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -123,7 +127,7 @@ def demo(name: str = "lab") -> None:
     lab = Lab(name)
     print(f"==> building the lab {name!r}: h1 -- r (FRR) == h2 in network namespaces")
     lab.up()
-    daemon = RouterDaemon(lab)
+    daemon = RouterDaemon.for_lab(lab)
     print(f"==> starting fibsync on {lab.r} (XDP on {', '.join(lab.router_interfaces)})")
     daemon.start()
     print("==> turning kernel forwarding OFF in the router: only XDP can carry packets now")
@@ -152,8 +156,7 @@ def demo(name: str = "lab") -> None:
 
 def down(name: str = "lab") -> None:
     lab = Lab(name)
-    daemon = RouterDaemon(lab)
+    daemon = RouterDaemon.for_lab(lab)
     daemon.stop()
     lab.down()
     daemon.remove_pins()
-    time.sleep(0)

@@ -259,7 +259,9 @@ def veth(ns_a: Netns | str, if_a: str, ns_b: Netns | str, if_b: str, *,
     """A veth pair between two namespaces, created directly inside them.
 
     GRO goes on at both ends by default: XDP_REDIRECT into a veth only delivers
-    when the receiving peer runs XDP or has GRO on.
+    when the receiving peer runs XDP or has GRO on. It is switched on once both
+    ends are up: set on a veth that is down, GRO shows "on" but the veth's NAPI,
+    which XDP_REDIRECT needs, stays off (seen on 6.18: every redirect dropped).
     """
     a, b = _ns(ns_a), _ns(ns_b)
     for ifname in (if_a, if_b):
@@ -267,11 +269,13 @@ def veth(ns_a: Netns | str, if_a: str, ns_b: Netns | str, if_b: str, *,
             raise LabError(f"interface name {ifname!r} is longer than 15 characters")
     run(["ip", "link", "add", if_a, "netns", a.name, "type", "veth",
          "peer", "name", if_b, "netns", b.name])
-    for ns, ifname in ((a, if_a), (b, if_b)):
-        if gro:
-            ns.run(["ethtool", "-K", ifname, "gro", "on"])
-        if up:
+    ends = ((a, if_a), (b, if_b))
+    if up:
+        for ns, ifname in ends:
             ns.ip("link", "set", ifname, "up")
+    if gro:
+        for ns, ifname in ends:
+            ns.run(["ethtool", "-K", ifname, "gro", "on"])
 
 
 # --- FRR -------------------------------------------------------------------

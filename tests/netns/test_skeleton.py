@@ -20,7 +20,7 @@ pytestmark = pytest.mark.privileged
 
 @pytest.fixture
 def fibsync(lab: Lab) -> Iterator[RouterDaemon]:
-    daemon = RouterDaemon(lab)
+    daemon = RouterDaemon.for_lab(lab)
     try:
         daemon.start()
         yield daemon
