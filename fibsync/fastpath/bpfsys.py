@@ -461,8 +461,11 @@ def iterate(fd: int, *, batch: int = 4096) -> Iterator[tuple[bytes, bytes | list
     """
     info = map_info(fd)
     if info.type in _BATCH_LOOKUP_TYPES:
-        yield from _iterate_batch(fd, info, batch)
-        return
+        try:
+            yield from _iterate_batch(fd, info, batch)
+            return
+        except _NoBatch:
+            pass
     key: bytes | None = None
     while True:
         key = next_key(fd, key, info.key_size)
@@ -473,8 +476,12 @@ def iterate(fd: int, *, batch: int = 4096) -> Iterator[tuple[bytes, bytes | list
             yield key, value
 
 
-# HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH
-_BATCH_LOOKUP_TYPES = frozenset({1, 2, 5, 6, 9, 10})
+# HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE
+_BATCH_LOOKUP_TYPES = frozenset({1, 2, 5, 6, 9, 10, 11})
+
+
+class _NoBatch(Exception):
+    """The kernel has no batch lookup for this map (raised before any yield)."""
 
 
 def _iterate_batch(fd: int, info: MapInfo,
@@ -491,6 +498,8 @@ def _iterate_batch(fd: int, info: MapInfo,
                              keys=ctypes.addressof(keys), values=ctypes.addressof(values),
                              count=batch, map_fd=fd)
         ret = _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+        if first and ret < 0 and -ret in (_ENOTSUPP, E.EOPNOTSUPP):
+            raise _NoBatch
         if ret < 0 and -ret == E.ENOSPC and attr.count == 0:
             batch *= 2  # one hash bucket holds more entries than fit
             continue
