@@ -228,26 +228,28 @@ class NetlinkSource:
         self._pending: list[Change] = []
         self._wake = asyncio.Event()
         self._overrun: str | None = None
+        self._synced = False
 
     async def run(self, sink: Sink) -> None:
         """Mirror forever; cancel the task to stop."""
         reason = "start"
-        failures = 0
+        failures = 0  # sessions in a row that ended before the sink was in sync
         while True:
+            self._synced = False
             try:
                 await self._session(sink, reason)
             except NetlinkOverrun as exc:
                 reason = str(exc)
-                failures = 0
                 self.log.warning("netlink.overrun", reason=reason, overruns=self.stats.overruns)
             except (NetlinkError, OSError) as exc:
-                # a dump the kernel refused, or a socket that failed: start over,
-                # backing off so that a persistent failure does not spin
+                # a dump the kernel refused, or a socket that failed
                 reason = f"error: {exc}"
-                failures += 1
-                delay = min(0.05 * 2**failures, 5.0)
-                self.log.error("netlink.error", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
+                self.log.error("netlink.error", error=str(exc))
+            failures = 0 if self._synced else failures + 1
+            if failures > 1:
+                # start over at once the first time; back off when it keeps
+                # failing, so that a persistent problem does not spin
+                await asyncio.sleep(min(0.05 * 2 ** (failures - 2), 5.0))
 
     async def _session(self, sink: Sink, reason: str) -> None:
         loop = asyncio.get_running_loop()
@@ -264,6 +266,7 @@ class NetlinkSource:
             snapshot = await self._dump()
             self._check_overrun()
             sink.resync(snapshot)
+            self._synced = True
             self.stats.resyncs += 1
             self.stats.last_resync_seconds = time.monotonic() - started
             self.log.info(
