@@ -6,7 +6,8 @@ code, then times:
 
   - decode():  fibsync's struct-based decoder over the raw buffers
   - pyroute2:  MarshalRtnl().parse() (what IPRoute.get_routes() runs) over the same buffers
-  - end-to-end: NetlinkSource's whole snapshot (socket reads + decode) of the namespace
+  - end-to-end: NetlinkSource's whole snapshot (socket reads + decode) of the namespace,
+    and pyroute2's IPRoute(netns=...).route("dump") of the same routes
 
 Usage: .venv/bin/python bench/bench_decode.py [--routes 200000] [--repeat 3] [--v6]
 """
@@ -21,6 +22,7 @@ import sys
 import time
 import uuid
 
+from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from fibsync.model import AF_INET, AF_INET6, Change, Route
@@ -98,15 +100,11 @@ def time_pyroute2(chunks: list[bytes]) -> tuple[float, int]:
     return time.perf_counter() - t0, routes
 
 
-class CountingSink:
-    def __init__(self) -> None:
-        self.snapshot = None
-
-    def resync(self, snapshot):  # type: ignore[no-untyped-def]
-        self.snapshot = snapshot
-
-    def apply(self, changes):  # type: ignore[no-untyped-def]
-        pass
+def time_pyroute2_dump(ns: str, family: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    with IPRoute(netns=ns) as ipr:
+        routes = sum(1 for _ in ipr.route("dump", family=family))
+    return time.perf_counter() - t0, routes
 
 
 async def time_end_to_end(ns: str) -> tuple[float, int]:
@@ -160,6 +158,12 @@ def main() -> int:
             f"full snapshot  : {e_routes:>8} routes {e_seconds:7.3f} s "
             f"{e_routes / e_seconds:>12,.0f} routes/s   (all dumps, socket reads + decode)"
         )
+        if not args.skip_pyroute2:
+            d_seconds, d_routes = time_pyroute2_dump(ns, family)
+            print(
+                f"pyroute2 dump  : {d_routes:>8} routes {d_seconds:7.3f} s "
+                f"{d_routes / d_seconds:>12,.0f} routes/s   (IPRoute.route('dump'), one family)"
+            )
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     return 0
