@@ -302,8 +302,6 @@ class NetlinkSource:
 
     def _drain(self, sock: socket.socket) -> None:
         """Reader callback: read what the event socket holds, decode, queue."""
-        if self._overrun is not None:
-            return
         buf = self._buf
         view = memoryview(buf)
         pending = self._pending
@@ -317,14 +315,14 @@ class NetlinkSource:
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     stats.overruns += 1
-                    self._overrun = "ENOBUFS: the kernel dropped notifications"
+                    self._lost(sock, "ENOBUFS: the kernel dropped notifications")
                 else:
-                    self._overrun = f"event socket failed: {exc}"
-                self._wake.set()
+                    self._lost(sock, f"event socket failed: {exc}")
                 return
             if n > len(buf):
                 stats.undecodable += 1
-                continue
+                self._lost(sock, f"a {n}-byte notification did not fit the receive buffer")
+                return
             try:
                 for mtype, _flags, _seq, payload in decode(view[:n], on_error):
                     stats.messages += 1
@@ -333,14 +331,19 @@ class NetlinkSource:
                     elif payload is None and mtype not in HANDLED_TYPES:
                         stats.unknown += 1
             except DecodeError as exc:
-                # framing broken: the rest of this buffer is lost, and with it
-                # changes the mirror needed
+                # framing broken: the rest of this buffer, and the changes in
+                # it, are lost
                 on_error(exc)
-                self._overrun = f"undecodable event buffer: {exc}"
-                self._wake.set()
+                self._lost(sock, f"undecodable event buffer: {exc}")
                 return
         if pending:
             self._wake.set()
+
+    def _lost(self, sock: socket.socket, reason: str) -> None:
+        """Notifications were lost: stop reading, and have the session start over."""
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        self._overrun = reason
+        self._wake.set()
 
     async def _dump(self) -> Snapshot:
         snapshot = Snapshot()
@@ -364,6 +367,8 @@ class NetlinkSource:
         failure: list[BaseException] = []
 
         def on_chunk(chunk: bytes) -> bool:
+            if self._overrun is not None:
+                return True  # the session is lost anyway: do not finish the dump
             try:
                 for mtype, flags, mseq, payload in decode(chunk, on_error):
                     if mseq != seq:
