@@ -24,6 +24,18 @@ app = typer.Typer(
 lab_app = typer.Typer(no_args_is_help=True, help="A network-namespace lab with FRR (demo, tests).")
 app.add_typer(lab_app, name="lab")
 
+@app.callback()
+def _global(netns: Annotated[str | None, typer.Option(
+        "--netns", help="Run in this network namespace (/run/netns/NAME); mounts stay the host's.",
+        metavar="NAME")] = None) -> None:
+    from . import netns as ns
+
+    if netns:
+        ns.enter(netns)
+    else:
+        ns.refuse_private_sysfs()
+
+
 Instance = Annotated[str, typer.Option("--instance", help="Daemon instance name.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 

@@ -91,7 +91,7 @@ class Daemon:
 
     async def run(self) -> None:
         from .fastpath.program import FastPath
-        from .netlink.resolver import Resolver
+        from .netlink.resolver import NeighbourResolver
         from .netlink.source import NetlinkSource
 
         s = self.settings
@@ -103,7 +103,7 @@ class Daemon:
                        first_id=self.maps.max_nexthop_id() + 1)
         self.writer = MapWriter(self.maps, batch=s.map_batch)
         self.misses = MissReader(self.maps.fd("neigh_miss"))
-        self.resolver = Resolver()
+        self.resolver = NeighbourResolver()
         self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf)
 
         loop = asyncio.get_running_loop()
@@ -162,7 +162,7 @@ class Daemon:
             self.writer.write(diff)
             self.last_write = time.time()
         for ifindex, family, addr in diff.resolve:
-            self.resolver.resolve(ifindex, family, addr)
+            self.resolver.request(ifindex, family, addr)
 
     # ---------------------------------------------------------- interfaces
 
@@ -216,7 +216,7 @@ class Daemon:
                 self._do_reload()
             assert self.misses is not None
             for miss in set(self.misses.drain()):
-                self.resolver.resolve(miss.ifindex, miss.family, miss.addr)
+                self.resolver.request(miss.ifindex, miss.family, miss.addr)
             now = time.monotonic()
             if self.notify.watchdog and now - last_ping >= self.notify.watchdog / 3:
                 self.notify.send("WATCHDOG=1")

@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import PIN_ROOT, RUN_DIR
 from .errors import FibsyncError
-from .lab import Lab, Netns, pid_alive, read_pid_file, terminate, wait_until
+from .lab import Lab, Netns, pid_alive, read_pid_file, run, terminate, wait_until
 
 
 def fibsync_argv() -> list[str]:
@@ -55,9 +55,9 @@ class RouterDaemon:
         if self.pid is not None:
             return
         self.rundir.mkdir(parents=True, exist_ok=True)
-        argv = self.ns.argv([*fibsync_argv(), "run", "--instance", self.instance,
-                                "--log-format", "json",
-                                *[a for i in self.interfaces for a in ("-i", i)], *self.extra])
+        argv = [*fibsync_argv(), "--netns", self.ns.name, "run", "--instance", self.instance,
+                "--log-format", "json", *[a for i in self.interfaces for a in ("-i", i)],
+                *self.extra]
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -85,7 +85,8 @@ class RouterDaemon:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a fibsync command inside the router namespace, for this instance."""
-        return self.ns.run([*fibsync_argv(), *args, "--instance", self.instance], check=check)
+        return run([*fibsync_argv(), "--netns", self.ns.name, *args, "--instance", self.instance],
+                   check=check)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -145,9 +146,9 @@ def demo(name: str = "lab") -> None:
     print("==> fibsync routes")
     print(daemon.cli("routes", check=False).stdout)
     print(f"""==> the lab stays up. Explore it:
-    ip netns exec {lab.r} fibsync status --instance {name}
-    ip netns exec {lab.r} fibsync routes --instance {name}
-    ip netns exec {lab.r} fibsync lookup {dst4} --instance {name}
+    fibsync --netns {lab.r} status --instance {name}
+    fibsync --netns {lab.r} routes --instance {name}
+    fibsync --netns {lab.r} lookup {dst4} --instance {name}
     ip netns exec {lab.h1} ping -I {src4} {dst4}
     ip netns exec {lab.r} vtysh --vty_socket {lab.rundir}/frr  (FRR's shell)
     daemon log: {daemon.log_file}
