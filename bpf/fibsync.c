@@ -442,8 +442,9 @@ static __always_inline __u32 fs_ipv4(struct fs_pkt *p, struct fs_cursor *c)
 	/* 224/4 and limited broadcast; link-layer multicast was caught already */
 	if ((((__u8 *)&iph->daddr)[0] & 0xf0) == 0xe0 || iph->daddr == 0xffffffff)
 		return FS_PASS(PASS_MULTICAST);
+	/* martians the kernel would drop: let it count them */
 	if (fs_ipv4_martian(iph->saddr) || fs_ipv4_martian(iph->daddr) ||
-	    (((__u8 *)&iph->saddr)[0] & 0xf0) == 0xe0)
+	    (((__u8 *)&iph->saddr)[0] & 0xf0) == 0xe0 || iph->saddr == 0xffffffff)
 		return FS_PASS(PASS_MALFORMED);
 
 	p->proto = iph->protocol;
@@ -468,6 +469,13 @@ static __always_inline __u32 fs_ipv4(struct fs_pkt *p, struct fs_cursor *c)
 	return fs_fib_v4(p, iph);
 }
 
+static __always_inline int fs_ipv6_martian(const __u32 *a)
+{
+	if (a[0] | a[1])
+		return 0;
+	return (a[2] == 0 && a[3] == bpf_htonl(1)) || a[2] == bpf_htonl(0xffff);
+}
+
 static __always_inline __u32 fs_ipv6(struct fs_pkt *p, struct fs_cursor *c)
 {
 	struct ipv6hdr *ip6h = fs_parse_ipv6(c);
@@ -488,7 +496,8 @@ static __always_inline __u32 fs_ipv6(struct fs_pkt *p, struct fs_cursor *c)
 	/* fe80::/10 either way: the kernel answers "beyond scope" */
 	if ((d[0] == 0xfe && (d[1] & 0xc0) == 0x80) || (s[0] == 0xfe && (s[1] & 0xc0) == 0x80))
 		return FS_PASS(PASS_LOCAL);
-	if (s[0] == 0xff)
+	/* martians ipv6_rcv() drops: multicast source, loopback, v4-mapped */
+	if (s[0] == 0xff || fs_ipv6_martian((__u32 *)s) || fs_ipv6_martian((__u32 *)d))
 		return FS_PASS(PASS_MALFORMED);
 	if (ip6h->nexthdr == IPPROTO_HOPOPTS)
 		return FS_PASS(PASS_IP_OPTIONS);
@@ -531,7 +540,8 @@ static __always_inline __u32 fs_process(struct xdp_md *ctx, void *data, void *da
 		/* Egress tagging is not implemented: the kernel forwards VLANs. */
 		if (!fs_parse_vlan(&c, &proto))
 			return FS_PASS(PASS_MALFORMED);
-		if (proto == bpf_htons(ETH_P_IP) || proto == bpf_htons(ETH_P_IPV6))
+		if (proto == bpf_htons(ETH_P_IP) || proto == bpf_htons(ETH_P_IPV6) ||
+		    fs_is_vlan(proto))
 			return FS_PASS(PASS_VLAN);
 		return FS_PASS(PASS_NOT_IP);
 	}

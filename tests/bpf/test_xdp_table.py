@@ -108,6 +108,12 @@ def _ipv4_total_length_beyond_frame() -> Packet:
     return v4(len=200)
 
 
+def _ipv6_payload_beyond_frame() -> Packet:
+    pkt = v6()
+    pkt[IPv6].plen = 500
+    return pkt
+
+
 def _broadcast_frame() -> Packet:
     pkt = v4()
     pkt[Ether].dst = "ff:ff:ff:ff:ff:ff"
@@ -182,6 +188,9 @@ CASES = [
     Case("VLAN-tagged IPv4 goes to the kernel",
          Ether(src=CLIENT, dst=ROUTER) / Dot1Q(vlan=10) / IP(src="192.0.2.1", dst="10.1.2.3")
          / UDP(), basic, XDP_PASS, Reason.PASS_VLAN),
+    Case("double-tagged (QinQ) frame goes to the kernel",
+         Ether(src=CLIENT, dst=ROUTER, type=0x88A8) / Dot1Q(vlan=100) / Dot1Q(vlan=10)
+         / IP(src="192.0.2.1", dst="10.1.2.3") / UDP(), basic, XDP_PASS, Reason.PASS_VLAN),
     Case("VLAN-tagged ARP is not IP",
          Ether(src=CLIENT, dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=10) / ARP(pdst="10.1.2.3"),
          basic, XDP_PASS, Reason.PASS_NOT_IP),
@@ -198,7 +207,17 @@ CASES = [
     Case("IPv6 link-local destination", v6(dst="fe80::1"), basic, XDP_PASS, Reason.PASS_LOCAL),
     Case("IPv6 link-local source", v6(src="fe80::1"), basic, XDP_PASS, Reason.PASS_LOCAL),
     Case("martian IPv4 source", v4(src="127.0.0.1"), basic, XDP_PASS, Reason.PASS_MALFORMED),
+    Case("limited-broadcast IPv4 source", v4(src="255.255.255.255"), basic, XDP_PASS,
+         Reason.PASS_MALFORMED),
+    Case("multicast IPv4 source", v4(src="224.0.0.5"), basic, XDP_PASS, Reason.PASS_MALFORMED),
+    Case("IPv4 destination in 0/8", v4(dst="0.1.2.3"), basic, XDP_PASS, Reason.PASS_MALFORMED),
+    Case("IPv6 loopback destination", v6(dst="::1"), basic, XDP_PASS, Reason.PASS_MALFORMED),
+    Case("IPv6 v4-mapped source", v6(src="::ffff:192.0.2.1"), basic, XDP_PASS,
+         Reason.PASS_MALFORMED),
+    Case("IPv6 multicast source", v6(src="ff02::1"), basic, XDP_PASS, Reason.PASS_MALFORMED),
     Case("IPv4 total length beyond the frame", _ipv4_total_length_beyond_frame(), basic,
+         XDP_PASS, Reason.PASS_MALFORMED),
+    Case("IPv6 payload length beyond the frame", _ipv6_payload_beyond_frame(), basic,
          XDP_PASS, Reason.PASS_MALFORMED),
     Case("egress not in tx_ports: untouched, to the kernel", v4(dst="10.8.0.1"),
          then(basic, lambda lab: lab.nexthop(8, 4242, NH_SMAC, NH_DMAC),
