@@ -165,8 +165,8 @@ _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
 
-_ADDR_LEN = {AF_INET: 4, AF_INET6: 16}
-_ZERO = {AF_INET: bytes(4), AF_INET6: bytes(16)}
+_ADDR_LEN: dict[int, int] = {AF_INET: 4, AF_INET6: 16}
+_ZERO: dict[int, bytes] = {AF_INET: bytes(4), AF_INET6: bytes(16)}
 _ROUTE_TYPES = tuple(RouteType(t) for t in range(len(RouteType)))
 
 Message = tuple[int, int, int, "Change | int | None"]

@@ -35,7 +35,8 @@ import structlog
 
 from fibsync.errors import DecodeError
 from fibsync.model import (
-    ADDR_LEN,
+    AF_INET,
+    AF_INET6,
     NUD_DELAY,
     NUD_NOARP,
     NUD_PERMANENT,
@@ -49,6 +50,7 @@ from fibsync.netlink.source import open_socket, request
 _LEAVE_ALONE = NUD_PERMANENT | NUD_NOARP
 _IN_PROGRESS = NUD_REACHABLE | NUD_DELAY | NUD_PROBE
 _RATE_TABLE_MAX = 65536
+_ADDR_LEN: dict[int, int] = {AF_INET: 4, AF_INET6: 16}
 
 
 class Outcome(Enum):
@@ -97,7 +99,7 @@ class NeighbourResolver:
         task.add_done_callback(self._tasks.discard)
 
     async def resolve(self, ifindex: int, family: int, address: bytes) -> Outcome:
-        if ADDR_LEN.get(family) != len(address):
+        if _ADDR_LEN.get(family) != len(address):
             return self._error(f"family {family} with a {len(address)}-byte address")
         key = (ifindex, family, address)
         now = time.monotonic()

@@ -176,9 +176,14 @@ def dump_requests() -> list[tuple[str, bytes]]:
 
 
 async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready = loop.create_future()
+    ready: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:
@@ -327,7 +332,7 @@ class NetlinkSource:
                 for mtype, _flags, _seq, payload in decode(view[:n], on_error):
                     stats.messages += 1
                     if payload.__class__ is Change:
-                        pending.append(payload)  # type: ignore[arg-type]
+                        pending.append(payload)
                     elif payload is None and mtype not in HANDLED_TYPES:
                         stats.unknown += 1
             except DecodeError as exc:
@@ -378,7 +383,7 @@ class NetlinkSource:
                         failure.append(NetlinkOverrun(f"{what} dump interrupted (NLM_F_DUMP_INTR)"))
                         return True
                     if payload.__class__ is Change:
-                        append(payload.obj)  # type: ignore[union-attr]
+                        append(payload.obj)
                     elif mtype == nl.NLMSG_DONE or mtype == nl.NLMSG_ERROR:
                         if payload == errno.EOPNOTSUPP and what == "nexthops":
                             return True  # a kernel without nexthop objects has none

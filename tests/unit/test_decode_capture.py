@@ -12,6 +12,7 @@ Regenerate them after changing the scenario:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import socket
@@ -19,6 +20,7 @@ import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,7 +110,7 @@ class Scenario:
         name: str,
         messages: list[bytes],
         mtype: int,
-        match: Callable[[object], bool],
+        match: Callable[[Any], bool],
         how: str,
     ) -> None:
         for message in messages:
@@ -121,7 +123,16 @@ class Scenario:
         raise AssertionError(f"{name}: no matching message among {len(messages)}")
 
 
-def prefix_is(text: str) -> Callable[[object], bool]:
+def address_is(text: str) -> Callable[[Any], bool]:
+    wanted = ipaddress.ip_address(text).packed
+    return lambda obj: getattr(obj, "address", None) == wanted
+
+
+def id_is(nh_id: int) -> Callable[[Any], bool]:
+    return lambda obj: getattr(obj, "id", None) == nh_id
+
+
+def prefix_is(text: str) -> Callable[[Any], bool]:
     wanted = Prefix.parse(text)
     return lambda obj: getattr(obj, "prefix", None) == wanted
 
@@ -197,7 +208,7 @@ def run_scenario(s: Scenario) -> None:
             name,
             s.dump(nl.RTM_GETNEIGH, struct.pack("=BxxxiHBB", family, 0, 0, 0, 0)),
             nl.RTM_NEWNEIGH,
-            lambda o, a=addr: socket.inet_ntop(o.family, o.address) == a,
+            address_is(addr),
             f"RTM_GETNEIGH dump, ip neigh add {addr} lladdr 02:00:00:00:00:02 dev v0 nud permanent",
         )
 
@@ -213,7 +224,7 @@ def run_scenario(s: Scenario) -> None:
             "ip nexthop add id 1030 encap seg6 mode encap segs 2001:db8::9 dev v0",
         ),
     ):
-        s.keep(name, nexthops, nl.RTM_NEWNEXTHOP, lambda o, i=nh_id: o.id == i, f"dump, {how}")
+        s.keep(name, nexthops, nl.RTM_NEWNEXTHOP, id_is(nh_id), f"dump, {how}")
     fdb = [m for m in nexthops if len(m) >= 32 and struct.unpack_from("=HHI", m, 24)[2] == 1020]
     s.captured["nexthop_fdb"] = (
         fdb[0],
