@@ -42,6 +42,13 @@
  */
 #define FS_GROUP_BUCKETS 128
 
+/*
+ * Members of a group with their kernel weights, kept for user space only
+ * (`fibsync routes` shows the weights exactly; buckets only approximate them).
+ * The XDP program never reads them.
+ */
+#define FS_GROUP_MEMBERS 64
+
 /* fs_route.action */
 #define FS_ACT_FORWARD 0
 #define FS_ACT_DROP 1
@@ -127,6 +134,9 @@ struct fs_nexthop {
 struct fs_group {
 	__u32 nbuckets;
 	__u32 buckets[FS_GROUP_BUCKETS];
+	__u32 nmembers;
+	__u32 member_ids[FS_GROUP_MEMBERS];
+	__u32 member_weights[FS_GROUP_MEMBERS];
 };
 
 struct fs_neigh_key {

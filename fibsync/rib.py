@@ -77,6 +77,14 @@ class FpNexthop:
 
 
 @dataclass(frozen=True, slots=True)
+class FpGroup:
+    """ECMP buckets (nexthop ids by weight) and the members with their kernel weights."""
+
+    buckets: tuple[int, ...]
+    members: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FpRoute:
     action: Action
     nh_id: int = 0
@@ -89,7 +97,7 @@ class FastPathDiff:
     """What the maps must change, coalesced: None means delete."""
 
     nexthops: dict[int, FpNexthop | None] = field(default_factory=dict)
-    groups: dict[int, tuple[int, ...] | None] = field(default_factory=dict)
+    groups: dict[int, FpGroup | None] = field(default_factory=dict)
     routes: dict[Prefix, FpRoute | None] = field(default_factory=dict)
     neighbours: dict[tuple[int, int, bytes], bytes | None] = field(default_factory=dict)
     resolve: set[tuple[int, int, bytes]] = field(default_factory=set)
@@ -147,7 +155,7 @@ class Rib:
         self._inline: dict[tuple[Nexthop, ...], list[int]] = {}
         # fast-path nexthops as written, and what they hang on
         self._fp_nexthops: dict[int, FpNexthop] = {}
-        self._fp_groups: dict[int, tuple[int, ...]] = {}
+        self._fp_groups: dict[int, FpGroup] = {}
         self._fp_nh_source: dict[int, tuple[int, int, bytes | None]] = {}
         self._nh_by_neigh: dict[tuple[int, int, bytes], set[int]] = defaultdict(set)
         self._nh_by_link: dict[int, set[int]] = defaultdict(set)
@@ -560,14 +568,16 @@ class Rib:
         # like the kernel, spread over the paths that can carry traffic
         live = [(m, w) for m, w in members
                 if (nh := self._fp_nexthops.get(m)) is not None and nh.resolved]
-        buckets = weighted_buckets(live or [(m, w) for m, w in members if m in self._fp_nexthops])
+        known = [(m, w) for m, w in members if m in self._fp_nexthops]
+        buckets = weighted_buckets(live or known)
         if not buckets:
             if self._fp_groups.pop(gid, None) is not None:
                 self.diff.groups[gid] = None
             return
-        if self._fp_groups.get(gid) != buckets:
-            self._fp_groups[gid] = buckets
-            self.diff.groups[gid] = buckets
+        group = FpGroup(buckets, tuple(known))
+        if self._fp_groups.get(gid) != group:
+            self._fp_groups[gid] = group
+            self.diff.groups[gid] = group
 
     def _del_group(self, gid: int) -> None:
         for mid, _ in self._group_members.pop(gid, ()):
@@ -698,5 +708,5 @@ def _dead(n: Nexthop) -> Nexthop:
     return replace(n, flags=n.flags | RTNH_F_DEAD)
 
 
-__all__ = ["AF_INET6", "Action", "FastPathDiff", "Filter", "FpNexthop", "FpRoute", "Rib",
+__all__ = ["AF_INET6", "Action", "FastPathDiff", "Filter", "FpGroup", "FpNexthop", "FpRoute", "Rib",
            "weighted_buckets"]

@@ -24,6 +24,7 @@ FS_MAX_TX_PORTS = 1024
 FS_NEIGH_MISS_BYTES = 262144
 
 FS_GROUP_BUCKETS = 128
+FS_GROUP_MEMBERS = 64
 
 FS_ACT_FORWARD = 0
 FS_ACT_DROP = 1
@@ -109,6 +110,9 @@ class FsGroup(ctypes.Structure):
     _fields_ = [
         ("nbuckets", ctypes.c_uint32),
         ("buckets", ctypes.c_uint32 * FS_GROUP_BUCKETS),
+        ("nmembers", ctypes.c_uint32),
+        ("member_ids", ctypes.c_uint32 * FS_GROUP_MEMBERS),
+        ("member_weights", ctypes.c_uint32 * FS_GROUP_MEMBERS),
     ]
 
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from collections import Counter
 from collections.abc import Iterator
-from functools import reduce
-from math import gcd
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,8 @@ from ..model import AF_INET, AF_INET6
 from . import abi, bpfsys
 from .writer import (
     GROUP,
+    GROUP_BUCKETS,
+    GROUP_MEMBERS,
     NEIGH,
     NEIGH_KEY,
     NEXTHOP,
@@ -126,11 +125,16 @@ def _nexthops(maps: MapSet) -> dict[int, tuple[Any, ...]]:
     return {U32.unpack(k)[0]: NEXTHOP.unpack(v[:NEXTHOP.size]) for k, v in maps.items("nexthops")}
 
 
-def _groups(maps: MapSet) -> dict[int, tuple[int, ...]]:
+def _groups(maps: MapSet) -> dict[int, list[tuple[int, int]]]:
+    """group id -> [(member nexthop id, kernel weight)]"""
     out = {}
     for k, v in maps.items("groups"):
         fields = GROUP.unpack(v[:GROUP.size])
-        out[U32.unpack(k)[0]] = fields[1:1 + fields[0]]
+        n = fields[GROUP_BUCKETS + 1]
+        ids = fields[GROUP_BUCKETS + 2:GROUP_BUCKETS + 2 + n]
+        base = GROUP_BUCKETS + 2 + GROUP_MEMBERS
+        weights = fields[base:base + n]
+        out[U32.unpack(k)[0]] = list(zip(ids, weights, strict=True))
     return out
 
 
@@ -152,7 +156,7 @@ def read_routes(maps: MapSet) -> list[dict[str, Any]]:
 
 
 def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
-               nexthops: dict[int, tuple[Any, ...]], groups: dict[int, tuple[int, ...]],
+               nexthops: dict[int, tuple[Any, ...]], groups: dict[int, list[tuple[int, int]]],
                names: dict[int, str]) -> dict[str, Any]:
     nh_id, action, flags, reason, _ = ROUTE.unpack(value[:ROUTE.size])
     doc: dict[str, Any] = {
@@ -165,10 +169,7 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
     if action != 0:
         return doc
     if flags & ROUTE_GROUP:
-        buckets = groups.get(nh_id, ())
-        shares = Counter(buckets)
-        unit = reduce(gcd, shares.values()) if shares else 1
-        members = [(m, shares[m] // unit) for m in dict.fromkeys(buckets)]
+        members = groups.get(nh_id, [])
         doc["group"] = nh_id
     else:
         members = [(nh_id, 1)]

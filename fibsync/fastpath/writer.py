@@ -20,7 +20,7 @@ from typing import Protocol
 
 from ..errors import MapError, MapFullError
 from ..model import AF_INET, AF_INET6, Prefix
-from ..rib import GROUP_BUCKETS, FastPathDiff, FpNexthop, FpRoute, Rib
+from ..rib import GROUP_BUCKETS, FastPathDiff, FpGroup, FpNexthop, FpRoute, Rib
 from . import abi
 
 # layouts of bpf/fibsync.h (checked against abi's ctypes twins by tests/unit/test_writer.py)
@@ -28,7 +28,8 @@ V4_KEY = struct.Struct("=I4s")
 V6_KEY = struct.Struct("=I16s")
 ROUTE = struct.Struct("=IBBBB")
 NEXTHOP = struct.Struct("=IHBB6s6s16s")
-GROUP = struct.Struct(f"=I{GROUP_BUCKETS}I")
+GROUP_MEMBERS = 64
+GROUP = struct.Struct(f"=I{GROUP_BUCKETS}II{GROUP_MEMBERS}I{GROUP_MEMBERS}I")
 NEIGH_KEY = struct.Struct("=II16s")
 NEIGH = struct.Struct("=6sH")
 U32 = struct.Struct("=I")
@@ -97,9 +98,12 @@ def encode_nexthop(nh: FpNexthop) -> bytes:
     return NEXTHOP.pack(nh.ifindex, nh.mtu, flags, nh.family, nh.smac, nh.dmac, nh.gateway)
 
 
-def encode_group(buckets: tuple[int, ...]) -> bytes:
-    padded = list(buckets) + [0] * (GROUP_BUCKETS - len(buckets))
-    return GROUP.pack(len(buckets), *padded)
+def encode_group(group: FpGroup) -> bytes:
+    buckets = list(group.buckets) + [0] * (GROUP_BUCKETS - len(group.buckets))
+    members = group.members[:GROUP_MEMBERS]
+    pad = [0] * (GROUP_MEMBERS - len(members))
+    return GROUP.pack(len(group.buckets), *buckets, len(members),
+                      *[m for m, _ in members], *pad, *[w for _, w in members], *pad)
 
 
 def neigh_key(key: tuple[int, int, bytes]) -> bytes:

@@ -118,7 +118,7 @@ def test_struct_layout_matches(name: str) -> None:
 def test_contract_sizes() -> None:
     """The sizes other parts of fibsync were promised."""
     assert {n: ctypes.sizeof(t) for n, t in abi.STRUCTS.items()} == {
-        "fs_v4_key": 8, "fs_v6_key": 20, "fs_route": 8, "fs_nexthop": 36, "fs_group": 516,
+        "fs_v4_key": 8, "fs_v6_key": 20, "fs_route": 8, "fs_nexthop": 36, "fs_group": 1032,
         "fs_neigh_key": 24, "fs_neigh": 8, "fs_counter": 16, "fs_config": 16, "fs_miss": 24,
     }
 
