@@ -42,24 +42,34 @@ def header_reasons() -> list[tuple[str, int, str]]:
 
 
 def header_structs() -> dict[str, list[tuple[str, str, int]]]:
-    """struct name -> [(field, C type, array length or 0)]"""
+    """struct name -> [(field, C type, array length or 0)], in header order.
+
+    A C type is ``__uN`` or ``struct NAME`` of a struct defined above it.
+    """
     consts = header_constants()
     structs = {}
     for name, body in re.findall(r"struct\s+(\w+)\s*\{(.*?)\};", _source(), flags=re.S):
         fields = []
         for line in body.strip().splitlines():
-            m = re.fullmatch(r"\s*(__u\d+)\s+(\w+)(?:\[(\w+)\])?;\s*", line)
+            m = re.fullmatch(r"\s*(__u\d+|struct\s+\w+)\s+(\w+)(?:\[(\w+)\])?;\s*", line)
             assert m, f"struct {name}: cannot parse {line!r}"
             size = m.group(3)
             count = 0 if size is None else int(size) if size.isdigit() else consts[size]
-            fields.append((m.group(2), m.group(1), count))
+            fields.append((m.group(2), " ".join(m.group(1).split()), count))
         structs[name] = fields
     return structs
 
 
-def _c_layout(fields: list[tuple[str, str, int]]) -> type[ctypes.Structure]:
-    spec = [(f, _CTYPES[t] * n if n else _CTYPES[t]) for f, t, n in fields]
-    return type("C", (ctypes.Structure,), {"_fields_": spec})
+def c_layouts() -> dict[str, type[ctypes.Structure]]:
+    """Every header struct as ctypes lays it out, from the parsed fields alone."""
+    layouts: dict[str, type[ctypes.Structure]] = {}
+    for name, fields in header_structs().items():
+        spec = []
+        for field, ctype, count in fields:
+            base = layouts[ctype.split()[1]] if ctype.startswith("struct ") else _CTYPES[ctype]
+            spec.append((field, base * count if count else base))
+        layouts[name] = type(name, (ctypes.Structure,), {"_fields_": spec})
+    return layouts
 
 
 def test_reason_table_matches() -> None:
@@ -105,7 +115,7 @@ def test_every_struct_has_a_twin() -> None:
 @pytest.mark.parametrize("name", sorted(abi.STRUCTS))
 def test_struct_layout_matches(name: str) -> None:
     c_fields = header_structs()[name]
-    c_struct = _c_layout(c_fields)
+    c_struct = c_layouts()[name]
     twin = abi.STRUCTS[name]
     assert [f[0] for f in twin._fields_] == [f for f, _, _ in c_fields]
     for field, _, _ in c_fields:
@@ -115,12 +125,41 @@ def test_struct_layout_matches(name: str) -> None:
     assert ctypes.alignment(twin) == ctypes.alignment(c_struct)
 
 
-def test_contract_sizes() -> None:
-    """The sizes other parts of fibsync were promised."""
-    assert {n: ctypes.sizeof(t) for n, t in abi.STRUCTS.items()} == {
-        "fs_v4_key": 8, "fs_v6_key": 20, "fs_route": 8, "fs_nexthop": 36, "fs_group": 1032,
-        "fs_neigh_key": 24, "fs_neigh": 8, "fs_counter": 16, "fs_config": 16, "fs_miss": 24,
-    }
+# The layouts other parts of fibsync were promised: (field, offset, size).
+# Structs may grow at the end, never change in front.
+CONTRACT = {
+    "fs_v4_key": [("prefixlen", 0, 4), ("addr", 4, 4)],
+    "fs_v6_key": [("prefixlen", 0, 4), ("addr", 4, 16)],
+    "fs_route": [("nh_id", 0, 4), ("action", 4, 1), ("flags", 5, 1), ("reason", 6, 1),
+                 ("pad", 7, 1)],
+    "fs_nexthop": [("ifindex", 0, 4), ("mtu", 4, 2), ("flags", 6, 1), ("family", 7, 1),
+                   ("smac", 8, 6), ("dmac", 14, 6), ("gateway", 20, 16)],
+    "fs_group": [("nbuckets", 0, 4), ("buckets", 4, 512)],
+    "fs_neigh_key": [("ifindex", 0, 4), ("family", 4, 4), ("addr", 8, 16)],
+    "fs_neigh": [("mac", 0, 6), ("pad", 6, 2)],
+    "fs_counter": [("packets", 0, 8), ("bytes", 8, 8)],
+    "fs_config": [("hash_policy_v4", 0, 4), ("hash_policy_v6", 4, 4), ("flags", 8, 4),
+                  ("pad", 12, 4)],
+    "fs_miss": [("ifindex", 0, 4), ("family", 4, 4), ("addr", 8, 16)],
+}
+# Keys are exact: a longer key changes what a lookup matches on.
+EXACT_SIZES = {"fs_v4_key": 8, "fs_v6_key": 20, "fs_neigh_key": 24}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_contract_layout(name: str) -> None:
+    twin = abi.STRUCTS[name]
+    for field, offset, size in CONTRACT[name]:
+        assert (getattr(twin, field).offset, getattr(twin, field).size) == (offset, size), field
+    _, last_offset, last_size = CONTRACT[name][-1]
+    assert ctypes.sizeof(twin) >= last_offset + last_size
+    if name in EXACT_SIZES:
+        assert ctypes.sizeof(twin) == EXACT_SIZES[name]
+
+
+def test_group_size_as_committed() -> None:
+    """fs_group grew by member ids and weights for user space (8611928)."""
+    assert ctypes.sizeof(abi.FsGroup) == 1032
 
 
 def test_map_specs_use_the_struct_sizes() -> None:
