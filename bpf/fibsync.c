@@ -298,10 +298,7 @@ static __always_inline struct fs_config *fs_config_get(void)
 	return config.lookup(&zero);
 }
 
-/*
- * Route -> egress. Returns 0 with *eg filled to forward, FS_FALLBACK to ask
- * bpf_fib_lookup, or a verdict.
- */
+/* Not a verdict: "let bpf_fib_lookup decide" (no action is 0xffffff). */
 #define FS_FALLBACK 0xffffffff
 #define FS_RESOLVED 0
 
@@ -341,6 +338,10 @@ static __always_inline __u32 fs_hash_flow(struct fs_pkt *p, void *l3)
 	return fs_hash_final(h);
 }
 
+/*
+ * A FORWARD route's egress: FS_RESOLVED with *eg filled, or FS_FALLBACK when
+ * the fast path's tables cannot say (missing entry, unresolved neighbour).
+ */
 static __always_inline __u32 fs_route_egress(struct fs_pkt *p, void *l3, const void *daddr,
 					     struct fs_route *r, struct fs_egress *eg)
 {
