@@ -103,23 +103,24 @@ class Churn:
     def step(self) -> list[str]:
         r = self.rng.random()
         v6 = self.rng.random() < 0.4
-        fam = "-6 " if v6 else ""
+        # `ip -batch` lines take no options (a "-6" would fail the line): the prefix's
+        # family selects IPv6
         prefixes = self.v6_prefixes if v6 else self.v4_prefixes
         prefix = self.rng.choice(prefixes)
         if r < 0.40:
-            return [f"{fam}route replace {prefix}{self._table()}{self._metric(v6)} "
+            return [f"route replace {prefix}{self._table()}{self._metric(v6)} "
                     f"{self._target(v6)}"]
         if r < 0.47:
             kind = self.rng.choice(["blackhole", "unreachable", "prohibit"])
-            return [f"{fam}route replace {kind} {prefix}{self._table()}{self._metric(v6)}"]
+            return [f"route replace {kind} {prefix}{self._table()}{self._metric(v6)}"]
         if r < 0.60:
-            return [f"{fam}route del {prefix}{self._table()}{self._metric(v6)}"]
+            return [f"route del {prefix}{self._table()}{self._metric(v6)}"]
         if r < 0.64 and v6:
             addr, dev = self._gw6()
-            return [f"-6 route append {prefix}{self._metric(v6)} via {addr} dev {dev}"]
+            return [f"route append {prefix}{self._metric(v6)} via {addr} dev {dev}"]
         if r < 0.66 and v6:
             addr, dev = self._gw6()
-            return [f"-6 route del {prefix}{self._metric(v6)} via {addr} dev {dev}"]
+            return [f"route del {prefix}{self._metric(v6)} via {addr} dev {dev}"]
         if r < 0.74:
             nid = self._nh_single()
             if self.rng.random() < 0.1:
