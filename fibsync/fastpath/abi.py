@@ -12,7 +12,7 @@ import ctypes
 from dataclasses import dataclass
 from enum import IntEnum
 
-from fibsync.model import ADDR_LEN, AF_INET, Prefix
+from fibsync.model import AF_INET, AF_INET6, Prefix
 
 # Map sizes: the header's defaults (each overridable with -D, see Sizes).
 FS_MAX_ROUTES_V4 = 2097152
@@ -234,7 +234,7 @@ MAP_NAMES = tuple(spec.name for spec in map_specs(Sizes()))
 
 
 def _addr(family: int, addr: bytes) -> bytes:
-    if len(addr) != ADDR_LEN[family]:
+    if (family, len(addr)) not in ((AF_INET, 4), (AF_INET6, 16)):
         raise ValueError(f"address of {len(addr)} bytes for family {family}")
     return addr
 

@@ -14,6 +14,7 @@ import pytest
 
 from fibsync.fastpath import abi
 from fibsync.fastpath.program import bpf_source_dir
+from fibsync.model import AF_INET, Prefix
 
 HEADER = bpf_source_dir() / "fibsync.h"
 
@@ -173,10 +174,8 @@ def test_map_specs_use_the_struct_sizes() -> None:
 
 
 def test_route_key_packs_prefix() -> None:
-    from fibsync.model import Prefix
-
     assert bytes(abi.route_key(Prefix.parse("10.1.0.0/16"))) == \
         (16).to_bytes(4, "little") + bytes([10, 1, 0, 0])
-    key = abi.neigh_key(7, abi.AF_INET, bytes([192, 0, 2, 1]))
+    key = abi.neigh_key(7, AF_INET, bytes([192, 0, 2, 1]))
     assert bytes(key) == (7).to_bytes(4, "little") + (2).to_bytes(4, "little") + \
         bytes([192, 0, 2, 1]) + bytes(12)

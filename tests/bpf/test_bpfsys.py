@@ -61,7 +61,7 @@ def test_batch_update_and_iterate_hash(hash_map: int) -> None:
     values = b"".join(struct.pack("=Q", i * 3) for i in range(n))
     bpfsys.update_batch(hash_map, keys, values, n)
     got = {struct.unpack("=I", k)[0]: struct.unpack("=Q", v)[0]
-           for k, v in bpfsys.iterate(hash_map, batch=1000)}
+           for k, v in bpfsys.iterate(hash_map, batch=1000) if isinstance(v, bytes)}
     assert got == {i: i * 3 for i in range(n)}
 
 

@@ -19,7 +19,7 @@ from tests.bpf.harness import XDP_REDIRECT, Lab
 def full_checksum(header: bytes) -> int:
     """RFC 1071 over the header with its checksum field taken as zero."""
     words = struct.unpack("!10H", header[:10] + b"\0\0" + header[12:20])
-    total = sum(words)
+    total: int = sum(words)
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
