@@ -170,7 +170,8 @@ class FastPath:
                 raise InterfaceError(
                     f"{ifname} already runs another XDP program (id {prog_id}"
                     f"{', ' + name if name else ''}, {cur_mode}); remove it with "
-                    f"`ip link set dev {ifname} xdp off` or attach with replace"
+                    f"`ip link set dev {ifname} xdp off` or let fibsync replace it "
+                    "(--replace-xdp)"
                 )
         if mode == "auto":
             order = list(current) + [m for m in ("native", "generic") if m not in current]

@@ -147,6 +147,7 @@ def test_foreign_program_is_not_replaced_unless_asked(instance: str, veth_ns: st
             assert "\n" not in message
             assert f"already runs another XDP program (id {other_id}" in message
             assert "ip link set dev a0 xdp off" in message
+            assert "--replace-xdp" in message
             assert tx_ports(fp) == set()
             assert program.attached(instance) == []
 
