@@ -69,7 +69,8 @@ def install(ns: str, v4: int, v6: int, peers: int = 4) -> dict[str, float]:
         lines += [f"link add b{i} type veth peer name q{i}", f"link set b{i} up",
                   f"link set q{i} up", f"addr add 198.18.{i}.1/24 dev b{i}",
                   f"addr add 2001:db8:ff{i:02x}::1/64 dev b{i} nodad",
-                  f"neigh replace 198.18.{i}.2 lladdr 02:00:00:00:00:{i:02x} dev b{i} nud permanent",
+                  f"neigh replace 198.18.{i}.2 lladdr 02:00:00:00:00:{i:02x} dev b{i} "
+                  "nud permanent",
                   f"neigh replace 2001:db8:ff{i:02x}::2 lladdr 02:00:00:00:01:{i:02x} dev b{i} "
                   "nud permanent",
                   f"nexthop add id {10 + i} via 198.18.{i}.2 dev b{i}",

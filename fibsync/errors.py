@@ -57,7 +57,10 @@ class InterfaceError(FastPathError):
 
 
 class MapError(FastPathError):
-    pass
+    """``errno`` is the kernel's answer; ``done`` how many entries of a batch went in."""
+
+    errno: int = 0
+    done: int = 0
 
 
 class MapFullError(MapError):
