@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import FastPathError
+from ..errors import FastPathError, MapFullError
 from ..model import AF_INET, AF_INET6
 from . import abi, bpfsys
 from .writer import (
@@ -57,9 +57,34 @@ class PinnedMaps:
     # ------------------------------------------------------------ MapSet
 
     def update(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
-        if items:
-            bpfsys.update_batch(self.fd(name), b"".join(k for k, _ in items),
+        if not items:
+            return
+        fd = self.fd(name)
+        try:
+            bpfsys.update_batch(fd, b"".join(k for k, _ in items),
                                 b"".join(v for _, v in items), len(items))
+        except MapFullError as err:
+            # The batch stopped at the first entry that found no room; the rest were not even
+            # tried. Rewrite them one by one (replacing an existing key needs no room), and
+            # delete any key that still fails, so that no entry keeps a stale value. The
+            # writer counts everything from the first failure on as unwritten.
+            first = self._update_each(fd, items)
+            if first is None:
+                return
+            err.done = first
+            raise err from None
+
+    @staticmethod
+    def _update_each(fd: int, items: list[tuple[bytes, bytes]]) -> int | None:
+        first = None
+        for i, (key, value) in enumerate(items):
+            try:
+                bpfsys.update(fd, key, value)
+            except MapFullError:
+                bpfsys.delete(fd, key)
+                if first is None:
+                    first = i
+        return first
 
     def delete(self, name: str, keys: list[bytes]) -> None:
         if keys:
@@ -247,6 +272,8 @@ def offline_status(settings: Any) -> dict[str, Any]:
     for name in counts:
         counts[name] = sum(1 for _ in maps.items(name))
     doc["fastpath"] = counts
+    doc["maps"] = {name: {"entries": n, "capacity": bpfsys.map_info(maps.fd(name)).max_entries}
+                   for name, n in counts.items()}
     doc["counters"] = maps.counters()
     from .program import attached
     doc["interfaces"] = [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
