@@ -7,13 +7,14 @@ line on stderr that names what is wrong and how to fix it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated, Any
 
 import typer
 
 from . import config
-from .errors import DaemonDown, FibsyncError, UsageError
+from .errors import ConfigError, DaemonDown, DaemonError, FibsyncError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +37,10 @@ def _global(netns: Annotated[str | None, typer.Option(
         ns.refuse_private_sysfs()
 
 
-Instance = Annotated[str, typer.Option("--instance", help="Daemon instance name.")]
+Instance = Annotated[str | None, typer.Option(
+    "--instance", help="Daemon instance name (default: the config file's, else 'default').")]
+ConfigFile = Annotated[str | None, typer.Option(
+    "--config", "-c", help="TOML config file (default /etc/fibsync/fibsync.toml).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -50,8 +54,7 @@ def run(
         "--interface", "-i", help="Attach XDP to IF (repeatable).", metavar="IF")] = None,
     instance: Annotated[str | None, typer.Option(
         "--instance", help="Instance name (pins, socket).")] = None,
-    config_file: Annotated[str | None, typer.Option(
-        "--config", "-c", help="TOML config file (default /etc/fibsync/fibsync.toml).")] = None,
+    config_file: ConfigFile = None,
     table: Annotated[str | None, typer.Option(
         "--table", help="Kernel table to mirror: main, default or a number.")] = None,
     protocol: Annotated[list[str] | None, typer.Option(
@@ -63,12 +66,27 @@ def run(
     ] = None,
     netlink_rcvbuf: Annotated[str | None, typer.Option(
         "--netlink-rcvbuf", help="Netlink receive buffer, e.g. 64MiB.")] = None,
+    map_batch: Annotated[int | None, typer.Option(
+        "--map-batch", help="Entries per bpf(2) batch call.")] = None,
+    max_routes_v4: Annotated[int | None, typer.Option(
+        "--max-routes-v4", help="Capacity of the IPv4 prefix map.")] = None,
+    max_routes_v6: Annotated[int | None, typer.Option(
+        "--max-routes-v6", help="Capacity of the IPv6 prefix map.")] = None,
+    max_nexthops: Annotated[int | None, typer.Option(
+        "--max-nexthops", help="Capacity of the nexthop map.")] = None,
+    max_groups: Annotated[int | None, typer.Option(
+        "--max-groups", help="Capacity of the ECMP group map.")] = None,
+    max_neighbours: Annotated[int | None, typer.Option(
+        "--max-neighbours", help="Capacity of the neighbour map.")] = None,
     socket_group: Annotated[str | None, typer.Option(
         "--socket-group", help="Group allowed to use the status socket.")] = None,
     metrics_listen: Annotated[str | None, typer.Option(
-        "--metrics", help="Serve Prometheus metrics on HOST:PORT.")] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
-    log_format: Annotated[str | None, typer.Option("--log-format")] = None,
+        "--metrics", help="Serve Prometheus metrics on HOST:PORT (off by default).",
+        metavar="HOST:PORT")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        "--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        "--log-format", help="auto, console or json.")] = None,
 ) -> None:
     """Run the daemon in the foreground in this network namespace."""
     from . import daemon
@@ -76,24 +94,54 @@ def run(
     overrides: dict[str, Any] = {
         "instance": instance, "interfaces": interface, "table": table, "protocols": protocol,
         "xdp_mode": xdp_mode, "replace_xdp": replace_xdp, "netlink_rcvbuf": netlink_rcvbuf,
+        "map_batch": map_batch, "max_routes_v4": max_routes_v4, "max_routes_v6": max_routes_v6,
+        "max_nexthops": max_nexthops, "max_groups": max_groups, "max_neighbours": max_neighbours,
         "socket_group": socket_group, "metrics_listen": metrics_listen,
         "log_level": log_level, "log_format": log_format,
     }
-    settings = config.build(config_file, overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    settings = _checked(config.build(config_file, overrides))
+    raise typer.Exit(daemon.main(settings, overrides, fail))
+
+
+def _checked(settings: config.Settings) -> config.Settings:
+    from . import daemon
+
     if not settings.interfaces:
-        raise UsageError("no interface to attach to: give -i IF (repeatable) "
+        raise UsageError("interfaces: no interface to attach to: give -i IF (repeatable) "
                          "or `interfaces = [...]` in the config file")
     daemon.check_interfaces(settings.interfaces)
-    raise typer.Exit(daemon.main(settings, fail))
+    if settings.metrics_listen:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise ConfigError("metrics.listen (--metrics)", "needs the prometheus_client "
+                              "package (pip install prometheus-client)") from None
+    return settings
 
 
 @app.command()
-def status(instance: Instance = "default", as_json: AsJson = False) -> None:
+def check(config_file: ConfigFile = None, as_json: AsJson = False) -> None:
+    """Validate the config file (and that its interfaces exist) without changing anything."""
+    settings = _checked(config.build(config_file, {}))
+    doc = {k.toml: (list(v) if isinstance(v := getattr(settings, k.field), tuple) else v)
+           for k in config.KEYS}
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"fibsync: {settings.config_file or 'no config file'}: OK")
+        for key, value in doc.items():
+            print(f"  {key:<22} {json.dumps(value)}")
+
+
+@app.command()
+def status(instance: Instance = None, config_file: ConfigFile = None,
+           as_json: AsJson = False) -> None:
     """Show the daemon's state, or what the pinned maps hold when it is down."""
     from . import status as st
     from .fastpath.maps import offline_status
 
-    settings = config.validate({"instance": instance})
+    settings = config.instance_for(instance, config_file)
     try:
         doc = st.query(settings.status_socket)
     except DaemonDown:
@@ -104,34 +152,83 @@ def status(instance: Instance = "default", as_json: AsJson = False) -> None:
 
 
 @app.command()
-def routes(instance: Instance = "default", as_json: AsJson = False) -> None:
+def routes(instance: Instance = None, config_file: ConfigFile = None,
+           as_json: AsJson = False) -> None:
     """List the fast-path prefixes, read from the pinned maps themselves."""
     from .fastpath.maps import PinnedMaps, render_routes
 
-    settings = config.validate({"instance": instance})
+    settings = config.instance_for(instance, config_file)
     entries = PinnedMaps(settings.pin_dir).routes()
     print(json.dumps(entries, indent=2) if as_json else render_routes(entries))
 
 
 @app.command()
-def lookup(address: str, instance: Instance = "default", as_json: AsJson = False) -> None:
+def lookup(address: str, instance: Instance = None, config_file: ConfigFile = None,
+           as_json: AsJson = False) -> None:
     """Say which path a destination takes in the fast path, and why."""
     from .fastpath.maps import PinnedMaps, render_lookup
 
-    settings = config.validate({"instance": instance})
+    settings = config.instance_for(instance, config_file)
     result = PinnedMaps(settings.pin_dir).lookup(address)
     print(json.dumps(result, indent=2) if as_json else render_lookup(result))
 
 
 @app.command()
-def detach(instance: Instance = "default") -> None:
+def detach(instance: Instance = None, config_file: ConfigFile = None,
+           force: Annotated[bool, typer.Option(
+               "--force", help="Even while the daemon runs (it would keep running blind).")
+           ] = False) -> None:
     """Detach the XDP program from every interface and remove the pinned maps."""
+    from . import status as st
     from .fastpath.program import remove
 
-    settings = config.validate({"instance": instance})
+    settings = config.instance_for(instance, config_file)
+    try:
+        doc = st.query(settings.status_socket)
+    except DaemonDown:
+        doc = {}
+    if doc.get("daemon") == "up" and not force:
+        raise DaemonError(f"the daemon of instance {settings.instance} runs (pid {doc.get('pid')})"
+                          f": stop it first (systemctl stop fibsync), or use --force")
+    prog_id = _pinned_prog_id(settings)
     removed = remove(settings.instance)
     names = ", ".join(a.ifname for a in removed) or "no interface"
     print(f"fibsync: instance {settings.instance}: detached from {names}; pins removed")
+    if prog_id and _prog_alive(prog_id):
+        print(f"fibsync: warning: program {prog_id} still runs elsewhere, probably on "
+              f"interfaces of another network namespace: detach there with "
+              f"`fibsync --netns NAME detach` or `ip link set dev IF xdp off`", file=sys.stderr)
+
+
+def _pinned_prog_id(settings: config.Settings) -> int:
+    from .errors import MapError
+    from .fastpath import bpfsys
+
+    try:
+        fd = bpfsys.obj_get(str(settings.pin_dir / "prog"))
+    except MapError:
+        return 0
+    try:
+        return bpfsys.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def _prog_alive(prog_id: int) -> bool:
+    """Whether something (an attachment, a daemon) still holds the program."""
+    import time
+
+    from .errors import MapError
+    from .fastpath import bpfsys
+
+    # the kernel frees a program after an RCU grace period once its last user is gone
+    for _ in range(20):
+        try:
+            os.close(bpfsys.prog_fd_by_id(prog_id))
+        except MapError:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @lab_app.command("up")

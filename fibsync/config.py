@@ -1,15 +1,20 @@
 """TOML file + command-line flags -> one frozen ``Settings``.
 
-Every bad value raises ``ConfigError`` naming the key (``table: ...``), which
-the CLI prints as one line and exit code 2. Flags override the file; the file
-is optional unless named explicitly.
+``KEYS`` is the one table of settings: TOML key, flag of ``fibsync run``,
+Settings field and meaning. docs/operations.md shows the same table, and
+tests/unit/test_config.py checks that every key has its flag and every flag
+its key. Every bad value raises ``ConfigError`` naming the key and its flag
+(``table (--table): ...``), which the CLI prints as one line and exit code 2.
+Flags override the file; the file is optional unless named explicitly.
 """
 
 from __future__ import annotations
 
+import grp
+import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +37,13 @@ TABLES = {"main": 254, "default": 253}
 XDP_MODES = ("auto", "native", "generic")
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+METRICS_PORT = 9477
 # bpffs refuses some characters in pin names
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
+# upper bounds that catch typos (an extra zero) before the kernel is asked for the memory
+_MAX_ROUTES = 1 << 26
+_MAX_OBJECTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,11 @@ class Settings:
     replace_xdp: bool = False
     netlink_rcvbuf: int = 64 << 20
     map_batch: int = 65536
+    max_routes_v4: int = 2097152
+    max_routes_v6: int = 524288
+    max_nexthops: int = 65536
+    max_groups: int = 16384
+    max_neighbours: int = 65536
     socket_group: str = ""
     metrics_listen: str = ""
     log_level: str = "info"
@@ -61,15 +75,78 @@ class Settings:
     def status_socket(self) -> Path:
         return RUN_DIR / f"{self.instance}.sock"
 
+    @property
+    def lock_file(self) -> Path:
+        return RUN_DIR / f"{self.instance}.lock"
 
-# TOML layout: flat keys, plus [status], [metrics] and [log] tables
-_SECTIONS = {
-    "status": {"socket_group": "socket_group"},
-    "metrics": {"listen": "metrics_listen"},
-    "log": {"level": "log_level", "format": "log_format"},
-}
-_TOP = {f.name for f in fields(Settings)} - {"config_file", "socket_group", "metrics_listen",
-                                             "log_level", "log_format"}
+    @property
+    def map_sizes(self) -> dict[str, int]:
+        """max_entries of the sized maps, by map name."""
+        return {"routes_v4": self.max_routes_v4, "routes_v6": self.max_routes_v6,
+                "nexthops": self.max_nexthops, "groups": self.max_groups,
+                "neighbours": self.max_neighbours}
+
+    def restart_only_changes(self, new: Settings) -> list[str]:
+        """TOML keys whose new value a running daemon cannot take (a restart applies them)."""
+        return [k.toml for k in KEYS
+                if k.restart and getattr(self, k.field) != getattr(new, k.field)]
+
+
+@dataclass(frozen=True)
+class Key:
+    toml: str  # as written in the file: "table", "maps.routes_v4"
+    field: str  # the Settings field
+    flag: str  # the flag of `fibsync run`
+    default: str  # as the docs show it
+    help: str
+    restart: bool = False  # SIGHUP cannot apply it
+
+
+KEYS: tuple[Key, ...] = (
+    Key("instance", "instance", "--instance", '"default"',
+        "names the pins (/sys/fs/bpf/fibsync/NAME/) and the socket (/run/fibsync/NAME.sock)",
+        restart=True),
+    Key("interfaces", "interfaces", "--interface", "[]",
+        "interfaces the XDP program runs on and may redirect to (flag repeatable: -i IF)"),
+    Key("table", "table", "--table", '"main"',
+        "kernel routing table to mirror: main, default or a number"),
+    Key("protocols", "protocols", "--protocol", "[] (all)",
+        "only routes of these protocols (bgp, static, ospf, ... or numbers; flag repeatable)"),
+    Key("xdp_mode", "xdp_mode", "--xdp-mode", '"auto"',
+        "auto (native, else generic), native or generic"),
+    Key("replace_xdp", "replace_xdp", "--replace-xdp", "false",
+        "replace an XDP program that is not fibsync's on the interfaces"),
+    Key("netlink_rcvbuf", "netlink_rcvbuf", "--netlink-rcvbuf", '"64MiB"',
+        "netlink receive buffer (a size: 64MiB, 1GiB, or bytes); applies at the next resync"),
+    Key("maps.batch", "map_batch", "--map-batch", "65536",
+        "entries per bpf(2) batch call"),
+    Key("maps.routes_v4", "max_routes_v4", "--max-routes-v4", "2097152",
+        "capacity of routes_v4 (IPv4 prefixes)", restart=True),
+    Key("maps.routes_v6", "max_routes_v6", "--max-routes-v6", "524288",
+        "capacity of routes_v6 (IPv6 prefixes)", restart=True),
+    Key("maps.nexthops", "max_nexthops", "--max-nexthops", "65536",
+        "capacity of nexthops", restart=True),
+    Key("maps.groups", "max_groups", "--max-groups", "16384",
+        "capacity of groups (ECMP)", restart=True),
+    Key("maps.neighbours", "max_neighbours", "--max-neighbours", "65536",
+        "capacity of neighbours (hosts on connected subnets)", restart=True),
+    Key("status.socket_group", "socket_group", "--socket-group", '""',
+        "group allowed to use the status socket (mode 0660); empty: root only (0600)"),
+    Key("metrics.listen", "metrics_listen", "--metrics", '"" (off)',
+        "serve Prometheus metrics on HOST:PORT (PORT alone: 127.0.0.1:PORT)"),
+    Key("log.level", "log_level", "--log-level", '"info"', "debug, info, warning or error"),
+    Key("log.format", "log_format", "--log-format", '"auto"',
+        "auto (console on a TTY, JSON otherwise), console or json", restart=True),
+)
+_BY_FIELD = {k.field: k for k in KEYS}
+_BY_TOML = {k.toml: k for k in KEYS}
+_SECTIONS = sorted({k.toml.split(".")[0] for k in KEYS if "." in k.toml})
+
+
+def _err(name: str, message: str) -> ConfigError:
+    """A ConfigError naming the key as the file spells it, and its flag."""
+    key = _BY_FIELD.get(name)
+    return ConfigError(f"{key.toml} ({key.flag})" if key else name, message)
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -90,57 +167,77 @@ def load_file(path: Path) -> dict[str, Any]:
     for key, value in raw.items():
         if key in _SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(key, "must be a table ([" + key + "])")
+                raise ConfigError(key, f"must be a table ([{key}])")
             for sub, subval in value.items():
-                if sub not in _SECTIONS[key]:
-                    known = ", ".join(sorted(_SECTIONS[key]))
-                    raise ConfigError(f"{key}.{sub}", f"unknown key (known: {known})")
-                out[_SECTIONS[key][sub]] = subval
-        elif key in _TOP:
-            out[key] = value
+                name = f"{key}.{sub}"
+                if name not in _BY_TOML:
+                    known = ", ".join(k.toml.split(".")[1] for k in KEYS
+                                      if k.toml.startswith(key + "."))
+                    raise ConfigError(name, f"unknown key in [{key}] (known: {known})")
+                out[_BY_TOML[name].field] = subval
+        elif key in _BY_TOML:
+            out[_BY_TOML[key].field] = value
         else:
-            known = ", ".join(sorted(_TOP | set(_SECTIONS)))
+            known = ", ".join([k.toml for k in KEYS if "." not in k.toml]
+                              + [f"[{s}]" for s in _SECTIONS])
             raise ConfigError(key, f"unknown key (known: {known})")
     return out
+
+
+def config_path(file: str | None) -> Path | None:
+    """The file to read: the one named, else the default one if it exists."""
+    if file:
+        return Path(file)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
 
 
 def build(file: str | None, overrides: dict[str, Any]) -> Settings:
     """Merge the config file (if any) with flags and validate everything."""
     values: dict[str, Any] = {}
-    if file:
-        values.update(load_file(Path(file)))
-    elif DEFAULT_CONFIG.exists():
-        file = str(DEFAULT_CONFIG)
-        values.update(load_file(DEFAULT_CONFIG))
+    path = config_path(file)
+    if path is not None:
+        values.update(load_file(path))
     values.update({k: v for k, v in overrides.items() if v not in (None, (), [])})
-    return validate(values, file or "")
+    return validate(values, str(path) if path else "")
+
+
+def instance_for(flag: str | None, file: str | None = None) -> Settings:
+    """Settings naming an instance for the commands that only read (status, routes, ...):
+    the flag, else the config file's ``instance``, else ``default``. A config file that
+    cannot be read does not stop them; only its instance key matters here."""
+    if flag is None:
+        try:
+            path = config_path(file)
+            flag = load_file(path).get("instance") if path else None
+        except ConfigError:
+            if file:
+                raise
+            flag = None
+    return validate({"instance": flag if isinstance(flag, str) else "default"})
 
 
 def validate(values: dict[str, Any], config_file: str = "") -> Settings:
     v = dict(values)
     instance = _str(v, "instance", "default")
     if not _INSTANCE_RE.match(instance):
-        raise ConfigError("instance", f"{instance!r}: use up to 32 letters, digits, '_' or '-', "
-                          "starting with a letter or digit")
-    interfaces = v.get("interfaces", ())
-    if isinstance(interfaces, str) or not isinstance(interfaces, list | tuple):
-        raise ConfigError("interfaces", "must be a list of interface names")
-    for name in interfaces:
-        if not isinstance(name, str) or not _IFNAME_RE.match(name):
-            raise ConfigError("interfaces", f"{name!r} is not a valid interface name")
-    if len(set(interfaces)) != len(interfaces):
-        raise ConfigError("interfaces", "an interface is listed twice")
+        raise _err("instance", f"{instance!r}: use up to 32 letters, digits, '_' or '-', "
+                   "starting with a letter or digit")
     return Settings(
         instance=instance,
-        interfaces=tuple(interfaces),
+        interfaces=_interfaces(v.get("interfaces", ())),
         table=_table(v.get("table", 254)),
         protocols=tuple(sorted({n for p in _list(v, "protocols") for n in _protocol(p)})),
         xdp_mode=_choice(v, "xdp_mode", XDP_MODES, "auto"),
         replace_xdp=_bool(v, "replace_xdp", False),
         netlink_rcvbuf=_size(v, "netlink_rcvbuf", 64 << 20, 4096, 1 << 31),
         map_batch=_int(v, "map_batch", 65536, 1, 1 << 20),
-        socket_group=_str(v, "socket_group", ""),
-        metrics_listen=_listen(_str(v, "metrics_listen", "")),
+        max_routes_v4=_int(v, "max_routes_v4", 2097152, 1, _MAX_ROUTES),
+        max_routes_v6=_int(v, "max_routes_v6", 524288, 1, _MAX_ROUTES),
+        max_nexthops=_int(v, "max_nexthops", 65536, 1, _MAX_OBJECTS),
+        max_groups=_int(v, "max_groups", 16384, 1, _MAX_OBJECTS),
+        max_neighbours=_int(v, "max_neighbours", 65536, 1, _MAX_OBJECTS),
+        socket_group=_group(_str(v, "socket_group", "")),
+        metrics_listen=_listen(v.get("metrics_listen", "")),
         log_level=_choice(v, "log_level", LOG_LEVELS, "info"),
         log_format=_choice(v, "log_format", LOG_FORMATS, "auto"),
         config_file=config_file,
@@ -150,23 +247,28 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
 def _str(v: dict[str, Any], key: str, default: str) -> str:
     value = v.get(key, default)
     if not isinstance(value, str):
-        raise ConfigError(key, f"must be a string, not {type(value).__name__}")
+        raise _err(key, f"must be a string, not {_kind(value)}")
     return value
+
+
+def _kind(value: Any) -> str:
+    return {bool: "true/false", int: "a number", float: "a number", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
 
 
 def _bool(v: dict[str, Any], key: str, default: bool) -> bool:
     value = v.get(key, default)
     if not isinstance(value, bool):
-        raise ConfigError(key, "must be true or false")
+        raise _err(key, f"must be true or false, not {value!r}")
     return value
 
 
 def _int(v: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     value = v.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"must be a whole number, not {value!r}")
+        raise _err(key, f"must be a whole number, not {value!r}")
     if not lo <= value <= hi:
-        raise ConfigError(key, f"{value} is out of range {lo}..{hi}")
+        raise _err(key, f"{value} is out of range {lo}..{hi}")
     return value
 
 
@@ -178,7 +280,7 @@ def _size(v: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if not m:
-            raise ConfigError(key, f"{value!r} is not a size (e.g. 64MiB or 67108864)")
+            raise _err(key, f"{value!r} is not a size (e.g. 64MiB or 67108864)")
         unit = (m.group(2) or "").upper()[:1]
         value = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
     return _int({key: value}, key, default, lo, hi)
@@ -187,7 +289,7 @@ def _size(v: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
 def _choice(v: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
     value = _str(v, key, default)
     if value not in choices:
-        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+        raise _err(key, f"{value!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -196,8 +298,20 @@ def _list(v: dict[str, Any], key: str) -> list[Any]:
     if isinstance(value, str):
         return [s for s in value.split(",") if s]
     if not isinstance(value, list | tuple):
-        raise ConfigError(key, "must be a list")
+        raise _err(key, f"must be a list, not {_kind(value)}")
     return list(value)
+
+
+def _interfaces(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise _err("interfaces", f"must be a list of interface names, not {_kind(value)}")
+    for name in value:
+        if not isinstance(name, str) or not _IFNAME_RE.match(name):
+            raise _err("interfaces", f"{name!r} is not a valid interface name")
+    if len(set(value)) != len(value):
+        twice = sorted({n for n in value if value.count(n) > 1})
+        raise _err("interfaces", f"{', '.join(twice)} listed twice")
+    return tuple(value)
 
 
 def _table(value: Any) -> int:
@@ -205,15 +319,15 @@ def _table(value: Any) -> int:
         if value in TABLES:
             return TABLES[value]
         if not value.isdigit():
-            raise ConfigError("table", f"{value!r} is not main, default or a number 1..4294967295")
+            raise _err("table", f"{value!r} is not main, default or a number 1..4294967295")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError("table", "must be main, default or a number")
+        raise _err("table", f"must be main, default or a table number, not {value!r}")
     if value in (0, 255):
-        raise ConfigError("table", f"{value} cannot be followed: "
-                          f"{'0 is unspecified' if value == 0 else '255 is the local table'}")
+        raise _err("table", f"{value} cannot be followed: "
+                   f"{'0 is unspecified' if value == 0 else '255 is the local table'}")
     if not 1 <= value <= 0xFFFFFFFF:
-        raise ConfigError("table", f"{value} is not a table id (1..4294967295)")
+        raise _err("table", f"{value} is not a table id (1..4294967295)")
     return value
 
 
@@ -223,18 +337,48 @@ def _protocol(value: Any) -> tuple[int, ...]:
         if name in PROTOCOLS:
             return PROTOCOLS[name]
         if not name.isdigit():
-            raise ConfigError("protocols", f"{value!r} is not a routing protocol name "
-                              f"({', '.join(sorted(PROTOCOLS))}) or number")
+            raise _err("protocols", f"{value!r} is not a routing protocol name "
+                       f"({', '.join(sorted(PROTOCOLS))}) or number")
         value = int(name)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
-        raise ConfigError("protocols", f"{value!r} is not a protocol number 0..255")
+        raise _err("protocols", f"{value!r} is not a protocol number 0..255")
     return (value,)
 
 
-def _listen(value: str) -> str:
+def _group(name: str) -> str:
+    if name:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise _err("socket_group", f"group {name!r} does not exist (see getent group)") \
+                from None
+    return name
+
+
+def _listen(value: Any) -> str:
+    """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` -> ``HOST:PORT`` (loopback default)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _err("metrics_listen", f"must be a string like \"127.0.0.1:{METRICS_PORT}\"")
     if not value:
         return ""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError("metrics.listen", f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9477)")
-    return value
+    if not sep:
+        host, port = "", value
+    host = host.strip("[]") or "127.0.0.1"
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is None or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _err("metrics_listen", f"{value!r} is not HOST:PORT with an IP address "
+                   f"(e.g. 127.0.0.1:{METRICS_PORT} or [::1]:{METRICS_PORT})")
+    return f"[{host}]:{port}" if ip.version == 6 else f"{host}:{port}"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)

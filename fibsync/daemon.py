@@ -1,13 +1,16 @@
 """The daemon: netlink source -> RIB -> map writer, plus status, signals and sd_notify.
 
 Start-up order matters for correctness:
-1. check the interfaces exist (a typo must not touch anything);
-2. load the XDP program and create or adopt the pinned maps;
+1. take the instance lock and check the interfaces exist (a typo, or a second
+   daemon for the same instance, must not touch anything);
+2. load the XDP program and create or adopt the pinned maps (a map whose
+   layout changed is replaced, never reused: program.py);
 3. subscribe, dump, build the RIB, write every map (ids above those a previous
    run left, so the old entries stay valid while the new ones go in);
-4. sweep what the previous run left and the kernel no longer has;
-5. only then attach XDP (on a cold start the fast path never sees a half-filled
-   table), report ``synced`` and READY=1.
+4. attach XDP (on a cold start the fast path never sees a half-filled table;
+   on a restart the new program replaces the old one atomically), then sweep
+   what the previous run left and the kernel no longer has;
+5. report ``synced`` and READY=1.
 Stopping leaves the program attached and the maps pinned: traffic keeps flowing
 while the daemon restarts (``fibsync detach`` removes everything).
 """
@@ -15,26 +18,31 @@ while the daemon restarts (``fibsync detach`` removes everything).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
+import fcntl
 import grp
 import os
 import signal
 import socket
+import struct
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import __version__, config
 from . import log as logging
 from .config import Settings
-from .errors import ConfigError, FibsyncError, InterfaceError
+from .errors import ConfigError, DaemonError, FibsyncError, InterfaceError, UsageError
 from .fastpath.maps import PinnedMaps
 from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
-from .model import Change, Snapshot
-from .rib import Filter, Rib
+from .model import Change, Prefix, Snapshot
+from .rib import Action, FastPathDiff, Filter, FpRoute, Rib
+
+# how often the housekeeping loop checks that every configured interface runs our program
+INTERFACE_CHECK_SECONDS = 2.0
 
 
 def check_interfaces(names: tuple[str, ...]) -> list[int]:
@@ -44,7 +52,7 @@ def check_interfaces(names: tuple[str, ...]) -> list[int]:
             out.append(socket.if_nametoindex(name))
         except OSError:
             raise InterfaceError(
-                f"interface {name!r} does not exist in this network namespace "
+                f"interfaces: {name!r} does not exist in this network namespace "
                 f"(see `ip link`; run fibsync inside the router's namespace)") from None
     return out
 
@@ -57,7 +65,11 @@ class SdNotify:
         if self.addr.startswith("@"):
             self.addr = "\0" + self.addr[1:]
         usec = os.environ.get("WATCHDOG_USEC", "")
-        self.watchdog = int(usec) / 1e6 if usec.isdigit() else 0.0
+        pid = os.environ.get("WATCHDOG_PID", "")
+        enabled = usec.isdigit() and (not pid.isdigit() or int(pid) == os.getpid())
+        self.watchdog = int(usec) / 1e6 if enabled else 0.0
+        self._last_ping = 0.0
+        self._status = ""
 
     def send(self, message: str) -> None:
         if not self.addr:
@@ -65,102 +77,363 @@ class SdNotify:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
             s.sendto(message.encode(), self.addr)
 
+    def status(self, text: str) -> None:
+        if text != self._status:
+            self._status = text
+            self.send(f"STATUS={text}")
+
+    def ping(self, force: bool = False) -> None:
+        """WATCHDOG=1, at a third of the watchdog interval (or now, when forced)."""
+        now = time.monotonic()
+        if self.watchdog and (force or now - self._last_ping >= self.watchdog / 3):
+            self.send("WATCHDOG=1")
+            self._last_ping = now
+
+
+class InstanceLock:
+    """One daemon per instance: an flock on /run/fibsync/<instance>.lock holding its pid."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.lock_file
+        self.instance = settings.instance
+        self.fd = -1
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DaemonError(f"instance {self.instance!r} already runs (pid {pid}); stop it "
+                              f"first, or give this one another --instance") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclasses.dataclass
+class SyncLag:
+    """Time from reading a batch of kernel changes to the maps holding it.
+
+    The cumulative histogram feeds the metrics (buckets in seconds)."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    batches: int = 0
+    changes: int = 0
+    last_seconds: float = 0.0
+    max_seconds: float = 0.0
+    sum_seconds: float = 0.0
+    last_change_at: float = 0.0
+    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * len(SyncLag.BUCKETS))
+
+    def observe(self, seconds: float, changes: int) -> None:
+        self.batches += 1
+        self.changes += changes
+        self.last_seconds = seconds
+        self.max_seconds = max(self.max_seconds, seconds)
+        self.sum_seconds += seconds
+        self.last_change_at = time.time()
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+    def doc(self) -> dict[str, Any]:
+        return {"last_seconds": round(self.last_seconds, 6),
+                "max_seconds": round(self.max_seconds, 6),
+                "mean_seconds": round(self.sum_seconds / self.batches, 6) if self.batches else 0.0,
+                "batches": self.batches, "changes": self.changes,
+                "last_change_at": self.last_change_at}
+
+
+class FullMapGuard:
+    """Keeps the fast path right when a route map is full.
+
+    A prefix the writer could not store (``MapWriter.unwritten``) is absent
+    from its LPM trie, so a written less-specific prefix would catch its
+    traffic and send it the wrong way. Every written prefix that covers an
+    unwritten one is therefore stored as ``FIB`` instead of its own entry
+    (the program asks ``bpf_fib_lookup``, which knows the kernel's whole
+    table): those destinations leave the fast path for the kernel's FIB, none
+    is misrouted. Rewriting an existing key needs no room, so this works on a
+    full map. When room comes back (routes deleted, the start-up sweep), the
+    unwritten prefixes are tried again and demoted prefixes get their own
+    entries back once nothing below them is missing.
+    """
+
+    def __init__(self, rib: Rib, writer: MapWriter, log: Any) -> None:
+        self.rib = rib
+        self.writer = writer
+        self.log = log
+        self.demoted: set[Prefix] = set()
+        self.episodes = 0  # times a route map ran out of room
+        self._index: dict[int, list[tuple[int, int]]] = {}
+        self._indexed: frozenset[Prefix] = frozenset()
+
+    def write(self, diff: FastPathDiff) -> None:
+        before = frozenset(self.writer.unwritten)
+        if before:
+            self._shield(diff)
+        self.writer.write(diff)
+        if before or self.writer.unwritten:
+            if self.writer.unwritten and any(e is None for e in diff.routes.values()):
+                self.retry(settle=False)
+            self._settle(before)
+
+    def retry(self, settle: bool = True) -> None:
+        """Try the unwritten prefixes again (after deletions made room)."""
+        before = frozenset(self.writer.unwritten)
+        if not before:
+            return
+        self._reindex()
+        fib = self.rib.fib
+        diff = FastPathDiff(routes={p: fib[p] for p in before if p in fib})
+        self._shield(diff)
+        self.writer.write(diff)
+        self.writer.unwritten.difference_update(p for p in before if p not in fib)
+        if settle:
+            self._settle(before)
+
+    def _shield(self, diff: FastPathDiff) -> None:
+        """Turn entries of this diff that cover an unwritten prefix into FIB."""
+        self._reindex()
+        for prefix, entry in diff.routes.items():
+            if entry is None or not self._covers_unwritten(prefix):
+                self.demoted.discard(prefix)
+            elif entry.action != Action.FIB:
+                diff.routes[prefix] = FpRoute(Action.FIB)
+                self.demoted.add(prefix)
+
+    def _settle(self, before: frozenset[Prefix]) -> None:
+        after = frozenset(self.writer.unwritten)
+        self._reindex()
+        fib = self.rib.fib
+        demote: dict[Prefix, FpRoute | None] = {}
+        for prefix in after - before:
+            for up in _covering(prefix):
+                if up in fib and up not in after and up not in self.demoted:
+                    if fib[up].action != Action.FIB:
+                        demote[up] = FpRoute(Action.FIB)
+                    self.demoted.add(up)
+        restore: dict[Prefix, FpRoute | None] = {}
+        if after:
+            candidates = {up for p in before - after for up in _covering(p)} & self.demoted
+        else:
+            candidates = set(self.demoted)
+        for up in candidates:
+            if not self._covers_unwritten(up):
+                self.demoted.discard(up)
+                if up in fib:
+                    restore[up] = fib[up]
+        if demote or restore:
+            self.writer.write(FastPathDiff(routes={**demote, **restore}))
+        if after and not before:
+            self.episodes += 1
+            self.log.warning("map.full", unwritten=len(after), demoted=len(self.demoted),
+                             error=self.writer.stats.last_error,
+                             note="covering prefixes now use bpf_fib_lookup; raise the "
+                                  "maps.* capacity and restart")
+        elif before and not after:
+            self.log.info("map.recovered", restored=len(restore))
+
+    def _reindex(self) -> None:
+        unwritten = frozenset(self.writer.unwritten)
+        if unwritten == self._indexed:
+            return
+        index: dict[int, list[tuple[int, int]]] = {}
+        for p in unwritten:
+            index.setdefault(p.family, []).append((int.from_bytes(p.addr, "big"), p.length))
+        for entries in index.values():
+            entries.sort()
+        self._index = index
+        self._indexed = unwritten
+
+    def _covers_unwritten(self, prefix: Prefix) -> bool:
+        """Whether a more-specific prefix inside ``prefix`` is unwritten."""
+        entries = self._index.get(prefix.family)
+        if not entries:
+            return False
+        bits = len(prefix.addr) * 8
+        start = int.from_bytes(prefix.addr, "big")
+        end = start + (1 << (bits - prefix.length)) - 1
+        # entries that start where prefix starts and are not longer sort before this
+        i = bisect.bisect_left(entries, (start, prefix.length + 1))
+        return i < len(entries) and entries[i][0] <= end
+
+
+def _covering(prefix: Prefix) -> Iterator[Prefix]:
+    """Every shorter prefix that contains ``prefix``, longest first."""
+    bits = len(prefix.addr) * 8
+    addr = int.from_bytes(prefix.addr, "big")
+    for length in range(prefix.length - 1, -1, -1):
+        shift = bits - length
+        masked = addr >> shift << shift if length else 0
+        yield Prefix(prefix.family, masked.to_bytes(bits // 8, "big"), length)
+
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, overrides: dict[str, Any] | None = None) -> None:
         self.settings = settings
+        # flags stay in force over every reload: a SIGHUP re-reads the file only
+        self.overrides = dict(overrides or {})
         self.log = logging.get().bind(instance=settings.instance)
         self.state = "starting"
         self.started = time.time()
         self.synced_at = 0.0
         self.notify = SdNotify()
+        self.lock = InstanceLock(settings)
         self.attachments: dict[str, Any] = {}
         self.fastpath: Any = None
         self.maps: PinnedMaps | None = None
         self.rib: Rib | None = None
         self.writer: MapWriter | None = None
+        self.guard: FullMapGuard | None = None
         self.misses: MissReader | None = None
         self.source: Any = None
         self.resolver: Any = None
-        self.last_change = 0.0
-        self.last_write = 0.0
+        self.metrics: Any = None
+        self.lag = SyncLag()
+        self.reloads = {"done": 0, "rejected": 0, "last_error": ""}
+        self.neigh_misses = 0
         self._stop = asyncio.Event()
         self._reload = False
+        self._netlink_task: asyncio.Task[None] | None = None
+        self._last_interface_check = 0.0
+        self._attach_failed: dict[str, str] = {}
 
     # ----------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
+        from .fastpath import abi
         from .fastpath.program import FastPath
         from .netlink.resolver import NeighbourResolver
         from .netlink.source import NetlinkSource
 
         s = self.settings
-        check_interfaces(s.interfaces)
-        self.log.info("daemon.start", version=__version__, interfaces=list(s.interfaces))
-        self.fastpath = FastPath.load(s.instance)
-        self.maps = PinnedMaps(s.pin_dir)
-        self.rib = Rib(Filter(s.table, frozenset(s.protocols) or None),
-                       first_id=self.maps.max_nexthop_id() + 1)
-        self.writer = MapWriter(self.maps, batch=s.map_batch)
-        self.misses = MissReader(self.maps.fd("neigh_miss"))
-        self.resolver = NeighbourResolver()
-        self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf)
+        self.lock.acquire()
+        try:
+            check_interfaces(s.interfaces)
+            self.log.info("daemon.start", version=__version__, interfaces=list(s.interfaces),
+                          config=s.config_file or None)
+            self.notify.status("starting: compiling and loading the XDP program")
+            t0 = time.monotonic()
+            self.fastpath = FastPath.load(s.instance, sizes=abi.Sizes(**s.map_sizes))
+            self._log_load(time.monotonic() - t0)
+            self.maps = PinnedMaps(s.pin_dir)
+            self.rib = Rib(self._filter(s), first_id=self.maps.max_nexthop_id() + 1)
+            self.writer = MapWriter(self.maps, batch=s.map_batch)
+            self.guard = FullMapGuard(self.rib, self.writer, self.log)
+            self.misses = MissReader(self.maps.fd("neigh_miss"))
+            self.resolver = NeighbourResolver()
+            self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
+            await self._serve()
+        finally:
+            self.lock.release()
 
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
 
         server = await self._start_status_server()
-        tasks = [asyncio.create_task(self.source.run(self), name="netlink")]
-        tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        await self._start_metrics()
+        assert self.misses is not None
+        loop.add_reader(self.misses.fileno(), self._on_neigh_miss)
+        self.notify.status("syncing: dumping the kernel's tables")
+        self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
+        housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         stop = asyncio.create_task(self._stop.wait())
         try:
-            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stop and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+            while True:
+                netlink = self._netlink_task
+                done, _ = await asyncio.wait([stop, housekeeping, netlink],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    break
+                if done == {netlink} and netlink is not self._netlink_task:
+                    continue  # a reload restarted the source: wait on the new task
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                raise DaemonError(f"{next(iter(done)).get_name()} task ended unexpectedly")
         finally:
+            self.state = "stopping"
             self.notify.send("STOPPING=1")
-            for t in [stop, *tasks]:
+            tasks = [stop, housekeeping, self._netlink_task]
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, stop, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             server.close()
+            loop.remove_reader(self.misses.fileno())
+            if self.metrics is not None:
+                await self.metrics.stop()
             with contextlib.suppress(OSError):
-                s.status_socket.unlink()
+                self.settings.status_socket.unlink()
             self.log.info("daemon.stop", note="XDP stays attached; `fibsync detach` removes it")
+
+    def _log_load(self, seconds: float) -> None:
+        fp = self.fastpath
+        by_origin: dict[str, list[str]] = {}
+        for name, origin in fp.map_origin.items():
+            by_origin.setdefault(origin, []).append(name)
+        self.log.info("fastpath.load", seconds=round(seconds, 2), prog_id=fp.prog_id,
+                      **{k: sorted(v) for k, v in by_origin.items()})
+        if by_origin.get("replaced"):
+            self.log.warning("map.replace", maps=sorted(by_origin["replaced"]),
+                             note="the pinned map's layout or size differs from this build: "
+                                  "a new map is filled before the program is swapped")
+        if fp.mounted_bpffs:
+            self.log.info("bpffs.mount", path="/sys/fs/bpf")
+
+    @staticmethod
+    def _filter(s: Settings) -> Filter:
+        return Filter(s.table, frozenset(s.protocols) or None)
 
     # ---------------------------------------------------- netlink -> maps
 
     def resync(self, snapshot: Snapshot) -> None:
-        assert self.rib is not None and self.writer is not None
+        assert self.rib is not None and self.writer is not None and self.guard is not None
+        self.notify.ping(force=True)
         t0 = time.monotonic()
         self.rib.resync(snapshot)
         self._flush()
         if self.state != "synced":
-            # what a previous run left in the pinned maps and the kernel no longer has
-            swept = self.writer.sweep(self.rib)
             self._attach_all()
+            # what a previous run left in the pinned maps and the kernel no longer has; the
+            # new program runs already, so the old one never meets a half-swept table
+            swept = self.writer.sweep(self.rib)
+            self.guard.retry()
+            self._prune_tx_ports()
             self.state = "synced"
             self.synced_at = time.time()
             counts = self.rib.counts()
             self.log.info("sync.done", seconds=round(time.monotonic() - t0, 3), stale=swept,
                           **counts)
-            self.notify.send(f"READY=1\nSTATUS=synced: {counts['routes_v4']} IPv4 and "
-                             f"{counts['routes_v6']} IPv6 prefixes")
+            self.notify.send("READY=1")
+        self._update_status_line()
+        self.notify.ping(force=True)
 
     def apply(self, changes: list[Change]) -> None:
         assert self.rib is not None
-        self.last_change = time.time()
+        t0 = time.monotonic()
         self.rib.apply(changes)
         self._flush()
+        self.lag.observe(time.monotonic() - t0, len(changes))
 
     def _flush(self) -> None:
-        assert self.rib is not None and self.writer is not None
+        assert self.rib is not None and self.guard is not None
         diff = self.rib.take_diff()
         if diff:
-            self.writer.write(diff)
-            self.last_write = time.time()
+            self.guard.write(diff)
         for ifindex, family, addr in diff.resolve:
             self.resolver.request(ifindex, family, addr)
 
@@ -169,6 +442,12 @@ class Daemon:
     def _attach_all(self) -> None:
         for name in self.settings.interfaces:
             self._attach(name)
+        configured = set(self.settings.interfaces)
+        for att in self.fastpath.attached():
+            if att.ifname not in configured:
+                # a previous run's program on an interface no longer configured
+                self.fastpath.detach(att.ifname)
+                self.log.info("xdp.detach", interface=att.ifname, reason="not configured")
 
     def _attach(self, name: str) -> None:
         att = self.fastpath.attach(name, mode=self.settings.xdp_mode,
@@ -176,51 +455,169 @@ class Daemon:
         self.attachments[name] = att
         self.log.info("xdp.attach", interface=name, mode=att.mode, prog_id=att.prog_id)
 
+    def _detach(self, name: str, reason: str) -> None:
+        self.attachments.pop(name, None)
+        try:
+            self.fastpath.detach(name)
+        except InterfaceError as e:
+            # gone already: the kernel took the program with the interface
+            self.log.info("xdp.detach", interface=name, reason=reason, note=str(e))
+            return
+        self.log.info("xdp.detach", interface=name, reason=reason)
+
+    def _prune_tx_ports(self) -> None:
+        """Forget redirect targets a previous run allowed and this one does not."""
+        from .fastpath import bpfsys
+
+        fd = self.fastpath.map_fd("tx_ports")
+        keep = {a.ifindex for a in self.attachments.values()}
+        for key, _ in list(bpfsys.iterate(fd)):
+            if struct.unpack("=I", key)[0] not in keep:
+                bpfsys.delete(fd, key)
+
+    def _check_interfaces(self) -> None:
+        """Re-attach where a configured interface came back (deleted and re-created)."""
+        current = {a.ifname: a for a in self.fastpath.attached()}
+        for name in self.settings.interfaces:
+            if name in current:
+                self.attachments[name] = current[name]
+                continue
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                if self.attachments.pop(name, None) is not None:
+                    self.log.warning("interface.gone", interface=name)
+                continue
+            try:
+                self._attach(name)
+            except InterfaceError as e:
+                self.attachments.pop(name, None)
+                if self._attach_failed.get(name) != str(e):
+                    self.log.error("xdp.attach_failed", interface=name, error=str(e))
+                self._attach_failed[name] = str(e)
+            else:
+                self._attach_failed.pop(name, None)
+
+    # -------------------------------------------------------------- reload
+
     def _request_reload(self) -> None:
         self._reload = True
 
     def _do_reload(self) -> None:
         self._reload = False
+        old = self.settings
         try:
-            new = config.build(self.settings.config_file or None, {
-                "instance": self.settings.instance})
-        except ConfigError as e:
-            self.log.error("config.reload_failed", error=str(e))
-            return
-        if new.instance != self.settings.instance:
-            self.log.error("config.reload_failed", error="instance cannot change on reload")
-            return
-        try:
+            new = config.build(old.config_file or None, self.overrides)
+            if not new.interfaces:
+                raise UsageError("interfaces: the new configuration names no interface")
             check_interfaces(new.interfaces)
-        except InterfaceError as e:
-            self.log.error("config.reload_failed", error=str(e))
+        except (ConfigError, UsageError, InterfaceError) as e:
+            self.reloads["rejected"] += 1
+            self.reloads["last_error"] = str(e)
+            self.log.error("config.reject", error=str(e), note="the running configuration stays")
             return
-        old = set(self.settings.interfaces)
+        ignored = old.restart_only_changes(new)
+        if ignored:
+            self.log.warning("config.restart_needed", keys=ignored,
+                             note="these take effect when the daemon restarts")
+            new = dataclasses.replace(new, **{k.field: getattr(old, k.field)
+                                              for k in config.KEYS if k.toml in ignored})
         self.settings = new
-        for name in [n for n in new.interfaces if n not in old]:
-            self._attach(name)
-        for name in [n for n in old if n not in new.interfaces]:
-            self.fastpath.detach(name)
-            self.attachments.pop(name, None)
-            self.log.info("xdp.detach", interface=name)
-        self.log.info("config.reload", interfaces=list(new.interfaces))
+        logging.set_level(new.log_level)
+        assert self.writer is not None and self.rib is not None
+        self.writer.batch = new.map_batch
+        self.source.rcvbuf = new.netlink_rcvbuf
+        if new.socket_group != old.socket_group:
+            self._set_socket_mode()
+        added = [n for n in new.interfaces if n not in old.interfaces]
+        removed = [n for n in old.interfaces if n not in new.interfaces]
+        for name in removed:
+            self._detach(name, reason="removed from the configuration")
+        mode_changed = (new.xdp_mode, new.replace_xdp) != (old.xdp_mode, old.replace_xdp)
+        for name in new.interfaces:
+            if name in added or mode_changed:
+                try:
+                    self._attach(name)
+                except InterfaceError as e:
+                    self.log.error("xdp.attach_failed", interface=name, error=str(e))
+        resync = self._filter(new) != self.rib.filter
+        if resync:
+            self.rib.filter = self._filter(new)
+            self._restart_netlink()
+        self.reloads["done"] += 1
+        self.log.info("config.reload", interfaces=list(new.interfaces), added=added,
+                      removed=removed, table=new.table, protocols=list(new.protocols),
+                      resync=resync)
+        if new.metrics_listen != old.metrics_listen:
+            asyncio.get_running_loop().create_task(self._restart_metrics())
+        self._update_status_line()
+
+    def _restart_netlink(self) -> None:
+        """A filter changed: dump again; the RIB's mark and sweep applies the difference."""
+        assert self._netlink_task is not None
+        self._netlink_task.cancel()
+        self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
 
     # ------------------------------------------------- housekeeping loop
 
     async def _housekeeping(self) -> None:
-        interval = min(0.05, self.notify.watchdog / 2) if self.notify.watchdog else 0.05
-        last_ping = 0.0
+        interval = min(0.05, self.notify.watchdog / 4) if self.notify.watchdog else 0.05
         while True:
             await asyncio.sleep(interval)
-            if self._reload and self.state == "synced":
+            self.notify.ping()
+            if self.state != "synced":
+                continue
+            if self._reload:
                 self._do_reload()
-            assert self.misses is not None
-            for miss in set(self.misses.drain()):
-                self.resolver.request(miss.ifindex, miss.family, miss.addr)
             now = time.monotonic()
-            if self.notify.watchdog and now - last_ping >= self.notify.watchdog / 3:
-                self.notify.send("WATCHDOG=1")
-                last_ping = now
+            if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
+                self._last_interface_check = now
+                self._check_interfaces()
+                self._update_status_line()
+
+    def _on_neigh_miss(self) -> None:
+        """The program met next hops it could not resolve: ask the kernel to resolve them."""
+        assert self.misses is not None
+        misses = self.misses.drain()
+        if self.state != "synced":
+            return  # the first sync resolves what the maps need
+        self.neigh_misses += len(misses)
+        for miss in misses:
+            self.resolver.request(miss.ifindex, miss.family, miss.addr)
+
+    def _update_status_line(self) -> None:
+        if self.state != "synced" or self.rib is None:
+            return
+        c = self.rib.counts()
+        text = (f"synced: {c['routes_v4']} IPv4 and {c['routes_v6']} IPv6 prefixes, "
+                f"{len(self.attachments)}/{len(self.settings.interfaces)} interfaces")
+        problems = self.problems()
+        self.notify.status(text + (f"; {problems[0]}" if problems else ""))
+
+    # -------------------------------------------------------------- metrics
+
+    async def _start_metrics(self) -> None:
+        if not self.settings.metrics_listen:
+            return
+        from .metrics import MetricsServer
+
+        self.metrics = MetricsServer(self, self.settings.metrics_listen)
+        try:
+            await self.metrics.start()
+        except OSError as e:
+            self.metrics = None
+            raise DaemonError(f"metrics.listen: cannot listen on "
+                              f"{self.settings.metrics_listen}: {e.strerror}") from None
+        self.log.info("metrics.listen", address=self.settings.metrics_listen)
+
+    async def _restart_metrics(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
+        try:
+            await self._start_metrics()
+        except DaemonError as e:
+            self.log.error("metrics.error", error=str(e))
 
     # ------------------------------------------------------------ status
 
@@ -229,15 +626,29 @@ class Daemon:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        server = await asyncio.start_unix_server(self._serve_status, path=str(path))
-        mode = 0o660 if self.settings.socket_group else 0o600
-        if self.settings.socket_group:
-            try:
-                os.chown(path, -1, grp.getgrnam(self.settings.socket_group).gr_gid)
-            except KeyError:
-                self.log.error("status.group_missing", group=self.settings.socket_group)
-        os.chmod(path, mode)
+        # created 0600 from the start: nobody outside may connect before the chmod below
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(self._serve_status, path=str(path))
+        finally:
+            os.umask(old_umask)
+        self._set_socket_mode()
         return server
+
+    def _set_socket_mode(self) -> None:
+        path = self.settings.status_socket
+        group = self.settings.socket_group
+        if group:
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except (KeyError, OSError) as e:
+                self.log.error("status.error", group=group, error=str(e))
+                os.chmod(path, 0o600)
+                return
+            os.chmod(path, 0o660)
+        else:
+            os.chown(path, -1, os.getegid())
+            os.chmod(path, 0o600)
 
     async def _serve_status(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
@@ -247,36 +658,68 @@ class Daemon:
             doc = self.status() if line in ("", "status") else {"error": f"unknown {line!r}"}
             writer.write(dumps(doc).encode())
             await writer.drain()
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError, UnicodeDecodeError):
             pass
         except Exception:
-            self.log.exception("status.failed")
+            self.log.exception("status.error")
         finally:
             writer.close()
 
+    def problems(self) -> list[str]:
+        """What an operator must look at, one line each (status, STATUS=, metrics)."""
+        if self.rib is None or self.writer is None:
+            return []
+        out = []
+        counts = self.rib.counts()
+        for name, capacity in self.settings.map_sizes.items():
+            if counts.get(name, 0) > capacity:
+                out.append(f"{name} is full: {counts[name]} entries wanted, room for {capacity} "
+                           f"(raise maps.{name} and restart)")
+        if self.writer.unwritten:
+            out.append(f"{len(self.writer.unwritten)} prefixes are not in the fast path; "
+                       f"{len(self.guard.demoted) if self.guard else 0} covering prefixes "
+                       f"use bpf_fib_lookup instead")
+        for name in self.settings.interfaces:
+            if name not in self.attachments:
+                out.append(f"interface {name} runs no fibsync program (missing?)")
+        return out
+
     def status(self) -> dict[str, Any]:
         assert self.rib is not None and self.writer is not None and self.maps is not None
-        src = self.source.stats
-        doc: dict[str, Any] = {
-            "instance": self.settings.instance,
+        counts = self.rib.counts()
+        s = self.settings
+        origins = self.fastpath.map_origin if self.fastpath is not None else {}
+        return {
+            "instance": s.instance,
             "daemon": "up",
             "pid": os.getpid(),
             "version": __version__,
             "state": self.state,
+            "problems": self.problems(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "synced_at": self.synced_at,
-            "fastpath": self.rib.counts(),
-            "netlink": _public(src),
-            "writer": {**_public(self.writer.stats), "unwritten": len(self.writer.unwritten)},
+            "fastpath": counts,
+            "maps": {name: {"entries": counts.get(name, 0), "capacity": cap,
+                            "origin": origins.get(name, "")}
+                     for name, cap in s.map_sizes.items()},
+            "netlink": _public(self.source.stats),
+            "sync": self.lag.doc(),
+            "writer": {**_public(self.writer.stats), "unwritten": len(self.writer.unwritten),
+                       "demoted": len(self.guard.demoted) if self.guard else 0,
+                       "full_episodes": self.guard.episodes if self.guard else 0},
             "rib": dict(self.rib.stats),
+            "neighbour_resolver": {**_public(self.resolver.stats),
+                                   "misses": self.neigh_misses},
+            "reloads": dict(self.reloads),
             "interfaces": [
                 {"name": n, "ifindex": a.ifindex, "mode": a.mode, "prog_id": a.prog_id}
                 for n, a in self.attachments.items()
             ],
             "counters": self.maps.counters(),
-            "filter": {"table": self.settings.table, "protocols": list(self.settings.protocols)},
+            "filter": {"table": s.table, "protocols": list(s.protocols)},
+            "config": {"file": s.config_file, "metrics": s.metrics_listen,
+                       "socket_group": s.socket_group, "xdp_mode": s.xdp_mode},
         }
-        return doc
 
 
 def _public(obj: Any) -> dict[str, Any]:
@@ -287,11 +730,12 @@ def _public(obj: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
 
 
-def main(settings: Settings, on_error: Callable[[FibsyncError], None]) -> int:
+def main(settings: Settings, overrides: dict[str, Any],
+         on_error: Callable[[FibsyncError], None]) -> int:
     import uvloop
 
     logging.configure(settings.log_level, settings.log_format)
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, overrides)
     try:
         uvloop.run(daemon.run())
     except FibsyncError as e:
@@ -300,4 +744,4 @@ def main(settings: Settings, on_error: Callable[[FibsyncError], None]) -> int:
     return 0
 
 
-__all__ = ["Daemon", "check_interfaces", "main", "Path"]
+__all__ = ["Daemon", "FullMapGuard", "check_interfaces", "main"]

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import DaemonDown, DaemonError
 
 TIMEOUT = 5.0
+MAP_ORDER = ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours")
 
 
 def query(sock_path: Path, command: str = "status") -> dict[str, Any]:
@@ -51,34 +52,83 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
+def _fmt_seconds(s: float) -> str:
+    if s < 1:
+        return f"{s * 1000:.1f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    m, s = divmod(int(s), 60)
+    h, m = divmod(m, 60)
+    d, h = divmod(h, 24)
+    return f"{d}d{h}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 def render(doc: dict[str, Any]) -> str:
-    """The human table of ``fibsync status``."""
+    """The human table of ``fibsync status`` (docs/operations.md explains every line)."""
     lines = []
     state = doc.get("state", "unknown")
-    daemon = "up" if doc.get("daemon") == "up" else "DOWN (figures read from the pinned maps)"
+    if doc.get("daemon") == "up":
+        daemon = (f"up, pid {doc.get('pid')}, version {doc.get('version')}, "
+                  f"running {_fmt_seconds(doc.get('uptime_seconds', 0))}")
+    else:
+        daemon = "DOWN (figures read from the pinned maps)"
     lines.append(f"instance   {doc.get('instance', '?')}")
-    lines.append(f"daemon     {daemon}" + (f", pid {doc['pid']}" if doc.get("pid") else ""))
+    lines.append(f"daemon     {daemon}")
     lines.append(f"state      {state}")
+    for problem in doc.get("problems", []):
+        lines.append(f"problem    {problem}")
     fp = doc.get("fastpath", {})
     lines.append(
         f"routes     v4 {fp.get('routes_v4', 0)}  v6 {fp.get('routes_v6', 0)}"
         f"   nexthops {fp.get('nexthops', 0)}  groups {fp.get('groups', 0)}"
         f"  neighbours {fp.get('neighbours', 0)}"
     )
+    maps = doc.get("maps")
+    if maps:
+        parts = []
+        origins: dict[str, list[str]] = {}
+        for name in MAP_ORDER:
+            m = maps.get(name)
+            if m is None:
+                continue
+            cap = m.get("capacity") or 0
+            pct = f" ({100 * m.get('entries', 0) / cap:.0f}%)" if cap else ""
+            parts.append(f"{name} {m.get('entries', 0)}/{cap}{pct}")
+            if m.get("origin"):
+                origins.setdefault(m["origin"], []).append(name)
+        lines.append("maps       " + "  ".join(parts))
+        if len(origins) == 1:
+            lines.append(f"           all {next(iter(origins))} at start")
+        elif origins:
+            lines.append("           " + "; ".join(f"{o}: {', '.join(n)}"
+                                                  for o, n in sorted(origins.items())))
     nl = doc.get("netlink")
     if nl:
         lines.append(
             f"netlink    messages {nl.get('messages', 0)}  overruns {nl.get('overruns', 0)}"
-            f"  resyncs {nl.get('resyncs', 0)}  last resync {nl.get('last_resync_seconds', 0):.3f}s"
+            f"  resyncs {nl.get('resyncs', 0)}"
+            f"  last resync {_fmt_seconds(nl.get('last_resync_seconds', 0))}"
             f"  undecodable {nl.get('undecodable', 0)}"
+        )
+    sync = doc.get("sync")
+    if sync:
+        lines.append(
+            f"sync lag   last {_fmt_seconds(sync.get('last_seconds', 0))}"
+            f"  max {_fmt_seconds(sync.get('max_seconds', 0))}"
+            f"  mean {_fmt_seconds(sync.get('mean_seconds', 0))}"
+            f"  ({sync.get('changes', 0)} changes in {sync.get('batches', 0)} batches)"
         )
     wr = doc.get("writer")
     if wr:
         lines.append(
-            f"maps       writes {wr.get('entries', 0)} in {wr.get('batches', 0)} batches"
+            f"map writes {wr.get('entries', 0)} in {wr.get('batches', 0)} batches"
             f"  errors {wr.get('errors', 0)}  full {wr.get('full', 0)}"
-            + (f"  unwritten {wr['unwritten']}" if wr.get("unwritten") else "")
+            f"  unwritten {wr.get('unwritten', 0)}  demoted {wr.get('demoted', 0)}"
         )
+    rl = doc.get("reloads")
+    if rl:
+        lines.append(f"reloads    {rl.get('done', 0)} done, {rl.get('rejected', 0)} rejected"
+                     + (f" (last: {rl['last_error']})" if rl.get("last_error") else ""))
     ifaces = doc.get("interfaces", [])
     lines.append("interfaces")
     if not ifaces:
@@ -94,6 +144,8 @@ def render(doc: dict[str, Any]) -> str:
     for reason, c in sorted(shown.items(), key=lambda kv: -kv[1]["packets"]):
         lines.append(f"  {reason:<18} {_fmt_count(c['packets']):>8} pkts"
                      f" {_fmt_count(c['bytes']):>9} bytes   {c.get('description', '')}")
+    if doc.get("note"):
+        lines.append(f"note       {doc['note']}")
     return "\n".join(lines)
 
 
