@@ -29,6 +29,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from . import __version__, config
@@ -307,6 +308,7 @@ class Daemon:
         self._reload = False
         self._netlink_task: asyncio.Task[None] | None = None
         self._last_interface_check = 0.0
+        self._hash_policy: tuple[int, ...] = ()
         self._attach_failed: dict[str, str] = {}
 
     # ----------------------------------------------------------- lifecycle
@@ -573,7 +575,19 @@ class Daemon:
             if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
                 self._last_interface_check = now
                 self._check_interfaces()
+                self._sync_hash_policy()
                 self._update_status_line()
+
+    def _sync_hash_policy(self) -> None:
+        """ECMP follows the kernel's multipath hash policy; no netlink event announces a
+        sysctl change, so it is read again on every interface check."""
+        assert self.maps is not None
+        policy = tuple(_read_sysctl(f"net/{fam}/fib_multipath_hash_policy")
+                       for fam in ("ipv4", "ipv6"))
+        if policy != self._hash_policy:
+            self.maps.set_hash_policy(*policy)
+            self._hash_policy = policy
+            self.log.info("ecmp.hash_policy", ipv4=policy[0], ipv6=policy[1])
 
     def _on_neigh_miss(self) -> None:
         """The program met next hops it could not resolve: ask the kernel to resolve them."""
@@ -720,6 +734,13 @@ class Daemon:
             "config": {"file": s.config_file, "metrics": s.metrics_listen,
                        "socket_group": s.socket_group, "xdp_mode": s.xdp_mode},
         }
+
+
+def _read_sysctl(name: str) -> int:
+    try:
+        return int(Path("/proc/sys", name).read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def _public(obj: Any) -> dict[str, Any]:

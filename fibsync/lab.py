@@ -262,6 +262,12 @@ def veth(ns_a: Netns | str, if_a: str, ns_b: Netns | str, if_b: str, *,
     when the receiving peer runs XDP or has GRO on. It is switched on once both
     ends are up: set on a veth that is down, GRO shows "on" but the veth's NAPI,
     which XDP_REDIRECT needs, stays off (seen on 6.18: every redirect dropped).
+
+    Transmit checksum offload goes off too: a veth hands its peer TCP/UDP
+    packets whose checksum is left for "hardware" (CHECKSUM_PARTIAL), and a
+    frame redirected by XDP into another veth arrives with that checksum never
+    filled in, so the receiver drops it (ICMP, checksummed in software, still
+    passes). Real NICs fill it in on the wire; a lab of veths must not offload.
     """
     a, b = _ns(ns_a), _ns(ns_b)
     for ifname in (if_a, if_b):
@@ -273,9 +279,8 @@ def veth(ns_a: Netns | str, if_a: str, ns_b: Netns | str, if_b: str, *,
     if up:
         for ns, ifname in ends:
             ns.ip("link", "set", ifname, "up")
-    if gro:
-        for ns, ifname in ends:
-            ns.run(["ethtool", "-K", ifname, "gro", "on"])
+    for ns, ifname in ends:
+        ns.run(["ethtool", "-K", ifname, "tx", "off", *(["gro", "on"] if gro else [])])
 
 
 # --- FRR -------------------------------------------------------------------

@@ -4,8 +4,9 @@ Objects are slotted, hashable values: the netlink decoder makes them, the RIB
 keeps them, nobody mutates them. They are deliberately not ``frozen=True``:
 a frozen dataclass costs ~1.4 µs to build against ~0.3 µs (measured on this
 machine), and a full table decodes millions of them; ``unsafe_hash`` keeps them
-usable as keys. Change one with ``dataclasses.replace``, never by assignment. Addresses are packed bytes (4 or 16) so that they go
-into BPF keys without conversion; ``str()`` gives the usual text forms.
+usable as keys. Change one with ``dataclasses.replace``, never by assignment.
+Addresses are packed bytes (4 or 16) so that they go into BPF keys without
+conversion; ``str()`` gives the usual text forms.
 """
 
 from __future__ import annotations

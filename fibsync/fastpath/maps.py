@@ -36,6 +36,7 @@ from .writer import (
 )
 
 COUNTER = struct.Struct("=QQ")
+CONFIG = struct.Struct("=IIII")
 ACTIONS = {0: "unicast", 1: "blackhole", 2: "kernel", 3: "fib"}
 
 
@@ -92,6 +93,13 @@ class PinnedMaps:
 
     def items(self, name: str) -> Iterator[tuple[bytes, bytes]]:
         return bpfsys.iterate(self.fd(name))
+
+    def set_hash_policy(self, ipv4: int, ipv6: int) -> None:
+        """ECMP hashing as net.ipv{4,6}.fib_multipath_hash_policy (fs_config; flags kept)."""
+        key = U32.pack(0)
+        old = bpfsys.lookup(self.fd("config"), key)
+        flags = CONFIG.unpack_from(old)[2] if isinstance(old, bytes) else 0
+        bpfsys.update(self.fd("config"), key, CONFIG.pack(ipv4, ipv6, flags, 0))
 
     # ------------------------------------------------------------ readers
 
