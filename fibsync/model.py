@@ -15,6 +15,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -67,9 +68,13 @@ RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
 
 
-@dataclass(slots=True, order=True, unsafe_hash=True)
-class Prefix:
-    """A destination prefix; host bits are always zero."""
+class Prefix(NamedTuple):
+    """A destination prefix; host bits are always zero.
+
+    A tuple, not a dataclass: prefixes are the keys of every table the RIB
+    keeps, and a tuple hashes and compares in C (a dataclass's __hash__ is a
+    Python call on every dict lookup).
+    """
 
     family: int
     addr: bytes
