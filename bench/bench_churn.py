@@ -1,0 +1,128 @@
+"""Churn: does fibsync keep up with the kernel, and how fast does one change reach the map?
+
+    .venv/bin/python bench/bench_churn.py [--base 200000] [--changes 200000] [--singles 300]
+
+1. Lag under a storm: with a base table installed and fibsync synced, `ip -batch`
+   applies ``--changes`` route replaces/deletes/adds at full kernel speed, the
+   last line adding a sentinel prefix. Lag = time from `ip` exiting to the
+   sentinel being in the pinned map (fibsync applies changes in kernel order,
+   so everything before it is in too).
+2. Latency of single changes on an otherwise idle system: a route is added
+   over netlink (pyroute2, no fork in the measured interval) and the pinned LPM
+   map is polled until it holds the prefix; p50/p99/max over ``--singles`` adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fulltable import install, v4_prefixes  # noqa: E402
+
+from fibsync.demo import RouterDaemon  # noqa: E402
+from fibsync.fastpath import bpfsys  # noqa: E402
+from fibsync.lab import Netns  # noqa: E402
+
+V4_KEY = struct.Struct("=I4s")
+
+
+def in_map(fd: int, prefix: str) -> bool:
+    addr, length = prefix.split("/")
+    return bpfsys.lookup(fd, V4_KEY.pack(int(length), socket.inet_aton(addr))) is not None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", type=int, default=200_000)
+    ap.add_argument("--changes", type=int, default=200_000)
+    ap.add_argument("--singles", type=int, default=300)
+    args = ap.parse_args()
+    name = f"fsc{uuid.uuid4().hex[:6]}"
+    ns = Netns(name).create()
+    rundir = Path("/run/fibsync-lab") / name
+    daemon = RouterDaemon(ns, rundir, name, [f"b{i}" for i in range(4)])
+    try:
+        install(name, args.base, 0)
+        daemon.start(timeout=600)
+        fd = bpfsys.obj_get(f"/sys/fs/bpf/fibsync/{name}/routes_v4")
+
+        # 1. a storm of changes at full kernel speed
+        rng = random.Random(9)
+        pool = v4_prefixes(args.base + args.changes // 2, seed=1)
+        lines = []
+        for _ in range(args.changes):
+            p = rng.choice(pool)
+            op = rng.random()
+            if op < 0.6:
+                lines.append(f"route replace {p} nhid {rng.choice([10, 11, 12, 13, 30, 31])}")
+            elif op < 0.8:
+                lines.append(f"route del {p}")
+            else:
+                lines.append(f"route replace {p} via 198.18.{rng.randrange(4)}.2")
+        sentinel = "203.0.113.255/32"
+        lines.append(f"route add {sentinel} nhid 10")
+        with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+            f.write("\n".join(lines) + "\n")
+        t0 = time.monotonic()
+        subprocess.run(["ip", "-n", name, "-force", "-batch", f.name], capture_output=True)
+        kernel_done = time.monotonic()
+        while not in_map(fd, sentinel):
+            time.sleep(0.001)
+            if time.monotonic() - kernel_done > 120:
+                raise SystemExit("fibsync never caught up")
+        caught_up = time.monotonic()
+        Path(f.name).unlink()
+        storm = {"changes": args.changes, "kernel_s": round(kernel_done - t0, 2),
+                 "lag_after_kernel_s": round(caught_up - kernel_done, 3)}
+        status = daemon.status()
+
+        # 2. single changes on an idle system
+        from pyroute2 import IPRoute  # noqa: PLC0415
+
+        latencies = []
+        with IPRoute(netns=name) as ipr:
+            for i in range(args.singles):
+                prefix = f"203.0.113.{i % 250}/32" if i < 250 else f"192.0.2.{i % 250}/32"
+                time.sleep(0.01)
+                t = time.monotonic()
+                ipr.route("add", dst=prefix, gateway="198.18.0.2")
+                while not in_map(fd, prefix):
+                    pass
+                latencies.append((time.monotonic() - t) * 1000)
+                ipr.route("del", dst=prefix, gateway="198.18.0.2")
+        latencies.sort()
+        singles = {"count": len(latencies),
+                   "p50_ms": round(statistics.median(latencies), 3),
+                   "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 3),
+                   "max_ms": round(latencies[-1], 3)}
+        print(json.dumps({
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.release()}",
+            "base_table": f"{args.base} IPv4 routes", "storm": storm, "single_changes": singles,
+            "daemon_netlink": status.get("netlink"),
+        }, indent=2))
+        os.close(fd)
+    finally:
+        daemon.stop()
+        daemon.remove_pins()
+        ns.delete()
+        subprocess.run(["rm", "-rf", str(rundir)])
+
+
+if __name__ == "__main__":
+    main()
