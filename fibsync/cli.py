@@ -166,8 +166,14 @@ def routes(instance: Instance = None, config_file: ConfigFile = None,
 def lookup(address: str, instance: Instance = None, config_file: ConfigFile = None,
            as_json: AsJson = False) -> None:
     """Say which path a destination takes in the fast path, and why."""
+    import ipaddress
+
     from .fastpath.maps import PinnedMaps, render_lookup
 
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise UsageError(f"{address!r} is not an IPv4 or IPv6 address") from None
     settings = config.instance_for(instance, config_file)
     result = PinnedMaps(settings.pin_dir).lookup(address)
     print(json.dumps(result, indent=2) if as_json else render_lookup(result))

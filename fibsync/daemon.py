@@ -690,9 +690,11 @@ class Daemon:
                 out.append(f"{name} is full: {counts[name]} entries wanted, room for {capacity} "
                            f"(raise maps.{name} and restart)")
         if self.writer.unwritten:
-            out.append(f"{len(self.writer.unwritten)} prefixes are not in the fast path; "
-                       f"{len(self.guard.demoted) if self.guard else 0} covering prefixes "
-                       f"use bpf_fib_lookup instead")
+            n = len(self.writer.unwritten)
+            m = len(self.guard.demoted) if self.guard else 0
+            out.append(f"{n} prefix{'es are' if n != 1 else ' is'} not in the fast path; "
+                       f"{m} covering prefix{'es use' if m != 1 else ' uses'} "
+                       f"bpf_fib_lookup instead")
         for name in self.settings.interfaces:
             if name not in self.attachments:
                 out.append(f"interface {name} runs no fibsync program (missing?)")

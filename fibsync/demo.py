@@ -7,6 +7,7 @@ it reports ``synced``, and stops it by pid. ``demo`` is what `make demo` shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,23 +29,31 @@ def fibsync_argv() -> list[str]:
 
 
 class RouterDaemon:
-    """``fibsync run`` as its own process inside a namespace (a lab's router by default)."""
+    """``fibsync run`` as its own process inside a namespace (a lab's router by default).
+
+    ``env`` adds to the daemon's environment (NOTIFY_SOCKET, ...). ``wrap`` is an
+    argv prefix that starts the daemon another way: it must enter the namespace
+    itself (``nsenter --net=/run/netns/NS ...``), as ``--netns`` is then left out.
+    """
 
     def __init__(self, ns: Netns, rundir: Path, instance: str, interfaces: list[str],
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 wrap: list[str] | None = None) -> None:
         self.ns = ns
         self.instance = instance
         self.interfaces = interfaces
         self.extra = extra or []
+        self.env = env or {}
+        self.wrap = wrap
         self.rundir = rundir
         self.pid_file = self.rundir / f"fibsync-{self.instance}.pid"
         self.log_file = self.rundir / f"fibsync-{self.instance}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def for_lab(cls, lab: Lab, extra: list[str] | None = None) -> RouterDaemon:
+    def for_lab(cls, lab: Lab, extra: list[str] | None = None, **kw: Any) -> RouterDaemon:
         """On the lab's router, on every interface facing a host, instance named after the lab."""
-        return cls(lab.r, lab.rundir, lab.name, lab.router_interfaces, extra)
+        return cls(lab.r, lab.rundir, lab.name, lab.router_interfaces, extra, **kw)
 
     @property
     def pid(self) -> int | None:
@@ -55,12 +64,14 @@ class RouterDaemon:
         if self.pid is not None:
             return
         self.rundir.mkdir(parents=True, exist_ok=True)
-        argv = [*fibsync_argv(), "--netns", self.ns.name, "run", "--instance", self.instance,
-                "--log-format", "json", *[a for i in self.interfaces for a in ("-i", i)],
-                *self.extra]
+        where = [*self.wrap, *fibsync_argv()] if self.wrap else \
+            [*fibsync_argv(), "--netns", self.ns.name]
+        argv = [*where, "run", "--instance", self.instance, "--log-format", "json",
+                *[a for i in self.interfaces for a in ("-i", i)], *self.extra]
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         env={**os.environ, **self.env})
         self.pid_file.write_text(f"{self.proc.pid}\n")
         self.wait_synced(timeout)
 
@@ -87,6 +98,20 @@ class RouterDaemon:
         """Run a fibsync command inside the router namespace, for this instance."""
         return run([*fibsync_argv(), "--netns", self.ns.name, *args, "--instance", self.instance],
                    check=check)
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines, parsed (other lines skipped)."""
+        out = []
+        try:
+            text = self.log_file.read_text()
+        except OSError:
+            return []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    out.append(doc)
+        return out
 
     def log_tail(self, lines: int = 20) -> str:
         try:
