@@ -10,8 +10,9 @@
  * route, which the kernel would drop as well. Each packet is counted exactly
  * once, under the reason for what happened to it.
  *
- * Per packet on an LPM hit: routes -> [groups] -> nexthops -> [neighbours]
- * -> tx_ports (inside bpf_redirect_map) -> counters. Everything that can make
+ * Per packet on a hit: routes (IPv4: LPM trie or DIR-24-8, by fs_config) ->
+ * [groups] -> nexthops -> [neighbours] -> tx_ports (inside bpf_redirect_map)
+ * -> counters. Everything that can make
  * us hand the packet back (MTU, TTL, egress) is decided before the first byte
  * is rewritten: the kernel must receive the frame as it arrived.
  */
@@ -51,6 +52,12 @@ BPF_TABLE_PINNED("hash", struct fs_neigh_key, struct fs_neigh, neighbours, FS_MA
 BPF_TABLE_PINNED("percpu_array", __u32, struct fs_counter, counters, FS_REASON_MAX,
 		 FS_PIN(counters));
 BPF_TABLE_PINNED("array", __u32, struct fs_config, config, 1, FS_PIN(config));
+BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl24, FS_DIR24_ENTRIES / 2,
+		 FS_PIN(v4_tbl24), BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl8,
+		 FS_MAX_TBL8_GROUPS * FS_TBL8_ENTRIES / 2, FS_PIN(v4_tbl8), BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("array", __u32, struct fs_route, v4_slots, FS_MAX_SLOTS, FS_PIN(v4_slots),
+		 BPF_F_MMAPABLE);
 
 /*
  * tx_ports is a DEVMAP_HASH (ifindexes are sparse); bcc 0.26 has no name for
@@ -419,6 +426,37 @@ static __always_inline __u32 fs_route_verdict(struct fs_pkt *p, void *l3, const 
 	}
 }
 
+/*
+ * DIR-24-8: one array read for prefixes up to /24, a second for longer ones,
+ * then the route's slot (array lookups are inlined by the verifier). User
+ * space fills a tbl8 group before a tbl24 entry points to it and stores each
+ * entry with one aligned 4-byte write, so this never reads a half-built range.
+ */
+static __always_inline struct fs_route *fs_dir24_lookup(__be32 daddr)
+{
+	__u32 addr = bpf_ntohl(daddr);
+	__u32 i = addr >> 8;
+	__u32 k = i >> 1;
+	struct fs_dir_pair *pair = v4_tbl24.lookup(&k);
+	__u32 e;
+
+	if (!pair)
+		return NULL;
+	e = pair->entry[i & 1];
+	if (e & FS_DIR_EXT) {
+		i = ((e & FS_DIR_INDEX) << 8) | (addr & 0xff);
+		k = i >> 1;
+		pair = v4_tbl8.lookup(&k);
+		if (!pair)
+			return NULL;
+		e = pair->entry[i & 1];
+	}
+	if (!e)
+		return NULL;
+	k = e & FS_DIR_INDEX;
+	return v4_slots.lookup(&k);
+}
+
 static __always_inline int fs_ipv4_martian(__be32 addr)
 {
 	__u8 first = ((__u8 *)&addr)[0];
@@ -429,7 +467,7 @@ static __always_inline int fs_ipv4_martian(__be32 addr)
 static __always_inline __u32 fs_ipv4(struct fs_pkt *p, struct fs_cursor *c)
 {
 	struct iphdr *iph = fs_parse_ipv4(c);
-	struct fs_v4_key key;
+	struct fs_config *cfg = fs_config_get();
 	struct fs_route *r;
 	__u32 v;
 
@@ -452,16 +490,17 @@ static __always_inline __u32 fs_ipv4(struct fs_pkt *p, struct fs_cursor *c)
 	p->hops = iph->ttl;
 	p->l4 = c->pos;
 	p->is_frag = (iph->frag_off & bpf_htons(FS_IP_MF | FS_IP_OFFSET)) != 0;
-	if (p->is_frag) {
-		struct fs_config *cfg = fs_config_get();
+	if (p->is_frag && cfg && (cfg->flags & FS_CFG_PASS_FRAGMENTS))
+		return FS_PASS(PASS_FRAGMENT);
 
-		if (cfg && (cfg->flags & FS_CFG_PASS_FRAGMENTS))
-			return FS_PASS(PASS_FRAGMENT);
+	if (cfg && cfg->v4_table == FS_V4_DIR24) {
+		r = fs_dir24_lookup(iph->daddr);
+	} else {
+		struct fs_v4_key key = { .prefixlen = 32 };
+
+		__builtin_memcpy(key.addr, &iph->daddr, 4);
+		r = routes_v4.lookup(&key);
 	}
-
-	key.prefixlen = 32;
-	__builtin_memcpy(key.addr, &iph->daddr, 4);
-	r = routes_v4.lookup(&key);
 	if (r) {
 		v = fs_route_verdict(p, iph, &iph->daddr, r);
 		if (v != FS_FALLBACK)

@@ -31,6 +31,13 @@
 #ifndef FS_MAX_TX_PORTS
 #define FS_MAX_TX_PORTS 1024
 #endif
+/* DIR-24-8 IPv4 table: tbl8 groups (256 entries each) and route slots */
+#ifndef FS_MAX_TBL8_GROUPS
+#define FS_MAX_TBL8_GROUPS 16384
+#endif
+#ifndef FS_MAX_SLOTS
+#define FS_MAX_SLOTS 131072
+#endif
 /* ring buffer size in bytes: a power of two, a multiple of the page size */
 #ifndef FS_NEIGH_MISS_BYTES
 #define FS_NEIGH_MISS_BYTES 262144
@@ -48,6 +55,40 @@
  * The XDP program never reads them.
  */
 #define FS_GROUP_MEMBERS 64
+
+/*
+ * DIR-24-8 (DPDK rte_lpm style), selected by fs_config.v4_table. Three
+ * BPF_F_MMAPABLE arrays that fastpath/dir24.py writes through mmap:
+ *
+ *   v4_tbl24  2^24 entries, indexed by the top 24 bits of the destination
+ *   v4_tbl8   FS_MAX_TBL8_GROUPS groups of 256 entries, by the low 8 bits
+ *   v4_slots  struct fs_route by slot number (0 is never used)
+ *
+ * Array values sit at an 8-byte stride, so both tables pack two 4-byte
+ * entries per element (struct fs_dir_pair): entry i is element i / 2, half
+ * i % 2. An entry is 0 (no route: ask bpf_fib_lookup) or
+ *
+ *   bit 31      FS_DIR_EXT: tbl24 only, bits 0-23 name a tbl8 group
+ *   bits 24-29  depth: the prefix length of the route the entry holds
+ *   bits 0-23   slot number (or tbl8 group with FS_DIR_EXT)
+ *
+ * The program only reads bit 31 and bits 0-23; the depth is user space's
+ * bookkeeping (which route an entry belongs to), kept in the entry so that
+ * user space needs no copy of the table. FS_DIR_PINNED is a depth no route
+ * has: such an entry (a /24 whose tbl8 group could not be allocated) is
+ * never overwritten by a route and points to a slot that asks bpf_fib_lookup.
+ */
+#define FS_DIR24_ENTRIES 16777216
+#define FS_TBL8_ENTRIES 256
+#define FS_DIR_EXT 0x80000000
+#define FS_DIR_INDEX 0xffffff
+#define FS_DIR_DEPTH_SHIFT 24
+#define FS_DIR_DEPTH_MASK 0x3f
+#define FS_DIR_PINNED 63
+
+/* fs_config.v4_table */
+#define FS_V4_LPM 0
+#define FS_V4_DIR24 1
 
 /* fs_route.action */
 #define FS_ACT_FORWARD 0
@@ -75,7 +116,7 @@
  * reasons are appended before FS_REASON_MAX, never inserted.
  */
 #define FS_REASONS(X)                                                                \
-	X(FWD_FAST, 0, "forwarded by an LPM hit on the fast path's own tables")      \
+	X(FWD_FAST, 0, "forwarded by a hit in the fast path's own tables")          \
 	X(FWD_FIB, 1, "forwarded using bpf_fib_lookup")                             \
 	X(PASS_NOT_IP, 2, "not IPv4 or IPv6 (ARP, LLDP, ...)")                       \
 	X(PASS_TTL, 3, "TTL or hop limit would expire: the kernel sends time exceeded") \
@@ -117,7 +158,12 @@ struct fs_route {
 	__u8 action;
 	__u8 flags;
 	__u8 reason;
-	__u8 pad;
+	__u8 plen; /* routes_v4/v6: the key's prefix length, for user space; 0 in v4_slots */
+};
+
+/* Two DIR-24-8 entries: the value of v4_tbl24 and v4_tbl8. */
+struct fs_dir_pair {
+	__u32 entry[2];
 };
 
 struct fs_nexthop {
@@ -159,7 +205,7 @@ struct fs_config {
 	__u32 hash_policy_v4;
 	__u32 hash_policy_v6;
 	__u32 flags;
-	__u32 pad;
+	__u32 v4_table; /* FS_V4_LPM or FS_V4_DIR24 */
 };
 
 /* neigh_miss event: the daemon asks the kernel to resolve this address. */

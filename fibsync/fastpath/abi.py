@@ -22,6 +22,20 @@ FS_MAX_GROUPS = 16384
 FS_MAX_NEIGH = 65536
 FS_MAX_TX_PORTS = 1024
 FS_NEIGH_MISS_BYTES = 262144
+FS_MAX_TBL8_GROUPS = 16384
+FS_MAX_SLOTS = 131072
+
+# DIR-24-8 entries (see the header's comment above FS_DIR24_ENTRIES)
+FS_DIR24_ENTRIES = 16777216
+FS_TBL8_ENTRIES = 256
+FS_DIR_EXT = 0x80000000
+FS_DIR_INDEX = 0xFFFFFF
+FS_DIR_DEPTH_SHIFT = 24
+FS_DIR_DEPTH_MASK = 0x3F
+FS_DIR_PINNED = 63
+
+FS_V4_LPM = 0
+FS_V4_DIR24 = 1
 
 FS_GROUP_BUCKETS = 128
 FS_GROUP_MEMBERS = 64
@@ -53,7 +67,7 @@ class Reason(IntEnum):
         obj.description = description
         return obj
 
-    FWD_FAST = 0, "forwarded by an LPM hit on the fast path's own tables"
+    FWD_FAST = 0, "forwarded by a hit in the fast path's own tables"
     FWD_FIB = 1, "forwarded using bpf_fib_lookup"
     PASS_NOT_IP = 2, "not IPv4 or IPv6 (ARP, LLDP, ...)"
     PASS_TTL = 3, "TTL or hop limit would expire: the kernel sends time exceeded"
@@ -90,8 +104,12 @@ class FsRoute(ctypes.Structure):
         ("action", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("plen", ctypes.c_uint8),
     ]
+
+
+class FsDirPair(ctypes.Structure):
+    _fields_ = [("entry", ctypes.c_uint32 * 2)]
 
 
 class FsNexthop(ctypes.Structure):
@@ -137,7 +155,7 @@ class FsConfig(ctypes.Structure):
         ("hash_policy_v4", ctypes.c_uint32),
         ("hash_policy_v6", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("v4_table", ctypes.c_uint32),
     ]
 
 
@@ -154,6 +172,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_v4_key": FsV4Key,
     "fs_v6_key": FsV6Key,
     "fs_route": FsRoute,
+    "fs_dir_pair": FsDirPair,
     "fs_nexthop": FsNexthop,
     "fs_group": FsGroup,
     "fs_neigh_key": FsNeighKey,
@@ -172,6 +191,7 @@ MAP_DEVMAP_HASH = 25
 MAP_RINGBUF = 27
 
 BPF_F_NO_PREALLOC = 0x1
+BPF_F_MMAPABLE = 0x400
 BPF_F_RDONLY_PROG = 0x80  # the kernel adds it to devmaps by itself: ignored when adopting
 
 
@@ -186,6 +206,8 @@ class Sizes:
     neighbours: int = FS_MAX_NEIGH
     tx_ports: int = FS_MAX_TX_PORTS
     neigh_miss_bytes: int = FS_NEIGH_MISS_BYTES
+    tbl8_groups: int = FS_MAX_TBL8_GROUPS
+    slots: int = FS_MAX_SLOTS
 
     def cflags(self) -> list[str]:
         """The -D flags that make the C program agree with these sizes."""
@@ -197,6 +219,8 @@ class Sizes:
             f"-DFS_MAX_NEIGH={self.neighbours}",
             f"-DFS_MAX_TX_PORTS={self.tx_ports}",
             f"-DFS_NEIGH_MISS_BYTES={self.neigh_miss_bytes}",
+            f"-DFS_MAX_TBL8_GROUPS={self.tbl8_groups}",
+            f"-DFS_MAX_SLOTS={self.slots}",
         ]
 
 
@@ -227,6 +251,10 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("counters", MAP_PERCPU_ARRAY, 4, s(FsCounter), FS_REASON_MAX),
         MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
         MapSpec("neigh_miss", MAP_RINGBUF, 0, 0, sizes.neigh_miss_bytes),
+        MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE),
+        MapSpec("v4_tbl8", MAP_ARRAY, 4, s(FsDirPair),
+                sizes.tbl8_groups * FS_TBL8_ENTRIES // 2, BPF_F_MMAPABLE),
+        MapSpec("v4_slots", MAP_ARRAY, 4, s(FsRoute), sizes.slots, BPF_F_MMAPABLE),
     )
 
 

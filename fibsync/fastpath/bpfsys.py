@@ -183,10 +183,11 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     return int(ret)
 
 
-def _error(what: str, err: int) -> MapError:
+def _error(what: str, err: int, done: int = 0) -> MapError:
     cls = MapFullError if err in _FULL_ERRNOS else MapError
     exc = cls(f"{what}: {os.strerror(err)} (errno {err})")
-    exc.errno = err  # type: ignore[attr-defined]
+    exc.errno = err
+    exc.done = done
     exc.__cause__ = OSError(err, os.strerror(err))
     return exc
 
@@ -367,6 +368,26 @@ def update(fd: int, key: bytes, value: bytes | Sequence[bytes], flags: int = BPF
                                                             flags=flags)))
 
 
+class Lookup:
+    """Repeated lookups in one map, without a map_info call or fresh buffers
+    each time: about 1 µs each (``lookup()`` costs ~7 µs). Not per-CPU maps."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int) -> None:
+        self._key = ctypes.create_string_buffer(max(key_size, 1))
+        self._value = ctypes.create_string_buffer(max(value_size, 1))
+        self._size = value_size
+        self._attr = _MapElemAttr(map_fd=fd, key=ctypes.addressof(self._key),
+                                  value=ctypes.addressof(self._value))
+
+    def __call__(self, key: bytes) -> bytes | None:
+        ctypes.memmove(self._key, key, len(key))
+        ret = _bpf(BPF_MAP_LOOKUP_ELEM, self._attr)
+        if ret == -E.ENOENT:
+            return None
+        _check("lookup", ret)
+        return self._value.raw[:self._size]
+
+
 def delete(fd: int, key: bytes) -> bool:
     """Remove key; False when it was not there."""
     kaddr, _k = _addr(key)
@@ -396,7 +417,8 @@ def update_batch(fd: int, keys: bytes | bytearray | memoryview,
 
     Per-CPU values must already be packed (``possible_cpus()`` values of
     8-byte stride each). Map types without batch support are written one by
-    one. On failure the exception's message says how many entries went in.
+    one. On failure the exception's ``done`` says how many entries went in
+    (the first ``done``, in order).
     """
     if count <= 0:
         return
@@ -409,7 +431,7 @@ def update_batch(fd: int, keys: bytes | bytearray | memoryview,
     if -ret in (_ENOTSUPP, E.EOPNOTSUPP):
         _update_one_by_one(fd, keys, values, count, flags)
         return
-    raise _error(f"batch update ({attr.count} of {count} written)", -ret)
+    raise _error(f"batch update ({attr.count} of {count} written)", -ret, attr.count)
 
 
 def _update_one_by_one(fd: int, keys: bytes | bytearray | memoryview,
@@ -425,7 +447,7 @@ def _update_one_by_one(fd: int, keys: bytes | bytearray | memoryview,
         ret = _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=kaddr, value=vaddr,
                                                      flags=flags))
         if ret < 0:
-            raise _error(f"update ({i} of {count} written)", -ret)
+            raise _error(f"update ({i} of {count} written)", -ret, i)
 
 
 def delete_batch(fd: int, keys: bytes | bytearray | memoryview, count: int) -> int:

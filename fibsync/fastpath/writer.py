@@ -7,6 +7,14 @@ program see a reference to something that is not there yet:
     nexthops set -> groups set -> routes set (longest prefixes first)
     -> routes deleted -> groups deleted -> nexthops deleted -> neighbours
 
+Routes go to the LPM tries ``routes_v4``/``routes_v6`` in either IPv4 mode:
+they are the prefix list ``fibsync routes`` shows, and the covering-route
+lookup the DIR-24-8 table needs on a delete. With ``v4_table="dir24"`` the
+IPv4 routes that made it into ``routes_v4`` also go to the DIR-24-8 table
+(``dir24.py``) — all at once on the first write (the RIB's first diff is the
+whole table), change by change afterwards — and once that table is complete
+the writer points the program at it (``fs_config.v4_table``).
+
 Every map write goes through a ``MapSet``: the pinned BPF maps in the daemon,
 ``MemoryMaps`` in tests (the same idea as httpx's MockTransport).
 """
@@ -14,14 +22,16 @@ Every map write goes through a ``MapSet``: the pinned BPF maps in the daemon,
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Literal, Protocol
+
+import numpy as np
 
 from ..errors import MapError, MapFullError
 from ..model import AF_INET, AF_INET6, Prefix
 from ..rib import GROUP_BUCKETS, FastPathDiff, FpGroup, FpNexthop, FpRoute, Rib
-from . import abi
+from . import abi, bpfsys, dir24
 
 # layouts of bpf/fibsync.h (checked against abi's ctypes twins by tests/unit/test_writer.py)
 V4_KEY = struct.Struct("=I4s")
@@ -32,6 +42,7 @@ GROUP_MEMBERS = 64
 GROUP = struct.Struct(f"=I{GROUP_BUCKETS}II{GROUP_MEMBERS}I{GROUP_MEMBERS}I")
 NEIGH_KEY = struct.Struct("=II16s")
 NEIGH = struct.Struct("=6sH")
+CONFIG = struct.Struct("=IIII")
 U32 = struct.Struct("=I")
 
 NH_RESOLVED = 0x1
@@ -39,6 +50,16 @@ NH_CONNECTED = 0x2
 ROUTE_GROUP = 0x1
 
 ROUTE_MAPS = {AF_INET: "routes_v4", AF_INET6: "routes_v6"}
+DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots")
+V4Table = Literal["dir24", "lpm"]
+
+# numpy twins of the route keys and values, for encoding a whole table at once
+_ROUTE_DTYPE = np.dtype([("nh_id", "=u4"), ("action", "u1"), ("flags", "u1"),
+                         ("reason", "u1"), ("plen", "u1")])
+
+
+def _key_dtype(addr_len: int) -> np.dtype[Any]:
+    return np.dtype([("plen", "=u4"), ("addr", "u1", (addr_len,))])
 
 
 class MapSet(Protocol):
@@ -53,10 +74,23 @@ class MapSet(Protocol):
 
 @dataclass
 class MemoryMaps:
-    """An in-memory MapSet with the kernel's capacity rule (E2BIG when full)."""
+    """An in-memory MapSet with the kernel's capacity rule (E2BIG when full).
+
+    ``dir24=True`` adds private memory shaped like the DIR-24-8 arrays (pages
+    are allocated only where written) and LPM lookups on ``routes_v4``.
+    """
 
     capacity: dict[str, int] = field(default_factory=dict)
     maps: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    dir24: bool = False
+    tbl8_groups: int = 256
+    slots: int = 1024
+    buffers: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dir24 and not self.buffers:
+            self.buffers = dict(zip(DIR24_MAPS, dir24.memory_buffers(self.tbl8_groups,
+                                                                     self.slots), strict=True))
 
     def update(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
         m = self.maps.setdefault(name, {})
@@ -74,10 +108,26 @@ class MemoryMaps:
     def items(self, name: str) -> Iterator[tuple[bytes, bytes]]:
         return iter(list(self.maps.get(name, {}).items()))
 
+    def buffer(self, name: str) -> Any:
+        """The memory behind a DIR-24-8 array (KeyError when there is none)."""
+        return self.buffers[name]
+
+    def match(self, name: str, key: bytes) -> bytes | None:
+        """Longest-prefix match on an LPM map, as a lookup in the kernel's trie."""
+        m = self.maps.get(name, {})
+        plen, addr = V4_KEY.unpack(key)
+        n = int.from_bytes(addr, "big")
+        for length in range(plen, -1, -1):
+            masked = (n >> (32 - length) << (32 - length)) if length else 0
+            value = m.get(V4_KEY.pack(length, masked.to_bytes(4, "big")))
+            if value is not None:
+                return value
+        return None
+
 
 def _partial(name: str, done: int) -> MapFullError:
     err = MapFullError(f"{name}: map full after {done} entries")
-    err.done = done  # type: ignore[attr-defined]
+    err.done = done
     return err
 
 
@@ -87,10 +137,11 @@ def route_key(prefix: Prefix) -> bytes:
     return V6_KEY.pack(prefix.length, prefix.addr)
 
 
-def encode_route(entry: FpRoute) -> bytes:
+def encode_route(entry: FpRoute, plen: int = 0) -> bytes:
+    """struct fs_route; ``plen`` is the prefix length of the key it is stored under."""
     reason = abi.Reason[entry.reason].value if entry.reason else 0
     return ROUTE.pack(entry.nh_id, int(entry.action), ROUTE_GROUP if entry.group else 0,
-                      reason, 0)
+                      reason, plen)
 
 
 def encode_nexthop(nh: FpNexthop) -> bytes:
@@ -111,6 +162,47 @@ def neigh_key(key: tuple[int, int, bytes]) -> bytes:
     return NEIGH_KEY.pack(ifindex, family, addr)
 
 
+class RouteBatch:
+    """Routes of one family, encoded at once: keys and values as the LPM map
+    takes them, longest prefixes first (the order they are written in)."""
+
+    def __init__(self, family: int, routes: list[tuple[Prefix, FpRoute]]) -> None:
+        self.family = family
+        self.prefixes = [p for p, _ in routes]
+        alen = 4 if family == AF_INET else 16
+        n = len(routes)
+        ids: dict[FpRoute, int] = {}
+        self.ids = np.fromiter((ids.setdefault(e, len(ids)) for _, e in routes), np.intp, n)
+        self.values = [encode_route(e) for e in ids]
+        self.lens = np.fromiter((p.length for p in self.prefixes), np.uint8, n)
+        self.addrs = np.frombuffer(b"".join(p.addr for p in self.prefixes),
+                                   np.uint8).reshape(n, alen)
+        order = np.argsort(-self.lens.astype(np.int16), kind="stable")
+        self.order = order
+        keys = np.zeros(n, _key_dtype(alen))
+        keys["plen"] = self.lens[order]
+        keys["addr"] = self.addrs[order]
+        table = np.frombuffer(b"".join(self.values), _ROUTE_DTYPE) if self.values \
+            else np.zeros(0, _ROUTE_DTYPE)
+        values = table[self.ids[order]]
+        values["plen"] = self.lens[order]
+        self.keys = keys.tobytes()
+        self.vals = values.tobytes()
+        self.key_size = keys.itemsize
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+    def items(self, lo: int, hi: int) -> list[tuple[bytes, bytes]]:
+        ks = self.key_size
+        k, v = self.keys, self.vals
+        return [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8]) for i in range(lo, hi)]
+
+    def host_addrs(self) -> np.ndarray[Any, np.dtype[np.uint32]]:
+        """IPv4 addresses as host-order integers, in the batch's input order."""
+        return self.addrs.view(">u4").ravel().astype(np.uint32)
+
+
 @dataclass
 class WriterStats:
     batches: int = 0
@@ -121,12 +213,24 @@ class WriterStats:
 
 
 class MapWriter:
-    def __init__(self, maps: MapSet, batch: int = 65536) -> None:
+    """``v4_table``: "dir24" (the default where the map set has the DIR-24-8
+    arrays) or "lpm"; the program reads whichever the writer completed."""
+
+    def __init__(self, maps: MapSet, batch: int = 65536, v4_table: V4Table | None = None) -> None:
         self.maps = maps
         self.batch = batch
         self.stats = WriterStats()
         # prefixes the maps could not take: the fast path must not answer for them
         self.unwritten: set[Prefix] = set()
+        self.dir24: dir24.Dir24Table | None = None
+        buffers = _dir24_buffers(maps) if v4_table != "lpm" else None
+        if v4_table == "dir24" and buffers is None:
+            raise MapError("v4_table dir24: this map set has no DIR-24-8 arrays "
+                           f"({', '.join(DIR24_MAPS)})")
+        if buffers is not None:
+            self.dir24 = dir24.Dir24Table(*buffers, cover=_v4_cover(maps))
+        self.v4_table: V4Table = "dir24" if self.dir24 is not None else "lpm"
+        self._first = True
 
     def write(self, diff: FastPathDiff) -> None:
         nh_set = [(U32.pack(i), encode_nexthop(nh)) for i, nh in diff.nexthops.items() if nh]
@@ -134,17 +238,20 @@ class MapWriter:
         self._update("nexthops", nh_set)
         self._update("groups", grp_set)
 
+        adds: dict[int, list[tuple[Prefix, FpRoute]]] = {AF_INET: [], AF_INET6: []}
+        dels: dict[int, list[Prefix]] = {AF_INET: [], AF_INET6: []}
+        for p, e in diff.routes.items():
+            if e is None:
+                dels[p.family].append(p)
+            else:
+                adds[p.family].append((p, e))
         for family, name in ROUTE_MAPS.items():
-            adds = sorted(((p, e) for p, e in diff.routes.items()
-                           if e is not None and p.family == family),
-                          key=lambda pe: -pe[0].length)
-            self._update_routes(name, adds)
-            dels = [route_key(p) for p, e in diff.routes.items()
-                    if e is None and p.family == family]
-            self._delete(name, dels)
-            for p, e in diff.routes.items():
-                if e is None and p.family == family:
-                    self.unwritten.discard(p)
+            batch = RouteBatch(family, adds[family])
+            written = self._update_routes(name, batch)
+            self._delete(name, [route_key(p) for p in dels[family]])
+            self.unwritten.difference_update(dels[family])
+            if family == AF_INET and self.dir24 is not None:
+                self._write_dir24(batch, written, dels[family])
 
         self._delete("groups", [U32.pack(i) for i, b in diff.groups.items() if not b])
         self._delete("nexthops", [U32.pack(i) for i, nh in diff.nexthops.items() if not nh])
@@ -152,11 +259,16 @@ class MapWriter:
                                     for k, mac in diff.neighbours.items() if mac])
         self._delete("neighbours", [neigh_key(k) for k, mac in diff.neighbours.items()
                                     if not mac])
+        if self._first:
+            # the table the program reads is complete only now
+            self._first = False
+            self._select_v4_table()
 
     def sweep(self, rib: Rib) -> int:
         """Delete every map entry the RIB does not want (a previous run's leftovers).
 
-        Routes go first, then what they pointed to, so nothing dangles.
+        Routes go first, then what they pointed to, so nothing dangles. The
+        DIR-24-8 table needs no sweep: its first write replaced it whole.
         """
         prefixes, nexthops, groups, neighbours = rib.fast_path_keys()
         want = {
@@ -173,12 +285,74 @@ class MapWriter:
             swept += len(stale)
         return swept
 
-    def _update_routes(self, name: str, adds: list[tuple[Prefix, FpRoute]]) -> None:
-        items = [(route_key(p), encode_route(e)) for p, e in adds]
-        done = self._update(name, items)
-        for p, _ in adds[:done]:
-            self.unwritten.discard(p)
-        self.unwritten.update(p for p, _ in adds[done:])
+    def _update_routes(self, name: str, batch: RouteBatch) -> np.ndarray[Any, Any]:
+        """Write a batch longest prefix first; returns the indexes of the
+        routes written, longest first."""
+        n = len(batch)
+        done = 0
+        for lo in range(0, n, self.batch):
+            hi = min(lo + self.batch, n)
+            got = self._put(name, batch, lo, hi)
+            done += got
+            if got < hi - lo:
+                break
+        prefixes = batch.prefixes
+        written = batch.order[:done]
+        self.unwritten.difference_update(prefixes[i] for i in written.tolist())
+        self.unwritten.update(prefixes[i] for i in batch.order[done:].tolist())
+        return written
+
+    def _put(self, name: str, batch: RouteBatch, lo: int, hi: int) -> int:
+        """Write entries lo..hi of a batch; returns how many made it."""
+        try:
+            fd = _fd(self.maps, name)
+            if fd is None:
+                self.maps.update(name, batch.items(lo, hi))
+            else:
+                ks = batch.key_size
+                bpfsys.update_batch(fd, memoryview(batch.keys)[lo * ks:hi * ks],
+                                    memoryview(batch.vals)[lo * 8:hi * 8], hi - lo)
+        except MapFullError as e:
+            self._error(e, full=True)
+            return e.done
+        except MapError as e:
+            self._error(e)
+            return 0
+        self.stats.batches += 1
+        self.stats.entries += hi - lo
+        return hi - lo
+
+    def _write_dir24(self, batch: RouteBatch, written: np.ndarray[Any, Any],
+                     dels: list[Prefix]) -> None:
+        table = self.dir24
+        assert table is not None
+        if self._first:
+            written = np.sort(written)
+            failed = table.load(batch.host_addrs()[written], batch.lens[written],
+                                batch.ids[written], batch.values)
+            failed_prefixes = [batch.prefixes[i] for i in written[failed].tolist()]
+        else:
+            order = written.tolist()  # longest first, as routes_v4 got them
+            addrs = batch.host_addrs()[written].tolist()
+            values, ids, prefixes = batch.values, batch.ids[written].tolist(), batch.prefixes
+            routes = [(a, prefixes[i].length, values[v]) for a, i, v in zip(addrs, order, ids,
+                                                                             strict=True)]
+            failed_prefixes = [prefixes[order[i]] for i in table.add(routes)]
+            table.delete([(int.from_bytes(p.addr, "big"), p.length) for p in dels])
+        if failed_prefixes:
+            self.unwritten.update(failed_prefixes)
+            self._error(MapFullError(f"v4_tbl8: no tbl8 group or slot left for "
+                                     f"{len(failed_prefixes)} prefixes (e.g. "
+                                     f"{failed_prefixes[0]}); the kernel answers for them"),
+                        full=True)
+
+    def _select_v4_table(self) -> None:
+        want = abi.FS_V4_DIR24 if self.v4_table == "dir24" else abi.FS_V4_LPM
+        key = U32.pack(0)
+        current = dict(self.maps.items("config")).get(key, CONFIG.pack(0, 0, 0, 0))
+        hash4, hash6, flags, table = CONFIG.unpack(current[:CONFIG.size])
+        if table != want:
+            self._update("config", [(key, CONFIG.pack(hash4, hash6, flags, want))])
 
     def _update(self, name: str, items: list[tuple[bytes, bytes]]) -> int:
         """Write items in batches; returns how many made it (all, unless a map is full)."""
@@ -187,13 +361,10 @@ class MapWriter:
             try:
                 self.maps.update(name, chunk)
             except MapFullError as e:
-                self.stats.full += 1
-                self.stats.errors += 1
-                self.stats.last_error = str(e)
-                return done + int(getattr(e, "done", 0))
+                self._error(e, full=True)
+                return done + e.done
             except MapError as e:
-                self.stats.errors += 1
-                self.stats.last_error = str(e)
+                self._error(e)
                 return done
             done += len(chunk)
             self.stats.batches += 1
@@ -205,13 +376,61 @@ class MapWriter:
             try:
                 self.maps.delete(name, chunk)
             except MapError as e:
-                self.stats.errors += 1
-                self.stats.last_error = str(e)
+                self._error(e)
                 continue
             self.stats.batches += 1
             self.stats.entries += len(chunk)
+
+    def _error(self, e: MapError, full: bool = False) -> None:
+        self.stats.errors += 1
+        self.stats.full += full
+        self.stats.last_error = str(e)
 
 
 def _chunks(items: list[bytes] | list[tuple[bytes, bytes]], n: int) -> Iterable[list]:  # type: ignore[type-arg]
     for i in range(0, len(items), n):
         yield items[i:i + n]
+
+
+# ---------------------------------------------------------------- map set access
+#
+# The pinned maps (fastpath/maps.py) are reached through their fds for what
+# MapSet does not say: bulk writes from one buffer, LPM lookups, mmap.
+
+
+def _fd(maps: MapSet, name: str) -> int | None:
+    fd: Callable[[str], int] | None = getattr(maps, "fd", None)
+    return fd(name) if fd is not None else None
+
+
+def _dir24_buffers(maps: MapSet) -> list[Any] | None:
+    buffer: Callable[[str], Any] | None = getattr(maps, "buffer", None)
+    try:
+        if buffer is not None:
+            return [buffer(n) for n in DIR24_MAPS]
+        fds = [_fd(maps, n) for n in DIR24_MAPS]
+        return [dir24.map_buffer(fd) for fd in fds if fd is not None] or None
+    except (KeyError, MapError, OSError):
+        return None
+
+
+def _v4_cover(maps: MapSet) -> dir24.Cover:
+    """cover(addr, depth) for the DIR-24-8 table: the longest route in
+    ``routes_v4`` shorter than depth that covers addr (the trie's own lookup)."""
+    match: Callable[[str, bytes], bytes | None] | None = getattr(maps, "match", None)
+    if match is None:
+        fd = _fd(maps, "routes_v4")
+        assert fd is not None
+        lookup = bpfsys.Lookup(fd, V4_KEY.size, ROUTE.size)
+
+        def match(_name: str, key: bytes) -> bytes | None:
+            return lookup(key)
+
+    def cover(addr: int, depth: int) -> tuple[int, bytes] | None:
+        value = match("routes_v4", V4_KEY.pack(depth - 1, addr.to_bytes(4, "big")))
+        if value is None:
+            return None
+        return value[7], value[:8]
+
+    return cover
+

@@ -30,8 +30,9 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # The tiny sizes keep map creation cheap; the layout is what matters.
-TEST_SIZES = abi.Sizes(routes_v4=4096, routes_v6=4096, nexthops=1024, groups=256,
-                       neighbours=1024, tx_ports=64, neigh_miss_bytes=4096 * 16)
+TEST_SIZES = abi.Sizes(routes_v4=16384, routes_v6=4096, nexthops=1024, groups=256,
+                       neighbours=1024, tx_ports=64, neigh_miss_bytes=4096 * 16,
+                       tbl8_groups=1024, slots=4096)
 
 
 def sh(*args: str) -> str:

@@ -103,10 +103,10 @@ def test_default_sizes_match_header() -> None:
     consts = header_constants()
     sizes = abi.Sizes()
     assert (sizes.routes_v4, sizes.routes_v6, sizes.nexthops, sizes.groups, sizes.neighbours,
-            sizes.tx_ports, sizes.neigh_miss_bytes) == (
+            sizes.tx_ports, sizes.neigh_miss_bytes, sizes.tbl8_groups, sizes.slots) == (
         consts["FS_MAX_ROUTES_V4"], consts["FS_MAX_ROUTES_V6"], consts["FS_MAX_NEXTHOPS"],
         consts["FS_MAX_GROUPS"], consts["FS_MAX_NEIGH"], consts["FS_MAX_TX_PORTS"],
-        consts["FS_NEIGH_MISS_BYTES"])
+        consts["FS_NEIGH_MISS_BYTES"], consts["FS_MAX_TBL8_GROUPS"], consts["FS_MAX_SLOTS"])
 
 
 def test_every_struct_has_a_twin() -> None:
@@ -132,7 +132,8 @@ CONTRACT = {
     "fs_v4_key": [("prefixlen", 0, 4), ("addr", 4, 4)],
     "fs_v6_key": [("prefixlen", 0, 4), ("addr", 4, 16)],
     "fs_route": [("nh_id", 0, 4), ("action", 4, 1), ("flags", 5, 1), ("reason", 6, 1),
-                 ("pad", 7, 1)],
+                 ("plen", 7, 1)],
+    "fs_dir_pair": [("entry", 0, 8)],
     "fs_nexthop": [("ifindex", 0, 4), ("mtu", 4, 2), ("flags", 6, 1), ("family", 7, 1),
                    ("smac", 8, 6), ("dmac", 14, 6), ("gateway", 20, 16)],
     "fs_group": [("nbuckets", 0, 4), ("buckets", 4, 512)],
@@ -140,11 +141,13 @@ CONTRACT = {
     "fs_neigh": [("mac", 0, 6), ("pad", 6, 2)],
     "fs_counter": [("packets", 0, 8), ("bytes", 8, 8)],
     "fs_config": [("hash_policy_v4", 0, 4), ("hash_policy_v6", 4, 4), ("flags", 8, 4),
-                  ("pad", 12, 4)],
+                  ("v4_table", 12, 4)],
     "fs_miss": [("ifindex", 0, 4), ("family", 4, 4), ("addr", 8, 16)],
 }
 # Keys are exact: a longer key changes what a lookup matches on.
-EXACT_SIZES = {"fs_v4_key": 8, "fs_v6_key": 20, "fs_neigh_key": 24}
+EXACT_SIZES = {"fs_v4_key": 8, "fs_v6_key": 20, "fs_neigh_key": 24,
+               # fastpath/dir24.py writes these through mmap at an 8-byte stride
+               "fs_route": 8, "fs_dir_pair": 8}
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
@@ -167,10 +170,16 @@ def test_map_specs_use_the_struct_sizes() -> None:
     specs = {s.name: s for s in abi.map_specs(abi.Sizes())}
     assert tuple(specs) == abi.MAP_NAMES == (
         "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "counters",
-        "config", "neigh_miss")
+        "config", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots")
     assert (specs["routes_v4"].key_size, specs["routes_v4"].value_size) == (8, 8)
     assert (specs["routes_v6"].key_size, specs["routes_v6"].value_size) == (20, 8)
     assert specs["counters"].max_entries == abi.FS_REASON_MAX
+    # DIR-24-8: two entries per 8-byte element, every array mmapable
+    assert specs["v4_tbl24"].max_entries * 2 == abi.FS_DIR24_ENTRIES == 1 << 24
+    assert specs["v4_tbl8"].max_entries * 2 == abi.FS_MAX_TBL8_GROUPS * abi.FS_TBL8_ENTRIES
+    for name in ("v4_tbl24", "v4_tbl8", "v4_slots"):
+        assert (specs[name].type, specs[name].flags) == (abi.MAP_ARRAY, abi.BPF_F_MMAPABLE)
+        assert specs[name].value_size == 8
 
 
 def test_route_key_packs_prefix() -> None:

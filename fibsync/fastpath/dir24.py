@@ -1,0 +1,479 @@
+"""The IPv4 DIR-24-8 table (DPDK rte_lpm style) that the XDP program reads
+when ``fs_config.v4_table`` is ``FS_V4_DIR24``.
+
+Three buffers, the BPF_F_MMAPABLE arrays ``v4_tbl24``, ``v4_tbl8`` and
+``v4_slots`` mapped into this process (or plain memory in tests), hold the
+whole table; bpf/fibsync.h documents the entry format. This module keeps no
+per-prefix state of its own: the depth (prefix length) of the route an entry
+holds sits in the entry, and the route that takes over a deleted prefix's
+addresses comes from ``cover``, a longest-prefix lookup in the route list
+(the ``routes_v4`` LPM trie, which the writer fills in either mode).
+
+Readers run concurrently on other CPUs, so every change keeps the table
+answerable at each instant:
+
+- each entry changes with one aligned 4-byte store (a memoryview item, or
+  numpy's element-wise masked/fancy assignment: never memcpy/memset, whose
+  byte-wise tails could tear an entry);
+- a slot's value is written before any entry names it and never changes while
+  named; a tbl8 group is filled completely before the tbl24 entry that points
+  to it is stored (x86-64 keeps stores in program order; the reader's second
+  read depends on the first, so it cannot run ahead);
+- a slot or group that no entry names any more is retired, and handed out
+  again only after an RCU grace period (``membarrier(MEMBARRIER_CMD_GLOBAL)``
+  waits for every XDP program run that may still hold it);
+- the initial load builds the new table in private memory and publishes it
+  entry by entry, each entry going straight from its old answer to its new
+  one, using groups and slots the old table does not use: a previous run's
+  table (adopted maps, program attached) keeps answering until replaced.
+
+A miss is always safe (the program asks ``bpf_fib_lookup``); a wrong answer
+never is. When no tbl8 group is left for a /25../32 route, its /24 is
+*pinned* to a slot that asks ``bpf_fib_lookup`` (the kernel answers for the
+whole /24) and the route is reported as not written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import platform
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import abi, bpfsys
+
+EXT = abi.FS_DIR_EXT
+INDEX = abi.FS_DIR_INDEX
+SHIFT = abi.FS_DIR_DEPTH_SHIFT
+DEPTH = abi.FS_DIR_DEPTH_MASK
+PINNED = abi.FS_DIR_PINNED
+TBL24 = abi.FS_DIR24_ENTRIES
+TBL8 = abi.FS_TBL8_ENTRIES
+ROUTE = struct.Struct("=IBBBB")  # struct fs_route
+FIB_SLOT_VALUE = ROUTE.pack(0, abi.FS_ACT_FIB, 0, 0, 0)
+
+# A route value is struct fs_route's 8 bytes (plen ignored); cover(addr, depth)
+# gives (prefix length, value) of the longest route covering addr that is
+# shorter than depth, or None.
+Cover = Callable[[int, int], "tuple[int, bytes] | None"]
+U32Array = npt.NDArray[np.uint32]
+
+_PUBLISH_CHUNK = 1 << 20  # entries compared per step of a load: bounds its temporary memory
+
+
+def entry(depth: int, slot: int) -> int:
+    return (depth << SHIFT) | slot
+
+
+def depth_of(e: int) -> int:
+    return (e >> SHIFT) & DEPTH
+
+
+# ---------------------------------------------------------------- grace periods
+
+_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "riscv64": 283, "ppc64le": 365, "s390x": 356,
+               "armv7l": 389}
+_MEMBARRIER_CMD_GLOBAL = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def rcu_grace() -> None:
+    """Return once every XDP program run that started before the call is over.
+
+    MEMBARRIER_CMD_GLOBAL is synchronize_rcu(), and XDP programs run inside
+    RCU read-side sections. Kernels booted with nohz_full refuse it: there a
+    pause a thousand times longer than any program run has to do.
+    """
+    nr = _MEMBARRIER.get(platform.machine())
+    if nr is not None and _libc.syscall(nr, _MEMBARRIER_CMD_GLOBAL, 0) == 0:
+        return
+    time.sleep(0.05)
+
+
+class Pool:
+    """Numbers 1..size-1 for slots or tbl8 groups (0 is never handed out).
+
+    Never-used numbers go first; numbers retired since the last grace period
+    come back only after one. Numbers a previous run's table uses are
+    ``reserve``d: skipped until ``release_reserved`` retires them.
+    """
+
+    def __init__(self, size: int, grace: Callable[[], None]) -> None:
+        self.size = size
+        self.in_use = 0
+        self.graces = 0
+        self._grace = grace
+        self._next = 1
+        self._free: list[int] = []
+        self._retired: list[int] = []
+        self._skip: set[int] = set()  # never handed out fresh: reserved, or retired from there
+        self._reserved: list[int] = []
+
+    def reserve(self, numbers: list[int]) -> None:
+        self._reserved = numbers
+        self._skip = set(numbers)
+
+    def release_reserved(self) -> None:
+        self._retired.extend(self._reserved)
+        self._reserved = []
+
+    def take(self) -> int | None:
+        n = self._take()
+        if n is not None:
+            self.in_use += 1
+        return n
+
+    def _take(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        while self._next < self.size:
+            n = self._next
+            self._next += 1
+            if n not in self._skip:
+                return n
+        if self._retired:
+            self._grace()
+            self.graces += 1
+            self._free, self._retired = self._retired, []
+            return self._free.pop()
+        return None
+
+    def retire(self, n: int) -> None:
+        self.in_use -= 1
+        self._retired.append(n)
+
+
+@dataclass
+class Dir24Stats:
+    loads: int = 0
+    adds: int = 0
+    deletes: int = 0
+    pinned: int = 0  # /24s handed to bpf_fib_lookup for want of a tbl8 group
+    slot_gcs: int = 0
+
+
+class Dir24Table:
+    """One DIR-24-8 table over its three buffers (see the module docstring)."""
+
+    def __init__(self, tbl24: Any, tbl8: Any, slots: Any, cover: Cover, *,
+                 grace: Callable[[], None] = rcu_grace) -> None:
+        self._t24: U32Array = np.frombuffer(tbl24, dtype=np.uint32)
+        self._t8: U32Array = np.frombuffer(tbl8, dtype=np.uint32)
+        if self._t24.size != TBL24 or self._t8.size % TBL8:
+            raise ValueError(f"tbl24 of {self._t24.size} entries, tbl8 of {self._t8.size}")
+        # memoryview items: the cheapest single 4-byte load and store from Python
+        self._m24 = memoryview(tbl24).cast("B").cast("I")
+        self._m8 = memoryview(tbl8).cast("B").cast("I")
+        self._slots = memoryview(slots).cast("B")
+        self._cover = cover
+        self.groups = Pool(self._t8.size // TBL8, grace)
+        self.slots = Pool(len(self._slots) // ROUTE.size, grace)
+        self._slot_of: dict[bytes, int] = {}
+        self._held: set[int] = set()  # slots interned by the operation under way
+        self.stats = Dir24Stats()
+        self._adopt()
+
+    # ------------------------------------------------------------ slots
+
+    def _adopt(self) -> None:
+        """Learn which groups and slots the table in the buffers uses (a previous
+        run's, when the maps were adopted): they stay untouched until replaced."""
+        groups, slots = self._referenced()
+        self.groups.reserve(groups.tolist())
+        self.slots.reserve(slots.tolist())
+
+    def _referenced(self) -> tuple[U32Array, U32Array]:
+        """(groups, slots) that entries of the table name."""
+        t24 = self._t24[self._t24 != 0]
+        ext = (t24 & EXT) != 0
+        groups = np.unique(t24[ext] & INDEX)
+        groups = groups[groups < self.groups.size]
+        t8 = self._t8.reshape(-1, TBL8)[groups].ravel()
+        named = np.concatenate([t24[~ext], t8[t8 != 0]]) & INDEX
+        slots = np.unique(named)
+        return groups, slots[slots < self.slots.size]
+
+    def _slot(self, value: bytes) -> int | None:
+        """The slot holding this route value, written now if it is new."""
+        value = value[:7] + b"\0"
+        slot = self._slot_of.get(value)
+        if slot is None:
+            slot = self.slots.take()
+            if slot is None:
+                self._collect_slots()
+                slot = self.slots.take()
+                if slot is None:
+                    return None
+            self._slots[slot * 8:slot * 8 + 8] = value
+            self._slot_of[value] = slot
+        self._held.add(slot)
+        return slot
+
+    def _collect_slots(self) -> None:
+        """Retire the slots no entry names any more (values no route uses now).
+
+        Values are interned, so a slot is needed exactly while an entry names
+        it: a covering route whose entries are all shadowed gets a slot again
+        (from ``cover``) when a delete uncovers it.
+        """
+        self.stats.slot_gcs += 1
+        _, named = self._referenced()
+        keep = set(named.tolist()) | self._held
+        for value, slot in list(self._slot_of.items()):
+            if slot not in keep:
+                del self._slot_of[value]
+                self.slots.retire(slot)
+
+    # ------------------------------------------------------------ load
+
+    def load(self, addrs: npt.NDArray[np.uint32], lens: npt.NDArray[np.uint8],
+             ids: npt.NDArray[np.intp], values: Sequence[bytes]) -> npt.NDArray[np.intp]:
+        """Replace the whole table with these routes: route i is
+        ``addrs[i]/lens[i]`` (host order) with value ``values[ids[i]]``.
+
+        Returns the indexes of the routes that could not be placed (no slot,
+        or no tbl8 group: their /24 is pinned to bpf_fib_lookup). Only a new
+        table object loads: it knows which groups and slots the table it
+        replaces uses, and nothing else yet.
+        """
+        if self.stats.loads or self.stats.adds or self.stats.deletes:
+            raise RuntimeError("a Dir24Table loads once, before any change")
+        self.stats.loads += 1
+        lens = lens.astype(np.uint32)
+        slot_of_value = np.array([self._slot(v) or 0 for v in values] or [0], dtype=np.uint32)
+        entries = (lens << SHIFT) | slot_of_value[ids]
+        placed = (entries & INDEX) != 0
+        new = np.zeros(TBL24, dtype=np.uint32)
+
+        order = np.argsort(lens, kind="stable")
+        bounds = np.searchsorted(lens[order], np.arange(34))
+        for depth in range(0, 25):
+            sel = order[bounds[depth]:bounds[depth + 1]]
+            sel = sel[placed[sel]]
+            if not sel.size:
+                continue
+            span = 1 << (24 - depth)
+            rows = addrs[sel] >> np.uint32(32 - depth) if depth else np.zeros(sel.size, np.intp)
+            new.reshape(-1, span)[rows] = entries[sel][:, None]
+
+        longer = order[bounds[25]:]
+        longer = longer[placed[longer]]
+        failed = np.flatnonzero(~placed)
+        if longer.size:
+            failed = np.concatenate([failed, self._load_groups(new, addrs, lens, entries,
+                                                               longer)])
+        self._publish(new)
+        self.groups.release_reserved()
+        self.slots.release_reserved()
+        self._held.clear()
+        return np.sort(failed)
+
+    def _load_groups(self, new: U32Array, addrs: npt.NDArray[np.uint32],
+                     lens: npt.NDArray[np.uint32], entries: U32Array,
+                     longer: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+        """Build the tbl8 groups of the /25../32 routes ``longer`` and point
+        ``new`` at them; returns the routes left out."""
+        rows24 = addrs[longer] >> np.uint32(8)
+        uniq, which = np.unique(rows24, return_inverse=True)
+        gids = []
+        for _ in range(uniq.size):
+            g = self.groups.take()
+            if g is None:
+                break
+            gids.append(g)
+        have = len(gids)
+        grp = np.repeat(new[uniq[:have]][:, None], TBL8, axis=1)
+        ok = which < have
+        for depth in range(25, 33):
+            sel = np.flatnonzero(ok & (lens[longer] == depth))
+            if not sel.size:
+                continue
+            span = 1 << (32 - depth)
+            cols = (addrs[longer[sel]] & np.uint32(0xFF)) >> np.uint32(32 - depth)
+            grp.reshape(have, -1, span)[which[sel], cols] = entries[longer[sel]][:, None]
+        if have:
+            # groups no entry names yet: any copy will do
+            self._t8.reshape(-1, TBL8)[np.array(gids)] = grp
+            new[uniq[:have]] = np.uint32(EXT) | np.array(gids, dtype=np.uint32)
+        if have < uniq.size:
+            fib = self._slot(FIB_SLOT_VALUE) or 0
+            new[uniq[have:]] = entry(PINNED, fib)
+            self.stats.pinned += uniq.size - have
+        return longer[~ok]
+
+    def _publish(self, new: U32Array) -> None:
+        """Make the live tbl24 equal to ``new``, changed entries only, one
+        4-byte store each (fancy assignment copies element by element)."""
+        live = self._t24
+        for lo in range(0, TBL24, _PUBLISH_CHUNK):
+            cur = live[lo:lo + _PUBLISH_CHUNK]
+            want = new[lo:lo + _PUBLISH_CHUNK]
+            diff = np.flatnonzero(cur != want)
+            if diff.size:
+                cur[diff] = want[diff]
+
+    # ------------------------------------------------------------ changes
+
+    def add(self, routes: Sequence[tuple[int, int, bytes]]) -> list[int]:
+        """Add or change routes (addr host order, prefix length, value), the
+        longest first; returns the indexes of those that could not be placed."""
+        failed = []
+        try:
+            for i, (addr, depth, value) in enumerate(routes):
+                slot = self._slot(value)
+                if slot is None or not self._add(addr, depth, entry(depth, slot)):
+                    failed.append(i)
+                self.stats.adds += 1
+        finally:
+            self._held.clear()
+        return failed
+
+    def delete(self, prefixes: Sequence[tuple[int, int]]) -> None:
+        """Remove routes (addr host order, prefix length), after ``cover``
+        stopped knowing them: their addresses go to the route that covers them
+        now, or to bpf_fib_lookup."""
+        try:
+            for addr, depth in prefixes:
+                got = self._cover(addr, depth) if depth else None
+                rep = 0
+                if got is not None:
+                    slot = self._slot(got[1])
+                    rep = entry(got[0], slot) if slot is not None else 0
+                self._delete(addr, depth, rep)
+                self.stats.deletes += 1
+        finally:
+            self._held.clear()
+
+    def _add(self, addr: int, depth: int, new: int) -> bool:
+        if depth <= 24:
+            lo = addr >> 8
+            span = 1 << (24 - depth)
+            if span == 1:
+                e = self._m24[lo]
+                if e & EXT:
+                    self._set8(e & INDEX, 0, TBL8, depth, new)
+                elif depth_of(e) <= depth:
+                    self._m24[lo] = new
+                return True
+            seg = self._t24[lo:lo + span]
+            ext = (seg & EXT) != 0
+            seg[~ext & (((seg >> SHIFT) & DEPTH) <= depth)] = new
+            for g in np.unique(seg[ext] & INDEX).tolist():
+                self._set8(g, 0, TBL8, depth, new)
+            return True
+        row = addr >> 8
+        off = addr & 0xFF
+        span = 1 << (32 - depth)
+        e = self._m24[row]
+        if e & EXT:
+            self._set8(e & INDEX, off, span, depth, new)
+            return True
+        if depth_of(e) == PINNED:
+            return False
+        g = self.groups.take()
+        if g is None:
+            fib = self._slot(FIB_SLOT_VALUE)
+            if fib is not None:
+                self._m24[row] = entry(PINNED, fib)
+                self.stats.pinned += 1
+            return False
+        grp = self._t8[g * TBL8:(g + 1) * TBL8]
+        grp[:] = e  # no entry names the group yet: any store will do
+        grp[off:off + span] = new
+        self._m24[row] = EXT | g
+        return True
+
+    def _set8(self, g: int, off: int, span: int, depth: int, new: int) -> None:
+        base = g * TBL8 + off
+        if span == 1:
+            if depth_of(self._m8[base]) <= depth:
+                self._m8[base] = new
+            return
+        seg = self._t8[base:base + span]
+        seg[((seg >> SHIFT) & DEPTH) <= depth] = new
+
+    def _delete(self, addr: int, depth: int, rep: int) -> None:
+        if depth <= 24:
+            lo = addr >> 8
+            span = 1 << (24 - depth)
+            if span == 1:
+                e = self._m24[lo]
+                if e & EXT:
+                    self._clear8(e & INDEX, 0, TBL8, depth, rep)
+                elif e and depth_of(e) == depth:
+                    self._m24[lo] = rep
+                return
+            seg = self._t24[lo:lo + span]
+            ext = (seg & EXT) != 0
+            seg[~ext & (seg != 0) & (((seg >> SHIFT) & DEPTH) == depth)] = rep
+            for g in np.unique(seg[ext] & INDEX).tolist():
+                self._clear8(g, 0, TBL8, depth, rep)
+            return
+        row = addr >> 8
+        e = self._m24[row]
+        if not e & EXT:
+            return
+        g = e & INDEX
+        self._clear8(g, addr & 0xFF, 1 << (32 - depth), depth, rep)
+        grp = self._t8[g * TBL8:(g + 1) * TBL8]
+        first = int(grp[0])
+        if depth_of(first) <= 24 and bool((grp == first).all()):
+            # no /25../32 left: the /24 answers alone again
+            self._m24[row] = first
+            self.groups.retire(g)
+
+    def _clear8(self, g: int, off: int, span: int, depth: int, rep: int) -> None:
+        base = g * TBL8 + off
+        if span == 1:
+            e = self._m8[base]
+            if e and depth_of(e) == depth:
+                self._m8[base] = rep
+            return
+        seg = self._t8[base:base + span]
+        seg[(seg != 0) & (((seg >> SHIFT) & DEPTH) == depth)] = rep
+
+    # ------------------------------------------------------------ reading
+
+    def lookup(self, addr: int) -> bytes | None:
+        """The route value the XDP program finds for addr (host order), as it
+        finds it; None for a miss."""
+        e = self._m24[addr >> 8]
+        if e & EXT:
+            e = self._m8[(e & INDEX) * TBL8 + (addr & 0xFF)]
+        if not e:
+            return None
+        slot = e & INDEX
+        return bytes(self._slots[slot * 8:slot * 8 + 8])
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of each table, and how many groups and slots are in use."""
+        return {"tbl24_bytes": self._t24.nbytes, "tbl8_bytes": self._t8.nbytes,
+                "slots_bytes": len(self._slots), "groups_in_use": self.groups.in_use,
+                "slots_in_use": self.slots.in_use}
+
+
+# ---------------------------------------------------------------- backing memory
+
+
+def map_buffer(fd: int) -> mmap.mmap:
+    """A BPF_F_MMAPABLE array's values, mapped shared and writable."""
+    info = bpfsys.map_info(fd)
+    size = info.max_entries * ((info.value_size + 7) & ~7)
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def memory_buffers(tbl8_groups: int = abi.FS_MAX_TBL8_GROUPS,
+                   slots: int = abi.FS_MAX_SLOTS) -> tuple[mmap.mmap, mmap.mmap, mmap.mmap]:
+    """Private zeroed memory shaped like the three maps (pages are only
+    allocated when written), for tests and the in-memory map set."""
+    return (mmap.mmap(-1, TBL24 * 4), mmap.mmap(-1, tbl8_groups * TBL8 * 4),
+            mmap.mmap(-1, slots * ROUTE.size))
+

@@ -1,0 +1,349 @@
+"""The DIR-24-8 table on private memory: lookups against a brute-force
+longest-prefix match, the entry format the XDP program reads, and the
+ordering rules that keep concurrent readers right (no root needed)."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import numpy as np
+import pytest
+
+from fibsync.fastpath import abi
+from fibsync.fastpath.dir24 import (
+    EXT,
+    FIB_SLOT_VALUE,
+    INDEX,
+    ROUTE,
+    TBL8,
+    Dir24Table,
+    Pool,
+    depth_of,
+    memory_buffers,
+)
+
+Route = tuple[int, int]  # (address, prefix length), host order
+
+
+def ip(text: str) -> int:
+    return int.from_bytes(bytes(int(x) for x in text.split(".")), "big")
+
+
+def value(nh: int, action: int = abi.FS_ACT_FORWARD) -> bytes:
+    return ROUTE.pack(nh, action, 0, 0, 0)
+
+
+class Reference:
+    """The routes as a dict, and the longest-prefix match done the slow way."""
+
+    def __init__(self) -> None:
+        self.routes: dict[Route, bytes] = {}
+
+    def cover(self, addr: int, depth: int) -> tuple[int, bytes] | None:
+        for length in range(depth - 1, -1, -1):
+            key = ((addr >> (32 - length)) << (32 - length) if length else 0, length)
+            if key in self.routes:
+                return length, self.routes[key]
+        return None
+
+    def lookup(self, addr: int) -> bytes | None:
+        got = self.cover(addr, 33)
+        return got[1] if got else None
+
+
+class Graces:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def table(ref: Reference, groups: int = 256, slots: int = 64,
+          buffers: tuple[object, object, object] | None = None) -> Dir24Table:
+    return Dir24Table(*(buffers or memory_buffers(groups, slots)), cover=ref.cover,
+                      grace=Graces())
+
+
+def load(t: Dir24Table, routes: dict[Route, bytes]) -> list[int]:
+    items = list(routes.items())
+    values = sorted(set(routes.values()))
+    failed = t.load(np.array([a for (a, _), _ in items], np.uint32),
+                    np.array([n for (_, n), _ in items], np.uint8),
+                    np.array([values.index(v) for _, v in items], np.intp), values)
+    return failed.tolist()
+
+
+def add(t: Dir24Table, ref: Reference, routes: dict[Route, bytes]) -> list[int]:
+    ref.routes.update(routes)
+    ordered = sorted(routes.items(), key=lambda kv: -kv[0][1])
+    return t.add([(a, n, v) for (a, n), v in ordered])
+
+
+def delete(t: Dir24Table, ref: Reference, prefixes: list[Route]) -> None:
+    for p in prefixes:
+        del ref.routes[p]
+    t.delete(prefixes)
+
+
+def mismatches(t: Dir24Table, ref: Reference, addrs: list[int]) -> list[str]:
+    out = []
+    for a in addrs:
+        want, got = ref.lookup(a), t.lookup(a)
+        if want is not None:
+            want = want[:7] + b"\0"
+        if want != got:
+            out.append(f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}: "
+                       f"want {want!r} got {got!r}")
+    return out
+
+
+def probes(ref: Reference, rng: random.Random, n: int = 2000) -> list[int]:
+    """Addresses where answers change: both ends of every prefix and their
+    neighbours, plus random ones in the busy region."""
+    out = []
+    for a, length in ref.routes:
+        end = a + (1 << (32 - length)) - 1
+        out += [a, end, max(a - 1, 0), min(end + 1, 2**32 - 1)]
+    out += [(10 << 24) | rng.randrange(1 << 18) for _ in range(n)]
+    return out
+
+
+def random_prefix(rng: random.Random) -> Route:
+    """Prefixes crowded into 10.0.0.0/14, /0../32, so that they overlap a lot."""
+    length = rng.choice([0, 8, 12, 14, 16, 18, 20, 22, 23, 24, 24, 24, 25, 26, 27, 28, 30,
+                         31, 32])
+    addr = (10 << 24) | rng.randrange(1 << 18)
+    return ((addr >> (32 - length)) << (32 - length) if length else 0), length
+
+
+# ---------------------------------------------------------------- entry format
+
+
+def test_a_24_is_one_tbl24_entry_with_its_depth_and_slot() -> None:
+    ref = Reference()
+    t = table(ref)
+    assert add(t, ref, {(ip("10.1.2.0"), 24): value(7)}) == []
+    e = t._m24[ip("10.1.2.0") >> 8]
+    assert depth_of(e) == 24 and not e & EXT
+    slot = e & INDEX
+    assert bytes(t._slots[slot * 8:slot * 8 + 8]) == value(7)
+    assert t._m24[(ip("10.1.2.0") >> 8) + 1] == 0  # the neighbour /24 is a miss
+    assert t.lookup(ip("10.1.2.200")) == value(7)
+
+
+def test_a_16_fills_256_entries_and_a_longer_route_gets_a_group() -> None:
+    ref = Reference()
+    t = table(ref)
+    add(t, ref, {(ip("10.1.0.0"), 16): value(1)})
+    row = t._t24[ip("10.1.0.0") >> 8:(ip("10.1.0.0") >> 8) + 256]
+    assert len(set(row.tolist())) == 1 and depth_of(int(row[0])) == 16
+    add(t, ref, {(ip("10.1.2.128"), 25): value(2)})
+    e = t._m24[ip("10.1.2.0") >> 8]
+    assert e & EXT
+    g = e & INDEX
+    group = t._t8[g * TBL8:(g + 1) * TBL8]
+    assert [depth_of(int(x)) for x in group[:128]] == [16] * 128  # the /16 behind the /25
+    assert [depth_of(int(x)) for x in group[128:]] == [25] * 128
+    assert t.lookup(ip("10.1.2.127")) == value(1)
+    assert t.lookup(ip("10.1.2.128")) == value(2)
+
+
+def test_deleting_the_last_longer_route_folds_the_group_back_and_retires_it() -> None:
+    ref = Reference()
+    t = table(ref)
+    add(t, ref, {(ip("10.1.0.0"), 16): value(1), (ip("10.1.2.128"), 25): value(2)})
+    group = t._m24[ip("10.1.2.0") >> 8] & INDEX
+    delete(t, ref, [(ip("10.1.2.128"), 25)])
+    e = t._m24[ip("10.1.2.0") >> 8]
+    assert not e & EXT and depth_of(e) == 16
+    assert t.groups.in_use == 0
+    assert group in t.groups._retired
+
+
+def test_a_deleted_prefix_falls_back_to_its_covering_route_or_to_a_miss() -> None:
+    ref = Reference()
+    t = table(ref)
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1), (ip("10.1.0.0"), 16): value(2),
+                 (ip("10.1.1.0"), 24): value(3)})
+    delete(t, ref, [(ip("10.1.0.0"), 16)])
+    assert t.lookup(ip("10.1.5.5")) == value(1)
+    assert t.lookup(ip("10.1.1.5")) == value(3)
+    delete(t, ref, [(ip("10.0.0.0"), 8)])
+    assert t.lookup(ip("10.1.5.5")) is None
+    assert t.lookup(ip("10.1.1.5")) == value(3)
+
+
+def test_the_default_route_is_an_entry_not_a_miss() -> None:
+    ref = Reference()
+    t = table(ref)
+    add(t, ref, {(0, 0): value(9)})
+    assert t.lookup(ip("192.0.2.1")) == value(9)
+    assert depth_of(t._m24[ip("192.0.2.1") >> 8]) == 0
+    delete(t, ref, [(0, 0)])
+    assert t.lookup(ip("192.0.2.1")) is None
+    assert not t._t24.any()
+
+
+def test_identical_values_share_one_slot_and_plen_does_not_split_them() -> None:
+    ref = Reference()
+    t = table(ref)
+    add(t, ref, {(ip("10.1.0.0"), 16): value(5), (ip("10.2.0.0"), 24): value(5)})
+    t.add([(ip("10.3.0.0"), 24, ROUTE.pack(5, 0, 0, 0, 24))])
+    slots = {t._m24[ip(a) >> 8] & INDEX for a in ("10.1.0.0", "10.2.0.0", "10.3.0.0")}
+    assert len(slots) == 1
+    assert t.slots.in_use == 1
+
+
+# ---------------------------------------------------------------- against the reference
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_changes_match_longest_prefix_match(seed: int) -> None:
+    rng = random.Random(seed)
+    ref = Reference()
+    t = table(ref, groups=1024)
+    initial = {random_prefix(rng): value(rng.randrange(1, 6)) for _ in range(300)}
+    ref.routes.update(initial)
+    assert load(t, initial) == []
+    assert mismatches(t, ref, probes(ref, rng)) == []
+    for _ in range(25):
+        adds = {random_prefix(rng): value(rng.randrange(1, 6)) for _ in range(15)}
+        gone = [p for p in ref.routes if p not in adds and rng.random() < 0.06]
+        assert add(t, ref, adds) == []
+        delete(t, ref, gone)
+        assert mismatches(t, ref, probes(ref, rng, 300)) == []
+    # nothing leaks: every group in use is named by a tbl24 entry
+    named = {e & INDEX for e in t._t24[(t._t24 & EXT) != 0].tolist()}
+    assert len(named) == t.groups.in_use
+
+
+def test_load_and_one_by_one_build_the_same_table() -> None:
+    rng = random.Random(7)
+    routes = {random_prefix(rng): value(rng.randrange(1, 9)) for _ in range(400)}
+    a_ref, b_ref = Reference(), Reference()
+    a, b = table(a_ref, groups=1024), table(b_ref, groups=1024)
+    a_ref.routes.update(routes)
+    load(a, routes)
+    add(b, b_ref, routes)
+    region = np.arange(10 << 24, (10 << 24) + (1 << 18), dtype=np.uint32)
+    assert [a.lookup(x) for x in region[::7].tolist()] == \
+        [b.lookup(x) for x in region[::7].tolist()]
+    assert mismatches(a, a_ref, probes(a_ref, rng)) == []
+
+
+# ---------------------------------------------------------------- concurrency rules
+
+
+def test_load_over_a_previous_table_uses_other_groups_and_slots_and_retires_old_ones() -> None:
+    """A restarted daemon adopts the maps while the program reads them: the
+    new table must not write into what the old one still names."""
+    rng = random.Random(3)
+    buffers = memory_buffers(64, 64)
+    old_ref = Reference()
+    old = table(old_ref, buffers=buffers)
+    old_routes = {(ip("10.0.0.0"), 8): value(1), (ip("10.1.2.128"), 25): value(2),
+                  (ip("10.1.3.0"), 26): value(3)}
+    old_ref.routes.update(old_routes)
+    load(old, old_routes)
+    old_groups = {old._m24[ip(a) >> 8] & INDEX for a in ("10.1.2.0", "10.1.3.0")}
+    old_slots = {1, 2, 3}
+    tbl8_before = bytes(buffers[1])
+    slots_before = bytes(buffers[2])
+
+    ref = Reference()
+    new = table(ref, buffers=buffers)
+    assert set(new.groups._skip) == old_groups and set(new.slots._skip) == old_slots
+    routes = {(ip("10.0.0.0"), 8): value(11), (ip("10.1.2.128"), 25): value(12),
+              (ip("10.9.9.0"), 27): value(13)}
+    ref.routes.update(routes)
+    load(new, routes)
+    assert mismatches(new, ref, probes(ref, rng)) == []
+    # the old groups and slots were not written, and come back only after a grace period
+    for g in old_groups:
+        assert bytes(buffers[1])[g * 1024:(g + 1) * 1024] == tbl8_before[g * 1024:(g + 1) * 1024]
+    for s in old_slots:
+        assert bytes(buffers[2])[s * 8:s * 8 + 8] == slots_before[s * 8:s * 8 + 8]
+    assert sorted(new.groups._retired) == sorted(old_groups)
+    assert sorted(new.slots._retired) == sorted(old_slots)
+
+
+def test_a_retired_group_is_reused_only_after_a_grace_period() -> None:
+    ref = Reference()
+    t = table(ref, groups=3)  # groups 1 and 2
+    graces = t.groups._grace
+    assert isinstance(graces, Graces)
+    add(t, ref, {(ip("10.0.1.0"), 25): value(1), (ip("10.0.2.0"), 25): value(1)})
+    delete(t, ref, [(ip("10.0.1.0"), 25)])
+    assert graces.count == 0
+    add(t, ref, {(ip("10.0.3.0"), 25): value(1)})  # needs the retired group
+    assert graces.count == 1
+    assert t.lookup(ip("10.0.3.1")) == value(1)
+    assert t.lookup(ip("10.0.1.1")) is None
+
+
+def test_pool_hands_out_fresh_numbers_before_retired_ones() -> None:
+    graces = Graces()
+    pool = Pool(4, graces)
+    assert [pool.take(), pool.take()] == [1, 2]
+    pool.retire(1)
+    assert pool.take() == 3 and graces.count == 0
+    assert pool.take() == 1 and graces.count == 1
+    assert pool.take() is None
+
+
+def test_slots_no_entry_names_are_collected_and_reused() -> None:
+    ref = Reference()
+    t = table(ref, slots=4)  # slots 1..3 serve nine values, one at a time
+    for nh in range(1, 10):
+        assert add(t, ref, {(ip("10.0.0.0"), 24): value(nh)}) == []
+        assert t.lookup(ip("10.0.0.1")) == value(nh)
+    assert t.stats.slot_gcs >= 3
+    assert t.slots._grace.count >= 3  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- running out
+
+
+def test_without_a_free_group_the_24_is_pinned_to_bpf_fib_lookup() -> None:
+    ref = Reference()
+    t = table(ref, groups=2)  # one group: 1
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
+    assert add(t, ref, {(ip("10.0.1.0"), 25): value(2)}) == []
+    assert add(t, ref, {(ip("10.0.2.0"), 25): value(3)}) == [0]
+    # the /8 must not answer for 10.0.2.0/25: the kernel does, for the whole /24
+    assert t.lookup(ip("10.0.2.1")) == FIB_SLOT_VALUE
+    assert t.lookup(ip("10.0.2.200")) == FIB_SLOT_VALUE
+    assert t.stats.pinned == 1
+    # routes covering the pinned /24 change around it, never over it
+    add(t, ref, {(ip("10.0.0.0"), 16): value(4)})
+    delete(t, ref, [(ip("10.0.0.0"), 8)])
+    assert t.lookup(ip("10.0.2.200")) == FIB_SLOT_VALUE
+    assert t.lookup(ip("10.0.3.1")) == value(4)
+
+
+def test_load_pins_what_does_not_fit_and_reports_it() -> None:
+    ref = Reference()
+    t = table(ref, groups=2)
+    routes = {(ip("10.0.0.0"), 8): value(1), (ip("10.0.1.0"), 25): value(2),
+              (ip("10.0.2.0"), 25): value(3)}
+    failed = load(t, routes)
+    assert len(failed) == 1
+    lost = list(routes)[failed[0]]
+    assert t.lookup(lost[0]) == FIB_SLOT_VALUE
+    kept = (ip("10.0.1.0"), 25) if lost != (ip("10.0.1.0"), 25) else (ip("10.0.2.0"), 25)
+    assert t.lookup(kept[0]) == routes[kept]
+
+
+def test_a_table_loads_only_once() -> None:
+    t = table(Reference())
+    load(t, {})
+    with pytest.raises(RuntimeError):
+        load(t, {})
+
+
+def test_entry_constants_agree_with_the_header() -> None:
+    assert EXT == 1 << 31 and INDEX == (1 << 24) - 1
+    assert abi.FS_DIR_PINNED > 32 and abi.FS_DIR_PINNED <= abi.FS_DIR_DEPTH_MASK
+    assert struct.calcsize("=IBBBB") == 8

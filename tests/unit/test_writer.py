@@ -1,0 +1,202 @@
+"""MapWriter on in-memory maps: layouts, write order, and the DIR-24-8 table
+kept equal to the LPM trie through loads, changes, deletes and full maps."""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from fibsync.errors import MapError
+from fibsync.fastpath import abi
+from fibsync.fastpath.writer import (
+    CONFIG,
+    GROUP,
+    NEIGH,
+    NEIGH_KEY,
+    NEXTHOP,
+    ROUTE,
+    V4_KEY,
+    V6_KEY,
+    MapWriter,
+    MemoryMaps,
+    route_key,
+)
+from fibsync.model import Prefix
+from fibsync.rib import Action, FastPathDiff, FpNexthop, FpRoute
+
+
+def test_layouts_match_the_abi_twins() -> None:
+    s = ctypes.sizeof
+    assert (V4_KEY.size, V6_KEY.size, ROUTE.size) == (s(abi.FsV4Key), s(abi.FsV6Key),
+                                                      s(abi.FsRoute))
+    assert (NEXTHOP.size, GROUP.size) == (s(abi.FsNexthop), s(abi.FsGroup))
+    assert (NEIGH_KEY.size, NEIGH.size, CONFIG.size) == (s(abi.FsNeighKey), s(abi.FsNeigh),
+                                                         s(abi.FsConfig))
+
+
+def fwd(nh: int) -> FpRoute:
+    return FpRoute(Action.FORWARD, nh_id=nh)
+
+
+def diff(routes: dict[str, FpRoute | None]) -> FastPathDiff:
+    return FastPathDiff(routes={Prefix.parse(p): e for p, e in routes.items()})
+
+
+def config(maps: MemoryMaps) -> tuple[int, int, int, int]:
+    raw = maps.maps.get("config", {}).get(b"\0\0\0\0", CONFIG.pack(0, 0, 0, 0))
+    return CONFIG.unpack(raw)  # type: ignore[return-value]
+
+
+def dir24_agrees_with_lpm(writer: MapWriter, maps: MemoryMaps, addrs: list[int]) -> list[str]:
+    """Every address answered alike by the DIR-24-8 table and routes_v4."""
+    assert writer.dir24 is not None
+    bad = []
+    for a in addrs:
+        lpm = maps.match("routes_v4", V4_KEY.pack(32, a.to_bytes(4, "big")))
+        want = None if lpm is None else lpm[:7] + b"\0"
+        got = writer.dir24.lookup(a)
+        if want != got:
+            bad.append(f"{a:#010x}: lpm {want!r} dir24 {got!r}")
+    return bad
+
+
+def probe_addrs(prefixes: list[Prefix], rng: random.Random) -> list[int]:
+    out = []
+    for p in prefixes:
+        a = int.from_bytes(p.addr, "big")
+        out += [a, a + (1 << (32 - p.length)) - 1]
+    return out + [(10 << 24) | rng.randrange(1 << 20) for _ in range(1000)]
+
+
+def random_prefix(rng: random.Random) -> Prefix:
+    length = rng.choice([8, 12, 16, 18, 20, 22, 24, 24, 24, 25, 27, 30, 32])
+    n = ((10 << 24) | rng.randrange(1 << 20)) >> (32 - length) << (32 - length)
+    return Prefix.of(2, n.to_bytes(4, "big"), length)
+
+
+def test_route_values_carry_the_prefix_length() -> None:
+    maps = MemoryMaps()
+    MapWriter(maps).write(diff({"10.0.0.0/8": fwd(1), "2001:db8::/32": fwd(2)}))
+    assert ROUTE.unpack(maps.maps["routes_v4"][route_key(Prefix.parse("10.0.0.0/8"))]) == \
+        (1, 0, 0, 0, 8)
+    assert ROUTE.unpack(maps.maps["routes_v6"][route_key(Prefix.parse("2001:db8::/32"))])[4] \
+        == 32
+
+
+class Recording(MemoryMaps):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, str, list[bytes]]] = []
+
+    def update(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
+        self.log.append(("set", name, [k for k, _ in items]))
+        super().update(name, items)
+
+    def delete(self, name: str, keys: list[bytes]) -> None:
+        self.log.append(("del", name, list(keys)))
+        super().delete(name, keys)
+
+    def items(self, name: str) -> Iterator[tuple[bytes, bytes]]:
+        return super().items(name)
+
+
+def test_write_order_nexthops_then_longest_routes_then_deletes() -> None:
+    maps = Recording()
+    writer = MapWriter(maps)
+    nh = FpNexthop(1, 1500, True, False, 2, b"\2" * 6, b"\4" * 6, bytes(16))
+    writer.write(FastPathDiff(nexthops={5: nh}, routes={Prefix.parse("10.9.0.0/16"): fwd(5)}))
+    maps.log.clear()
+    writer.write(FastPathDiff(
+        nexthops={6: nh, 5: None},
+        routes={Prefix.parse("10.0.0.0/8"): fwd(6), Prefix.parse("10.1.2.0/24"): fwd(6),
+                Prefix.parse("10.9.0.0/16"): None}))
+    kinds = [(op, name) for op, name, _ in maps.log]
+    assert kinds.index(("set", "nexthops")) < kinds.index(("set", "routes_v4")) \
+        < kinds.index(("del", "routes_v4")) < kinds.index(("del", "nexthops"))
+    routes = next(keys for op, name, keys in maps.log if (op, name) == ("set", "routes_v4"))
+    assert [V4_KEY.unpack(k)[0] for k in routes] == [24, 8]
+
+
+def test_dir24_is_loaded_on_the_first_write_then_selected() -> None:
+    maps = MemoryMaps(dir24=True)
+    writer = MapWriter(maps)
+    assert writer.v4_table == "dir24"
+    assert config(maps)[3] == abi.FS_V4_LPM
+    writer.write(diff({"10.0.0.0/8": fwd(1), "10.1.0.0/25": fwd(2)}))
+    assert writer.dir24 is not None and writer.dir24.stats.loads == 1
+    assert config(maps)[3] == abi.FS_V4_DIR24
+    assert writer.dir24.lookup(0x0A010001) == ROUTE.pack(2, 0, 0, 0, 0)
+    assert writer.dir24.lookup(0x0A020001) == ROUTE.pack(1, 0, 0, 0, 0)
+
+
+def test_selecting_the_table_keeps_the_other_config_fields() -> None:
+    maps = MemoryMaps(dir24=True)
+    maps.update("config", [(b"\0\0\0\0", CONFIG.pack(1, 1, abi.FS_CFG_PASS_FRAGMENTS, 0))])
+    MapWriter(maps).write(diff({"10.0.0.0/8": fwd(1)}))
+    assert config(maps) == (1, 1, abi.FS_CFG_PASS_FRAGMENTS, abi.FS_V4_DIR24)
+
+
+def test_lpm_mode_leaves_dir24_alone() -> None:
+    maps = MemoryMaps(dir24=True)
+    maps.update("config", [(b"\0\0\0\0", CONFIG.pack(0, 0, 0, abi.FS_V4_DIR24))])
+    writer = MapWriter(maps, v4_table="lpm")
+    writer.write(diff({"10.0.0.0/8": fwd(1)}))
+    assert writer.dir24 is None
+    assert config(maps)[3] == abi.FS_V4_LPM
+    assert not any(maps.buffers["v4_tbl24"][:])
+
+
+def test_dir24_needs_its_arrays() -> None:
+    with pytest.raises(MapError):
+        MapWriter(MemoryMaps(), v4_table="dir24")
+    assert MapWriter(MemoryMaps()).v4_table == "lpm"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dir24_follows_every_change_of_routes_v4(seed: int) -> None:
+    rng = random.Random(seed)
+    maps = MemoryMaps(dir24=True, tbl8_groups=2048)
+    writer = MapWriter(maps)
+    live: dict[Prefix, FpRoute] = {random_prefix(rng): fwd(rng.randrange(1, 5))
+                                   for _ in range(300)}
+    writer.write(FastPathDiff(routes=dict(live)))
+    assert dir24_agrees_with_lpm(writer, maps, probe_addrs(list(live), rng)) == []
+    for _ in range(10):
+        change: dict[Prefix, FpRoute | None] = {}
+        for p in rng.sample(sorted(live), 20):
+            change[p] = None
+        for _ in range(30):
+            change[random_prefix(rng)] = fwd(rng.randrange(1, 5))
+        for p, e in change.items():
+            if e is None:
+                live.pop(p, None)
+            else:
+                live[p] = e
+        writer.write(FastPathDiff(routes=change))
+        assert dir24_agrees_with_lpm(writer, maps, probe_addrs(list(live), rng)) == []
+
+
+def test_a_prefix_routes_v4_cannot_take_stays_out_of_dir24() -> None:
+    maps = MemoryMaps(dir24=True, capacity={"routes_v4": 2})
+    writer = MapWriter(maps)
+    writer.write(diff({"10.0.0.0/8": fwd(1), "10.1.0.0/16": fwd(2), "10.1.2.0/24": fwd(3)}))
+    # longest first: the /8 found the map full
+    assert writer.unwritten == {Prefix.parse("10.0.0.0/8")}
+    assert writer.stats.full == 1
+    assert writer.dir24 is not None
+    assert writer.dir24.lookup(0x0A090000) is None
+    assert dir24_agrees_with_lpm(writer, maps, [0x0A010203, 0x0A010300, 0x0A090000]) == []
+
+
+def test_a_route_without_a_tbl8_group_is_unwritten_and_handed_to_the_kernel() -> None:
+    maps = MemoryMaps(dir24=True, tbl8_groups=2)
+    writer = MapWriter(maps)
+    writer.write(diff({"10.0.0.0/8": fwd(1), "10.0.1.0/25": fwd(2)}))
+    writer.write(diff({"10.0.2.0/25": fwd(3)}))
+    assert writer.unwritten == {Prefix.parse("10.0.2.0/25")}
+    assert writer.stats.full == 1 and "v4_tbl8" in writer.stats.last_error
+    assert writer.dir24 is not None
+    assert ROUTE.unpack(writer.dir24.lookup(0x0A000201) or b"")[1] == abi.FS_ACT_FIB
