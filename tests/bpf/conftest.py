@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from fibsync.fastpath import program
-from tests.bpf.harness import TEST_SIZES, Lab, netns
+from tests.bpf.harness import TEST_SIZES, Dir24Memory, Lab, netns
 from tests.conftest import require_privileges
 
 
@@ -33,8 +33,13 @@ def table_ns(fastpath: program.FastPath) -> Iterator[str]:
         yield name
 
 
+@pytest.fixture(scope="session")
+def dir24_memory(fastpath: program.FastPath) -> Dir24Memory:
+    return Dir24Memory(fastpath)
+
+
 @pytest.fixture
-def lab(fastpath: program.FastPath, table_ns: str) -> Lab:
-    lab = Lab(fastpath, table_ns)
+def lab(fastpath: program.FastPath, table_ns: str, dir24_memory: Dir24Memory) -> Lab:
+    lab = Lab(fastpath, table_ns, dir24_memory)
     lab.clear()
     return lab

@@ -16,9 +16,11 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from fibsync.fastpath import abi, bpfsys
+import numpy as np
+
+from fibsync.fastpath import abi, bpfsys, dir24
 from fibsync.fastpath.abi import Reason
 from fibsync.fastpath.program import FastPath
 from fibsync.model import AF_INET, AF_INET6, Prefix
@@ -71,21 +73,70 @@ def netns(name: str) -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+class Dir24Memory:
+    """The session program's DIR-24-8 arrays, mapped once; zeroed between
+    tests only when a test wrote them."""
+
+    def __init__(self, fp: FastPath) -> None:
+        self.buffers = [dir24.map_buffer(fp.map_fd(n)) for n in ("v4_tbl24", "v4_tbl8",
+                                                                 "v4_slots")]
+        self.dirty = False
+
+    def clear(self) -> None:
+        if self.dirty:
+            for buf in self.buffers:
+                np.frombuffer(buf, np.uint8)[:] = 0
+            self.dirty = False
+
+
 @dataclass
 class Lab:
-    """The loaded program, its maps, and the namespace its test runs use."""
+    """The loaded program, its maps, and the namespace its test runs use.
+
+    IPv4 routes go to the LPM trie and, once ``use_v4_table("dir24")`` was
+    called, to the DIR-24-8 table too; the program reads the selected one.
+    """
 
     fp: FastPath
     ns: str
+    memory: Dir24Memory | None = None
+    v4_table: str = "lpm"
+    dir24: dir24.Dir24Table | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------ map contents
+
+    def use_v4_table(self, table: str) -> None:
+        self.v4_table = table
+        if table == "dir24" and self.dir24 is None:
+            assert self.memory is not None
+            self.memory.clear()
+            self.memory.dirty = True
+            lookup = bpfsys.Lookup(self.fp.map_fd("routes_v4"), 8, 8)
+
+            def cover(addr: int, depth: int) -> tuple[int, bytes] | None:
+                value = lookup(bytes(abi.FsV4Key(depth - 1, (ctypes.c_uint8 * 4)(
+                    *addr.to_bytes(4, "big")))))
+                return None if value is None else (value[7], value)
+
+            self.dir24 = dir24.Dir24Table(*self.memory.buffers, cover=cover)
+        self.config()
 
     def route(self, prefix: str, nh: int = 0, *, action: int = abi.FS_ACT_FORWARD,
               group: bool = False, reason: int = 0) -> None:
         p = Prefix.parse(prefix)
         name = "routes_v4" if p.family == AF_INET else "routes_v6"
-        value = abi.FsRoute(nh, action, abi.FS_ROUTE_GROUP if group else 0, reason, 0)
-        bpfsys.update(self.fp.map_fd(name), bytes(abi.route_key(p)), bytes(value))
+        value = bytes(abi.FsRoute(nh, action, abi.FS_ROUTE_GROUP if group else 0, reason,
+                                  p.length))
+        bpfsys.update(self.fp.map_fd(name), bytes(abi.route_key(p)), value)
+        if self.dir24 is not None and p.family == AF_INET:
+            assert self.dir24.add([(int.from_bytes(p.addr, "big"), p.length, value)]) == []
+
+    def unroute(self, prefix: str) -> None:
+        p = Prefix.parse(prefix)
+        name = "routes_v4" if p.family == AF_INET else "routes_v6"
+        bpfsys.delete(self.fp.map_fd(name), bytes(abi.route_key(p)))
+        if self.dir24 is not None and p.family == AF_INET:
+            self.dir24.delete([(int.from_bytes(p.addr, "big"), p.length)])
 
     def nexthop(self, nh_id: int, ifindex: int, smac: str, dmac: str | None = None, *,
                 mtu: int = 0, connected: bool = False, gateway: str | None = None) -> None:
@@ -114,20 +165,26 @@ class Lab:
             bpfsys.update(self.fp.map_fd("tx_ports"), key, key)
 
     def config(self, v4: int = abi.FS_HASH_L3, v6: int = abi.FS_HASH_L3, flags: int = 0) -> None:
+        table = abi.FS_V4_DIR24 if self.v4_table == "dir24" else abi.FS_V4_LPM
         bpfsys.update(self.fp.map_fd("config"), struct.pack("=I", 0),
-                      bytes(abi.FsConfig(v4, v6, flags, 0)))
+                      bytes(abi.FsConfig(v4, v6, flags, table)))
 
     def clear(self) -> None:
         for name in ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports"):
             fd = self.fp.map_fd(name)
             for key in [k for k, _ in bpfsys.iterate(fd)]:
                 bpfsys.delete(fd, key)
+        self.clear_counters()
+        if self.memory is not None:
+            self.memory.clear()
+        self.config()
+        self.misses()
+
+    def clear_counters(self) -> None:
         zero = bytes(ctypes.sizeof(abi.FsCounter))
         for reason in range(abi.FS_REASON_MAX):
             bpfsys.update(self.fp.map_fd("counters"), struct.pack("=I", reason),
                           [zero] * bpfsys.possible_cpus())
-        self.config()
-        self.misses()
 
     # ------------------------------------------------------------ observation
 

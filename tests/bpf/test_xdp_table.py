@@ -1,5 +1,6 @@
 """The XDP program on one packet at a time: a table of {description, packet,
-map contents, expected action and reason, expected output bytes}.
+map contents, expected action and reason, expected output bytes}, run once
+with IPv4 routes read from the LPM trie and once from the DIR-24-8 table.
 
 Runs happen in a bare namespace (forwarding off), so every bpf_fib_lookup
 fallback here answers FWD_DISABLED; test_fib_lookup.py covers real lookups.
@@ -125,7 +126,7 @@ def _ipv4_fragment() -> Packet:
 
 
 CASES = [
-    Case("v4 LPM hit: MACs, TTL and checksum rewritten, redirected",
+    Case("v4 hit: MACs, TTL and checksum rewritten, redirected",
          v4(), basic, XDP_REDIRECT, Reason.FWD_FAST, forwarded()),
     Case("v6 LPM hit: MACs and hop limit rewritten, redirected",
          v6(), basic, XDP_REDIRECT, Reason.FWD_FAST, forwarded()),
@@ -269,7 +270,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
-def test_packet(lab: Lab, case: Case) -> None:
+@pytest.mark.parametrize("v4_table", ["lpm", "dir24"])
+def test_packet(lab: Lab, case: Case, v4_table: str) -> None:
+    lab.use_v4_table(v4_table)
     case.setup(lab)
     frame = bytes(case.packet)
     retval, out = lab.run(frame)
