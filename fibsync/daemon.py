@@ -73,9 +73,12 @@ class SdNotify:
         self._status = ""
 
     def send(self, message: str) -> None:
+        """Never blocks: a receiver that does not read (its queue holds only
+        net.unix.max_dgram_qlen datagrams) must not stall the event loop."""
         if not self.addr:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+            s.setblocking(False)
             s.sendto(message.encode(), self.addr)
 
     def status(self, text: str) -> None:
@@ -720,7 +723,8 @@ class Daemon:
                      for name, cap in s.map_sizes.items()},
             "netlink": _public(self.source.stats),
             "sync": self.lag.doc(),
-            "writer": {**_public(self.writer.stats), "unwritten": len(self.writer.unwritten),
+            "writer": {**_public(self.writer.stats), "v4_table": self.writer.v4_table,
+                       "unwritten": len(self.writer.unwritten),
                        "demoted": len(self.guard.demoted) if self.guard else 0,
                        "full_episodes": self.guard.episodes if self.guard else 0},
             "rib": dict(self.rib.stats),

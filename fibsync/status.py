@@ -124,6 +124,7 @@ def render(doc: dict[str, Any]) -> str:
             f"map writes {wr.get('entries', 0)} in {wr.get('batches', 0)} batches"
             f"  errors {wr.get('errors', 0)}  full {wr.get('full', 0)}"
             f"  unwritten {wr.get('unwritten', 0)}  demoted {wr.get('demoted', 0)}"
+            + (f"  IPv4 table {wr['v4_table']}" if wr.get("v4_table") else "")
         )
     rl = doc.get("reloads")
     if rl:

@@ -208,3 +208,20 @@ def test_bad_configs_exit_2_and_change_nothing(lab: Lab, fibsync: RouterDaemon,
     assert not (PIN_ROOT / fresh).exists()
     assert fibsync.status()["daemon"] == "up"
     assert_no_loss(sent, answered, at_least=20)
+
+
+def test_a_configured_interface_that_comes_back_gets_the_program_again(
+        lab: Lab, fibsync: RouterDaemon, config_file: Path, h3: Netns) -> None:
+    write_config(config_file, [*lab.router_interfaces, "r-h3"])
+    reload(fibsync, done=1)
+    assert "r-h3" in xdp_on(lab.r)
+    lab.r.ip("link", "del", "r-h3")  # the kernel takes the program with the interface
+    wait_until(lambda: "interface r-h3 runs no fibsync program (missing?)"
+               in fibsync.status()["problems"], timeout=10, what="status to miss r-h3")
+    veth(lab.r, "r-h3", h3, "h3-r")
+    doc = wait_until(lambda: (s := fibsync.status())["problems"] == [] and s, timeout=10,
+                     what="the program back on r-h3")
+    assert "r-h3" in {i["name"] for i in doc["interfaces"]}
+    assert "r-h3" in xdp_on(lab.r)
+    events = [e["event"] for e in fibsync.logs()]
+    assert "interface.gone" in events and events.count("xdp.attach") == 5

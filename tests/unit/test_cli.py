@@ -45,3 +45,27 @@ def test_bad_toml_names_the_key(tmp_path) -> None:  # type: ignore[no-untyped-de
     r = run_fibsync("run", "--config", str(cfg))
     assert r.returncode == 2
     assert "bogus_key" in one_error_line(r)
+
+
+def test_check_validates_without_touching_anything(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "fibsync.toml"
+    cfg.write_text('interfaces = ["lo"]\ntable = 100\n[metrics]\nlisten = "9100"\n')
+    r = run_fibsync("check", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert f"{cfg}: OK" in r.stdout
+    assert 'metrics.listen         "127.0.0.1:9100"' in r.stdout
+    cfg.write_text('interfaces = ["lo", "nosuchif0"]\n')
+    r = run_fibsync("check", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "nosuchif0" in one_error_line(r)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["lookup", "not-an-address"], "not-an-address"),
+    (["status", "--instance", "a.b"], "instance"),
+    (["routes", "--config", "/nonexistent/fibsync.toml"], "does not exist"),
+])
+def test_read_only_commands_refuse_bad_input(args: list[str], needle: str) -> None:
+    r = run_fibsync(*args)
+    assert r.returncode == 2, r.stderr
+    assert needle in one_error_line(r)
