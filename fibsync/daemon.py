@@ -117,9 +117,8 @@ class InstanceLock:
         self.fd = fd
 
     def release(self) -> None:
+        # the file stays: unlinking it would let two later daemons lock two different files
         if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
             os.close(self.fd)
             self.fd = -1
 
