@@ -69,3 +69,17 @@ def test_read_only_commands_refuse_bad_input(args: list[str], needle: str) -> No
     r = run_fibsync(*args)
     assert r.returncode == 2, r.stderr
     assert needle in one_error_line(r)
+
+
+def test_logs_are_json_lines_when_stderr_is_not_a_terminal() -> None:
+    import json
+    import sys
+
+    code = ("from fibsync import log; log.configure('info'); l = log.get().bind(instance='x'); "
+            "l.debug('route.add', prefix='10.0.0.0/8'); l.info('resync.start', reason='start'); "
+            "log.set_level('debug'); l.debug('route.add', prefix='10.0.0.0/8')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in r.stderr.splitlines()]
+    assert [(e["event"], e["level"]) for e in lines] == [("resync.start", "info"),
+                                                         ("route.add", "debug")]
+    assert all(e["instance"] == "x" and "timestamp" in e for e in lines)
