@@ -19,6 +19,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,25 +358,49 @@ def _prog_name(prog_id: int) -> str:
 
 
 def _compile(directory: Path, sizes: abi.Sizes) -> tuple[Any, int]:
+    """Compile and load the program in a child process; return (None, its fd).
+
+    bcc's LLVM stays resident once used (~170 MB measured here) and the daemon
+    never needs it again: the child compiles against the pinned maps, loads the
+    program, pins it under a temporary name and exits; the daemon takes the
+    program from that pin.
+    """
+    src = bpf_source_dir()
+    cflags = [f"-I{src}", f'-DFS_PIN_DIR="{directory}"', *sizes.cflags()]
+    tmp = directory / "prog_build"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from fibsync.fastpath.program import _build; _build(sys.argv[1:])",
+         str(src / "fibsync.c"), str(tmp), *cflags],
+        capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        lines = [ln for ln in child.stderr.splitlines()
+                 if ln.strip() and "modprobe: not found" not in ln]
+        raise FastPathError(lines[-1] if lines else f"the build exited with {child.returncode}")
+    fd = bpfsys.obj_get(str(tmp))
+    tmp.unlink()
+    return None, fd
+
+
+def _build(argv: list[str]) -> None:
+    """The child of ``_compile``: build with bcc, load, pin at argv[1]; errors on stderr."""
+    source, pin, cflags = argv[0], argv[1], argv[2:]
     try:
         from bcc import BPF  # noqa: PLC0415 - bcc is slow to import and only needed here
     except ImportError as exc:
-        raise FastPathError(
-            f"bcc is not importable ({exc}): install python3-bpfcc and use a venv "
-            "made with --system-site-packages"
-        ) from exc
-    src = bpf_source_dir()
-    cflags = [f"-I{src}", f'-DFS_PIN_DIR="{directory}"', *sizes.cflags()]
+        sys.exit(f"bcc is not importable ({exc}): install python3-bpfcc and use a venv "
+                 "made with --system-site-packages")
     try:
-        bpf = BPF(src_file=str(src / "fibsync.c").encode(), cflags=cflags)
+        bpf = BPF(src_file=source.encode(), cflags=cflags)
     except Exception as exc:
-        raise FastPathError(f"cannot compile {src / 'fibsync.c'}: {exc}") from exc
+        sys.exit(f"cannot compile {source}: {exc} (kernel headers for bcc: see `make bootstrap`)")
     try:
         fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
     except Exception as exc:
-        bpf.cleanup()
-        raise FastPathError(f"the kernel refused the XDP program: {exc}") from exc
-    return bpf, fn.fd
+        sys.exit(f"the kernel refused the XDP program: {exc}")
+    bpfsys.obj_pin(fn.fd, pin)
 
 
 # ---------------------------------------------------------------- rtnetlink (XDP)
