@@ -135,8 +135,10 @@ class RouterDaemon:
         self.pid_file.unlink(missing_ok=True)
 
     def remove_pins(self) -> None:
+        """Pins, socket and lock file of the instance (call once the daemon is stopped)."""
         shutil.rmtree(PIN_ROOT / self.instance, ignore_errors=True)
-        (RUN_DIR / f"{self.instance}.sock").unlink(missing_ok=True)
+        for suffix in ("sock", "lock"):
+            (RUN_DIR / f"{self.instance}.{suffix}").unlink(missing_ok=True)
 
 
 def _reap(proc: subprocess.Popen[bytes] | None) -> bool:
