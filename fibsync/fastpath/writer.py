@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import MapError, MapFullError
 from ..model import AF_INET, AF_INET6, Prefix
-from ..rib import GROUP_BUCKETS, FastPathDiff, FpGroup, FpNexthop, FpRoute, Rib
+from ..rib import GROUP_BUCKETS, Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, Rib
 from . import abi, bpfsys, dir24
 
 # layouts of bpf/fibsync.h (checked against abi's ctypes twins by tests/unit/test_writer.py)
@@ -164,28 +164,37 @@ def neigh_key(key: tuple[int, int, bytes]) -> bytes:
 
 class RouteBatch:
     """Routes of one family, encoded at once: keys and values as the LPM map
-    takes them, longest prefixes first (the order they are written in)."""
+    takes them, in the order they are written in: longest prefixes first
+    (a new less-specific never catches a new more-specific's traffic), by
+    address within a length (the kernel's trie inserts neighbours ~3x faster
+    than scattered prefixes: 1M IPv4 routes in 2.7 s against 9 s, measured).
+    """
 
     def __init__(self, family: int, routes: list[tuple[Prefix, FpRoute]]) -> None:
         self.family = family
         self.prefixes = [p for p, _ in routes]
         alen = 4 if family == AF_INET else 16
         n = len(routes)
-        ids: dict[FpRoute, int] = {}
-        self.ids = np.fromiter((ids.setdefault(e, len(ids)) for _, e in routes), np.intp, n)
-        self.values = [encode_route(e) for e in ids]
+        # FpRoute's own __hash__ is Python code (its Action too): a tuple of its
+        # fields hashes in C, 0.26 against 0.7 µs a route
+        ids: dict[tuple[int, bool, str, Action], int] = {}
+        self.ids = np.fromiter((ids.setdefault((e.nh_id, e.group, e.reason, e.action), len(ids))
+                                for _, e in routes), np.intp, n)
+        self.values = [encode_route(FpRoute(action, nh_id, group, reason))
+                       for nh_id, group, reason, action in ids]
         self.lens = np.fromiter((p.length for p in self.prefixes), np.uint8, n)
         self.addrs = np.frombuffer(b"".join(p.addr for p in self.prefixes),
                                    np.uint8).reshape(n, alen)
-        order = np.argsort(-self.lens.astype(np.int16), kind="stable")
-        self.order = order
+        words = self.addrs.view(">u8" if alen == 16 else ">u4")
+        self.order = np.lexsort((*(words[:, i] for i in range(words.shape[1] - 1, -1, -1)),
+                                 -self.lens.astype(np.int16)))
         keys = np.zeros(n, _key_dtype(alen))
-        keys["plen"] = self.lens[order]
-        keys["addr"] = self.addrs[order]
+        keys["plen"] = self.lens[self.order]
+        keys["addr"] = self.addrs[self.order]
         table = np.frombuffer(b"".join(self.values), _ROUTE_DTYPE) if self.values \
             else np.zeros(0, _ROUTE_DTYPE)
-        values = table[self.ids[order]]
-        values["plen"] = self.lens[order]
+        values = table[self.ids[self.order]]
+        values["plen"] = self.lens[self.order]
         self.keys = keys.tobytes()
         self.vals = values.tobytes()
         self.key_size = keys.itemsize
@@ -249,7 +258,8 @@ class MapWriter:
             batch = RouteBatch(family, adds[family])
             written = self._update_routes(name, batch)
             self._delete(name, [route_key(p) for p in dels[family]])
-            self.unwritten.difference_update(dels[family])
+            if self.unwritten:
+                self.unwritten.difference_update(dels[family])
             if family == AF_INET and self.dir24 is not None:
                 self._write_dir24(batch, written, dels[family])
 
@@ -298,7 +308,8 @@ class MapWriter:
                 break
         prefixes = batch.prefixes
         written = batch.order[:done]
-        self.unwritten.difference_update(prefixes[i] for i in written.tolist())
+        if self.unwritten:
+            self.unwritten.difference_update(prefixes[i] for i in written.tolist())
         self.unwritten.update(prefixes[i] for i in batch.order[done:].tolist())
         return written
 
