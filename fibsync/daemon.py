@@ -104,21 +104,32 @@ class InstanceLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise DaemonError(f"instance {self.instance!r} already runs (pid {pid}); stop "
+                                  f"it first, or give this one another --instance") from None
+            # a daemon that stopped meanwhile unlinked the file we locked: lock the new one
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise DaemonError(f"instance {self.instance!r} already runs (pid {pid}); stop it "
-                              f"first, or give this one another --instance") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
 
     def release(self) -> None:
-        # the file stays: unlinking it would let two later daemons lock two different files
+        """Unlink while still holding the lock: whoever opened the file meanwhile sees it
+        gone after locking it, and starts over on a new one."""
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
             os.close(self.fd)
             self.fd = -1
 

@@ -83,3 +83,23 @@ def test_logs_are_json_lines_when_stderr_is_not_a_terminal() -> None:
     assert [(e["event"], e["level"]) for e in lines] == [("resync.start", "info"),
                                                          ("route.add", "debug")]
     assert all(e["instance"] == "x" and "timestamp" in e for e in lines)
+
+
+def test_one_daemon_per_instance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from fibsync.config import validate
+    from fibsync.daemon import InstanceLock
+    from fibsync.errors import DaemonError
+
+    locks = [InstanceLock(validate({"instance": "edge1"})) for _ in range(3)]
+    for lock in locks:
+        lock.path = tmp_path / "edge1.lock"
+    locks[0].acquire()
+    assert (tmp_path / "edge1.lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(DaemonError, match=rf"'edge1' already runs \(pid {os.getpid()}\)"):
+        locks[1].acquire()
+    locks[0].release()
+    assert not (tmp_path / "edge1.lock").exists()
+    locks[2].acquire()
+    locks[2].release()
