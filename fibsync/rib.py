@@ -12,11 +12,13 @@ Fast-path identities:
 - inline paths (RTA_GATEWAY/RTA_MULTIPATH routes) are interned: routes with
   the same paths share one fast-path nexthop or group, freed with the last user.
 
-The kernel removes some state without telling anyone (measured on 6.18): when a
-link goes administratively down or disappears it flushes the nexthop objects on
-it (no RTM_DELNEXTHOP), the groups left empty, and the IPv4 routes using
-either or running over the link (no RTM_DELROUTE). ``_link_gone`` replays those
-removals so that the mirror stays equal to the kernel.
+The kernel changes some state without telling anyone (seen on 6.18): when a
+link stops carrying traffic, is deleted or loses its last IPv4 address, it
+flushes nexthop objects, shrinks their groups, kills or revives paths and
+removes routes, with no RTM_DEL* message. ``_set_link``, ``_set_address`` and
+``_del_nh_object`` replay each rule (docs/architecture.md lists them), through
+indexes by link and by nexthop object, so that a link flap costs in proportion
+to the routes over that link, not to the table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from typing import Any
 
 from .model import (
     AF_INET,
@@ -47,8 +50,10 @@ from .model import (
 
 NLM_F_REPLACE = 0x100
 NLM_F_APPEND = 0x800
+RTPROT_RA = 9
 RTNH_F_DEAD = 0x1
 IFF_UP = 0x1
+IFF_RUNNING = 0x40
 IFF_LOWER_UP = 0x10000
 
 GROUP_BUCKETS = 128
@@ -147,6 +152,13 @@ class Rib:
         # routes we follow, by prefix: usually one, several with other metrics/tables
         self.routes: dict[Prefix, list[Route]] = {}
         self.fib: dict[Prefix, FpRoute] = {}
+        # what the kernel's silent removals need to find without a scan of every
+        # route: prefixes with inline paths over a link, prefixes with routes via
+        # a nexthop object, single nexthop objects on a link, groups holding an object
+        self._prefixes_by_link: dict[int, set[Prefix]] = defaultdict(set)
+        self._prefixes_by_nhid: dict[int, set[Prefix]] = defaultdict(set)
+        self._objects_by_link: dict[int, set[int]] = defaultdict(set)
+        self._groups_by_member: dict[int, set[int]] = defaultdict(set)
         self._ids = itertools.count(self.first_id)
         self._free_ids: list[int] = []
         # kernel nexthop object id -> fast-path id (nexthop or group id space)
@@ -161,7 +173,6 @@ class Rib:
         self._nh_by_link: dict[int, set[int]] = defaultdict(set)
         self._group_members: dict[int, tuple[tuple[int, int], ...]] = {}
         self._groups_by_nh: dict[int, set[int]] = defaultdict(set)
-        self._prefixes_by_obj: dict[int, set[Prefix]] = defaultdict(set)
         self._path_of_prefix: dict[Prefix, PathKey] = {}
         self.diff = FastPathDiff()
 
@@ -259,10 +270,7 @@ class Rib:
             elif isinstance(obj, Link):
                 self._set_link(obj, change.op)
             elif isinstance(obj, Address):
-                if change.op is Op.ADD:
-                    self.addresses[obj.key] = obj
-                else:
-                    self.addresses.pop(obj.key, None)
+                self._set_address(obj, change.op)
             else:
                 self.stats["ignored"] += 1
         self._drop_unused_inline()
@@ -273,72 +281,141 @@ class Rib:
 
     # ----------------------------------------------------------------- routes
 
+    def _store(self, prefix: Prefix, routes: list[Route]) -> None:
+        """Set the routes of a prefix, keeping the link and nexthop-object indexes."""
+        old = self.routes.get(prefix)
+        if old:
+            old_links, new_links = _links_of(old), _links_of(routes)
+            for ifindex in old_links - new_links:
+                _unindex(self._prefixes_by_link, ifindex, prefix)
+            for ifindex in new_links - old_links:
+                self._prefixes_by_link[ifindex].add(prefix)
+            old_ids = {r.nhid for r in old if r.nhid}
+            new_ids = {r.nhid for r in routes if r.nhid}
+            for nhid in old_ids - new_ids:
+                _unindex(self._prefixes_by_nhid, nhid, prefix)
+            for nhid in new_ids - old_ids:
+                self._prefixes_by_nhid[nhid].add(prefix)
+        else:
+            # the common case (a new prefix, every route of a dump): index it all
+            for r in routes:
+                if r.nhid:
+                    self._prefixes_by_nhid[r.nhid].add(prefix)
+                else:
+                    for n in r.nexthops:
+                        self._prefixes_by_link[n.ifindex].add(prefix)
+        if routes:
+            self.routes[prefix] = routes
+        else:
+            self.routes.pop(prefix, None)
+
     def _add_route(self, route: Route, nlflags: int) -> None:
         if not self.filter.follows(route):
             self.stats["ignored"] += 1
             return
-        routes = self.routes.setdefault(route.prefix, [])
-        for i, old in enumerate(routes):
-            if old.key == route.key:
-                if (route.prefix.family == AF_INET6 and not nlflags & NLM_F_REPLACE
-                        and not route.nhid and not old.nhid):
-                    # IPv6 ECMP arrives as siblings: a non-replacing add joins the route
-                    merged = old.nexthops + tuple(n for n in route.nexthops
-                                                  if n not in old.nexthops)
-                    route = _with_nexthops(route, merged)
-                routes[i] = route
-                break
+        held = self.routes.get(route.prefix)
+        if not held:
+            routes = [route]
         else:
-            routes.append(route)
+            routes = list(held)
+            same = [i for i, r in enumerate(routes) if r.key == route.key]
+            if route.prefix.family == AF_INET6:
+                self._add_route6(routes, same, route, nlflags)
+            elif same:
+                routes[same[0]] = route
+            else:
+                routes.append(route)
+        self._store(route.prefix, routes)
         self._refresh_prefix(route.prefix)
+
+    @staticmethod
+    def _add_route6(routes: list[Route], same: list[int], route: Route, nlflags: int) -> None:
+        """IPv6 keeps several routes under one key (table, prefix, metric), seen on 6.18.
+
+        Gateway routes join as ECMP siblings: one entry, and an append arrives
+        with every sibling. Routes that cannot be siblings (via a link only,
+        via a nexthop object, blackholes and other types) stay entries of
+        their own beside it when appended. A replace takes the first entry of
+        its own kind (the whole sibling set for a gateway route), else the
+        first entry there is.
+        """
+        ecmp = _ecmp6(route)
+        target = None
+        if nlflags & NLM_F_REPLACE:
+            target = next((i for i in same if _ecmp6(routes[i]) == ecmp), same[0] if same else None)
+        elif ecmp:
+            target = next((i for i in same if _ecmp6(routes[i])), None)
+            if target is not None:
+                route = _with_nexthops(route, _merge_paths(routes[target].nexthops,
+                                                           route.nexthops))
+        else:
+            # an add of an entry we hold already: a replayed event, or a dump
+            target = next((i for i in same if _same_entry(routes[i], route)), None)
+        if target is None:
+            routes.append(route)
+        else:
+            routes[target] = route
 
     def _del_route(self, route: Route) -> None:
-        routes = self.routes.get(route.prefix)
-        if not routes:
+        routes = list(self.routes.get(route.prefix, ()))
+        same = [i for i, r in enumerate(routes) if r.key == route.key]
+        if not same:
             return
-        for i, old in enumerate(routes):
-            if old.key != route.key:
-                continue
-            rest = tuple(n for n in old.nexthops if n not in route.nexthops)
-            if (route.prefix.family == AF_INET6 and route.nexthops and rest
-                    and len(rest) < len(old.nexthops)):
-                # one IPv6 sibling removed: the route lives on with the others
-                routes[i] = _with_nexthops(old, rest)
-            else:
-                del routes[i]
-            break
+        if route.prefix.family == AF_INET:
+            del routes[same[0]]
         else:
-            return
-        if not routes:
-            del self.routes[route.prefix]
+            gone = {_path_id(n) for n in route.nexthops}
+            for i in same:
+                old = routes[i]
+                if old.nhid != route.nhid or old.type != route.type or (
+                        not old.nhid and gone and not gone & {_path_id(n) for n in old.nexthops}):
+                    continue
+                rest = tuple(n for n in old.nexthops if _path_id(n) not in gone)
+                if rest and gone and not old.nhid:
+                    # sibling by sibling: the route lives on with the others
+                    routes[i] = _with_nexthops(old, rest)
+                else:
+                    del routes[i]
+                break
+            else:
+                return
+        self._store(route.prefix, routes)
         self._refresh_prefix(route.prefix)
 
-    def _best(self, prefix: Prefix) -> Route | None:
+    def _best(self, prefix: Prefix) -> list[Route]:
+        """The routes the kernel chooses among: local table first, then the lowest metric."""
         routes = self.routes.get(prefix)
-        if not routes:
-            return None
-        local = [r for r in routes if r.table == RT_TABLE_LOCAL]
-        if local:
-            return local[0]
-        return min(routes, key=lambda r: (r.tos != 0, r.metric))
+        if not routes or len(routes) == 1:
+            return routes or []
+        pool = [r for r in routes if r.table == RT_TABLE_LOCAL] or routes
+        top = min(pool, key=lambda r: (r.tos != 0, r.metric))
+        return [r for r in pool if r.metric == top.metric and r.tos == top.tos]
 
     def _refresh_prefix(self, prefix: Prefix) -> None:
         best = self._best(prefix)
         old = self.fib.get(prefix)
         old_path = self._path_of_prefix.get(prefix)
         new_path: PathKey | None = None
-        if best is None:
+        if not best:
             entry = None
+        elif best[0].tos or (len(self.routes[prefix]) > 1
+                             and any(r.tos for r in self.routes[prefix])):
+            # the fast path does not match on TOS: let the kernel's lookup decide
+            entry = FpRoute(Action.FIB)
+        elif len(best) > 1 and (len({r.type for r in best}) > 1
+                                or best[0].type == RouteType.UNICAST):
+            # IPv6 entries side by side: the kernel picks one per lookup (by
+            # neighbour state, round robin); only its own lookup can do the same
+            entry = FpRoute(Action.FIB)
         else:
-            entry, new_path = self._entry_for(best)
-            if any(r.tos for r in self.routes.get(prefix, ())):
-                # the fast path does not match on TOS: let the kernel's lookup decide
-                entry = FpRoute(Action.FIB)
+            entry, new_path = self._entry_for(best[0])
         if new_path != old_path:
             if new_path is not None:
                 self._use_path(new_path, prefix)
-            if old_path is not None:
-                self._release_path(old_path, prefix)
+            else:
+                del self._path_of_prefix[prefix]
+            if isinstance(old_path, tuple):
+                self._inline[old_path][2] -= 1
         if entry is None:
             if old is not None:
                 del self.fib[prefix]
@@ -349,6 +426,10 @@ class Rib:
 
     def _entry_for(self, route: Route) -> tuple[FpRoute, PathKey | None]:
         rtype = route.type
+        if route.nhid and rtype == RouteType.BLACKHOLE:
+            # the kernel reports a route over a blackhole object as a blackhole route,
+            # and as unicast again once the object has a gateway: the object decides
+            rtype = RouteType.UNICAST
         if rtype in _KERNEL_REASON:
             return FpRoute(Action.KERNEL, reason=_KERNEL_REASON[rtype]), None
         if rtype == RouteType.BLACKHOLE:
@@ -359,7 +440,7 @@ class Rib:
             obj = self.nh_objects.get(route.nhid)
             if obj is None:
                 return FpRoute(Action.FIB), route.nhid
-            if obj.blackhole:
+            if self._obj_blackhole(obj):
                 return FpRoute(Action.DROP), route.nhid
             if self._obj_encap(obj):
                 return FpRoute(Action.FIB), route.nhid
@@ -373,24 +454,8 @@ class Rib:
 
     def _use_path(self, path: PathKey, prefix: Prefix) -> None:
         self._path_of_prefix[prefix] = path
-        if isinstance(path, int):
-            self._prefixes_by_obj[path].add(prefix)
-        else:
+        if isinstance(path, tuple):
             self._inline[path][2] += 1
-
-    def _release_path(self, path: PathKey, prefix: Prefix) -> None:
-        if self._path_of_prefix.get(prefix) == path:
-            del self._path_of_prefix[prefix]
-        if isinstance(path, int):
-            users = self._prefixes_by_obj.get(path)
-            if users is not None:
-                users.discard(prefix)
-                if not users:
-                    del self._prefixes_by_obj[path]
-        else:
-            entry = self._inline.get(path)
-            if entry is not None:
-                entry[2] -= 1
 
     # --------------------------------------------------------- fast-path ids
 
@@ -436,6 +501,7 @@ class Rib:
     def _set_nh_object(self, obj: NexthopObject) -> None:
         old = self.nh_objects.get(obj.id)
         self.nh_objects[obj.id] = obj
+        self._index_object(old, obj)
         if old is not None and old.is_group != obj.is_group:
             self._forget_obj_fp(obj.id, old)
         fid = self._obj_fp.get(obj.id)
@@ -451,9 +517,32 @@ class Rib:
         # the route entry itself changes only when the kind of object does (or it is new:
         # routes may have been waiting for it); otherwise the object's map entry is enough
         if (old is None or old.blackhole != obj.blackhole or old.is_group != obj.is_group
-                or old.encap != obj.encap):
-            for prefix in list(self._prefixes_by_obj.get(obj.id, ())):
-                self._refresh_prefix(prefix)
+                or old.encap != obj.encap or old.group != obj.group):
+            affected = {obj.id}
+            if old is not None and not obj.is_group:
+                # a group of blackholes drops, a group with encapsulation goes to the kernel
+                affected |= self._groups_by_member.get(obj.id, set())
+            for nhid in affected:
+                for prefix in list(self._prefixes_by_nhid.get(nhid, ())):
+                    self._refresh_prefix(prefix)
+
+    def _index_object(self, old: NexthopObject | None, new: NexthopObject | None) -> None:
+        if old is not None:
+            if old.ifindex and not old.is_group:
+                _unindex(self._objects_by_link, old.ifindex, old.id)
+            for member, _ in old.group:
+                _unindex(self._groups_by_member, member, old.id)
+        if new is not None:
+            if new.ifindex and not new.is_group:
+                self._objects_by_link[new.ifindex].add(new.id)
+            for member, _ in new.group:
+                self._groups_by_member[member].add(new.id)
+
+    def _obj_blackhole(self, obj: NexthopObject) -> bool:
+        if not obj.is_group:
+            return obj.blackhole
+        members = [self.nh_objects.get(m) for m, _ in obj.group]
+        return all(m is not None and m.blackhole for m in members)
 
     def _obj_encap(self, obj: NexthopObject) -> bool:
         if obj.encap:
@@ -471,30 +560,27 @@ class Rib:
         self._free_ids.append(fid)
 
     def _del_nh_object(self, nhid: int) -> None:
+        """The kernel's removal of a nexthop object, with what it takes along silently.
+
+        Its groups lose it (no RTM_NEWNEXTHOP), a group left empty goes too (no
+        RTM_DELNEXTHOP), and so do the routes using either: silently for IPv4,
+        and for IPv6 with ``nexthop_compat_mode=0`` (seen on 6.18).
+        """
         obj = self.nh_objects.pop(nhid, None)
         if obj is None:
             return
-        fid = self._obj_fp.get(nhid)
-        # the kernel removes a deleted member from its groups, and empty groups with it
-        if fid is not None and not obj.is_group:
-            for gid in list(self._groups_by_nh.get(fid, ())):
-                kernel_gid = next((k for k, v in self._obj_fp.items() if v == gid), None)
-                if kernel_gid is None:
-                    continue
-                group = self.nh_objects.get(kernel_gid)
-                if group is None:
-                    continue
-                rest = tuple((m, w) for m, w in group.group if m != nhid)
-                if rest:
-                    self._set_nh_object(_with_group(group, rest))
-                else:
-                    self._del_nh_object(kernel_gid)
-        # and the routes using it, silently for IPv4: mirror that for both families
-        for prefix in list(self._prefixes_by_obj.get(nhid, ())):
-            routes = self.routes.get(prefix, [])
-            routes[:] = [r for r in routes if r.nhid != nhid]
-            if not routes:
-                self.routes.pop(prefix, None)
+        self._index_object(obj, None)
+        for gid in list(self._groups_by_member.get(nhid, ())):
+            group = self.nh_objects.get(gid)
+            if group is None:
+                continue
+            rest = tuple((m, w) for m, w in group.group if m != nhid)
+            if rest:
+                self._set_nh_object(_with_group(group, rest))
+            else:
+                self._del_nh_object(gid)
+        for prefix in list(self._prefixes_by_nhid.get(nhid, ())):
+            self._store(prefix, [r for r in self.routes.get(prefix, ()) if r.nhid != nhid])
             self._refresh_prefix(prefix)
         self._forget_obj_fp(nhid, obj)
 
@@ -514,13 +600,9 @@ class Rib:
 
     def _unindex_nh(self, fid: int, src: tuple[int, int, bytes | None]) -> None:
         ifindex, family, gateway = src
-        self._nh_by_link.get(ifindex, set()).discard(fid)
+        _unindex(self._nh_by_link, ifindex, fid)
         if gateway is not None:
-            users = self._nh_by_neigh.get((ifindex, family, gateway))
-            if users is not None:
-                users.discard(fid)
-                if not users:
-                    del self._nh_by_neigh[(ifindex, family, gateway)]
+            _unindex(self._nh_by_neigh, (ifindex, family, gateway), fid)
 
     def _render_nexthop(self, fid: int) -> None:
         ifindex, family, gateway = self._fp_nh_source[fid]
@@ -554,10 +636,12 @@ class Rib:
             self._unindex_nh(fid, src)
         if self._fp_nexthops.pop(fid, None) is not None:
             self.diff.nexthops[fid] = None
+        for gid in list(self._groups_by_nh.get(fid, ())):
+            self._render_group(gid)
 
     def _set_group(self, gid: int, members: tuple[tuple[int, int], ...]) -> None:
         for mid, _ in self._group_members.get(gid, ()):
-            self._groups_by_nh[mid].discard(gid)
+            _unindex(self._groups_by_nh, mid, gid)
         self._group_members[gid] = members
         for mid, _ in members:
             self._groups_by_nh[mid].add(gid)
@@ -581,9 +665,7 @@ class Rib:
 
     def _del_group(self, gid: int) -> None:
         for mid, _ in self._group_members.pop(gid, ()):
-            users = self._groups_by_nh.get(mid)
-            if users is not None:
-                users.discard(gid)
+            _unindex(self._groups_by_nh, mid, gid)
         if self._fp_groups.pop(gid, None) is not None:
             self.diff.groups[gid] = None
 
@@ -603,44 +685,110 @@ class Rib:
             self._render_nexthop(fid)
 
     def _set_link(self, link: Link, op: Op) -> None:
-        old = self.links.get(link.ifindex)
-        if op is Op.ADD:
-            self.links[link.ifindex] = link
-        else:
-            self.links.pop(link.ifindex, None)
-        admin_down = op is Op.DEL or not link.flags & IFF_UP
-        if admin_down and (old is None or old.flags & IFF_UP or op is Op.DEL):
-            self._link_gone(link.ifindex)
+        """Follow a link, and replay what the kernel does silently when its state changes.
+
+        Seen on 6.18 (see docs/architecture.md, "Silent removals"):
+        - nexthop objects on a link go when it stops carrying (admin down, carrier
+          lost, deleted), with what depends on them (``_del_nh_object``);
+        - admin down: IPv4 paths over the link die, routes left without a live
+          path go, but the local routes of its addresses stay; IPv6 siblings die;
+        - admin up revives dead IPv4 paths; IPv6 ones once the link is ready (running);
+        - deleted: every IPv4 route with a path over the link goes, IPv6 loses the paths.
+        """
+        ifindex = link.ifindex
+        old = self.links.get(ifindex)
+        was = old.flags if old is not None else 0
         if op is Op.DEL:
-            for key in [k for k, a in self.addresses.items() if a.ifindex == link.ifindex]:
+            self.links.pop(ifindex, None)
+            self._flush_objects(ifindex)
+            self._paths_down(ifindex, AF_INET, keep_local=False, unregister=True)
+            self._paths_down(ifindex, AF_INET6, keep_local=False, unregister=True)
+            for key in [k for k, a in self.addresses.items() if a.ifindex == ifindex]:
                 del self.addresses[key]
-        for fid in list(self._nh_by_link.get(link.ifindex, ())):
+        else:
+            self.links[ifindex] = link
+            now = link.flags
+            if _carries(was) and not _carries(now):
+                self._flush_objects(ifindex)
+            if was & IFF_UP and not now & IFF_UP:
+                self._paths_down(ifindex, AF_INET, keep_local=True)
+                self._paths_down(ifindex, AF_INET6, keep_local=False)
+            if now & IFF_UP and not was & IFF_UP:
+                self._paths_up(ifindex, AF_INET)
+            if _ready(now) and not _ready(was):
+                self._paths_up(ifindex, AF_INET6)
+        for fid in list(self._nh_by_link.get(ifindex, ())):
             self._render_nexthop(fid)
 
-    def _link_gone(self, ifindex: int) -> None:
-        """Replay what the kernel does, silently, when a link goes down or away."""
-        for obj in [o for o in self.nh_objects.values()
-                    if not o.is_group and o.ifindex == ifindex]:
-            self._del_nh_object(obj.id)
-        for prefix, routes in list(self.routes.items()):
-            if prefix.family != AF_INET:
+    def _set_address(self, addr: Address, op: Op) -> None:
+        """Follow an address; the last IPv4 one going takes the IPv4 paths over its link.
+
+        Seen on 6.18: removing a link's last IPv4 address kills every IPv4
+        path over the link, local ones too, and removes the routes left with no
+        live path, without RTM_DELROUTE (nexthop objects stay); adding an IPv4
+        address to a link that is up revives them.
+        """
+        ifindex = addr.ifindex
+        if op is Op.ADD:
+            self.addresses[addr.key] = addr
+            link = self.links.get(ifindex)
+            if addr.family == AF_INET and link is not None and link.flags & IFF_UP:
+                self._paths_up(ifindex, AF_INET)
+            return
+        if self.addresses.pop(addr.key, None) is None or addr.family != AF_INET:
+            return
+        if not any(a.ifindex == ifindex and a.family == AF_INET for a in self.addresses.values()):
+            self._paths_down(ifindex, AF_INET, keep_local=False)
+
+    def _flush_objects(self, ifindex: int) -> None:
+        for nhid in list(self._objects_by_link.get(ifindex, ())):
+            self._del_nh_object(nhid)
+
+    def _paths_down(self, ifindex: int, family: int, keep_local: bool,
+                    unregister: bool = False) -> None:
+        """Mark the inline paths over a link dead; routes with no live path left go.
+
+        With ``unregister`` (the link is deleted) an IPv4 route with any path
+        over it goes whole, and IPv6 routes lose those paths.
+        """
+        for prefix in list(self._prefixes_by_link.get(ifindex, ())):
+            if prefix.family != family:
                 continue
+            routes = self.routes[prefix]
             keep = []
-            changed = False
             for r in routes:
-                if not r.nhid and r.nexthops and all(n.ifindex == ifindex for n in r.nexthops):
-                    changed = True
+                if r.nhid or not any(n.ifindex == ifindex for n in r.nexthops) or (
+                        keep_local and r.type == RouteType.LOCAL):
+                    keep.append(r)
                     continue
-                if r.nexthops and not r.nhid and any(n.ifindex == ifindex for n in r.nexthops):
-                    r = _with_nexthops(r, tuple(
-                        _dead(n) if n.ifindex == ifindex else n for n in r.nexthops))
-                    changed = True
-                keep.append(r)
-            if changed:
-                if keep:
-                    self.routes[prefix] = keep
+                if all(n.ifindex == ifindex or n.flags & RTNH_F_DEAD for n in r.nexthops):
+                    continue  # no live path left: the route goes
+                if unregister:
+                    if family == AF_INET:
+                        continue
+                    hops = tuple(n for n in r.nexthops if n.ifindex != ifindex)
                 else:
-                    del self.routes[prefix]
+                    hops = tuple(_dead(n) if n.ifindex == ifindex else n for n in r.nexthops)
+                if all(n.flags & RTNH_F_DEAD for n in hops):
+                    continue
+                keep.append(_with_nexthops(r, hops))
+            if keep != routes:
+                self._store(prefix, keep)
+                self._refresh_prefix(prefix)
+
+    def _paths_up(self, ifindex: int, family: int) -> None:
+        """Revive the dead paths over a link (routes that lost every path are gone for good)."""
+        for prefix in list(self._prefixes_by_link.get(ifindex, ())):
+            if prefix.family != family:
+                continue
+            routes = self.routes[prefix]
+            revived = [
+                _with_nexthops(r, tuple(_alive(n) if n.ifindex == ifindex else n
+                                        for n in r.nexthops)) if not r.nhid else r
+                for r in routes
+            ]
+            if revived != routes:
+                self._store(prefix, revived)
                 self._refresh_prefix(prefix)
 
     # -------------------------------------------------------------- queries
@@ -706,6 +854,63 @@ def _with_group(obj: NexthopObject, group: tuple[tuple[int, int], ...]) -> Nexth
 
 def _dead(n: Nexthop) -> Nexthop:
     return replace(n, flags=n.flags | RTNH_F_DEAD)
+
+
+def _ecmp6(route: Route) -> bool:
+    """An IPv6 route that can be an ECMP sibling (rt6_qualify_for_ecmp): via gateways only."""
+    return (route.type == RouteType.UNICAST and not route.nhid and bool(route.nexthops)
+            and route.protocol != RTPROT_RA
+            and all(n.gateway is not None for n in route.nexthops))
+
+
+def _same_entry(a: Route, b: Route) -> bool:
+    if a.type != b.type or a.nhid != b.nhid:
+        return False
+    return bool(a.nhid) or {_path_id(n) for n in a.nexthops} == {_path_id(n) for n in b.nexthops}
+
+
+def _links_of(routes: Iterable[Route]) -> set[int]:
+    """Links that inline paths of these routes run over (nexthop objects are indexed apart)."""
+    return {n.ifindex for r in routes if not r.nhid for n in r.nexthops}
+
+
+def _unindex(index: dict[Any, set[Any]], key: Any, value: Any) -> None:
+    users = index.get(key)
+    if users is not None:
+        users.discard(value)
+        if not users:
+            del index[key]
+
+
+def _path_id(n: Nexthop) -> tuple[int, bytes | None]:
+    """What the kernel matches a path by when it deletes one: link and gateway."""
+    return (n.ifindex, n.gateway)
+
+
+def _merge_paths(old: tuple[Nexthop, ...], new: tuple[Nexthop, ...]) -> tuple[Nexthop, ...]:
+    """Old paths in their order, updated by the new message, then the paths it adds."""
+    fresh = {_path_id(n): n for n in new}
+    merged = [fresh.pop(_path_id(n), n) for n in old]
+    return tuple(merged) + tuple(fresh.values())
+
+
+def _carries(flags: int) -> bool:
+    """A link that nexthop objects may use: up, with carrier (RUNNING or LOWER_UP)."""
+    return bool(flags & IFF_UP) and bool(flags & (IFF_RUNNING | IFF_LOWER_UP))
+
+
+def _ready(flags: int) -> bool:
+    """IPv6's "link ready" (addrconf_link_ready): operationally up, and a live qdisc.
+
+    The qdisc is live only once the link has carrier: right after an admin up
+    without carrier the kernel may still report RUNNING (the operstate is
+    updated later), but IPv6 does not count the link as ready.
+    """
+    return flags & (IFF_UP | IFF_RUNNING | IFF_LOWER_UP) == IFF_UP | IFF_RUNNING | IFF_LOWER_UP
+
+
+def _alive(n: Nexthop) -> Nexthop:
+    return replace(n, flags=n.flags & ~RTNH_F_DEAD) if n.flags & RTNH_F_DEAD else n
 
 
 __all__ = ["AF_INET6", "Action", "FastPathDiff", "Filter", "FpGroup", "FpNexthop", "FpRoute", "Rib",

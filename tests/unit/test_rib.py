@@ -21,6 +21,7 @@ from fibsync.model import (
     AF_INET6,
     NUD_FAILED,
     NUD_REACHABLE,
+    Address,
     Change,
     Link,
     Neighbour,
@@ -34,13 +35,21 @@ from fibsync.model import (
 )
 from fibsync.rib import GROUP_BUCKETS, Filter, Rib, weighted_buckets
 
-UP = 0x1 | 0x10000
+NLM_F_REPLACE, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x400, 0x800
+UP = 0x1 | 0x40 | 0x10000  # IFF_UP | IFF_RUNNING | IFF_LOWER_UP
+NO_CARRIER = 0x1  # administratively up, no carrier (the peer went down)
+DOWN = 0x0
 MAC1 = bytes.fromhex("020000000001")
 MAC2 = bytes.fromhex("020000000002")
 
 
 def ip(text: str) -> bytes:
     return socket.inet_pton(AF_INET6 if ":" in text else AF_INET, text)
+
+
+def addr(ifindex: int, text: str) -> Address:
+    address, length = text.split("/")
+    return Address(AF_INET6 if ":" in address else AF_INET, ifindex, ip(address), int(length))
 
 
 def link(ifindex: int, flags: int = UP) -> Link:
@@ -53,10 +62,11 @@ def neigh(ifindex: int, addr: str, mac: bytes = MAC1, state: int = NUD_REACHABLE
 
 def route(prefix: str, *paths: tuple[str | None, int, int], nhid: int = 0,
           type: RouteType = RouteType.UNICAST, table: int = 254, metric: int = 0,
-          protocol: int = 186) -> Route:
+          protocol: int = 186, dead: tuple[int, ...] = ()) -> Route:
     hops = tuple(Nexthop(ifindex, ip(gw) if gw else None,
-                         (AF_INET6 if gw and ":" in gw else AF_INET) if gw else 0, weight)
-                 for gw, ifindex, weight in paths)
+                         (AF_INET6 if gw and ":" in gw else AF_INET) if gw else 0, weight,
+                         0x1 if i in dead else 0)  # RTNH_F_DEAD
+                 for i, (gw, ifindex, weight) in enumerate(paths))
     return Route(Prefix.parse(prefix), table, type, protocol, 0, metric, 0, hops, nhid)
 
 
@@ -181,12 +191,145 @@ def test_deleted_nexthop_object_takes_its_routes_silently(m: Mirror) -> None:
     assert m.routes() == {}
 
 
-def test_link_down_flushes_ipv4_and_nexthop_objects(m: Mirror) -> None:
+# --- what the kernel removes or changes without a word (each rule seen on 6.18,
+# see docs/architecture.md "Silent removals")
+
+def test_link_down_flushes_nexthop_objects_and_ipv4_routes_but_keeps_local(m: Mirror) -> None:
     m.add(nh_obj(10, "198.51.100.2", 2), nh_obj(20, "2001:db8::2", 2))
     m.add(route("203.0.113.0/24", nhid=10), route("203.0.112.0/24", ("198.51.100.2", 2, 1)),
-          route("2001:db8:5::/48", nhid=20), route("192.0.2.64/26", ("192.0.2.2", 1, 1)))
-    m.add(link(2, flags=0))
-    assert set(m.routes()) == {"192.0.2.64/26"}
+          route("2001:db8:5::/48", nhid=20), route("192.0.2.64/26", ("192.0.2.2", 1, 1)),
+          route("198.51.100.1/32", (None, 2, 1), type=RouteType.LOCAL, table=255),
+          route("198.51.100.3/32", (None, 2, 1), type=RouteType.BROADCAST, table=255),
+          route("198.51.100.0/30", (None, 2, 1), protocol=2))
+    m.add(link(2, DOWN))
+    # the local route of the link's address stays while the address does
+    assert set(m.routes()) == {"192.0.2.64/26", "198.51.100.1/32"}
+    assert m.rib.nh_objects == {}
+
+
+def test_link_down_kills_multipath_members_and_up_revives_them(m: Mirror) -> None:
+    m.add(neigh(2, "2001:db8:2::2"), neigh(3, "2001:db8:3::2"))
+    v4 = route("203.0.113.0/24", ("198.51.100.2", 2, 1), ("198.51.100.6", 3, 1))
+    v6 = route("2001:db8:20::/64", ("2001:db8:2::2", 2, 1), ("2001:db8:3::2", 3, 1))
+    m.add(v4, v6)
+    m.add(link(2, DOWN))
+    assert m.paths("203.0.113.0/24") == {("198.51.100.6", 3, 1, True)}
+    assert m.paths("2001:db8:20::/64") == {("2001:db8:3::2", 3, 1, True)}
+    m.add(link(3, DOWN))  # no live path left: the kernel removes both routes
+    assert m.routes() == {}
+    m.add(link(3), link(2))
+    assert m.routes() == {}
+
+
+def test_link_up_revives_ipv4_at_once_and_ipv6_with_carrier(m: Mirror) -> None:
+    m.add(neigh(2, "2001:db8:2::2"), neigh(3, "2001:db8:3::2"))
+    m.add(route("203.0.113.0/24", ("198.51.100.2", 2, 1), ("198.51.100.6", 3, 1)),
+          route("2001:db8:20::/64", ("2001:db8:2::2", 2, 1), ("2001:db8:3::2", 3, 1)))
+    m.add(link(2, DOWN))
+    # admin up while the peer is down; RUNNING may still show from before
+    m.add(link(2, NO_CARRIER | 0x40))
+    assert {p[0] for p in m.paths("203.0.113.0/24")} == {"198.51.100.2", "198.51.100.6"}
+    assert {p[0] for p in m.paths("2001:db8:20::/64")} == {"2001:db8:3::2"}
+    m.add(link(2))
+    assert {p[0] for p in m.paths("2001:db8:20::/64")} == {"2001:db8:2::2", "2001:db8:3::2"}
+
+
+def test_carrier_loss_flushes_nexthop_objects_only(m: Mirror) -> None:
+    m.add(nh_obj(10, "198.51.100.2", 2), nh_obj(11, "198.51.100.6", 3),
+          nh_obj(12, group=((10, 1), (11, 1))), nh_obj(13, group=((10, 1),)))
+    m.add(route("203.0.113.0/24", nhid=12), route("203.0.112.0/24", nhid=13),
+          route("2001:db8:5::/48", nhid=10), route("198.51.100.128/25", ("198.51.100.2", 2, 1)))
+    m.add(link(2, NO_CARRIER))
+    # the group loses the member, the group left empty goes with its route
+    assert set(m.routes()) == {"203.0.113.0/24", "198.51.100.128/25"}
+    assert m.paths("203.0.113.0/24") == {("198.51.100.6", 3, 1, True)}
+    # the inline route stays (with linkdown), unresolved while the link has no carrier
+    assert m.paths("198.51.100.128/25") == {("198.51.100.2", 2, 1, False)}
+    assert set(m.rib.nh_objects) == {11, 12}
+
+
+def test_last_ipv4_address_removed_kills_ipv4_paths_over_the_link(m: Mirror) -> None:
+    m.add(addr(2, "198.51.100.1/30"), addr(2, "198.51.100.9/29"), addr(2, "2001:db8:2::1/64"))
+    m.add(nh_obj(10, "198.51.100.2", 2))
+    m.add(route("203.0.113.0/24", nhid=10), route("203.0.112.0/24", ("198.51.100.2", 2, 1)),
+          route("203.0.111.0/24", ("198.51.100.2", 2, 1), ("198.51.100.6", 3, 1)),
+          route("203.0.110.0/24", ("2001:db8:2::2", 2, 1)),
+          route("2001:db8:5::/48", ("2001:db8:2::2", 2, 1)))
+    m.delete(addr(2, "198.51.100.9/29"))
+    assert len(m.routes()) == 5
+    m.delete(addr(2, "198.51.100.1/30"))
+    # nexthop objects and IPv6 stay; RFC 5549 routes are IPv4 routes and go
+    assert set(m.routes()) == {"203.0.113.0/24", "203.0.111.0/24", "2001:db8:5::/48"}
+    assert m.paths("203.0.111.0/24") == {("198.51.100.6", 3, 1, True)}
+    m.add(addr(2, "198.51.100.1/30"))
+    assert {p[0] for p in m.paths("203.0.111.0/24")} == {"198.51.100.2", "198.51.100.6"}
+
+
+def test_deleted_link_takes_every_ipv4_route_with_a_path_over_it(m: Mirror) -> None:
+    m.add(nh_obj(10, "198.51.100.2", 2), addr(2, "198.51.100.1/30"))
+    m.add(route("203.0.113.0/24", ("198.51.100.2", 2, 1), ("198.51.100.6", 3, 1)),
+          route("198.51.100.1/32", (None, 2, 1), type=RouteType.LOCAL, table=255),
+          route("2001:db8:20::/64", ("2001:db8:2::2", 2, 1), ("2001:db8:3::2", 3, 1)),
+          route("203.0.112.0/24", nhid=10))
+    m.delete(link(2))
+    assert set(m.routes()) == {"2001:db8:20::/64"}
+    assert {p[0] for p in m.paths("2001:db8:20::/64")} == {"2001:db8:3::2"}
+    assert m.rib.addresses == {}
+
+
+def test_deleted_object_takes_routes_that_are_not_the_best_too(m: Mirror) -> None:
+    m.add(nh_obj(10, "198.51.100.2", 2))
+    m.add(route("203.0.113.0/24", nhid=10, metric=20),
+          route("203.0.113.0/24", ("192.0.2.2", 1, 1), metric=10))
+    m.delete(nh_obj(10))
+    m.delete(route("203.0.113.0/24", ("192.0.2.2", 1, 1), metric=10))
+    assert m.routes() == {}
+
+
+def test_route_over_a_blackhole_object_follows_the_object(m: Mirror) -> None:
+    m.add(nh_obj(10, blackhole=True), nh_obj(11, group=((10, 1),)))
+    # the kernel reports such routes with type blackhole
+    m.add(route("203.0.113.0/24", nhid=10, type=RouteType.BLACKHOLE),
+          route("203.0.112.0/24", nhid=11, type=RouteType.BLACKHOLE))
+    assert {e["type"] for e in m.routes().values()} == {"blackhole"}
+    m.add(nh_obj(10, "198.51.100.2", 2))
+    assert m.paths("203.0.113.0/24") == {("198.51.100.2", 2, 1, True)}
+    assert m.paths("203.0.112.0/24") == {("198.51.100.2", 2, 1, True)}
+
+
+# --- IPv6 keeps several routes under one (table, prefix, metric)
+
+def test_ipv6_routes_side_by_side_go_to_the_kernel_lookup(m: Mirror) -> None:
+    m.add(neigh(2, "2001:db8:2::2"), neigh(3, "2001:db8:3::2"))
+    via = route("2001:db8:20::/64", ("2001:db8:2::2", 2, 1))
+    dev = route("2001:db8:20::/64", (None, 3, 1))
+    m.add(via)
+    m.apply(Change(Op.ADD, dev, NLM_F_CREATE | NLM_F_APPEND))
+    assert m.routes()["2001:db8:20::/64"]["type"] == "fib"
+    # a replace takes the entry of its own kind
+    m.apply(Change(Op.ADD, route("2001:db8:20::/64", ("2001:db8:3::2", 3, 1)), NLM_F_REPLACE))
+    m.delete(dev)
+    assert m.paths("2001:db8:20::/64") == {("2001:db8:3::2", 3, 1, True)}
+
+
+def test_ipv6_replace_of_another_kind_takes_the_first_entry(m: Mirror) -> None:
+    m.add(neigh(2, "2001:db8:2::2"))
+    m.add(route("2001:db8:20::/64", ("2001:db8:2::2", 2, 1), ("2001:db8:3::2", 3, 1)))
+    m.apply(Change(Op.ADD, route("2001:db8:20::/64", type=RouteType.BLACKHOLE), NLM_F_REPLACE))
+    assert m.routes()["2001:db8:20::/64"]["type"] == "blackhole"
+    m.delete(route("2001:db8:20::/64", type=RouteType.BLACKHOLE))
+    assert m.routes() == {}
+
+
+def test_ipv6_multicast_on_every_link_goes_to_the_kernel(m: Mirror) -> None:
+    m.add(*(route("ff00::/8", (None, i, 1), type=RouteType.MULTICAST, table=255, metric=256)
+            for i in (1, 2, 3)))
+    assert m.routes()["ff00::/8"]["reason"] == "PASS_MULTICAST"
+    for i in (1, 2):
+        m.delete(route("ff00::/8", (None, i, 1), type=RouteType.MULTICAST, table=255, metric=256))
+        assert m.routes()["ff00::/8"]["reason"] == "PASS_MULTICAST"
+    m.delete(route("ff00::/8", (None, 3, 1), type=RouteType.MULTICAST, table=255, metric=256))
+    assert m.routes() == {}
 
 
 def test_route_types(m: Mirror) -> None:
