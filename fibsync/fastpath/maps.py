@@ -171,8 +171,22 @@ def _groups(maps: MapSet) -> dict[int, list[tuple[int, int]]]:
     return out
 
 
-def read_routes(maps: MapSet) -> list[dict[str, Any]]:
-    """One entry per fast-path prefix with its next hops, sorted by family and prefix."""
+def read_routes(maps: MapSet, attempts: int = 5) -> list[dict[str, Any]]:
+    """One entry per fast-path prefix with its next hops, sorted by family and prefix.
+
+    The maps are read one after the other while the daemon may be writing: a
+    route can show up before the nexthop it points to was read, or after it
+    went. Such a read is taken again; a reference still missing after that
+    is reported (``missing: true``), as the XDP program would meet it.
+    """
+    for _ in range(attempts):
+        out = _read_routes_once(maps)
+        if not any(h.get("missing") for e in out for h in e["nexthops"]):
+            break
+    return out
+
+
+def _read_routes_once(maps: MapSet) -> list[dict[str, Any]]:
     nexthops = _nexthops(maps)
     groups = _groups(maps)
     names = _ifnames()
@@ -202,8 +216,11 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
     if action != 0:
         return doc
     if flags & ROUTE_GROUP:
-        members = groups.get(nh_id, [])
         doc["group"] = nh_id
+        if nh_id not in groups:
+            doc["nexthops"].append({"id": nh_id, "missing": True})
+            return doc
+        members = groups[nh_id]
     else:
         members = [(nh_id, 1)]
     for mid, weight in members:
