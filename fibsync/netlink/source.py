@@ -259,7 +259,7 @@ class NetlinkSource:
     async def _session(self, sink: Sink, reason: str) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        self.log.info("resync.start", reason=reason)
+        self.log.debug("resync.start", reason=reason)
         self._pending = []
         self._overrun = None
         self._wake = asyncio.Event()
