@@ -23,6 +23,7 @@ to the routes over that link, not to the table.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable
@@ -138,6 +139,16 @@ _KERNEL_REASON = {
     RouteType.UNREACHABLE: "PASS_UNREACHABLE",
     RouteType.PROHIBIT: "PASS_UNREACHABLE",
 }
+# entries without a nexthop are the same for every prefix: one object each
+_KERNEL_ENTRY = {t: FpRoute(Action.KERNEL, reason=r) for t, r in _KERNEL_REASON.items()}
+_DROP = FpRoute(Action.DROP)
+_FIB = FpRoute(Action.FIB)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _forward(nh_id: int, group: bool) -> FpRoute:
+    """One entry object per next hop or group, whatever the number of prefixes using it."""
+    return FpRoute(Action.FORWARD, nh_id, group)
 
 # A "path set" is what a route forwards over: a kernel nexthop object, or inline paths.
 PathKey = int | tuple[Nexthop, ...]
@@ -152,6 +163,9 @@ class Rib:
         # routes we follow, by prefix: usually one, several with other metrics/tables
         self.routes: dict[Prefix, list[Route]] = {}
         self.fib: dict[Prefix, FpRoute] = {}
+        # the entry of a route via each nexthop object: shared by all its prefixes
+        # (one FpRoute object, not one per prefix), dropped when any object changes
+        self._obj_entry: dict[int, FpRoute] = {}
         # what the kernel's silent removals need to find without a scan of every
         # route: prefixes with inline paths over a link, prefixes with routes via
         # a nexthop object, single nexthop objects on a link, groups holding an object
@@ -401,12 +415,12 @@ class Rib:
         elif best[0].tos or (len(self.routes[prefix]) > 1
                              and any(r.tos for r in self.routes[prefix])):
             # the fast path does not match on TOS: let the kernel's lookup decide
-            entry = FpRoute(Action.FIB)
+            entry = _FIB
         elif len(best) > 1 and (len({r.type for r in best}) > 1
                                 or best[0].type == RouteType.UNICAST):
             # IPv6 entries side by side: the kernel picks one per lookup (by
             # neighbour state, round robin); only its own lookup can do the same
-            entry = FpRoute(Action.FIB)
+            entry = _FIB
         else:
             entry, new_path = self._entry_for(best[0])
         if new_path != old_path:
@@ -430,27 +444,33 @@ class Rib:
             # the kernel reports a route over a blackhole object as a blackhole route,
             # and as unicast again once the object has a gateway: the object decides
             rtype = RouteType.UNICAST
-        if rtype in _KERNEL_REASON:
-            return FpRoute(Action.KERNEL, reason=_KERNEL_REASON[rtype]), None
+        if rtype in _KERNEL_ENTRY:
+            return _KERNEL_ENTRY[rtype], None
         if rtype == RouteType.BLACKHOLE:
-            return FpRoute(Action.DROP), None
+            return _DROP, None
         if rtype != RouteType.UNICAST:
-            return FpRoute(Action.FIB), None
+            return _FIB, None
         if route.nhid:
-            obj = self.nh_objects.get(route.nhid)
-            if obj is None:
-                return FpRoute(Action.FIB), route.nhid
-            if self._obj_blackhole(obj):
-                return FpRoute(Action.DROP), route.nhid
-            if self._obj_encap(obj):
-                return FpRoute(Action.FIB), route.nhid
-            return FpRoute(Action.FORWARD, self._obj_fp[obj.id], obj.is_group), route.nhid
+            entry = self._obj_entry.get(route.nhid)
+            if entry is None:
+                entry = self._obj_entry[route.nhid] = self._object_entry(route.nhid)
+            return entry, route.nhid
         paths = tuple(n for n in route.nexthops if not n.flags & RTNH_F_DEAD)
         if not paths or any(n.encap for n in paths):
             # nothing alive, or the kernel adds headers (MPLS, SRv6) we do not
-            return FpRoute(Action.FIB), None
+            return _FIB, None
         fid, is_group = self._intern(paths)
-        return FpRoute(Action.FORWARD, fid, bool(is_group)), paths
+        return _forward(fid, bool(is_group)), paths
+
+    def _object_entry(self, nhid: int) -> FpRoute:
+        obj = self.nh_objects.get(nhid)
+        if obj is None:
+            return _FIB
+        if self._obj_blackhole(obj):
+            return _DROP
+        if self._obj_encap(obj):
+            return _FIB
+        return _forward(self._obj_fp[obj.id], obj.is_group)
 
     def _use_path(self, path: PathKey, prefix: Prefix) -> None:
         self._path_of_prefix[prefix] = path
@@ -499,6 +519,7 @@ class Rib:
     # ------------------------------------------------------ nexthop objects
 
     def _set_nh_object(self, obj: NexthopObject) -> None:
+        self._obj_entry.clear()
         old = self.nh_objects.get(obj.id)
         self.nh_objects[obj.id] = obj
         self._index_object(old, obj)
@@ -550,6 +571,7 @@ class Rib:
         return any(m in self.nh_objects and self.nh_objects[m].encap for m, _ in obj.group)
 
     def _forget_obj_fp(self, nhid: int, old: NexthopObject) -> None:
+        self._obj_entry.clear()
         fid = self._obj_fp.pop(nhid, None)
         if fid is None:
             return
@@ -569,6 +591,7 @@ class Rib:
         obj = self.nh_objects.pop(nhid, None)
         if obj is None:
             return
+        self._obj_entry.clear()
         self._index_object(obj, None)
         for gid in list(self._groups_by_member.get(nhid, ())):
             group = self.nh_objects.get(gid)
