@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import grp
 import os
 import signal
@@ -35,7 +36,14 @@ from typing import Any
 from . import __version__, config
 from . import log as logging
 from .config import Settings
-from .errors import ConfigError, DaemonError, FibsyncError, InterfaceError, UsageError
+from .errors import (
+    ConfigError,
+    DaemonError,
+    FastPathError,
+    FibsyncError,
+    InterfaceError,
+    UsageError,
+)
 from .fastpath.maps import PinnedMaps
 from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
@@ -320,6 +328,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = False
         self._netlink_task: asyncio.Task[None] | None = None
+        self._pending_sync: float | None = None
+        self._first_id = 1
         self._last_interface_check = 0.0
         self._hash_policy: tuple[int, ...] = ()
         self._attach_failed: dict[str, str] = {}
@@ -340,15 +350,31 @@ class Daemon:
                           config=s.config_file or None)
             self.notify.status("starting: compiling and loading the XDP program")
             t0 = time.monotonic()
-            self.fastpath = FastPath.load(s.instance, sizes=abi.Sizes(**s.map_sizes))
+            # the build runs in a child process on one core while the kernel's tables are
+            # dumped and mirrored on the other; only the map writes wait for it
+            # read before the load, which may replace maps under our feet
+            self._first_id = previous_max_id(s.pin_dir) + 1
+            load = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(FastPath.load, s.instance,
+                                        sizes=abi.Sizes(**s.map_sizes)))
+            self.rib = Rib(self._filter(s), first_id=self._first_id)
+            self.resolver = NeighbourResolver()
+            self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
+            self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
+            self.notify.status("syncing: dumping the kernel's tables")
+            try:
+                self.fastpath = await load
+            except BaseException:
+                self._netlink_task.cancel()
+                await asyncio.gather(self._netlink_task, return_exceptions=True)
+                raise
             self._log_load(time.monotonic() - t0)
             self.maps = PinnedMaps(s.pin_dir)
-            self.rib = Rib(self._filter(s), first_id=self.maps.max_nexthop_id() + 1)
             self.writer = MapWriter(self.maps, batch=s.map_batch)
             self.guard = FullMapGuard(self.rib, self.writer, self.log)
             self.misses = MissReader(self.maps.fd("neigh_miss"))
-            self.resolver = NeighbourResolver()
-            self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
+            if self._pending_sync is not None:
+                self._finish_sync(self._pending_sync)
             await self._serve()
         finally:
             self.lock.release()
@@ -363,8 +389,6 @@ class Daemon:
         await self._start_metrics()
         assert self.misses is not None
         loop.add_reader(self.misses.fileno(), self._on_neigh_miss)
-        self.notify.status("syncing: dumping the kernel's tables")
-        self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         stop = asyncio.create_task(self._stop.wait())
         try:
@@ -416,10 +440,22 @@ class Daemon:
     # ---------------------------------------------------- netlink -> maps
 
     def resync(self, snapshot: Snapshot) -> None:
-        assert self.rib is not None and self.writer is not None and self.guard is not None
+        assert self.rib is not None
         self.notify.ping(force=True)
         t0 = time.monotonic()
+        if self.guard is None:
+            # the program is still being built: mirror now, write once the maps are
+            # open; a fresh RIB per dump keeps its diff complete (nothing written yet)
+            self.rib = Rib(self._filter(self.settings), first_id=self._first_id)
+            self.rib.resync(snapshot)
+            self._pending_sync = t0
+            return
         self.rib.resync(snapshot)
+        self._finish_sync(t0)
+
+    def _finish_sync(self, t0: float) -> None:
+        assert self.rib is not None and self.writer is not None and self.guard is not None
+        self._pending_sync = None
         self._flush()
         if self.state != "synced":
             self._attach_all()
@@ -441,6 +477,8 @@ class Daemon:
         assert self.rib is not None
         t0 = time.monotonic()
         self.rib.apply(changes)
+        if self.guard is None:
+            return  # written with the first sync, once the program is loaded
         self._flush()
         self.lag.observe(time.monotonic() - t0, len(changes))
 
@@ -750,6 +788,18 @@ class Daemon:
             "config": {"file": s.config_file, "metrics": s.metrics_listen,
                        "socket_group": s.socket_group, "xdp_mode": s.xdp_mode},
         }
+
+
+def previous_max_id(pin_dir: Path) -> int:
+    """The highest fast-path id a previous run left in the pinned maps (0 if none)."""
+    try:
+        maps = PinnedMaps(pin_dir)
+    except FastPathError:
+        return 0
+    try:
+        return maps.max_nexthop_id()
+    finally:
+        maps.close()
 
 
 def _read_sysctl(name: str) -> int:
