@@ -1,52 +1,73 @@
 """Per-packet cost of the XDP program over a full table, side by side (BPF_PROG_TEST_RUN).
 
     .venv/bin/python bench/bench_xdp.py [--v4 1000000] [--v6 250000] [--samples 256]
+        [--json FILE] [--plot FILE.png]
 
-One namespace holds the full table (nexthop objects, as FRR installs it). Two
-instances of the same XDP program are loaded there:
+One namespace holds the full table (nexthop objects, as FRR installs it).
+fibsync's own pipeline (netlink dump -> RIB -> MapWriter) writes it into the
+maps of one instance, which then holds both IPv4 tables complete; the program
+reads the one ``fs_config.v4_table`` selects. Programs measured, each on the
+same frames:
 
-- ``fast``: maps written by fibsync from the kernel table: packets hit the
-  fast path's own tables (reason FWD_FAST);
-- ``fib``: empty route maps, so every packet goes to ``bpf_fib_lookup`` over
-  the kernel's FIB (reason FWD_FIB) — what a plain bpf_fib_lookup forwarder costs.
+- ``empty``: an XDP program that returns XDP_PASS (the cost of a test run itself);
+- ``LPM trie`` / ``DIR-24-8``: fibsync's program on the full maps, IPv4 routes
+  read from the LPM trie or from the DIR-24-8 table (reason FWD_FAST);
+- ``DIR-24-8, choice fixed at build`` (IPv4): the same program built with the
+  table choice compiled in, adopting the same maps: the cost of reading
+  fs_config to choose;
+- ``bpf_fib_lookup``: fibsync's program of a second instance with empty route
+  maps (DIR-24-8 selected), so every packet is forwarded by its
+  bpf_fib_lookup fallback over the kernel's FIB (reason FWD_FIB);
+- ``bpf_fib_lookup forwarder``: a minimal forwarder in the style of the
+  kernel's samples/bpf/xdp_fwd_kern.c (parse, bpf_fib_lookup, rewrite,
+  redirect through a devmap, nothing else): what users would otherwise run.
 
-Destinations are a random sample of the installed prefixes; each is run with a
-``repeat`` well below the TTL (test runs reuse the buffer). Prints ns/packet
-for each path and the ratio.
+Destinations are a random sample of the installed prefixes; each frame runs
+with ``repeat`` well below its TTL (test runs reuse the buffer), three times,
+keeping the fastest, the programs taking turns frame by frame; the table shows
+the median over destinations. The map
+writes are timed too: all routes with the DIR-24-8 table, and into a third
+instance with the LPM trie alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import json
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import struct
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fulltable import install, v4_prefixes, v6_prefixes  # noqa: E402
-from profile_sync import dump  # noqa: E402
+from profile_sync import dump, rss_mb  # noqa: E402
 
 from fibsync import netns  # noqa: E402
-from fibsync.fastpath import bpfsys  # noqa: E402
+from fibsync.fastpath import abi, bpfsys  # noqa: E402
 from fibsync.fastpath.maps import PinnedMaps  # noqa: E402
-from fibsync.fastpath.program import FastPath, remove  # noqa: E402
-from fibsync.fastpath.writer import MapWriter  # noqa: E402
+from fibsync.fastpath.program import FastPath, bpf_source_dir, remove  # noqa: E402
+from fibsync.fastpath.writer import CONFIG, MapWriter  # noqa: E402
 from fibsync.lab import Netns  # noqa: E402
 from fibsync.rib import Rib  # noqa: E402
 
 REPEAT = 100
+ROUNDS = 3
+XDP_ACTIONS = {1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 
 def frame(dst: str, src: str) -> bytes:
@@ -71,14 +92,181 @@ def host_in(prefix: str, rng: random.Random) -> str:
     return str(net.network_address + rng.randrange(min(net.num_addresses, 1 << 16)))
 
 
-def measure(fp: FastPath, frames: list[bytes], ingress: int) -> tuple[float, dict[int, int]]:
-    costs, actions = [], {}
-    for f in frames:
-        ret, _, ns = bpfsys.prog_test_run(fp.prog_fd, f, REPEAT,
-                                          ctx=bpfsys.xdp_md(len(f), ingress))
-        costs.append(ns)
-        actions[ret] = actions.get(ret, 0) + 1
-    return statistics.median(costs), actions
+def set_v4_table(fp: FastPath, table: int) -> None:
+    fd, key = fp.map_fd("config"), struct.pack("=I", 0)
+    raw = bpfsys.lookup(fd, key)
+    assert isinstance(raw, bytes)
+    h4, h6, flags, _ = CONFIG.unpack(raw)
+    bpfsys.update(fd, key, CONFIG.pack(h4, h6, flags, table))
+
+
+def measure(programs: dict[str, tuple[int, Any]], frames: list[bytes],
+            ingress: int) -> dict[str, dict[str, Any]]:
+    """label -> median ns/packet and the XDP actions seen. ``programs`` maps a
+    label to (prog fd, a function run before each of its runs, e.g. a table
+    switch). Programs take turns frame by frame, so that whatever else the
+    machine does weighs on all of them alike."""
+    best: dict[str, list[float]] = {label: [float("inf")] * len(frames) for label in programs}
+    actions: dict[str, dict[str, int]] = {label: {} for label in programs}
+    for round_ in range(ROUNDS):
+        for i, f in enumerate(frames):
+            ctx = bpfsys.xdp_md(len(f), ingress)
+            for label, (prog_fd, prepare) in programs.items():
+                if prepare:
+                    prepare()
+                ret, _, ns = bpfsys.prog_test_run(prog_fd, f, REPEAT, ctx=ctx)
+                best[label][i] = min(best[label][i], ns)
+                if round_ == 0:
+                    name = XDP_ACTIONS.get(ret, str(ret))
+                    actions[label][name] = actions[label].get(name, 0) + 1
+    return {label: {"ns_per_packet": round(statistics.median(best[label]), 1),
+                    "actions": actions[label]} for label in programs}
+
+
+FIB_FORWARDER = r"""
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+
+BPF_DEVMAP(tx_port, 256);
+
+static __always_inline int forward(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
+                                   struct ethhdr *eth, void *l3)
+{
+    int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+        return XDP_PASS;
+    if (fib->family == 2) {
+        struct iphdr *iph = l3;
+        u32 check = iph->check;
+
+        check += bpf_htons(0x0100);
+        iph->check = (u16)(check + (check >= 0xFFFF));
+        iph->ttl--;
+    } else {
+        ((struct ipv6hdr *)l3)->hop_limit--;
+    }
+    __builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+    return tx_port.redirect_map(fib->ifindex, 0);
+}
+
+int xdp_fib_forwarder(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct bpf_fib_lookup fib = {};
+
+    if ((void *)(eth + 1) > end)
+        return XDP_PASS;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *iph = (void *)(eth + 1);
+
+        if ((void *)(iph + 1) > end || iph->ttl <= 1)
+            return XDP_PASS;
+        fib.family = 2;
+        fib.tos = iph->tos;
+        fib.l4_protocol = iph->protocol;
+        fib.tot_len = bpf_ntohs(iph->tot_len);
+        fib.ipv4_src = iph->saddr;
+        fib.ipv4_dst = iph->daddr;
+        fib.ifindex = ctx->ingress_ifindex;
+        return forward(ctx, &fib, eth, iph);
+    }
+    if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6h = (void *)(eth + 1);
+
+        if ((void *)(ip6h + 1) > end || ip6h->hop_limit <= 1)
+            return XDP_PASS;
+        fib.family = 10;
+        fib.l4_protocol = ip6h->nexthdr;
+        fib.tot_len = bpf_ntohs(ip6h->payload_len);
+        __builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
+        __builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
+        fib.ifindex = ctx->ingress_ifindex;
+        return forward(ctx, &fib, eth, ip6h);
+    }
+    return XDP_PASS;
+}
+"""
+
+
+def fib_forwarder(ifindexes: list[int]) -> tuple[Any, int]:
+    """The minimal bpf_fib_lookup forwarder, allowed to redirect to ``ifindexes``
+    (of the calling thread's namespace); returns (bcc module, program fd)."""
+    from bcc import BPF  # noqa: PLC0415
+
+    bpf = BPF(text=FIB_FORWARDER.encode())
+    tx = bpf[b"tx_port"]
+    for idx in ifindexes:
+        tx[tx.Key(idx)] = tx.Leaf(idx)
+    return bpf, bpf.load_func(b"xdp_fib_forwarder", BPF.XDP).fd
+
+
+def empty_program() -> tuple[Any, int]:
+    from bcc import BPF  # noqa: PLC0415
+
+    bpf = BPF(text=b"int xdp_empty(struct xdp_md *ctx) { return XDP_PASS; }")
+    return bpf, bpf.load_func(b"xdp_empty", BPF.XDP).fd
+
+
+def fixed_choice_program(instance: str) -> FastPath:
+    """fibsync's program with the IPv4 table choice compiled in (DIR-24-8),
+    adopting the maps of ``instance``."""
+    src = bpf_source_dir()
+    tmp = Path(tempfile.mkdtemp(prefix="fsbench"))
+    for name in ("fibsync.c", "fibsync.h", "parse.h"):
+        shutil.copy(src / name, tmp / name)
+    text = (tmp / "fibsync.c").read_text()
+    switch = "if (cfg && cfg->v4_table == FS_V4_DIR24) {"
+    assert switch in text, "the table switch moved: update bench_xdp.py"
+    (tmp / "fibsync.c").write_text(text.replace(switch, "if (1) {"))
+    os.environ["FIBSYNC_BPF_DIR"] = str(tmp)
+    try:
+        return FastPath.load(instance)
+    finally:
+        del os.environ["FIBSYNC_BPF_DIR"]
+        shutil.rmtree(tmp)
+
+
+def timed_write(fp: FastPath, diff: Any, v4_table: str) -> dict[str, Any]:
+    gc.collect()
+    rss0 = rss_mb()
+    t0 = time.monotonic()
+    writer = MapWriter(PinnedMaps(fp.pin_dir), v4_table=v4_table)  # type: ignore[arg-type]
+    writer.write(diff)
+    seconds = time.monotonic() - t0
+    out = {"seconds": round(seconds, 2), "rss_growth_mb": round(rss_mb() - rss0, 1),
+           "errors": writer.stats.errors}
+    if writer.dir24 is not None:
+        out["dir24"] = writer.dir24.memory()
+    return out
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib  # noqa: PLC0415 - bench extra only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
+        rows = results[family]["programs"]
+        labels = list(rows)
+        values = [rows[k]["ns_per_packet"] for k in labels]
+        bars = ax.bar(range(len(labels)), values, color=[
+            "#999999" if "empty" in k else "#d62728" if "fib" in k else "#1f77b4"
+            for k in labels])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_xticks(range(len(labels)), [k.replace(", ", ",\n") for k in labels],
+                      fontsize=8)
+        ax.set_title(f"{family}, {results['table']}", fontsize=9)
+    axes[0].set_ylabel("ns per packet (BPF_PROG_TEST_RUN, median)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -86,49 +274,97 @@ def main() -> None:
     ap.add_argument("--v4", type=int, default=1_000_000)
     ap.add_argument("--v6", type=int, default=250_000)
     ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--plot", help="draw the results into this PNG (needs matplotlib)")
     args = ap.parse_args()
     name = f"fsx{uuid.uuid4().hex[:6]}"
     ns = Netns(name).create()
-    fast = fib = None
+    loaded: list[tuple[FastPath, str]] = []
+    modules: list[Any] = []
+    empty = None
     try:
-        install(name, args.v4, args.v6)
+        installed = install(name, args.v4, args.v6)
         # bpf_fib_lookup honours the forwarding sysctls, as the kernel does
         ns.sysctl("net.ipv4.conf.all.forwarding", 1)
         ns.sysctl("net.ipv6.conf.all.forwarding", 1)
         netns.enter(name)
         ifindex = {f"b{i}": socket.if_nametoindex(f"b{i}") for i in range(4)}
         fast = FastPath.load(f"{name}f")
+        loaded.append((fast, f"{name}f"))
         fib = FastPath.load(f"{name}b")
+        loaded.append((fib, f"{name}b"))
+        lpm_only = FastPath.load(f"{name}l")
+        loaded.append((lpm_only, f"{name}l"))
         rib = Rib()
         rib.resync(asyncio.run(dump()))
-        MapWriter(PinnedMaps(fast.pin_dir)).write(rib.take_diff())
+        diff = rib.take_diff()
+        writes = {"LPM trie + DIR-24-8": timed_write(fast, diff, "dir24"),
+                  "LPM trie only": timed_write(lpm_only, diff, "lpm")}
+        del diff, rib
+        fixed = fixed_choice_program(f"{name}f")
+        loaded.append((fixed, ""))
+        bcc_empty, empty_fd = empty_program()
+        empty = bcc_empty
+        forwarder, forwarder_fd = fib_forwarder(list(ifindex.values()))
+        modules.append(forwarder)
+        set_v4_table(fib, abi.FS_V4_DIR24)
         for fp in (fast, fib):
             for idx in ifindex.values():
                 key = struct.pack("=I", idx)
                 bpfsys.update(fp.map_fd("tx_ports"), key, key)
+
         rng = random.Random(5)
-        results = {}
+        results: dict[str, Any] = {}
         for family, prefixes, src in (("IPv4", v4_prefixes(args.v4), "198.18.0.2"),
                                       ("IPv6", v6_prefixes(args.v6), "2001:db8:ff00::2")):
             sample = rng.sample(prefixes, min(args.samples, len(prefixes)))
             frames = [frame(host_in(p, rng), src) for p in sample]
-            row = {}
-            for label, fp in (("fast path (LPM trie)", fast), ("bpf_fib_lookup", fib)):
-                cost, actions = measure(fp, frames, ifindex["b0"])
-                row[label] = {"ns_per_packet": round(cost, 1), "actions": actions}
-            row["ratio_fast_to_fib"] = round(row["fast path (LPM trie)"]["ns_per_packet"]
-                                             / row["bpf_fib_lookup"]["ns_per_packet"], 2)
-            results[family] = row
-        print(json.dumps({
+            programs: dict[str, tuple[int, Any]] = {"empty XDP program": (empty_fd, None)}
+            if family == "IPv4":
+                programs["fast path, LPM trie"] = (
+                    fast.prog_fd, lambda: set_v4_table(fast, abi.FS_V4_LPM))
+                programs["fast path, DIR-24-8"] = (
+                    fast.prog_fd, lambda: set_v4_table(fast, abi.FS_V4_DIR24))
+                programs["DIR-24-8, choice fixed at build"] = (fixed.prog_fd, None)
+            else:
+                programs["fast path, LPM trie"] = (fast.prog_fd, None)
+            programs["bpf_fib_lookup"] = (fib.prog_fd, None)
+            programs["bpf_fib_lookup forwarder"] = (forwarder_fd, None)
+            rows = measure(programs, frames, ifindex["b0"])
+            floor = rows["empty XDP program"]["ns_per_packet"]
+            ratios = {}
+            for ref in ("bpf_fib_lookup", "bpf_fib_lookup forwarder"):
+                ref_ns = rows[ref]["ns_per_packet"]
+                for k, v in rows.items():
+                    if k.startswith("fast path"):
+                        cost = v["ns_per_packet"]
+                        ratios[f"{k} / {ref}"] = {
+                            "raw": round(cost / ref_ns, 2),
+                            "above_empty_program": round((cost - floor) / (ref_ns - floor), 2)}
+            results[family] = {"programs": rows, "ratios": ratios}
+        results["writes"] = writes
+        doc = {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.release()}",
+            "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.release()}, "
+                       f"{platform.processor() or platform.machine()}",
             "table": f"{args.v4} IPv4 + {args.v6} IPv6 via nexthop objects",
-            "repeat": REPEAT, "samples": args.samples, "results": results}, indent=2))
+            "ip_batch_install_s": round(installed["ip_batch_install"], 1),
+            "repeat": REPEAT, "rounds": ROUNDS, "samples": args.samples, **results}
+        text = json.dumps(doc, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        if args.plot:
+            plot(doc, args.plot)
     finally:
-        for fp, suffix in ((fast, "f"), (fib, "b")):
-            if fp is not None:
-                fp.close()
-            remove(f"{name}{suffix}")
+        if empty is not None:
+            empty.cleanup()
+        for module in modules:
+            module.cleanup()
+        for fp, instance in loaded:
+            fp.close()
+            if instance:
+                remove(instance)
         ns.delete()
 
 

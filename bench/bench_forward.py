@@ -1,0 +1,355 @@
+"""Forwarding rate through a router namespace: kernel, bpf_fib_lookup, fibsync.
+
+    .venv/bin/python bench/bench_forward.py [--v4 1000000] [--v6 250000]
+        [--packets 1000000] [--rounds 3] [--json FILE] [--plot FILE.png]
+
+Three pieces, all in namespaces this script creates and deletes:
+
+    gen: g0  ==veth==  r0: router (full table, as bench_xdp.py)  b0..b3 ==veth== q0..q3: sink
+                                                              (the router's own veth peers)
+
+- the generator is an XDP program run with BPF_PROG_TEST_RUN in live-frames
+  mode on g0: each frame gets the next of 4096 destinations drawn from the
+  installed prefixes (IPv4 or IPv6), TTL/hop limit 64, fresh MACs and IPv4
+  checksum (pages come back from the router modified), then XDP_TX sends
+  it to r0;
+- the router forwards it to one of b0..b3: by the kernel (no XDP on r0, GRO
+  on so that the veth takes XDP frames), or by fibsync's program attached to
+  r0 in native mode: with empty route maps (every packet through
+  bpf_fib_lookup), or with the full table in the LPM trie or DIR-24-8;
+- q0..q3 run an XDP program that counts and drops.
+
+Everything runs on the CPU that makes the test-run call (veth NAPI runs in
+that CPU's softirq as the call enables bottom halves), so a rate is one
+core's worth of generating, forwarding and sinking. The rate is the frames
+the sink counted per second of wall time, the best of ``--rounds`` runs of
+``--packets`` frames; ``delivered`` says how many of the frames sent arrived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import platform
+import random
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_xdp import host_in, set_v4_table  # noqa: E402
+from fulltable import install, v4_prefixes, v6_prefixes  # noqa: E402
+from profile_sync import dump  # noqa: E402
+
+from fibsync.fastpath import abi, bpfsys  # noqa: E402
+from fibsync.fastpath.maps import PinnedMaps  # noqa: E402
+from fibsync.fastpath.program import FastPath, remove  # noqa: E402
+from fibsync.fastpath.writer import MapWriter  # noqa: E402
+from fibsync.lab import Netns, veth  # noqa: E402
+from fibsync.rib import Rib  # noqa: E402
+
+DESTINATIONS = 4096
+R0_MAC = "02:00:00:00:aa:01"
+G0_MAC = "02:00:00:00:aa:02"
+
+GENERATOR = r"""
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+
+BPF_ARRAY(dst4, u32, NDST);
+BPF_ARRAY(dst6, struct in6_addr, NDST);
+BPF_PERCPU_ARRAY(cursor, u32, 1);
+
+int xdp_gen(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    u32 zero = 0, i;
+    u32 *c = cursor.lookup(&zero);
+
+    if ((void *)(eth + 1) > end || !c)
+        return XDP_ABORTED;
+    i = *c;
+    *c = i + 1 >= NDST ? 0 : i + 1;
+    __builtin_memcpy(eth->h_dest, DST_MAC, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, SRC_MAC, ETH_ALEN);
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *iph = (void *)(eth + 1);
+        u32 *d = dst4.lookup(&i);
+        u16 *w = (u16 *)iph;
+        u32 sum = 0;
+
+        if ((void *)(iph + 1) > end || !d)
+            return XDP_ABORTED;
+        iph->daddr = *d;
+        iph->ttl = 64;
+        iph->check = 0;
+#pragma unroll
+        for (int k = 0; k < 10; k++)
+            sum += w[k];
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        iph->check = ~sum;
+    } else {
+        struct ipv6hdr *ip6h = (void *)(eth + 1);
+        struct in6_addr *d = dst6.lookup(&i);
+
+        if ((void *)(ip6h + 1) > end || !d)
+            return XDP_ABORTED;
+        ip6h->daddr = *d;
+        ip6h->hop_limit = 64;
+    }
+    return XDP_TX;
+}
+
+BPF_PERCPU_ARRAY(sunk, u64, 1);
+
+int xdp_sink(struct xdp_md *ctx)
+{
+    u32 zero = 0;
+    u64 *n = sunk.lookup(&zero);
+
+    if (n)
+        *n += 1;
+    return XDP_DROP;
+}
+"""
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def inside(name: str) -> Iterator[None]:
+    """This thread in network namespace ``name`` for the body."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def c_mac(mac: str) -> str:
+    return '"' + "".join(f"\\x{b}" for b in mac.split(":")) + '"'
+
+
+def frame(family: str) -> bytes:
+    eth = bytes.fromhex(R0_MAC.replace(":", "")) + bytes.fromhex(G0_MAC.replace(":", ""))
+    payload = struct.pack("!HHHH", 1234, 5678, 8 + 18, 0) + bytes(18)
+    if family == "IPv4":
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
+                          socket.inet_aton("198.18.100.2"), socket.inet_aton("198.18.0.9"))
+        return eth + b"\x08\x00" + hdr + payload
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 17, 64,
+                      socket.inet_pton(socket.AF_INET6, "2001:db8:ff64::2"),
+                      socket.inet_pton(socket.AF_INET6, "2001:db8:ff00::9"))
+    return eth + b"\x86\xdd" + hdr + payload
+
+
+class Bench:
+    def __init__(self, gen_ns: str, rtr_ns: str, generator: Any) -> None:
+        self.gen_ns, self.rtr_ns = gen_ns, rtr_ns
+        self.bpf = generator
+        self.gen_fd = generator.load_func(b"xdp_gen", generator.XDP).fd
+        with inside(gen_ns):
+            self.g0 = socket.if_nametoindex("g0")
+        self.sunk = generator[b"sunk"]
+
+    def sink_count(self) -> int:
+        return sum(int(v) for v in self.sunk[self.sunk.Key(0)])
+
+    def run(self, family: str, packets: int, rounds: int) -> dict[str, Any]:
+        data = frame(family)
+        best = None
+        for _ in range(rounds):
+            before = self.sink_count()
+            with inside(self.gen_ns):
+                t0 = time.perf_counter()
+                bpfsys.prog_test_run_live(self.gen_fd, data, packets,
+                                          ctx=bpfsys.xdp_md(len(data), self.g0))
+                wall = time.perf_counter() - t0
+            time.sleep(0.05)  # the last batch's softirq work
+            got = self.sink_count() - before
+            rate = got / wall
+            if best is None or rate > best["pps"]:
+                best = {"pps": round(rate), "delivered": round(got / packets, 4),
+                        "seconds": round(wall, 3)}
+        assert best is not None
+        return best
+
+
+def reasons(fp: FastPath | None) -> dict[str, int]:
+    """Packets counted per reason by an instance's program (summed over CPUs)."""
+    if fp is None:
+        return {}
+    out = {}
+    for reason in abi.Reason:
+        per_cpu = bpfsys.lookup(fp.map_fd("counters"), struct.pack("=I", reason))
+        assert isinstance(per_cpu, list)
+        out[reason.name] = sum(abi.FsCounter.from_buffer_copy(v).packets for v in per_cpu)
+    return out
+
+
+def attach(fp: FastPath | None, rtr_ns: str) -> None:
+    """fibsync's program on r0 (native), or nothing there (None: the kernel forwards)."""
+    with inside(rtr_ns):
+        if fp is None:
+            subprocess.run(["ip", "link", "set", "dev", "r0", "xdp", "off"], check=True)
+            return
+        fp.attach("r0", mode="native", replace=True)
+
+
+def plot(doc: dict[str, Any], path: str) -> None:
+    import matplotlib  # noqa: PLC0415 - bench extra only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
+        rows = doc["results"][family]
+        labels = list(rows)
+        values = [rows[k]["pps"] / 1e6 for k in labels]
+        bars = ax.bar(range(len(labels)), values, color=[
+            "#999999" if "kernel" in k else "#d62728" if "fib" in k else "#1f77b4"
+            for k in labels])
+        ax.bar_label(bars, fmt="%.2f")
+        ax.set_xticks(range(len(labels)), [k.replace(", ", ",\n") for k in labels], fontsize=8)
+        ax.set_title(f"{family}, {doc['table']}", fontsize=9)
+    axes[0].set_ylabel("million packets/s forwarded (one core)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--v4", type=int, default=1_000_000)
+    ap.add_argument("--v6", type=int, default=250_000)
+    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    tag = uuid.uuid4().hex[:6]
+    rtr, gen = Netns(f"fsfr{tag}"), Netns(f"fsfg{tag}")
+    loaded: list[tuple[FastPath, str]] = []
+    generator = None
+    try:
+        rtr.create()
+        gen.create()
+        install(rtr.name, args.v4, args.v6)
+        veth(gen, "g0", rtr, "r0")
+        gen.ip("link", "set", "g0", "address", G0_MAC)
+        rtr.ip("link", "set", "r0", "address", R0_MAC)
+        rtr.ip("addr", "add", "198.18.100.1/24", "dev", "r0")
+        rtr.ip("addr", "add", "2001:db8:ff64::1/64", "dev", "r0", "nodad")
+        gen.ip("addr", "add", "198.18.100.2/24", "dev", "g0")
+        gen.ip("addr", "add", "2001:db8:ff64::2/64", "dev", "g0", "nodad")
+        for key in ("net.ipv4.conf.all.forwarding", "net.ipv6.conf.all.forwarding"):
+            rtr.sysctl(key, 1)
+        for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.r0.rp_filter"):
+            rtr.sysctl(key, 0)
+
+        from bcc import BPF  # noqa: PLC0415
+
+        rng = random.Random(9)
+        dst4 = [host_in(p, rng) for p in rng.sample(v4_prefixes(args.v4), DESTINATIONS)]
+        dst6 = [host_in(p, rng) for p in rng.sample(v6_prefixes(args.v6), DESTINATIONS)]
+        generator = BPF(text=GENERATOR.encode(), cflags=[
+            f"-DNDST={DESTINATIONS}", f"-DDST_MAC={c_mac(R0_MAC)}",
+            f"-DSRC_MAC={c_mac(G0_MAC)}"])
+        for i, (a4, a6) in enumerate(zip(dst4, dst6, strict=True)):
+            t4, t6 = generator[b"dst4"], generator[b"dst6"]
+            t4[t4.Key(i)] = t4.Leaf(struct.unpack("=I", socket.inet_aton(a4))[0])
+            t6[t6.Key(i)] = t6.Leaf.from_buffer_copy(ipaddress.ip_address(a6).packed)
+        sink = generator.load_func(b"xdp_sink", BPF.XDP)
+        with inside(rtr.name):
+            for i in range(4):
+                generator.attach_xdp(f"q{i}".encode(), sink, 1 << 2)  # XDP_FLAGS_DRV_MODE
+            fast = FastPath.load(f"fsfr{tag}f")
+            loaded.append((fast, f"fsfr{tag}f"))
+            fib = FastPath.load(f"fsfr{tag}b")
+            loaded.append((fib, f"fsfr{tag}b"))
+            rib = Rib()
+            rib.resync(asyncio.run(dump()))
+            MapWriter(PinnedMaps(fast.pin_dir)).write(rib.take_diff())
+            del rib
+            for fp in (fast, fib):
+                for i in range(4):
+                    key = struct.pack("=I", socket.if_nametoindex(f"b{i}"))
+                    bpfsys.update(fp.map_fd("tx_ports"), key, key)
+
+        bench = Bench(gen.name, rtr.name, generator)
+        modes: list[tuple[str, FastPath | None, int | None]] = [
+            ("kernel forwarding", None, None),
+            ("bpf_fib_lookup only", fib, None),
+            ("fast path, LPM trie", fast, abi.FS_V4_LPM),
+            ("fast path, DIR-24-8", fast, abi.FS_V4_DIR24)]
+        results: dict[str, dict[str, Any]] = {"IPv4": {}, "IPv6": {}}
+        for label, fp, table in modes:
+            attach(fp, rtr.name)
+            if fp is not None and table is not None:
+                set_v4_table(fp, table)
+            for family in ("IPv4", "IPv6"):
+                if family == "IPv6" and table == abi.FS_V4_DIR24:
+                    continue  # IPv6 has the LPM trie only
+                label6 = label.replace(", LPM trie", "") if family == "IPv6" else label
+                before = reasons(fp)
+                row = bench.run(family, args.packets, args.rounds)
+                # how the program forwarded them: its own table (FWD_FAST) or bpf_fib_lookup
+                row["reasons"] = {k: v - before[k] for k, v in reasons(fp).items()
+                                  if v - before[k]}
+                results[family][label6] = row
+        attach(None, rtr.name)
+        for family in results:
+            kernel = results[family]["kernel forwarding"]["pps"]
+            for row in results[family].values():
+                row["vs_kernel"] = round(row["pps"] / kernel, 2)
+        doc = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.release()}",
+            "table": f"{args.v4} IPv4 + {args.v6} IPv6 via nexthop objects",
+            "packets_per_round": args.packets, "rounds": args.rounds,
+            "destinations": DESTINATIONS, "results": results}
+        text = json.dumps(doc, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        if args.plot:
+            plot(doc, args.plot)
+    finally:
+        for fp, instance in loaded:
+            fp.close()
+            remove(instance)
+        if generator is not None:
+            generator.cleanup()
+        gen.delete()
+        rtr.delete()
+
+
+if __name__ == "__main__":
+    main()
