@@ -175,6 +175,10 @@ class Rib:
         self._groups_by_member: dict[int, set[int]] = defaultdict(set)
         self._ids = itertools.count(self.first_id)
         self._free_ids: list[int] = []
+        # ids freed since the last take_diff(): the maps may still hold them, and
+        # the writer sets new entries before it deletes old routes, so they are
+        # handed on only from the next diff
+        self._released: list[int] = []
         # kernel nexthop object id -> fast-path id (nexthop or group id space)
         self._obj_fp: dict[int, int] = {}
         # interned inline paths -> [fast-path id, is group, user count]
@@ -218,7 +222,8 @@ class Rib:
         resolve = self.diff.resolve
         self._reset()
         self.diff.resolve = resolve
-        self._reserve_ids(keep_obj_fp, keep_inline, old_objs, snapshot)
+        self._reserve_ids(keep_obj_fp, keep_inline, old_objs, snapshot,
+                          set(keep_fp_nh) | set(keep_fp_groups))
         for link in snapshot.links:
             self.links[link.ifindex] = link
         for addr in snapshot.addresses:
@@ -248,8 +253,13 @@ class Rib:
         })
 
     def _reserve_ids(self, obj_fp: dict[int, int], inline: dict[tuple[Nexthop, ...], list[int]],
-                     old_objs: dict[int, NexthopObject], snapshot: Snapshot) -> None:
-        """Carry fast-path ids over a resync for objects that still exist unchanged in kind."""
+                     old_objs: dict[int, NexthopObject], snapshot: Snapshot,
+                     stale: set[int]) -> None:
+        """Carry fast-path ids over a resync for objects that still exist unchanged in kind.
+
+        ``stale`` are the ids the maps hold: those not carried over are deleted
+        by this resync's diff, and not handed to anything new before.
+        """
         alive = {o.id: o for o in snapshot.nexthops}
         used: set[int] = set()
         for kid, fid in obj_fp.items():
@@ -261,9 +271,10 @@ class Rib:
         for paths, (fid, is_group, _) in inline.items():
             self._inline[paths] = [fid, is_group, 0]
             used.add(fid)
-        top = max(used, default=self.first_id - 1)
+        top = max(used | stale, default=self.first_id - 1)
         self._ids = itertools.count(top + 1)
-        self._free_ids = sorted(set(range(self.first_id, top + 1)) - used, reverse=True)
+        self._free_ids = sorted(set(range(self.first_id, top + 1)) - used - stale, reverse=True)
+        self._released = sorted(stale - used)
 
     def apply(self, changes: Iterable[Change]) -> None:
         for change in changes:
@@ -291,6 +302,8 @@ class Rib:
 
     def take_diff(self) -> FastPathDiff:
         diff, self.diff = self.diff, FastPathDiff()
+        self._free_ids.extend(self._released)
+        self._released.clear()
         return diff
 
     # ----------------------------------------------------------------- routes
@@ -510,11 +523,11 @@ class Rib:
                 for p in paths:
                     self._inline[(p,)][2] -= 1
             self._del_group(fid)
-            self._free_ids.append(fid)
+            self._released.append(fid)
         for paths in [p for p, e in self._inline.items() if e[2] <= 0]:
             fid = self._inline.pop(paths)[0]
             self._del_fp_nexthop(fid)
-            self._free_ids.append(fid)
+            self._released.append(fid)
 
     # ------------------------------------------------------ nexthop objects
 
@@ -579,7 +592,7 @@ class Rib:
             self._del_group(fid)
         else:
             self._del_fp_nexthop(fid)
-        self._free_ids.append(fid)
+        self._released.append(fid)
 
     def _del_nh_object(self, nhid: int) -> None:
         """The kernel's removal of a nexthop object, with what it takes along silently.
