@@ -87,7 +87,8 @@ def test_full_map_raises_map_full_with_progress() -> None:
     try:
         with pytest.raises(MapFullError) as err:
             bpfsys.update_batch(fd, u32s(range(8)), bytes(64), 8)
-        assert err.value.errno == errno.E2BIG  # type: ignore[attr-defined]
+        assert err.value.errno == errno.E2BIG
+        assert err.value.done == 4
         assert "4 of 8 written" in str(err.value)
     finally:
         os.close(fd)
@@ -102,6 +103,24 @@ def test_map_without_batch_support_falls_back(lab: Lab) -> None:
         assert bpfsys.delete_batch(fd, u32s([1, 5]), 2) == 1
     finally:
         os.close(fd)
+
+
+def test_one_by_one_fallback_reports_progress_too(lab: Lab) -> None:
+    fd = bpfsys.map_create(abi.MAP_DEVMAP_HASH, 4, 4, 8, name="t_dev")
+    try:
+        with pytest.raises(MapError) as err:  # ifindex 999999 exists nowhere
+            bpfsys.update_batch(fd, u32s([1, 999999]), u32s([1, 999999]), 2)
+        assert err.value.done == 1
+    finally:
+        os.close(fd)
+
+
+def test_repeated_lookups_reuse_their_buffers(hash_map: int) -> None:
+    bpfsys.update(hash_map, u32s([7]), b"v" * 8)
+    lookup = bpfsys.Lookup(hash_map, 4, 8)
+    assert lookup(u32s([7])) == b"v" * 8
+    assert lookup(u32s([8])) is None
+    assert lookup(u32s([7])) == b"v" * 8
 
 
 def test_percpu_values_are_lists() -> None:
@@ -121,7 +140,7 @@ def test_percpu_values_are_lists() -> None:
 def test_missing_pin_is_a_map_error() -> None:
     with pytest.raises(MapError) as err:
         bpfsys.obj_get("/sys/fs/bpf/fibsync-no-such-pin")
-    assert err.value.errno == errno.ENOENT  # type: ignore[attr-defined]
+    assert err.value.errno == errno.ENOENT
 
 
 def test_ring_buffer_survives_wrapping(lab: Lab) -> None:
