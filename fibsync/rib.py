@@ -394,8 +394,11 @@ class Rib:
             gone = {_path_id(n) for n in route.nexthops}
             for i in same:
                 old = routes[i]
-                if old.nhid != route.nhid or old.type != route.type or (
-                        not old.nhid and gone and not gone & {_path_id(n) for n in old.nexthops}):
+                if old.nhid or route.nhid:
+                    if old.nhid != route.nhid:
+                        continue
+                elif old.type != route.type or (
+                        gone and not gone & {_path_id(n) for n in old.nexthops}):
                     continue
                 rest = tuple(n for n in old.nexthops if _path_id(n) not in gone)
                 if rest and gone and not old.nhid:
@@ -900,9 +903,12 @@ def _ecmp6(route: Route) -> bool:
 
 
 def _same_entry(a: Route, b: Route) -> bool:
-    if a.type != b.type or a.nhid != b.nhid:
-        return False
-    return bool(a.nhid) or {_path_id(n) for n in a.nexthops} == {_path_id(n) for n in b.nexthops}
+    """One kernel route? Over a nexthop object, the object is its identity (the
+    reported type follows the object: blackhole or unicast)."""
+    if a.nhid or b.nhid:
+        return a.nhid == b.nhid
+    return a.type == b.type and \
+        {_path_id(n) for n in a.nexthops} == {_path_id(n) for n in b.nexthops}
 
 
 def _links_of(routes: Iterable[Route]) -> set[int]:

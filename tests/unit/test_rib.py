@@ -297,6 +297,18 @@ def test_route_over_a_blackhole_object_follows_the_object(m: Mirror) -> None:
     assert m.paths("203.0.112.0/24") == {("198.51.100.2", 2, 1, True)}
 
 
+def test_ipv6_route_over_an_object_is_one_route_whatever_type_it_is_reported_with(
+        m: Mirror) -> None:
+    m.add(nh_obj(20, "2001:db8:2::2", 2), neigh(2, "2001:db8:2::2"))
+    m.add(route("2001:db8:5::/48", nhid=20))
+    m.add(nh_obj(20, blackhole=True))
+    # a replayed add and the delete both carry the type the kernel reports now
+    m.add(route("2001:db8:5::/48", nhid=20, type=RouteType.BLACKHOLE))
+    assert m.routes()["2001:db8:5::/48"]["type"] == "blackhole"
+    m.delete(route("2001:db8:5::/48", nhid=20, type=RouteType.BLACKHOLE))
+    assert m.routes() == {}
+
+
 # --- IPv6 keeps several routes under one (table, prefix, metric)
 
 def test_ipv6_routes_side_by_side_go_to_the_kernel_lookup(m: Mirror) -> None:
