@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import gc
 import grp
 import os
 import signal
@@ -353,11 +352,6 @@ class Daemon:
             t0 = time.monotonic()
             # the build runs in a child process on one core while the kernel's tables are
             # dumped and mirrored on the other; only the map writes wait for it
-            # A full table is millions of long-lived objects without cycles: the cyclic
-            # collector would walk them all again and again while they are made (a
-            # third of the sync time at 1.25M routes). It stays off until the first
-            # sync is in the maps, which then go to the permanent generation.
-            gc.disable()
             # read before the load, which may replace maps under our feet
             self._first_id = previous_max_id(s.pin_dir) + 1
             load = asyncio.get_running_loop().run_in_executor(
@@ -471,8 +465,6 @@ class Daemon:
             self.guard.retry()
             self._prune_tx_ports()
             self.state = "synced"
-            gc.freeze()
-            gc.enable()
             self.synced_at = time.time()
             counts = self.rib.counts()
             self.log.info("sync.done", seconds=round(time.monotonic() - t0, 3), stale=swept,
