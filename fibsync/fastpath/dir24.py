@@ -66,6 +66,7 @@ Cover = Callable[[int, int], "tuple[int, bytes] | None"]
 U32Array = npt.NDArray[np.uint32]
 
 _PUBLISH_CHUNK = 1 << 20  # entries compared per step of a load: bounds its temporary memory
+_SCALAR_SPAN = 16  # ranges up to this many entries are cheaper entry by entry than with numpy
 
 
 def entry(depth: int, slot: int) -> int:
@@ -73,7 +74,7 @@ def entry(depth: int, slot: int) -> int:
 
 
 def depth_of(e: int) -> int:
-    return (e >> SHIFT) & DEPTH
+    return (e >> SHIFT) & DEPTH  # 0 for an empty entry
 
 
 # ---------------------------------------------------------------- grace periods
@@ -203,7 +204,8 @@ class Dir24Table:
 
     def _slot(self, value: bytes) -> int | None:
         """The slot holding this route value, written now if it is new."""
-        value = value[:7] + b"\0"
+        if value[7]:
+            value = value[:7] + b"\0"  # plen: where the value came from, not what it says
         slot = self._slot_of.get(value)
         if slot is None:
             slot = self.slots.take()
@@ -356,18 +358,21 @@ class Dir24Table:
         if depth <= 24:
             lo = addr >> 8
             span = 1 << (24 - depth)
-            if span == 1:
-                e = self._m24[lo]
-                if e & EXT:
-                    self._set8(e & INDEX, 0, TBL8, depth, new)
-                elif depth_of(e) <= depth:
-                    self._m24[lo] = new
+            if span <= _SCALAR_SPAN:
+                m24 = self._m24
+                for i in range(lo, lo + span):
+                    e = m24[i]
+                    if e & EXT:
+                        self._set8(e & INDEX, 0, TBL8, depth, new)
+                    elif depth_of(e) <= depth:
+                        m24[i] = new
                 return True
             seg = self._t24[lo:lo + span]
             ext = (seg & EXT) != 0
             seg[~ext & (((seg >> SHIFT) & DEPTH) <= depth)] = new
-            for g in np.unique(seg[ext] & INDEX).tolist():
-                self._set8(g, 0, TBL8, depth, new)
+            if ext.any():
+                for g in np.unique(seg[ext] & INDEX).tolist():
+                    self._set8(g, 0, TBL8, depth, new)
             return True
         row = addr >> 8
         off = addr & 0xFF
@@ -393,9 +398,11 @@ class Dir24Table:
 
     def _set8(self, g: int, off: int, span: int, depth: int, new: int) -> None:
         base = g * TBL8 + off
-        if span == 1:
-            if depth_of(self._m8[base]) <= depth:
-                self._m8[base] = new
+        if span <= _SCALAR_SPAN:
+            m8 = self._m8
+            for i in range(base, base + span):
+                if depth_of(m8[i]) <= depth:
+                    m8[i] = new
             return
         seg = self._t8[base:base + span]
         seg[((seg >> SHIFT) & DEPTH) <= depth] = new
@@ -404,18 +411,21 @@ class Dir24Table:
         if depth <= 24:
             lo = addr >> 8
             span = 1 << (24 - depth)
-            if span == 1:
-                e = self._m24[lo]
-                if e & EXT:
-                    self._clear8(e & INDEX, 0, TBL8, depth, rep)
-                elif e and depth_of(e) == depth:
-                    self._m24[lo] = rep
+            if span <= _SCALAR_SPAN:
+                m24 = self._m24
+                for i in range(lo, lo + span):
+                    e = m24[i]
+                    if e & EXT:
+                        self._clear8(e & INDEX, 0, TBL8, depth, rep)
+                    elif e and depth_of(e) == depth:
+                        m24[i] = rep
                 return
             seg = self._t24[lo:lo + span]
             ext = (seg & EXT) != 0
             seg[~ext & (seg != 0) & (((seg >> SHIFT) & DEPTH) == depth)] = rep
-            for g in np.unique(seg[ext] & INDEX).tolist():
-                self._clear8(g, 0, TBL8, depth, rep)
+            if ext.any():
+                for g in np.unique(seg[ext] & INDEX).tolist():
+                    self._clear8(g, 0, TBL8, depth, rep)
             return
         row = addr >> 8
         e = self._m24[row]
@@ -432,10 +442,12 @@ class Dir24Table:
 
     def _clear8(self, g: int, off: int, span: int, depth: int, rep: int) -> None:
         base = g * TBL8 + off
-        if span == 1:
-            e = self._m8[base]
-            if e and depth_of(e) == depth:
-                self._m8[base] = rep
+        if span <= _SCALAR_SPAN:
+            m8 = self._m8
+            for i in range(base, base + span):
+                e = m8[i]
+                if e and depth_of(e) == depth:
+                    m8[i] = rep
             return
         seg = self._t8[base:base + span]
         seg[(seg != 0) & (((seg >> SHIFT) & DEPTH) == depth)] = rep
