@@ -348,12 +348,34 @@ class Rib:
             same = [i for i, r in enumerate(routes) if r.key == route.key]
             if route.prefix.family == AF_INET6:
                 self._add_route6(routes, same, route, nlflags)
-            elif same:
-                routes[same[0]] = route
             else:
-                routes.append(route)
+                self._add_route4(routes, same, route, nlflags)
         self._store(route.prefix, routes)
         self._refresh_prefix(route.prefix)
+
+    @staticmethod
+    def _add_route4(routes: list[Route], same: list[int], route: Route, nlflags: int) -> None:
+        """IPv4 keeps aliases under one key (table, prefix, TOS, metric), seen on 6.18.
+
+        A replace takes the first alias; an append (NLM_F_APPEND) goes after
+        the others, a prepend (NLM_F_CREATE alone) before them, and a dump
+        lists them in the kernel's order.
+        """
+        if not same:
+            routes.append(route)
+            return
+        held = next((i for i in same if _same_entry(routes[i], route)), None)
+        if held is not None:
+            # a route we hold, announced again: the kernel refuses a replace that
+            # would duplicate an alias, so this is a replayed event, or a route
+            # over a replaced object (nexthop_compat_mode=1 announces those again)
+            routes[held] = route
+        elif nlflags & NLM_F_REPLACE:
+            routes[same[0]] = route
+        elif nlflags & NLM_F_APPEND or not nlflags:
+            routes.insert(same[-1] + 1, route)
+        else:
+            routes.insert(same[0], route)
 
     @staticmethod
     def _add_route6(routes: list[Route], same: list[int], route: Route, nlflags: int) -> None:
@@ -367,17 +389,15 @@ class Rib:
         first entry there is.
         """
         ecmp = _ecmp6(route)
-        target = None
-        if nlflags & NLM_F_REPLACE:
+        # a route we hold, announced again, stays where it is (see _add_route4)
+        target = next((i for i in same if _same_entry(routes[i], route)), None)
+        if target is None and nlflags & NLM_F_REPLACE:
             target = next((i for i in same if _ecmp6(routes[i]) == ecmp), same[0] if same else None)
-        elif ecmp:
+        elif target is None and ecmp:
             target = next((i for i in same if _ecmp6(routes[i])), None)
             if target is not None:
                 route = _with_nexthops(route, _merge_paths(routes[target].nexthops,
                                                            route.nexthops))
-        else:
-            # an add of an entry we hold already: a replayed event, or a dump
-            target = next((i for i in same if _same_entry(routes[i], route)), None)
         if target is None:
             routes.append(route)
         else:
@@ -389,7 +409,8 @@ class Rib:
         if not same:
             return
         if route.prefix.family == AF_INET:
-            del routes[same[0]]
+            # the delete names the alias it took (the first one when asked for none)
+            del routes[next((i for i in same if _same_entry(routes[i], route)), same[0])]
         else:
             gone = {_path_id(n) for n in route.nexthops}
             for i in same:
@@ -434,8 +455,9 @@ class Rib:
             entry = _FIB
         elif len(best) > 1 and (len({r.type for r in best}) > 1
                                 or best[0].type == RouteType.UNICAST):
-            # IPv6 entries side by side: the kernel picks one per lookup (by
-            # neighbour state, round robin); only its own lookup can do the same
+            # IPv6 entries or IPv4 aliases side by side: the kernel picks one per
+            # lookup (IPv6 by neighbour state and round robin, IPv4 the first
+            # alias with a live path); only its own lookup can do the same
             entry = _FIB
         else:
             entry, new_path = self._entry_for(best[0])

@@ -8,7 +8,7 @@ nexthop objects and groups, routes in the main table and in tables 100 and
 - route replaces and deletes: unicast via a gateway, via a link, via a
   nexthop object, multipath with weights, IPv4 via an IPv6 next hop
   (RFC 5549, alone and inside multipath), blackhole, unreachable, prohibit,
-  throw, several metrics;
+  throw, several metrics; IPv4 aliases appended and prepended;
 - IPv6 ECMP built by appending siblings and deleting them one by one (on
   prefixes of their own: appending a sibling beside a route of another kind
   makes the kernel keep both side by side, which no routing daemon does);
@@ -156,6 +156,11 @@ class Churn:
             return [f"route replace {kind} {prefix}{self._table()}{self._metric(v6)}"]
         if r < 0.52:
             return [f"route del {prefix}{self._table()}{self._metric(v6)}"]
+        if r < 0.54 and not v6:
+            # a second IPv4 alias under the same key, after or before the first
+            verb = self.rng.choice(["append", "prepend"])
+            return [f"route {verb} {prefix}{self._table()}{self._metric(v6)} "
+                    f"{self._target(v6)}"]
         if r < 0.58:
             return self._ecmp6()
         if r < 0.65:

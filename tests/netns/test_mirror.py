@@ -94,6 +94,8 @@ def test_churn_covers_what_the_mirror_must_follow() -> None:
         "RFC 5549 route": r"route replace 198\.\S+ via inet6",
         "RFC 5549 path in multipath": r"nexthop via inet6 .* nexthop",
         "IPv6 sibling appended": r"route append 2001:",
+        "IPv4 alias appended": r"route append 198\.",
+        "IPv4 alias prepended": r"route prepend 198\.",
         "IPv6 sibling deleted": r"route del 2001:\S+ via",
         "blackhole": r"replace blackhole", "unreachable": r"replace unreachable",
         "prohibit": r"replace prohibit", "throw": r"replace throw",

@@ -309,6 +309,34 @@ def test_ipv6_route_over_an_object_is_one_route_whatever_type_it_is_reported_wit
     assert m.routes() == {}
 
 
+def test_ipv4_aliases_appended_or_prepended_go_to_the_kernel_lookup(m: Mirror) -> None:
+    a = route("203.0.113.0/24", ("192.0.2.2", 1, 1))
+    b = route("203.0.113.0/24", ("198.51.100.2", 2, 1))
+    c = route("203.0.113.0/24", ("198.51.100.6", 3, 1))
+    m.add(a)
+    m.apply(Change(Op.ADD, b, NLM_F_CREATE | NLM_F_APPEND))
+    assert m.routes()["203.0.113.0/24"]["type"] == "fib"
+    m.apply(Change(Op.ADD, c, NLM_F_CREATE))  # prepend: c comes first
+    m.delete(b)
+    m.apply(Change(Op.ADD, route("203.0.113.0/24", ("198.51.100.2", 2, 1)), NLM_F_REPLACE))
+    m.delete(a)  # the replace took c, the first alias
+    assert m.paths("203.0.113.0/24") == {("198.51.100.2", 2, 1, True)}
+
+
+def test_a_route_renotified_with_replace_is_that_route_not_the_first_alias(m: Mirror) -> None:
+    """With nexthop_compat_mode=1 the kernel announces again, flagged NLM_F_REPLACE,
+    every route over an object it replaced."""
+    m.add(nh_obj(10, "198.51.100.2", 2))
+    for prefix in ("203.0.113.0/24", "2001:db8:5::/48"):
+        first = route(prefix, type=RouteType.BLACKHOLE)
+        via_object = route(prefix, nhid=10)
+        m.add(first)
+        m.apply(Change(Op.ADD, via_object, NLM_F_CREATE | NLM_F_APPEND))
+        m.apply(Change(Op.ADD, via_object, NLM_F_REPLACE))
+        m.delete(via_object)
+        assert m.routes()[prefix]["type"] == "blackhole"
+
+
 # --- IPv6 keeps several routes under one (table, prefix, metric)
 
 def test_ipv6_routes_side_by_side_go_to_the_kernel_lookup(m: Mirror) -> None:
