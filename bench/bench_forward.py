@@ -14,9 +14,11 @@ Three pieces, all in namespaces this script creates and deletes:
   checksum (pages come back from the router modified), then XDP_TX sends
   it to r0;
 - the router forwards it to one of b0..b3: by the kernel (no XDP on r0, GRO
-  on so that the veth takes XDP frames), or by fibsync's program attached to
-  r0 in native mode: with empty route maps (every packet through
-  bpf_fib_lookup), or with the full table in the LPM trie or DIR-24-8;
+  on so that the veth takes XDP frames); by a minimal bpf_fib_lookup
+  forwarder (bench_xdp.FIB_FORWARDER, in the style of samples/bpf/xdp_fwd);
+  or by fibsync's program attached to r0 in native mode: with empty route
+  maps (every packet through its bpf_fib_lookup fallback), or with the full
+  table in the LPM trie or DIR-24-8;
 - q0..q3 run an XDP program that counts and drops.
 
 Everything runs on the CPU that makes the test-run call (veth NAPI runs in
@@ -50,7 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_xdp import host_in, set_v4_table  # noqa: E402
+from bench_xdp import fib_forwarder, host_in, set_v4_table  # noqa: E402
 from fulltable import install, v4_prefixes, v6_prefixes  # noqa: E402
 from profile_sync import dump  # noqa: E402
 
@@ -202,9 +204,9 @@ class Bench:
         return best
 
 
-def reasons(fp: FastPath | None) -> dict[str, int]:
+def reasons(fp: Any) -> dict[str, int]:
     """Packets counted per reason by an instance's program (summed over CPUs)."""
-    if fp is None:
+    if not isinstance(fp, FastPath):
         return {}
     out = {}
     for reason in abi.Reason:
@@ -214,13 +216,17 @@ def reasons(fp: FastPath | None) -> dict[str, int]:
     return out
 
 
-def attach(fp: FastPath | None, rtr_ns: str) -> None:
-    """fibsync's program on r0 (native), or nothing there (None: the kernel forwards)."""
+def attach(prog: FastPath | Any, rtr_ns: str) -> None:
+    """fibsync's program on r0 (native), another program (a bcc function), or
+    nothing there (None: the kernel forwards)."""
     with inside(rtr_ns):
-        if fp is None:
-            subprocess.run(["ip", "link", "set", "dev", "r0", "xdp", "off"], check=True)
-            return
-        fp.attach("r0", mode="native", replace=True)
+        subprocess.run(["ip", "link", "set", "dev", "r0", "xdp", "off"], check=True)
+        if isinstance(prog, FastPath):
+            prog.attach("r0", mode="native", replace=True)
+        elif prog is not None:
+            from bcc import BPF  # noqa: PLC0415
+
+            BPF.attach_xdp(b"r0", prog, 1 << 2)  # XDP_FLAGS_DRV_MODE
 
 
 def plot(doc: dict[str, Any], path: str) -> None:
@@ -229,18 +235,19 @@ def plot(doc: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5), height_ratios=[4, 3])
     for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
         rows = doc["results"][family]
-        labels = list(rows)
+        labels = list(rows)[::-1]
         values = [rows[k]["pps"] / 1e6 for k in labels]
-        bars = ax.bar(range(len(labels)), values, color=[
+        bars = ax.barh(labels, values, color=[
             "#999999" if "kernel" in k else "#d62728" if "fib" in k else "#1f77b4"
             for k in labels])
-        ax.bar_label(bars, fmt="%.2f")
-        ax.set_xticks(range(len(labels)), [k.replace(", ", ",\n") for k in labels], fontsize=8)
-        ax.set_title(f"{family}, {doc['table']}", fontsize=9)
-    axes[0].set_ylabel("million packets/s forwarded (one core)")
+        ax.bar_label(bars, fmt="%.2f", padding=3)
+        ax.set_title(f"{family}: million packets/s forwarded, one core, "
+                     f"{doc['destinations']} destinations", fontsize=9)
+        ax.set_xlim(0, max(values) * 1.15)
+    fig.suptitle(doc["table"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -253,10 +260,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--from-json", help="measure nothing: plot the results of an earlier --json")
     args = ap.parse_args()
+    if args.from_json:
+        plot(json.loads(Path(args.from_json).read_text()), args.plot)
+        return
     tag = uuid.uuid4().hex[:6]
     rtr, gen = Netns(f"fsfr{tag}"), Netns(f"fsfg{tag}")
     loaded: list[tuple[FastPath, str]] = []
+    modules: list[Any] = []
     generator = None
     try:
         rtr.create()
@@ -298,29 +310,35 @@ def main() -> None:
             rib.resync(asyncio.run(dump()))
             MapWriter(PinnedMaps(fast.pin_dir)).write(rib.take_diff())
             del rib
+            egress = [socket.if_nametoindex(f"b{i}") for i in range(4)]
             for fp in (fast, fib):
-                for i in range(4):
-                    key = struct.pack("=I", socket.if_nametoindex(f"b{i}"))
+                for idx in egress:
+                    key = struct.pack("=I", idx)
                     bpfsys.update(fp.map_fd("tx_ports"), key, key)
+            forwarder, _ = fib_forwarder(egress)
+            modules.append(forwarder)
 
         bench = Bench(gen.name, rtr.name, generator)
-        modes: list[tuple[str, FastPath | None, int | None]] = [
+        modes: list[tuple[str, Any, int | None]] = [
             ("kernel forwarding", None, None),
-            ("bpf_fib_lookup only", fib, None),
+            ("bpf_fib_lookup forwarder (xdp_fwd style)",
+             forwarder.load_func(b"xdp_fib_forwarder", BPF.XDP), None),
+            ("fibsync, bpf_fib_lookup fallback only", fib, None),
             ("fast path, LPM trie", fast, abi.FS_V4_LPM),
             ("fast path, DIR-24-8", fast, abi.FS_V4_DIR24)]
         results: dict[str, dict[str, Any]] = {"IPv4": {}, "IPv6": {}}
         for label, fp, table in modes:
             attach(fp, rtr.name)
-            if fp is not None and table is not None:
-                set_v4_table(fp, table)
+            if isinstance(fp, FastPath):
+                set_v4_table(fp, abi.FS_V4_DIR24 if table is None else table)
             for family in ("IPv4", "IPv6"):
                 if family == "IPv6" and table == abi.FS_V4_DIR24:
                     continue  # IPv6 has the LPM trie only
                 label6 = label.replace(", LPM trie", "") if family == "IPv6" else label
                 before = reasons(fp)
                 row = bench.run(family, args.packets, args.rounds)
-                # how the program forwarded them: its own table (FWD_FAST) or bpf_fib_lookup
+                # how fibsync's program forwarded them: its own table (FWD_FAST) or
+                # bpf_fib_lookup (FWD_FIB)
                 row["reasons"] = {k: v - before[k] for k, v in reasons(fp).items()
                                   if v - before[k]}
                 results[family][label6] = row
@@ -345,6 +363,8 @@ def main() -> None:
         for fp, instance in loaded:
             fp.close()
             remove(instance)
+        for module in modules:
+            module.cleanup()
         if generator is not None:
             generator.cleanup()
         gen.delete()

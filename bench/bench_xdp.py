@@ -255,19 +255,19 @@ def plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), height_ratios=[6, 4])
     for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
         rows = results[family]["programs"]
-        labels = list(rows)
+        labels = list(rows)[::-1]
         values = [rows[k]["ns_per_packet"] for k in labels]
-        bars = ax.bar(range(len(labels)), values, color=[
+        bars = ax.barh(labels, values, color=[
             "#999999" if "empty" in k else "#d62728" if "fib" in k else "#1f77b4"
             for k in labels])
-        ax.bar_label(bars, fmt="%.0f")
-        ax.set_xticks(range(len(labels)), [k.replace(", ", ",\n") for k in labels],
-                      fontsize=8)
-        ax.set_title(f"{family}, {results['table']}", fontsize=9)
-    axes[0].set_ylabel("ns per packet (BPF_PROG_TEST_RUN, median)")
+        ax.bar_label(bars, fmt="%.0f", padding=3)
+        ax.set_title(f"{family}: ns per packet, BPF_PROG_TEST_RUN (median of "
+                     f"{results['samples']} destinations)", fontsize=9)
+        ax.set_xlim(0, max(values) * 1.15)
+    fig.suptitle(results["table"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -279,7 +279,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--plot", help="draw the results into this PNG (needs matplotlib)")
+    ap.add_argument("--from-json", help="measure nothing: plot the results of an earlier --json")
     args = ap.parse_args()
+    if args.from_json:
+        plot(json.loads(Path(args.from_json).read_text()), args.plot)
+        return
     name = f"fsx{uuid.uuid4().hex[:6]}"
     ns = Netns(name).create()
     loaded: list[tuple[FastPath, str]] = []
