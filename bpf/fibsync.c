@@ -58,6 +58,8 @@ BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl8,
 		 FS_MAX_TBL8_GROUPS * FS_TBL8_ENTRIES / 2, FS_PIN(v4_tbl8), BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct fs_route, v4_slots, FS_MAX_SLOTS, FS_PIN(v4_slots),
 		 BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("array", __u32, struct fs_nexthop, v4_nh, FS_MAX_SLOTS * 2, FS_PIN(v4_nh),
+		 BPF_F_MMAPABLE);
 
 /*
  * tx_ports is a DEVMAP_HASH (ifindexes are sparse); bcc 0.26 has no name for
@@ -372,7 +374,10 @@ static __always_inline __u32 fs_route_egress(struct fs_pkt *p, void *l3, const v
 	}
 
 	/* A route may briefly name a nexthop the writer has not stored yet. */
-	nh = nexthops.lookup(&nh_id);
+	if (r->flags & FS_ROUTE_NH_COPY)
+		nh = v4_nh.lookup(&nh_id);
+	else
+		nh = nexthops.lookup(&nh_id);
 	if (!nh)
 		return FS_FALLBACK;
 

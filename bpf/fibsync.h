@@ -36,7 +36,7 @@
 #define FS_MAX_TBL8_GROUPS 16384
 #endif
 #ifndef FS_MAX_SLOTS
-#define FS_MAX_SLOTS 131072
+#define FS_MAX_SLOTS 65536
 #endif
 /* ring buffer size in bytes: a power of two, a multiple of the page size */
 #ifndef FS_NEIGH_MISS_BYTES
@@ -63,6 +63,7 @@
  *   v4_tbl24  2^24 entries, indexed by the top 24 bits of the destination
  *   v4_tbl8   FS_MAX_TBL8_GROUPS groups of 256 entries, by the low 8 bits
  *   v4_slots  struct fs_route by slot number (0 is never used)
+ *   v4_nh     struct fs_nexthop, two copies per slot (2 * slot + 0 or 1)
  *
  * Array values sit at an 8-byte stride, so both tables pack two 4-byte
  * entries per element (struct fs_dir_pair): entry i is element i / 2, half
@@ -77,6 +78,12 @@
  * user space needs no copy of the table. FS_DIR_PINNED is a depth no route
  * has: such an entry (a /24 whose tbl8 group could not be allocated) is
  * never overwritten by a route and points to a slot that asks bpf_fib_lookup.
+ *
+ * A slot of a FORWARD route to one nexthop carries FS_ROUTE_NH_COPY: its
+ * nh_id is then the index in v4_nh of a copy of that nexthop (an array read
+ * instead of a hash lookup). When the nexthop changes, user space writes the
+ * slot's other copy and switches nh_id with one 4-byte store; a copy is
+ * rewritten only after an RCU grace period since the last switch.
  */
 #define FS_DIR24_ENTRIES 16777216
 #define FS_TBL8_ENTRIES 256
@@ -98,6 +105,7 @@
 
 /* fs_route.flags */
 #define FS_ROUTE_GROUP 0x1
+#define FS_ROUTE_NH_COPY 0x2 /* v4_slots only: nh_id indexes v4_nh */
 
 /* fs_nexthop.flags */
 #define FS_NH_RESOLVED 0x1

@@ -23,7 +23,7 @@ FS_MAX_NEIGH = 65536
 FS_MAX_TX_PORTS = 1024
 FS_NEIGH_MISS_BYTES = 262144
 FS_MAX_TBL8_GROUPS = 16384
-FS_MAX_SLOTS = 131072
+FS_MAX_SLOTS = 65536
 
 # DIR-24-8 entries (see the header's comment above FS_DIR24_ENTRIES)
 FS_DIR24_ENTRIES = 16777216
@@ -46,6 +46,7 @@ FS_ACT_KERNEL = 2
 FS_ACT_FIB = 3
 
 FS_ROUTE_GROUP = 0x1
+FS_ROUTE_NH_COPY = 0x2
 
 FS_NH_RESOLVED = 0x1
 FS_NH_CONNECTED = 0x2
@@ -255,6 +256,7 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("v4_tbl8", MAP_ARRAY, 4, s(FsDirPair),
                 sizes.tbl8_groups * FS_TBL8_ENTRIES // 2, BPF_F_MMAPABLE),
         MapSpec("v4_slots", MAP_ARRAY, 4, s(FsRoute), sizes.slots, BPF_F_MMAPABLE),
+        MapSpec("v4_nh", MAP_ARRAY, 4, s(FsNexthop), sizes.slots * 2, BPF_F_MMAPABLE),
     )
 
 

@@ -1,9 +1,9 @@
 """The IPv4 DIR-24-8 table (DPDK rte_lpm style) that the XDP program reads
 when ``fs_config.v4_table`` is ``FS_V4_DIR24``.
 
-Three buffers, the BPF_F_MMAPABLE arrays ``v4_tbl24``, ``v4_tbl8`` and
-``v4_slots`` mapped into this process (or plain memory in tests), hold the
-whole table; bpf/fibsync.h documents the entry format. This module keeps no
+Four buffers, the BPF_F_MMAPABLE arrays ``v4_tbl24``, ``v4_tbl8``,
+``v4_slots`` and ``v4_nh`` mapped into this process (or plain memory in
+tests), hold the whole table; bpf/fibsync.h documents the entry format. This module keeps no
 per-prefix state of its own: the depth (prefix length) of the route an entry
 holds sits in the entry, and the route that takes over a deleted prefix's
 addresses comes from ``cover``, a longest-prefix lookup in the route list
@@ -16,8 +16,12 @@ answerable at each instant:
   numpy's element-wise masked/fancy assignment: never memcpy/memset, whose
   byte-wise tails could tear an entry);
 - a slot's value is written before any entry names it and never changes while
-  named; a tbl8 group is filled completely before the tbl24 entry that points
-  to it is stored (x86-64 keeps stores in program order; the reader's second
+  named, except the nexthop copy it names (a FORWARD slot to one nexthop
+  names one of its two copies in ``v4_nh``: a nexthop change writes the other
+  copy, then switches the slot's nh_id with one 4-byte store; a copy is
+  rewritten only after a grace period since the slot's last switch); a tbl8
+  group is filled completely before the tbl24 entry that points to it is
+  stored (x86-64 keeps stores in program order; the reader's second
   read depends on the first, so it cannot run ahead);
 - a slot or group that no entry names any more is retired, and handed out
   again only after an RCU grace period (``membarrier(MEMBARRIER_CMD_GLOBAL)``
@@ -57,12 +61,16 @@ PINNED = abi.FS_DIR_PINNED
 TBL24 = abi.FS_DIR24_ENTRIES
 TBL8 = abi.FS_TBL8_ENTRIES
 ROUTE = struct.Struct("=IBBBB")  # struct fs_route
+NH_SIZE = 36  # struct fs_nexthop
+NH_STRIDE = 40  # array values sit at an 8-byte stride
 FIB_SLOT_VALUE = ROUTE.pack(0, abi.FS_ACT_FIB, 0, 0, 0)
 
 # A route value is struct fs_route's 8 bytes (plen ignored); cover(addr, depth)
 # gives (prefix length, value) of the longest route covering addr that is
 # shorter than depth, or None.
 Cover = Callable[[int, int], "tuple[int, bytes] | None"]
+# nexthop(id) gives struct fs_nexthop's bytes of a fast-path nexthop, or None
+Nexthops = Callable[[int], "bytes | None"]
 U32Array = npt.NDArray[np.uint32]
 
 _PUBLISH_CHUNK = 1 << 20  # entries compared per step of a load: bounds its temporary memory
@@ -162,9 +170,12 @@ class Dir24Stats:
 
 
 class Dir24Table:
-    """One DIR-24-8 table over its three buffers (see the module docstring)."""
+    """One DIR-24-8 table over its buffers (see the module docstring). Without
+    ``nh`` and ``nexthop`` (where nexthop contents come from), slots name
+    nexthops by id and the program looks them up in ``nexthops``."""
 
-    def __init__(self, tbl24: Any, tbl8: Any, slots: Any, cover: Cover, *,
+    def __init__(self, tbl24: Any, tbl8: Any, slots: Any, nh: Any = None, *, cover: Cover,
+                 nexthop: Nexthops | None = None,
                  grace: Callable[[], None] = rcu_grace) -> None:
         self._t24: U32Array = np.frombuffer(tbl24, dtype=np.uint32)
         self._t8: U32Array = np.frombuffer(tbl8, dtype=np.uint32)
@@ -174,10 +185,21 @@ class Dir24Table:
         self._m24 = memoryview(tbl24).cast("B").cast("I")
         self._m8 = memoryview(tbl8).cast("B").cast("I")
         self._slots = memoryview(slots).cast("B")
+        self._slot_words = self._slots.cast("I")  # word 2 * slot: the slot's nh_id
         self._cover = cover
+        self._grace = grace
         self.groups = Pool(self._t8.size // TBL8, grace)
         self.slots = Pool(len(self._slots) // ROUTE.size, grace)
         self._slot_of: dict[bytes, int] = {}
+        self._value_of: dict[int, bytes] = {}
+        # nexthop copies: which copy a slot names, the slots of each nexthop, and
+        # the grace epoch of each slot's last switch
+        self._nh = memoryview(nh).cast("B") if nh is not None and nexthop is not None else None
+        self._nexthop = nexthop
+        self._copy: dict[int, int] = {}
+        self._slots_of_nh: dict[int, set[int]] = {}
+        self._switched: dict[int, int] = {}
+        self._epoch = 0
         self._held: set[int] = set()  # slots interned by the operation under way
         self.stats = Dir24Stats()
         self._adopt()
@@ -214,10 +236,45 @@ class Dir24Table:
                 slot = self.slots.take()
                 if slot is None:
                     return None
-            self._slots[slot * 8:slot * 8 + 8] = value
+            self._slots[slot * 8:slot * 8 + 8] = self._with_copy(slot, value)
             self._slot_of[value] = slot
+            self._value_of[slot] = value
         self._held.add(slot)
         return slot
+
+    def _with_copy(self, slot: int, value: bytes) -> bytes:
+        """What the slot stores: the value, or for a FORWARD route to one nexthop
+        whose bytes are known, the value naming a fresh copy of that nexthop."""
+        nh_id, action, flags, reason, _ = ROUTE.unpack(value)
+        if self._nh is None or action != abi.FS_ACT_FORWARD or flags & abi.FS_ROUTE_GROUP \
+                or 2 * slot + 1 >= len(self._nh) // NH_STRIDE:
+            return value
+        assert self._nexthop is not None
+        nhb = self._nexthop(nh_id)
+        if nhb is None:
+            return value
+        self._nh[2 * slot * NH_STRIDE:2 * slot * NH_STRIDE + NH_SIZE] = nhb
+        self._copy[slot] = 0
+        self._slots_of_nh.setdefault(nh_id, set()).add(slot)
+        return ROUTE.pack(2 * slot, action, flags | abi.FS_ROUTE_NH_COPY, reason, 0)
+
+    def nexthops_changed(self, changed: dict[int, bytes]) -> None:
+        """Nexthops (id -> struct fs_nexthop bytes) got new contents: every slot
+        naming a copy of one switches to its other copy, written first."""
+        if self._nh is None:
+            return
+        for nh_id, nhb in changed.items():
+            for slot in self._slots_of_nh.get(nh_id, ()):
+                if self._switched.get(slot) == self._epoch:
+                    # its other copy may still be read through the last switch
+                    self._grace()
+                    self._epoch += 1
+                other = 1 - self._copy[slot]
+                at = (2 * slot + other) * NH_STRIDE
+                self._nh[at:at + NH_SIZE] = nhb
+                self._slot_words[2 * slot] = 2 * slot + other
+                self._copy[slot] = other
+                self._switched[slot] = self._epoch
 
     def _collect_slots(self) -> None:
         """Retire the slots no entry names any more (values no route uses now).
@@ -232,6 +289,10 @@ class Dir24Table:
         for value, slot in list(self._slot_of.items()):
             if slot not in keep:
                 del self._slot_of[value]
+                del self._value_of[slot]
+                if self._copy.pop(slot, None) is not None:
+                    self._slots_of_nh[ROUTE.unpack(value)[0]].discard(slot)
+                    self._switched.pop(slot, None)
                 self.slots.retire(slot)
 
     # ------------------------------------------------------------ load
@@ -455,21 +516,34 @@ class Dir24Table:
     # ------------------------------------------------------------ reading
 
     def lookup(self, addr: int) -> bytes | None:
-        """The route value the XDP program finds for addr (host order), as it
-        finds it; None for a miss."""
+        """The route value found for addr (host order), as the writer gave it
+        (a slot naming a nexthop copy answers with the nexthop's id); None
+        for a miss."""
         e = self._m24[addr >> 8]
         if e & EXT:
             e = self._m8[(e & INDEX) * TBL8 + (addr & 0xFF)]
         if not e:
             return None
         slot = e & INDEX
-        return bytes(self._slots[slot * 8:slot * 8 + 8])
+        return self._value_of.get(slot, bytes(self._slots[slot * 8:slot * 8 + 8]))
+
+    def nexthop_copy(self, addr: int) -> bytes | None:
+        """The nexthop copy the program reads for addr, if its slot names one."""
+        e = self._m24[addr >> 8]
+        if e & EXT:
+            e = self._m8[(e & INDEX) * TBL8 + (addr & 0xFF)]
+        slot = e & INDEX
+        if not e or self._nh is None or slot not in self._copy:
+            return None
+        at = self._slot_words[2 * slot] * NH_STRIDE
+        return bytes(self._nh[at:at + NH_SIZE])
 
     def memory(self) -> dict[str, int]:
         """Bytes of each table, and how many groups and slots are in use."""
         return {"tbl24_bytes": self._t24.nbytes, "tbl8_bytes": self._t8.nbytes,
-                "slots_bytes": len(self._slots), "groups_in_use": self.groups.in_use,
-                "slots_in_use": self.slots.in_use}
+                "slots_bytes": len(self._slots),
+                "nexthop_copies_bytes": len(self._nh) if self._nh is not None else 0,
+                "groups_in_use": self.groups.in_use, "slots_in_use": self.slots.in_use}
 
 
 # ---------------------------------------------------------------- backing memory
@@ -483,9 +557,10 @@ def map_buffer(fd: int) -> mmap.mmap:
 
 
 def memory_buffers(tbl8_groups: int = abi.FS_MAX_TBL8_GROUPS,
-                   slots: int = abi.FS_MAX_SLOTS) -> tuple[mmap.mmap, mmap.mmap, mmap.mmap]:
-    """Private zeroed memory shaped like the three maps (pages are only
-    allocated when written), for tests and the in-memory map set."""
+                   slots: int = abi.FS_MAX_SLOTS) -> tuple[mmap.mmap, ...]:
+    """Private zeroed memory shaped like the four maps (tbl24, tbl8, slots,
+    nexthop copies; pages are only allocated when written), for tests and the
+    in-memory map set."""
     return (mmap.mmap(-1, TBL24 * 4), mmap.mmap(-1, tbl8_groups * TBL8 * 4),
-            mmap.mmap(-1, slots * ROUTE.size))
+            mmap.mmap(-1, slots * ROUTE.size), mmap.mmap(-1, 2 * slots * NH_STRIDE))
 

@@ -50,7 +50,7 @@ NH_CONNECTED = 0x2
 ROUTE_GROUP = 0x1
 
 ROUTE_MAPS = {AF_INET: "routes_v4", AF_INET6: "routes_v6"}
-DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots")
+DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
 V4Table = Literal["dir24", "lpm"]
 
 # numpy twins of the route keys and values, for encoding a whole table at once
@@ -236,15 +236,21 @@ class MapWriter:
         if v4_table == "dir24" and buffers is None:
             raise MapError("v4_table dir24: this map set has no DIR-24-8 arrays "
                            f"({', '.join(DIR24_MAPS)})")
+        # struct fs_nexthop of every nexthop written, for the DIR-24-8 table's copies
+        self._nexthops: dict[int, bytes] = {}
         if buffers is not None:
-            self.dir24 = dir24.Dir24Table(*buffers, cover=_v4_cover(maps))
+            self.dir24 = dir24.Dir24Table(*buffers, cover=_v4_cover(maps),
+                                          nexthop=self._nexthops.get)
         self.v4_table: V4Table = "dir24" if self.dir24 is not None else "lpm"
         self._first = True
 
     def write(self, diff: FastPathDiff) -> None:
-        nh_set = [(U32.pack(i), encode_nexthop(nh)) for i, nh in diff.nexthops.items() if nh]
+        encoded = {i: encode_nexthop(nh) for i, nh in diff.nexthops.items() if nh}
+        self._update("nexthops", [(U32.pack(i), v) for i, v in encoded.items()])
+        if self.dir24 is not None:
+            self._nexthops.update(encoded)
+            self.dir24.nexthops_changed(encoded)
         grp_set = [(U32.pack(i), encode_group(b)) for i, b in diff.groups.items() if b]
-        self._update("nexthops", nh_set)
         self._update("groups", grp_set)
 
         adds: dict[int, list[tuple[Prefix, FpRoute]]] = {AF_INET: [], AF_INET6: []}
@@ -264,7 +270,10 @@ class MapWriter:
                 self._write_dir24(batch, written, dels[family])
 
         self._delete("groups", [U32.pack(i) for i, b in diff.groups.items() if not b])
-        self._delete("nexthops", [U32.pack(i) for i, nh in diff.nexthops.items() if not nh])
+        gone = [i for i, nh in diff.nexthops.items() if not nh]
+        self._delete("nexthops", [U32.pack(i) for i in gone])
+        for i in gone:
+            self._nexthops.pop(i, None)
         self._update("neighbours", [(neigh_key(k), NEIGH.pack(mac[:6], 0))
                                     for k, mac in diff.neighbours.items() if mac])
         self._delete("neighbours", [neigh_key(k) for k, mac in diff.neighbours.items()

@@ -79,7 +79,7 @@ class Dir24Memory:
 
     def __init__(self, fp: FastPath) -> None:
         self.buffers = [dir24.map_buffer(fp.map_fd(n)) for n in ("v4_tbl24", "v4_tbl8",
-                                                                 "v4_slots")]
+                                                                 "v4_slots", "v4_nh")]
         self.dirty = False
 
     def clear(self) -> None:
@@ -102,6 +102,7 @@ class Lab:
     memory: Dir24Memory | None = None
     v4_table: str = "lpm"
     dir24: dir24.Dir24Table | None = field(default=None, repr=False)
+    nexthop_bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------ map contents
 
@@ -118,7 +119,8 @@ class Lab:
                     *addr.to_bytes(4, "big")))))
                 return None if value is None else (value[7], value)
 
-            self.dir24 = dir24.Dir24Table(*self.memory.buffers, cover=cover)
+            self.dir24 = dir24.Dir24Table(*self.memory.buffers, cover=cover,
+                                          nexthop=self.nexthop_bytes.get)
         self.config()
 
     def route(self, prefix: str, nh: int = 0, *, action: int = abi.FS_ACT_FORWARD,
@@ -143,10 +145,13 @@ class Lab:
         flags = (abi.FS_NH_CONNECTED if connected else 0) | (abi.FS_NH_RESOLVED if dmac else 0)
         gw = ipaddress.ip_address(gateway) if gateway else None
         family = (AF_INET6 if gw.version == 6 else AF_INET) if gw else 0
-        value = abi.FsNexthop(ifindex, mtu, flags, family, abi.mac(smac),
-                              abi.mac(dmac or "00:00:00:00:00:00"),
-                              abi.gateway(family, gw.packed if gw else None))
-        bpfsys.update(self.fp.map_fd("nexthops"), struct.pack("=I", nh_id), bytes(value))
+        value = bytes(abi.FsNexthop(ifindex, mtu, flags, family, abi.mac(smac),
+                                    abi.mac(dmac or "00:00:00:00:00:00"),
+                                    abi.gateway(family, gw.packed if gw else None)))
+        bpfsys.update(self.fp.map_fd("nexthops"), struct.pack("=I", nh_id), value)
+        self.nexthop_bytes[nh_id] = value
+        if self.dir24 is not None:
+            self.dir24.nexthops_changed({nh_id: value})
 
     def group(self, group_id: int, members: list[int]) -> None:
         buckets = (ctypes.c_uint32 * abi.FS_GROUP_BUCKETS)(*members)

@@ -170,16 +170,19 @@ def test_map_specs_use_the_struct_sizes() -> None:
     specs = {s.name: s for s in abi.map_specs(abi.Sizes())}
     assert tuple(specs) == abi.MAP_NAMES == (
         "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "counters",
-        "config", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots")
+        "config", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
     assert (specs["routes_v4"].key_size, specs["routes_v4"].value_size) == (8, 8)
     assert (specs["routes_v6"].key_size, specs["routes_v6"].value_size) == (20, 8)
     assert specs["counters"].max_entries == abi.FS_REASON_MAX
     # DIR-24-8: two entries per 8-byte element, every array mmapable
     assert specs["v4_tbl24"].max_entries * 2 == abi.FS_DIR24_ENTRIES == 1 << 24
     assert specs["v4_tbl8"].max_entries * 2 == abi.FS_MAX_TBL8_GROUPS * abi.FS_TBL8_ENTRIES
-    for name in ("v4_tbl24", "v4_tbl8", "v4_slots"):
+    for name in ("v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh"):
         assert (specs[name].type, specs[name].flags) == (abi.MAP_ARRAY, abi.BPF_F_MMAPABLE)
-        assert specs[name].value_size == 8
+    assert [specs[n].value_size for n in ("v4_tbl24", "v4_tbl8", "v4_slots")] == [8, 8, 8]
+    # two copies of a nexthop per slot, at the 8-byte stride dir24.py writes with
+    assert specs["v4_nh"].max_entries == 2 * specs["v4_slots"].max_entries
+    assert (specs["v4_nh"].value_size + 7) & ~7 == 40
 
 
 def test_route_key_packs_prefix() -> None:

@@ -4,6 +4,8 @@ packet leaves with the MACs, TTL and checksum of the route it found."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from scapy.layers.l2 import Ether
 
@@ -105,3 +107,16 @@ def test_blackhole_and_kernel_routes_in_dir24(lab: Lab) -> None:
     assert egress(lab, "10.77.1.2") == 1
     counters = lab.counters()
     assert counters[Reason.DROP_BLACKHOLE][0] == 1 and counters[Reason.PASS_LOCAL][0] == 1
+
+
+def test_a_nexthop_change_reaches_routes_through_their_copies(lab: Lab) -> None:
+    lab.use_v4_table("dir24")
+    lab.tx_port(LO)
+    lab.nexthop(1, LO, *MACS[1])
+    lab.route("10.0.0.0/8", 1)
+    assert egress(lab, "10.1.1.1") == 1
+    lab.nexthop(1, LO, *MACS[2])  # same nexthop, new MACs
+    assert egress(lab, "10.1.1.1") == 2
+    # the slot names its own copy: the program no longer needs the hash map entry
+    bpfsys.delete(lab.fp.map_fd("nexthops"), struct.pack("=I", 1))
+    assert egress(lab, "10.1.1.1") == 2

@@ -61,9 +61,10 @@ class Graces:
 
 
 def table(ref: Reference, groups: int = 256, slots: int = 64,
-          buffers: tuple[object, object, object] | None = None) -> Dir24Table:
+          buffers: tuple[object, ...] | None = None,
+          nexthops: dict[int, bytes] | None = None) -> Dir24Table:
     return Dir24Table(*(buffers or memory_buffers(groups, slots)), cover=ref.cover,
-                      grace=Graces())
+                      nexthop=None if nexthops is None else nexthops.get, grace=Graces())
 
 
 def load(t: Dir24Table, routes: dict[Route, bytes]) -> list[int]:
@@ -301,6 +302,62 @@ def test_slots_no_entry_names_are_collected_and_reused() -> None:
         assert t.lookup(ip("10.0.0.1")) == value(nh)
     assert t.stats.slot_gcs >= 3
     assert t.slots._grace.count >= 3  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- nexthop copies
+
+
+def nexthop(n: int) -> bytes:
+    return struct.pack("=IHBB6s6s16s", n, 1500, abi.FS_NH_RESOLVED, 2, bytes([2, 0, 0, 0, 0, n]),
+                       bytes([2, 0, 0, 0, 1, n]), bytes(16))
+
+
+def test_a_forward_slot_names_a_copy_of_its_nexthop() -> None:
+    ref = Reference()
+    nexthops = {1: nexthop(1)}
+    t = table(ref, nexthops=nexthops)
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1), (ip("10.1.0.0"), 16): value(2),
+                 (ip("10.2.0.0"), 16): ROUTE.pack(1, abi.FS_ACT_FORWARD, abi.FS_ROUTE_GROUP, 0, 0)})
+    slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
+    nh_id, _, flags, _, _ = ROUTE.unpack(bytes(t._slots[slot * 8:slot * 8 + 8]))
+    assert flags == abi.FS_ROUTE_NH_COPY and nh_id == 2 * slot
+    assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(1)
+    assert t.lookup(ip("10.0.0.1")) == value(1)  # the value as the writer gave it
+    # nexthop 2 is unknown, a group is no single nexthop: both go through `nexthops`
+    assert t.nexthop_copy(ip("10.1.0.1")) is None
+    assert t.nexthop_copy(ip("10.2.0.1")) is None
+
+
+def test_a_changed_nexthop_switches_copies_after_writing_the_other() -> None:
+    ref = Reference()
+    nexthops = {1: nexthop(1)}
+    t = table(ref, nexthops=nexthops)
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
+    slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
+    first = bytes(t._nh[2 * slot * 40:2 * slot * 40 + 36])
+    nexthops[1] = nexthop(7)
+    t.nexthops_changed({1: nexthops[1]})
+    assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(7)
+    assert t._slot_words[2 * slot] == 2 * slot + 1
+    # the copy a reader may still hold is untouched
+    assert bytes(t._nh[2 * slot * 40:2 * slot * 40 + 36]) == first
+    graces = t._grace
+    assert isinstance(graces, Graces) and graces.count == 0
+    t.nexthops_changed({1: nexthop(8)})  # switching back needs a grace period first
+    assert graces.count == 1
+    assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(8)
+    t.nexthops_changed({3: nexthop(3)})  # no slot names nexthop 3: nothing to do
+    assert graces.count == 1
+
+
+def test_slots_collected_forget_their_copies() -> None:
+    ref = Reference()
+    nexthops = {n: nexthop(n) for n in range(1, 10)}
+    t = table(ref, slots=4, nexthops=nexthops)
+    for n in range(1, 10):
+        add(t, ref, {(ip("10.0.0.0"), 24): value(n)})
+        assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(n)
+    assert sum(len(s) for s in t._slots_of_nh.values()) <= 3
 
 
 # ---------------------------------------------------------------- running out

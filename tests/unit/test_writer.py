@@ -200,3 +200,16 @@ def test_a_route_without_a_tbl8_group_is_unwritten_and_handed_to_the_kernel() ->
     assert writer.stats.full == 1 and "v4_tbl8" in writer.stats.last_error
     assert writer.dir24 is not None
     assert ROUTE.unpack(writer.dir24.lookup(0x0A000201) or b"")[1] == abi.FS_ACT_FIB
+
+
+def test_dir24_slots_follow_nexthop_changes() -> None:
+    maps = MemoryMaps(dir24=True)
+    writer = MapWriter(maps)
+    nh = FpNexthop(3, 1500, True, False, 2, b"\2" * 6, b"\4" * 6, bytes(16))
+    writer.write(FastPathDiff(nexthops={5: nh}, routes={Prefix.parse("10.0.0.0/8"): fwd(5)}))
+    assert writer.dir24 is not None
+    assert writer.dir24.nexthop_copy(0x0A000001) == maps.maps["nexthops"][b"\5\0\0\0"]
+    moved = FpNexthop(4, 1500, True, False, 2, b"\2" * 6, b"\6" * 6, bytes(16))
+    writer.write(FastPathDiff(nexthops={5: moved}))
+    assert writer.dir24.nexthop_copy(0x0A000001) == maps.maps["nexthops"][b"\5\0\0\0"]
+    assert NEXTHOP.unpack(writer.dir24.nexthop_copy(0x0A000001) or b"")[0] == 4
