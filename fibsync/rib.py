@@ -34,6 +34,7 @@ from typing import Any
 from .model import (
     AF_INET,
     AF_INET6,
+    NUD_FAILED,
     RT_TABLE_LOCAL,
     Address,
     Change,
@@ -681,7 +682,10 @@ class Rib:
             if resolved:
                 assert n is not None and n.lladdr is not None
                 dmac = n.lladdr[:6].ljust(6, b"\0")
-            elif usable:
+            elif usable and (n is None or not n.state & NUD_FAILED):
+                # not while FAILED: the kernel gave up (it asks again when a packet
+                # or the neigh_miss ring wants it), or it is deleting the entry,
+                # which it reports as FAILED first: ask once it is gone
                 self.diff.resolve.add((ifindex, family, gateway))
         nh = FpNexthop(ifindex, mtu, resolved, connected, family or AF_INET, smac, dmac,
                        (gateway or b"").ljust(16, b"\0"))

@@ -142,6 +142,16 @@ def test_unresolved_gateway_is_marked_and_asks_for_resolution(m: Mirror) -> None
     assert m.paths("203.0.113.0/24") == {("192.0.2.9", 1, 1, False)}
 
 
+def test_a_deleted_neighbour_is_asked_for_again_once_it_is_gone(m: Mirror) -> None:
+    """A delete arrives as an update to FAILED, then the delete: asking while the
+    entry is dying does nothing, and the resolver would not ask again soon."""
+    m.add(route("203.0.113.0/24", ("192.0.2.2", 1, 1)))
+    m.rib.apply([Change(Op.ADD, neigh(1, "192.0.2.2", state=NUD_FAILED))])
+    assert m.rib.take_diff().resolve == set()
+    m.rib.apply([Change(Op.DEL, neigh(1, "192.0.2.2", state=NUD_FAILED))])
+    assert m.rib.take_diff().resolve == {(1, AF_INET, ip("192.0.2.2"))}
+
+
 def test_connected_route_and_neighbour_map(m: Mirror) -> None:
     m.add(route("192.0.2.0/30", (None, 1, 1), protocol=2))
     assert m.paths("192.0.2.0/30") == {(None, 1, 1, True)}
