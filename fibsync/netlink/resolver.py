@@ -15,8 +15,11 @@ into a dynamic, unresolved one. So each request first reads the entry
 (RTM_GETNEIGH) and leaves PERMANENT and NOARP entries, and entries already
 being confirmed, alone.
 
-Requests are rate-limited per (ifindex, family, address); kernel errors are
-counted in ``stats`` and logged at debug level, never raised.
+Requests are rate-limited per (ifindex, family, address). One that comes
+within the interval is not dropped: a single retry is scheduled for when the
+interval ends, so a neighbour asked for again (e.g. deleted just after it was
+resolved) is not left unresolved until some packet happens to ask. Kernel
+errors are counted in ``stats`` and logged at debug level, never raised.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class NeighbourResolver:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[int, asyncio.Future[tuple[int, Any]]] = {}
         self._tasks: set[asyncio.Task[Outcome]] = set()
+        self._retries: dict[tuple[int, int, bytes], asyncio.TimerHandle] = {}
 
     def request(self, ifindex: int, family: int, address: bytes) -> None:
         """Schedule ``resolve()`` on the running loop, for callers that cannot await."""
@@ -103,8 +107,12 @@ class NeighbourResolver:
             return self._error(f"family {family} with a {len(address)}-byte address")
         key = (ifindex, family, address)
         now = time.monotonic()
-        if now - self._last.get(key, -self.interval) < self.interval:
+        last = self._last.get(key, -self.interval)
+        if now - last < self.interval:
             self.stats.rate_limited += 1
+            if key not in self._retries:
+                self._retries[key] = asyncio.get_running_loop().call_later(
+                    last + self.interval - now, self._retry, key)
             return Outcome.RATE_LIMITED
         if len(self._last) >= _RATE_TABLE_MAX:
             self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
@@ -136,7 +144,14 @@ class NeighbourResolver:
         self.stats.requests += 1
         return Outcome.SENT
 
+    def _retry(self, key: tuple[int, int, bytes]) -> None:
+        del self._retries[key]
+        self.request(*key)
+
     def close(self) -> None:
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._sock is not None:
