@@ -773,7 +773,10 @@ class Rib:
         else:
             self.links[ifindex] = link
             now = link.flags
-            if _carries(was) and not _carries(now):
+            if not _carries(now):
+                # not only on the transition: an object may have been created
+                # while the kernel saw the carrier back and we did not yet
+                # (linkwatch reports it later, or not at all if it goes again)
                 self._flush_objects(ifindex)
             if was & IFF_UP and not now & IFF_UP:
                 self._paths_down(ifindex, AF_INET, keep_local=True)

@@ -258,6 +258,17 @@ def test_carrier_loss_flushes_nexthop_objects_only(m: Mirror) -> None:
     assert set(m.rib.nh_objects) == {11, 12}
 
 
+def test_carrier_loss_reported_before_the_carrier_came_flushes_too(m: Mirror) -> None:
+    """The kernel checks the carrier itself when an object is created; the NEWLINK
+    telling us the carrier is back comes later (linkwatch), and may never come
+    when the carrier goes again at once: every NEWLINK without carrier flushes."""
+    m.add(link(2, NO_CARRIER))
+    m.add(nh_obj(10, "198.51.100.2", 2), route("203.0.113.0/24", nhid=10))
+    m.add(link(2, NO_CARRIER))
+    assert m.routes() == {}
+    assert m.rib.nh_objects == {}
+
+
 def test_last_ipv4_address_removed_kills_ipv4_paths_over_the_link(m: Mirror) -> None:
     m.add(addr(2, "198.51.100.1/30"), addr(2, "198.51.100.9/29"), addr(2, "2001:db8:2::1/64"))
     m.add(nh_obj(10, "198.51.100.2", 2))
