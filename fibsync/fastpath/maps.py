@@ -269,6 +269,9 @@ def render_routes(entries: list[dict[str, Any]]) -> str:
             continue
         for i, h in enumerate(e["nexthops"]):
             head = f"{e['prefix']:<24}" if i == 0 else " " * 24
+            if h.get("missing"):
+                lines.append(f"{head} nexthop {h['id']} missing from the maps")
+                continue
             via = f"via {h['gateway']}" if h.get("gateway") else "connected"
             state = "" if h.get("resolved") else "  (unresolved)"
             weight = f" weight {h['weight']}" if len(e["nexthops"]) > 1 else ""
