@@ -388,16 +388,49 @@ class Dir24Table:
     def add(self, routes: Sequence[tuple[int, int, bytes]]) -> list[int]:
         """Add or change routes (addr host order, prefix length, value), the
         longest first; returns the indexes of those that could not be placed."""
-        failed = []
+        failed: list[int] = []
         try:
-            for i, (addr, depth, value) in enumerate(routes):
+            i = 0
+            while i < len(routes):
+                if routes[i][1] == 24:
+                    # /24s, most of a table, go in at once
+                    j = i
+                    while j < len(routes) and routes[j][1] == 24:
+                        j += 1
+                    failed += [i + k for k in self._add24(routes[i:j])]
+                    i = j
+                    continue
+                addr, depth, value = routes[i]
                 slot = self._slot(value)
                 if slot is None or not self._add(addr, depth, entry(depth, slot)):
                     failed.append(i)
-                self.stats.adds += 1
+                i += 1
+            self.stats.adds += len(routes)
         finally:
             self._held.clear()
         return failed
+
+    def _add24(self, routes: Sequence[tuple[int, int, bytes]]) -> list[int]:
+        """Add /24 routes (one tbl24 entry each, all different); returns the
+        indexes of those left out for want of a slot."""
+        slot_of: dict[bytes, int] = {}
+        slots = np.zeros(len(routes), np.uint32)
+        for k, (_, _, value) in enumerate(routes):
+            slot = slot_of.get(value)
+            if slot is None:
+                slot = slot_of[value] = self._slot(value) or 0
+            slots[k] = slot
+        rows = np.fromiter((a for a, _, _ in routes), np.uint32, len(routes)) >> np.uint32(8)
+        entries = np.uint32(entry(24, 0)) | slots
+        cur = self._t24[rows]
+        plain = (cur & EXT) == 0
+        ok = slots != 0
+        # element-wise fancy assignment: one 4-byte store per entry
+        write = ok & plain & (((cur >> SHIFT) & DEPTH) <= 24)
+        self._t24[rows[write]] = entries[write]
+        for k in np.flatnonzero(ok & ~plain).tolist():
+            self._set8(int(cur[k]) & INDEX, 0, TBL8, 24, int(entries[k]))
+        return np.flatnonzero(~ok).tolist()
 
     def delete(self, prefixes: Sequence[tuple[int, int]]) -> None:
         """Remove routes (addr host order, prefix length), after ``cover``

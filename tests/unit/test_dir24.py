@@ -374,6 +374,8 @@ def test_without_a_free_group_the_24_is_pinned_to_bpf_fib_lookup() -> None:
     assert t.lookup(ip("10.0.2.200")) == FIB_SLOT_VALUE
     assert t.stats.pinned == 1
     # routes covering the pinned /24 change around it, never over it
+    add(t, ref, {(ip("10.0.2.0"), 24): value(5)})
+    assert t.lookup(ip("10.0.2.200")) == FIB_SLOT_VALUE
     add(t, ref, {(ip("10.0.0.0"), 16): value(4)})
     delete(t, ref, [(ip("10.0.0.0"), 8)])
     assert t.lookup(ip("10.0.2.200")) == FIB_SLOT_VALUE
