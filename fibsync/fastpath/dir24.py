@@ -3,11 +3,12 @@ when ``fs_config.v4_table`` is ``FS_V4_DIR24``.
 
 Four buffers, the BPF_F_MMAPABLE arrays ``v4_tbl24``, ``v4_tbl8``,
 ``v4_slots`` and ``v4_nh`` mapped into this process (or plain memory in
-tests), hold the whole table; bpf/fibsync.h documents the entry format. This module keeps no
-per-prefix state of its own: the depth (prefix length) of the route an entry
-holds sits in the entry, and the route that takes over a deleted prefix's
-addresses comes from ``cover``, a longest-prefix lookup in the route list
-(the ``routes_v4`` LPM trie, which the writer fills in either mode).
+tests), hold the whole table; bpf/fibsync.h documents the entry format. This
+module keeps no per-prefix state of its own: the depth (prefix length) of the
+route an entry holds sits in the entry, and the route that takes over a
+deleted prefix's addresses comes from ``cover``, a longest-prefix lookup in
+the route list (the ``routes_v4`` LPM trie, which the writer fills in either
+mode).
 
 Readers run concurrently on other CPUs, so every change keeps the table
 answerable at each instant:
@@ -21,8 +22,9 @@ answerable at each instant:
   copy, then switches the slot's nh_id with one 4-byte store; a copy is
   rewritten only after a grace period since the slot's last switch); a tbl8
   group is filled completely before the tbl24 entry that points to it is
-  stored (x86-64 keeps stores in program order; the reader's second
-  read depends on the first, so it cannot run ahead);
+  stored (x86-64 keeps stores in program order, and nothing here issues a
+  fence: a weakly ordered CPU would need one; the reader's second read
+  depends on the first, so it cannot run ahead);
 - a slot or group that no entry names any more is retired, and handed out
   again only after an RCU grace period (``membarrier(MEMBARRIER_CMD_GLOBAL)``
   waits for every XDP program run that may still hold it);
