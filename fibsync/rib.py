@@ -752,12 +752,13 @@ class Rib:
     def _set_link(self, link: Link, op: Op) -> None:
         """Follow a link, and replay what the kernel does silently when its state changes.
 
-        Seen on 6.18 (see docs/architecture.md, "Silent removals"):
-        - nexthop objects on a link go when it stops carrying (admin down, carrier
-          lost, deleted), with what depends on them (``_del_nh_object``);
+        Seen on 6.18 (see docs/architecture.md, "Silent changes"):
+        - nexthop objects on a link go when it does not carry (admin down, no
+          carrier, deleted), with what depends on them (``_del_nh_object``);
         - admin down: IPv4 paths over the link die, routes left without a live
           path go, but the local routes of its addresses stay; IPv6 siblings die;
-        - admin up revives dead IPv4 paths; IPv6 ones once the link is ready (running);
+        - admin up revives dead IPv4 paths; IPv6 ones once the link is ready
+          (up, running, with carrier);
         - deleted: every IPv4 route with a path over the link goes, IPv6 loses the paths.
         """
         ifindex = link.ifindex
