@@ -26,17 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fulltable import install, v4_prefixes  # noqa: E402
+from fulltable import install, router, v4_prefixes  # noqa: E402
 
-from fibsync.demo import RouterDaemon  # noqa: E402
 from fibsync.fastpath import bpfsys  # noqa: E402
-from fibsync.lab import Netns  # noqa: E402
 
 V4_KEY = struct.Struct("=I4s")
 
@@ -52,11 +49,7 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=200_000)
     ap.add_argument("--singles", type=int, default=300)
     args = ap.parse_args()
-    name = f"fsc{uuid.uuid4().hex[:6]}"
-    ns = Netns(name).create()
-    rundir = Path("/run/fibsync-lab") / name
-    daemon = RouterDaemon(ns, rundir, name, [f"b{i}" for i in range(4)])
-    try:
+    with router("fsc") as (name, daemon):
         install(name, args.base, 0)
         daemon.start(timeout=600)
         fd = bpfsys.obj_get(f"/sys/fs/bpf/fibsync/{name}/routes_v4")
@@ -117,11 +110,6 @@ def main() -> None:
             "daemon_netlink": status.get("netlink"),
         }, indent=2))
         os.close(fd)
-    finally:
-        daemon.stop()
-        daemon.remove_pins()
-        ns.delete()
-        subprocess.run(["rm", "-rf", str(rundir)])
 
 
 if __name__ == "__main__":

@@ -17,16 +17,12 @@ import platform
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fulltable import install, time_ip_show  # noqa: E402
-
-from fibsync.demo import RouterDaemon  # noqa: E402
-from fibsync.lab import Netns  # noqa: E402
+from fulltable import install, router, time_ip_show  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -53,11 +49,7 @@ def main() -> None:
     ap.add_argument("--v6", type=int, default=250_000)
     args = ap.parse_args()
 
-    name = f"fsb{uuid.uuid4().hex[:6]}"
-    ns = Netns(name).create()
-    rundir = Path("/run/fibsync-lab") / name
-    daemon = RouterDaemon(ns, rundir, name, [f"b{i}" for i in range(4)])
-    try:
+    with router("fsb") as (name, daemon):
         t = install(name, args.v4, args.v6)
         ip_show = min(time_ip_show(name) for _ in range(3))
         t0 = time.monotonic()
@@ -83,11 +75,6 @@ def main() -> None:
             "maps_mb": {k: round(v, 1) for k, v in maps_mb(name).items()},
         }
         print(json.dumps(result, indent=2))
-    finally:
-        daemon.stop()
-        daemon.remove_pins()
-        ns.delete()
-        subprocess.run(["rm", "-rf", str(rundir)])
 
 
 if __name__ == "__main__":

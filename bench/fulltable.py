@@ -9,11 +9,18 @@ like a router with a few BGP peers.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+from fibsync.demo import RouterDaemon
+from fibsync.lab import Netns
 
 V4_MIX = [(24, 0.60), (23, 0.07), (22, 0.12), (21, 0.05), (20, 0.05), (19, 0.03), (18, 0.02),
           (17, 0.01), (16, 0.05)]
@@ -110,3 +117,19 @@ def time_ip_show(ns: str) -> float:
         subprocess.run(["ip", "-n", ns, fam, "route", "show", "table", "all"], check=True,
                        stdout=subprocess.DEVNULL)
     return time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def router(tag: str) -> Iterator[tuple[str, RouterDaemon]]:
+    """A throwaway namespace and an (unstarted) fibsync for it on b0..b3; all removed after."""
+    name = f"{tag}{uuid.uuid4().hex[:6]}"
+    ns = Netns(name).create()
+    rundir = Path("/run/fibsync-lab") / name
+    daemon = RouterDaemon(ns, rundir, name, [f"b{i}" for i in range(4)])
+    try:
+        yield name, daemon
+    finally:
+        daemon.stop()
+        daemon.remove_pins()
+        ns.delete()
+        shutil.rmtree(rundir, ignore_errors=True)
