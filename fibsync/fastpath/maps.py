@@ -95,11 +95,17 @@ class PinnedMaps:
         return bpfsys.iterate(self.fd(name))
 
     def set_hash_policy(self, ipv4: int, ipv6: int) -> None:
-        """ECMP hashing as net.ipv{4,6}.fib_multipath_hash_policy (fs_config; flags kept)."""
+        """ECMP hashing as net.ipv{4,6}.fib_multipath_hash_policy; the rest of fs_config
+        (flags, the IPv4 table the writer chose) is kept as it is."""
         key = U32.pack(0)
         old = bpfsys.lookup(self.fd("config"), key)
-        flags = CONFIG.unpack_from(old)[2] if isinstance(old, bytes) else 0
-        bpfsys.update(self.fd("config"), key, CONFIG.pack(ipv4, ipv6, flags, 0))
+        _, _, flags, v4_table = CONFIG.unpack_from(old) if isinstance(old, bytes) else (0,) * 4
+        bpfsys.update(self.fd("config"), key, CONFIG.pack(ipv4, ipv6, flags, v4_table))
+
+    def config(self) -> tuple[int, int, int, int]:
+        """fs_config: (hash_policy_v4, hash_policy_v6, flags, v4_table)."""
+        raw = bpfsys.lookup(self.fd("config"), U32.pack(0))
+        return CONFIG.unpack_from(raw) if isinstance(raw, bytes) else (0, 0, 0, 0)
 
     # ------------------------------------------------------------ readers
 

@@ -17,7 +17,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from fibsync.config import PIN_ROOT
 from fibsync.demo import RouterDaemon
+from fibsync.fastpath import abi
+from fibsync.fastpath.maps import PinnedMaps
 from fibsync.lab import Lab
 
 pytestmark = pytest.mark.privileged
@@ -151,6 +154,13 @@ def test_ecmp_follows_the_kernel_hash_policy(lab: Lab, router: RouterDaemon, pol
                                              spread: bool) -> None:
     lab.r.sysctl("net.ipv4.fib_multipath_hash_policy", policy)
     time.sleep(3)  # the daemon reads the policy sysctls every 2 s
+    maps = PinnedMaps(PIN_ROOT / router.instance)
+    try:
+        # the policy reached the program, and writing it kept the IPv4 table the writer chose
+        assert maps.config()[0] == policy
+        assert maps.config()[3] == abi.FS_V4_DIR24
+    finally:
+        maps.close()
     before = _rx_packets(lab)
     _udp_flows(lab, 64)
     time.sleep(0.2)
