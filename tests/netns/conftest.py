@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fibsync.demo import RouterDaemon
 from fibsync.lab import RUN_ROOT, Bird, Frr, Lab, Netns
 
 
@@ -29,6 +30,18 @@ def lab(unique_prefix: str) -> Iterator[Lab]:
         yield topology
     finally:
         topology.down()
+
+
+@pytest.fixture
+def fibsync(lab: Lab) -> Iterator[RouterDaemon]:
+    """fibsync running on the lab's router, synced; stopped and its pins removed after."""
+    daemon = RouterDaemon.for_lab(lab)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.remove_pins()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ the pinned maps (what `fibsync routes --json` reads).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,17 +22,6 @@ from fibsync.lab import Lab
 pytestmark = pytest.mark.privileged
 
 OTHER_MAC = "02:00:00:00:00:99"
-
-
-@pytest.fixture
-def fibsync(lab: Lab) -> Iterator[RouterDaemon]:
-    daemon = RouterDaemon.for_lab(lab)
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
-        daemon.remove_pins()
 
 
 def hop(daemon: RouterDaemon, prefix: str) -> dict[str, Any] | None:

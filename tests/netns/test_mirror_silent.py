@@ -15,7 +15,7 @@ checked with `fibsync routes --json` against the kernel.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,17 +33,6 @@ H2A, H2B = "r-h2a", "r-h2b"
 GW_A4, GW_B4, GW_A6, GW_B6 = "198.51.100.2", "198.51.100.6", "2001:db8:2::2", "2001:db8:3::2"
 OBJ_A, OBJ_B, GROUP_AB, OBJ_A6 = 5001, 5002, 5003, 5011
 COUNT = 100
-
-
-@pytest.fixture
-def fibsync(lab: Lab) -> Iterator[RouterDaemon]:
-    daemon = RouterDaemon.for_lab(lab)
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
-        daemon.remove_pins()
 
 
 def routes_of_our_own(r: Netns) -> dict[str, list[str]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,17 +17,6 @@ from fibsync.fastpath.maps import PinnedMaps
 from fibsync.lab import Lab
 
 pytestmark = pytest.mark.privileged
-
-
-@pytest.fixture
-def fibsync(lab: Lab) -> Iterator[RouterDaemon]:
-    daemon = RouterDaemon.for_lab(lab)
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
-        daemon.remove_pins()
 
 
 def counter(daemon: RouterDaemon, reason: str) -> int:
