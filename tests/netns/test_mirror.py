@@ -78,7 +78,7 @@ def start(ns: Netns, rundir: Path, instance: str, *extra: str) -> RouterDaemon:
 
 
 def settle(daemon: RouterDaemon, ns: Netns, table: str = "main",
-           timeout: float = 30) -> list[str]:
+           timeout: float = 90) -> list[str]:
     """Wait until the maps equal the kernel; return the differences left at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
