@@ -22,7 +22,6 @@ import bisect
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import grp
 import os
 import signal
@@ -203,6 +202,7 @@ class FullMapGuard:
     def write(self, diff: FastPathDiff) -> None:
         before = frozenset(self.writer.unwritten)
         if before:
+            diff.expand()  # the shield looks at every route entry
             self._shield(diff)
         self.writer.write(diff)
         if before or self.writer.unwritten:
@@ -338,7 +338,7 @@ class Daemon:
 
     async def run(self) -> None:
         from .fastpath import abi
-        from .fastpath.program import FastPath
+        from .fastpath.program import OpenMaps
         from .netlink.resolver import NeighbourResolver
         from .netlink.source import NetlinkSource
 
@@ -350,14 +350,18 @@ class Daemon:
                           config=s.config_file or None)
             self.notify.status("starting: compiling and loading the XDP program")
             t0 = time.monotonic()
-            # the build runs in a child process on one core while the kernel's tables are
-            # dumped and mirrored on the other; only the map writes wait for it
-            # read before the load, which may replace maps under our feet
+            # read before the maps are opened, which may replace them under our feet
             self._first_id = previous_max_id(s.pin_dir) + 1
-            load = asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(FastPath.load, s.instance,
-                                        sizes=abi.Sizes(**s.map_sizes)))
+            maps = OpenMaps.open(s.instance, sizes=abi.Sizes(**s.map_sizes))
+            # the program builds in a child process on one core while the kernel's
+            # tables are dumped, mirrored and written to the maps on the other; only
+            # attaching waits for it
+            load = asyncio.get_running_loop().run_in_executor(None, maps.load_program)
+            self.maps = PinnedMaps(s.pin_dir)
+            self.writer = MapWriter(self.maps, batch=s.map_batch)
             self.rib = Rib(self._filter(s), first_id=self._first_id)
+            self.guard = FullMapGuard(self.rib, self.writer, self.log)
+            self.misses = MissReader(self.maps.fd("neigh_miss"))
             self.resolver = NeighbourResolver()
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
             self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
@@ -369,10 +373,6 @@ class Daemon:
                 await asyncio.gather(self._netlink_task, return_exceptions=True)
                 raise
             self._log_load(time.monotonic() - t0)
-            self.maps = PinnedMaps(s.pin_dir)
-            self.writer = MapWriter(self.maps, batch=s.map_batch)
-            self.guard = FullMapGuard(self.rib, self.writer, self.log)
-            self.misses = MissReader(self.maps.fd("neigh_miss"))
             if self._pending_sync is not None:
                 self._finish_sync(self._pending_sync)
             await self._serve()
@@ -425,6 +425,7 @@ class Daemon:
         for name, origin in fp.map_origin.items():
             by_origin.setdefault(origin, []).append(name)
         self.log.info("fastpath.load", seconds=round(seconds, 2), prog_id=fp.prog_id,
+                      cached=fp.cached,
                       **{k: sorted(v) for k, v in by_origin.items()})
         if by_origin.get("replaced"):
             self.log.warning("map.replace", maps=sorted(by_origin["replaced"]),
@@ -443,14 +444,12 @@ class Daemon:
         assert self.rib is not None
         self.notify.ping(force=True)
         t0 = time.monotonic()
-        if self.guard is None:
-            # the program is still being built: mirror now, write once the maps are
-            # open; a fresh RIB per dump keeps its diff complete (nothing written yet)
-            self.rib = Rib(self._filter(self.settings), first_id=self._first_id)
-            self.rib.resync(snapshot)
+        self.rib.resync(snapshot)
+        if self.fastpath is None:
+            # the program is still being built: fill the maps now, attach it once loaded
+            self._flush()
             self._pending_sync = t0
             return
-        self.rib.resync(snapshot)
         self._finish_sync(t0)
 
     def _finish_sync(self, t0: float) -> None:
@@ -461,7 +460,8 @@ class Daemon:
             self._attach_all()
             # what a previous run left in the pinned maps and the kernel no longer has; the
             # new program runs already, so the old one never meets a half-swept table
-            swept = self.writer.sweep(self.rib)
+            fresh = [n for n, origin in self.fastpath.map_origin.items() if origin != "adopted"]
+            swept = self.writer.sweep(self.rib, fresh)
             self.guard.retry()
             self._prune_tx_ports()
             self.state = "synced"

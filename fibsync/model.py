@@ -15,7 +15,10 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from fibsync.netlink.columns import RouteColumns
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -242,10 +245,32 @@ class Change:
 
 @dataclass(slots=True)
 class Snapshot:
-    """Everything a full dump returned, in dump order."""
+    """Everything a full dump returned, in dump order.
+
+    Routes come two ways: the common form of a full table (routes over
+    nexthop objects) as ``route_columns``, one row per route, and every
+    other route as a model object in ``routes``. ``route_ordinals`` gives
+    each object's place in the dump beside the rows' ``ordinal`` (empty:
+    the objects are in order and there are no columns).
+    """
 
     links: list[Link] = field(default_factory=list)
     addresses: list[Address] = field(default_factory=list)
     neighbours: list[Neighbour] = field(default_factory=list)
     nexthops: list[NexthopObject] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
+    route_ordinals: list[int] = field(default_factory=list)
+    route_columns: list[RouteColumns] = field(default_factory=list)
+
+    def route_count(self) -> int:
+        return len(self.routes) + sum(len(c) for c in self.route_columns)
+
+    def all_routes(self) -> list[Route]:
+        """Every route as a model object, in dump order (slow for a full table)."""
+        if not self.route_columns:
+            return list(self.routes)
+        ordered = list(zip(self.route_ordinals, self.routes, strict=True))
+        for cols in self.route_columns:
+            ordered += ((int(o), cols.route(i)) for i, o in enumerate(cols.ordinal.tolist()))
+        ordered.sort(key=lambda pair: pair[0])
+        return [route for _, route in ordered]

@@ -12,6 +12,15 @@ Fast-path identities:
 - inline paths (RTA_GATEWAY/RTA_MULTIPATH routes) are interned: routes with
   the same paths share one fast-path nexthop or group, freed with the last user.
 
+A full table is mostly one route per prefix over a nexthop object. A dump
+hands those over as columns (netlink/columns.py); the RIB keeps them compact —
+one dict entry per prefix, keyed by an integer made of the address and the
+length, whose value is a shared tuple of the route's attributes — and hands
+them to the writer as arrays (``RouteRows``). Their fast-path entry is the
+object's, so nothing else is kept per prefix. The first change that names
+such a prefix turns it into a ``Route`` of the general structures
+(``_promote``); the rest of the RIB never sees the difference.
+
 The kernel changes some state without telling anyone (seen on 6.18): when a
 link stops carrying traffic, is deleted or loses its last IPv4 address, it
 flushes nexthop objects, shrinks their groups, kills or revives paths and
@@ -26,10 +35,12 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
+
+import numpy as np
 
 from .model import (
     AF_INET,
@@ -100,6 +111,27 @@ class FpRoute:
 
 
 @dataclass(slots=True)
+class RouteRows:
+    """Routes to set, as arrays: row i is prefix ``addrs[i]/lens[i]`` with entry
+    ``entries[ids[i]]``. No row's prefix is also in the diff's ``routes``."""
+
+    family: int
+    addrs: np.ndarray[Any, Any]  # uint8 (n, 4 | 16), network order
+    lens: np.ndarray[Any, Any]  # uint8
+    ids: np.ndarray[Any, Any]  # intp
+    entries: list[FpRoute]
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def items(self) -> Iterator[tuple[Prefix, FpRoute]]:
+        entries = self.entries
+        for addr, length, i in zip(self.addrs, self.lens.tolist(), self.ids.tolist(),
+                                   strict=True):
+            yield Prefix(self.family, addr.tobytes(), length), entries[i]
+
+
+@dataclass(slots=True)
 class FastPathDiff:
     """What the maps must change, coalesced: None means delete."""
 
@@ -108,12 +140,22 @@ class FastPathDiff:
     routes: dict[Prefix, FpRoute | None] = field(default_factory=dict)
     neighbours: dict[tuple[int, int, bytes], bytes | None] = field(default_factory=dict)
     resolve: set[tuple[int, int, bytes]] = field(default_factory=set)
+    # more routes to set, as arrays (a resync's compact routes)
+    bulk: list[RouteRows] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.nexthops or self.groups or self.routes or self.neighbours)
+        return bool(self.nexthops or self.groups or self.routes or self.neighbours
+                    or any(len(rows) for rows in self.bulk))
 
     def __len__(self) -> int:
-        return len(self.nexthops) + len(self.groups) + len(self.routes) + len(self.neighbours)
+        return (len(self.nexthops) + len(self.groups) + len(self.routes) + len(self.neighbours)
+                + sum(len(rows) for rows in self.bulk))
+
+    def expand(self) -> None:
+        """Move the ``bulk`` rows into ``routes`` (for code that edits entries one by one)."""
+        for rows in self.bulk:
+            self.routes.update(rows.items())
+        self.bulk = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +196,80 @@ def _forward(nh_id: int, group: bool) -> FpRoute:
 # A "path set" is what a route forwards over: a kernel nexthop object, or inline paths.
 PathKey = int | tuple[Nexthop, ...]
 
+# A compact route: (table, type, protocol, scope, metric, tos, nhid, flags), shared
+# by every prefix with the same attributes; keyed by _compact_key(prefix).
+Compact = tuple[int, int, int, int, int, int, int, int]
+_NHID = 6
+_COMPACT_FIELDS = ("table", "type", "protocol", "scope", "metric", "tos", "nhid", "flags")
+_ROUTE_TYPES = tuple(RouteType(t) for t in range(len(RouteType)))
+
+
+def _compact_key(prefix: Prefix) -> int:
+    return int.from_bytes(prefix.addr, "big") << 8 | prefix.length
+
+
+def _compact_prefix(family: int, key: int) -> Prefix:
+    return Prefix(family, (key >> 8).to_bytes(4 if family == AF_INET else 16, "big"), key & 0xFF)
+
+
+def _compact_keys(addrs: np.ndarray[Any, Any], lens: np.ndarray[Any, Any]) -> list[int]:
+    """_compact_key of every row, at numpy speed where it fits 64 bits."""
+    if addrs.shape[1] == 4:
+        words = addrs.view(">u4").ravel().astype(np.uint64)
+        return (words << np.uint64(8) | lens.astype(np.uint64)).tolist()
+    halves = addrs.view(">u8")
+    return [hi << 72 | lo << 8 | n for hi, lo, n in
+            zip(halves[:, 0].tolist(), halves[:, 1].tolist(), lens.tolist(), strict=True)]
+
+
+def _factorize(columns: list[np.ndarray[Any, Any]]) -> tuple[list[Compact], np.ndarray[Any, Any]]:
+    """The distinct rows of these columns, and each row's index among them.
+
+    np.unique over a structured array sorts at ~2 µs a row; here constant
+    columns (most of them, in a full table) cost one comparison, the others
+    one np.unique each, and their codes are combined into one integer.
+    """
+    n = len(columns[0])
+    code = np.zeros(n, np.int64)
+    distinct = 1  # an upper bound of the codes in use
+    for col in columns:
+        if not n or (col == col[0]).all():
+            continue
+        uniq, inv = np.unique(col, return_inverse=True)
+        if distinct * len(uniq) >= 1 << 62:
+            _, code = np.unique(code, return_inverse=True)  # renumber densely
+            distinct = int(code.max()) + 1
+        code = code * len(uniq) + inv
+        distinct *= len(uniq)
+    _, first, ids = np.unique(code, return_index=True, return_inverse=True)
+    picked = [col[first].tolist() for col in columns]
+    return list(zip(*picked, strict=True)), ids  # type: ignore[arg-type]
+
+
+class FibView(Mapping[Prefix, FpRoute]):
+    """Every prefix's fast-path entry, the general and the compact ones alike."""
+
+    def __init__(self, rib: Rib) -> None:
+        self._rib = rib
+
+    def __getitem__(self, prefix: Prefix) -> FpRoute:
+        entry = self._rib._fib.get(prefix)
+        if entry is None:
+            attrs = self._rib._compact[prefix.family].get(_compact_key(prefix))
+            if attrs is None:
+                raise KeyError(prefix)
+            entry = self._rib._nhid_entry(attrs[_NHID])
+        return entry
+
+    def __iter__(self) -> Iterator[Prefix]:
+        yield from self._rib._fib
+        for family, compact in self._rib._compact.items():
+            for key in compact:
+                yield _compact_prefix(family, key)
+
+    def __len__(self) -> int:
+        return len(self._rib._fib) + sum(len(c) for c in self._rib._compact.values())
+
 
 class Rib:
     def _reset(self) -> None:
@@ -163,7 +279,11 @@ class Rib:
         self.nh_objects: dict[int, NexthopObject] = {}
         # routes we follow, by prefix: usually one, several with other metrics/tables
         self.routes: dict[Prefix, list[Route]] = {}
-        self.fib: dict[Prefix, FpRoute] = {}
+        self._fib: dict[Prefix, FpRoute] = {}
+        # the common form of a full table, compact (see the module docstring), and
+        # how many compact prefixes use each nexthop object
+        self._compact: dict[int, dict[int, Compact]] = {AF_INET: {}, AF_INET6: {}}
+        self._compact_users: dict[int, int] = defaultdict(int)
         # the entry of a route via each nexthop object: shared by all its prefixes
         # (one FpRoute object, not one per prefix), dropped when any object changes
         self._obj_entry: dict[int, FpRoute] = {}
@@ -202,6 +322,11 @@ class Rib:
         self.stats = {"changes": 0, "ignored": 0, "resyncs": 0}
         self._reset()
 
+    @property
+    def fib(self) -> FibView:
+        """Prefix -> fast-path entry, for every prefix the fast path holds."""
+        return FibView(self)
+
     # ------------------------------------------------------------------ input
 
     def resync(self, snapshot: Snapshot) -> None:
@@ -212,8 +337,10 @@ class Rib:
         valid entry during a resync.
         """
         self.stats["resyncs"] += 1
-        old_fib = self.fib
-        old_objs = self.nh_objects
+        old_fib = self._fib
+        old_compact = self._compact
+        # compact entries are the objects' entries: remember those as written
+        old_entry = {nhid: self._nhid_entry(nhid) for nhid in self._compact_users}
         old_neigh = self.neighbours
         # keep fast-path ids of surviving objects so that their entries stay put
         keep_obj_fp = self._obj_fp
@@ -221,6 +348,7 @@ class Rib:
         keep_fp_nh = self._fp_nexthops
         keep_fp_groups = self._fp_groups
         resolve = self.diff.resolve
+        old_objs = self.nh_objects
         self._reset()
         self.diff.resolve = resolve
         self._reserve_ids(keep_obj_fp, keep_inline, old_objs, snapshot,
@@ -233,8 +361,7 @@ class Rib:
             self.neighbours[n.key] = n
         for obj in sorted(snapshot.nexthops, key=lambda o: o.is_group):
             self._set_nh_object(obj)
-        for route in snapshot.routes:
-            self._add_route(route, 0)
+        rows = self._add_routes(snapshot)
         self._drop_unused_inline()
         # sweep: compare what the maps held with what they must hold now
         diff = self.diff
@@ -242,8 +369,26 @@ class Rib:
         diff.nexthops.update({k: None for k in keep_fp_nh if k not in self._fp_nexthops})
         diff.groups = {k: v for k, v in self._fp_groups.items() if keep_fp_groups.get(k) != v}
         diff.groups.update({k: None for k in keep_fp_groups if k not in self._fp_groups})
-        diff.routes = {p: e for p, e in self.fib.items() if old_fib.get(p) != e}
-        diff.routes.update({p: None for p in old_fib if p not in self.fib})
+
+        def held(prefix: Prefix) -> FpRoute | None:
+            entry = old_fib.get(prefix)
+            if entry is None:
+                attrs = old_compact[prefix.family].get(_compact_key(prefix))
+                if attrs is not None:
+                    entry = old_entry[attrs[_NHID]]
+            return entry
+
+        diff.routes = {p: e for p, e in self._fib.items() if held(p) != e}
+        fib = self.fib
+        diff.routes.update({p: None for p in old_fib if p not in fib})
+        for family, compact in old_compact.items():
+            now = self._compact[family]
+            for key in compact:
+                if key not in now:
+                    prefix = _compact_prefix(family, key)
+                    if prefix not in self._fib:
+                        diff.routes[prefix] = None
+        diff.bulk = [self._unwritten_rows(r, old_compact[r.family], old_entry) for r in rows]
         new_neigh = {k: n.lladdr for k, n in self.neighbours.items() if n.valid}
         diff.neighbours = {
             k: mac for k, mac in new_neigh.items()
@@ -252,6 +397,86 @@ class Rib:
         diff.neighbours.update({
             k: None for k, n in old_neigh.items() if n.valid and k not in new_neigh
         })
+
+    def _add_routes(self, snapshot: Snapshot) -> list[RouteRows]:
+        """A dump's routes: the compact ones at once, the others one by one in dump order.
+
+        A row of the columns stays compact when the RIB would keep it as the
+        only route of its prefix, over a nexthop object, in the followed
+        table: anything else about its prefix (another route in the dump, a
+        local-table route) makes it a ``Route`` like the rest. Returns the
+        compact rows, for the diff.
+        """
+        if not snapshot.route_columns:
+            for route in snapshot.routes:
+                self._add_route(route, 0)
+            return []
+        ordinals = snapshot.route_ordinals or range(-len(snapshot.routes), 0)
+        general: list[tuple[int, Route]] = list(zip(ordinals, snapshot.routes, strict=True))
+        taken: dict[int, set[int]] = {AF_INET: set(), AF_INET6: set()}
+        for route in snapshot.routes:
+            taken[route.prefix.family].add(_compact_key(route.prefix))
+        rows: list[RouteRows] = []
+        f = self.filter
+        for cols in snapshot.route_columns:
+            follows = cols.table == f.table
+            if f.protocols is not None:
+                follows &= np.isin(cols.protocol, np.array(sorted(f.protocols), np.uint8))
+            local = cols.table == RT_TABLE_LOCAL
+            self.stats["ignored"] += int(np.count_nonzero(~follows & ~local))
+            compact = follows & (cols.tos == 0) & ((cols.type == RouteType.UNICAST)
+                                                   | (cols.type == RouteType.BLACKHOLE))
+            # rows the RIB must see as routes: local-table ones, and followed ones of other kinds
+            for i in np.flatnonzero(~compact & (follows | local)).tolist():
+                general.append((int(cols.ordinal[i]), cols.route(i)))
+                taken[cols.family].add(_compact_key(general[-1][1].prefix))
+            idx = np.flatnonzero(compact)
+            keys = _compact_keys(cols.dst[idx], cols.dst_len[idx])
+            shared, ids = _factorize([getattr(cols, name)[idx] for name in _COMPACT_FIELDS])
+            table = dict(zip(keys, map(shared.__getitem__, ids.tolist()), strict=True))
+            clash = taken[cols.family] & table.keys()
+            if len(table) < len(keys):
+                # one prefix in several rows: all of them are routes of the general kind
+                seen: set[int] = set()
+                clash |= {k for k in keys if k in seen or seen.add(k)}  # type: ignore[func-returns-value]
+            keep = np.ones(len(idx), bool)
+            if clash:
+                for j, key in enumerate(keys):
+                    if key in clash:
+                        keep[j] = False
+                        general.append((int(cols.ordinal[idx[j]]), cols.route(int(idx[j]))))
+                for key in clash:
+                    table.pop(key, None)
+            target = self._compact[cols.family]
+            if target:
+                target.update(table)
+            else:
+                self._compact[cols.family] = target = table
+            kept_ids = ids[keep]
+            for a, count in zip(shared, np.bincount(kept_ids, minlength=len(shared)).tolist(),
+                                strict=True):
+                if count:
+                    self._compact_users[a[_NHID]] += count
+            rows.append(RouteRows(cols.family, cols.dst[idx[keep]], cols.dst_len[idx[keep]],
+                                  kept_ids, [self._nhid_entry(a[_NHID]) for a in shared]))
+        general.sort(key=lambda pair: pair[0])
+        for _, route in general:
+            self._add_route(route, 0)
+        return rows
+
+    def _unwritten_rows(self, rows: RouteRows, old: dict[int, Compact],
+                        old_entry: dict[int, FpRoute]) -> RouteRows:
+        """The rows whose entry the maps do not hold yet (all of them on a first sync)."""
+        if not old:
+            return rows
+        keys = _compact_keys(rows.addrs, rows.lens)
+        entries = rows.entries
+        ids = rows.ids.tolist()
+        stale = np.fromiter(
+            ((a := old.get(k)) is None or old_entry[a[_NHID]] != entries[i]
+             for k, i in zip(keys, ids, strict=True)), bool, len(keys))
+        return RouteRows(rows.family, rows.addrs[stale], rows.lens[stale], rows.ids[stale],
+                         entries)
 
     def _reserve_ids(self, obj_fp: dict[int, int], inline: dict[tuple[Nexthop, ...], list[int]],
                      old_objs: dict[int, NexthopObject], snapshot: Snapshot,
@@ -341,6 +566,7 @@ class Rib:
         if not self.filter.follows(route):
             self.stats["ignored"] += 1
             return
+        self._promote(route.prefix)
         held = self.routes.get(route.prefix)
         if not held:
             routes = [route]
@@ -405,6 +631,7 @@ class Rib:
             routes[target] = route
 
     def _del_route(self, route: Route) -> None:
+        self._promote(route.prefix)
         routes = list(self.routes.get(route.prefix, ()))
         same = [i for i, r in enumerate(routes) if r.key == route.key]
         if not same:
@@ -443,9 +670,41 @@ class Rib:
         top = min(pool, key=lambda r: (r.tos != 0, r.metric))
         return [r for r in pool if r.metric == top.metric and r.tos == top.tos]
 
+    def _promote(self, prefix: Prefix) -> None:
+        """Turn a compact route into a ``Route`` of the general structures, before a change.
+
+        Nothing changes for the maps: its entry was the object's, and stays.
+        """
+        compact = self._compact[prefix.family]
+        if not compact:
+            return
+        attrs = compact.pop(_compact_key(prefix), None)
+        if attrs is None:
+            return
+        table, rtype, protocol, scope, metric, tos, nhid, flags = attrs
+        self._forget_compact_user(nhid)
+        self.routes[prefix] = [Route(prefix, table, _ROUTE_TYPES[rtype], protocol, scope, metric,
+                                     tos, (), nhid, 0, flags)]
+        self._prefixes_by_nhid[nhid].add(prefix)
+        self._fib[prefix] = self._nhid_entry(nhid)
+        self._path_of_prefix[prefix] = nhid
+
+    def _forget_compact_user(self, nhid: int) -> None:
+        self._compact_users[nhid] -= 1
+        if not self._compact_users[nhid]:
+            del self._compact_users[nhid]
+
+    def _compact_via(self, nhids: set[int]) -> list[tuple[int, int]]:
+        """(family, key) of the compact routes over these nexthop objects: a scan of the
+        table, done only when some exist (an object deleted or changed in kind)."""
+        if not any(n in self._compact_users for n in nhids):
+            return []
+        return [(family, key) for family, compact in self._compact.items()
+                for key, attrs in compact.items() if attrs[_NHID] in nhids]
+
     def _refresh_prefix(self, prefix: Prefix) -> None:
         best = self._best(prefix)
-        old = self.fib.get(prefix)
+        old = self._fib.get(prefix)
         old_path = self._path_of_prefix.get(prefix)
         new_path: PathKey | None = None
         if not best:
@@ -471,10 +730,10 @@ class Rib:
                 self._inline[old_path][2] -= 1
         if entry is None:
             if old is not None:
-                del self.fib[prefix]
+                del self._fib[prefix]
                 self.diff.routes[prefix] = None
         elif entry != old:
-            self.fib[prefix] = entry
+            self._fib[prefix] = entry
             self.diff.routes[prefix] = entry
 
     def _entry_for(self, route: Route) -> tuple[FpRoute, PathKey | None]:
@@ -490,16 +749,20 @@ class Rib:
         if rtype != RouteType.UNICAST:
             return _FIB, None
         if route.nhid:
-            entry = self._obj_entry.get(route.nhid)
-            if entry is None:
-                entry = self._obj_entry[route.nhid] = self._object_entry(route.nhid)
-            return entry, route.nhid
+            return self._nhid_entry(route.nhid), route.nhid
         paths = tuple(n for n in route.nexthops if not n.flags & RTNH_F_DEAD)
         if not paths or any(n.encap for n in paths):
             # nothing alive, or the kernel adds headers (MPLS, SRv6) we do not
             return _FIB, None
         fid, is_group = self._intern(paths)
         return _forward(fid, bool(is_group)), paths
+
+    def _nhid_entry(self, nhid: int) -> FpRoute:
+        """The entry of a unicast route over a nexthop object (cached per object)."""
+        entry = self._obj_entry.get(nhid)
+        if entry is None:
+            entry = self._obj_entry[nhid] = self._object_entry(nhid)
+        return entry
 
     def _object_entry(self, nhid: int) -> FpRoute:
         obj = self.nh_objects.get(nhid)
@@ -585,6 +848,9 @@ class Rib:
             for nhid in affected:
                 for prefix in list(self._prefixes_by_nhid.get(nhid, ())):
                     self._refresh_prefix(prefix)
+            for family, key in self._compact_via(affected):
+                nhid = self._compact[family][key][_NHID]
+                self.diff.routes[_compact_prefix(family, key)] = self._nhid_entry(nhid)
 
     def _index_object(self, old: NexthopObject | None, new: NexthopObject | None) -> None:
         if old is not None:
@@ -644,6 +910,10 @@ class Rib:
         for prefix in list(self._prefixes_by_nhid.get(nhid, ())):
             self._store(prefix, [r for r in self.routes.get(prefix, ()) if r.nhid != nhid])
             self._refresh_prefix(prefix)
+        for family, key in self._compact_via({nhid}):
+            del self._compact[family][key]
+            self._forget_compact_user(nhid)
+            self.diff.routes[_compact_prefix(family, key)] = None
         self._forget_obj_fp(nhid, obj)
 
     # ------------------------------------------------- fast-path nexthops/groups
@@ -862,16 +1132,16 @@ class Rib:
 
     # -------------------------------------------------------------- queries
 
-    def fast_path_keys(self) -> tuple[set[Prefix], set[int], set[int], set[tuple[int, int, bytes]]]:
+    def fast_path_keys(self) -> tuple[FibView, set[int], set[int], set[tuple[int, int, bytes]]]:
         """What the maps must hold, and nothing else: prefixes, nexthop, group, neighbour keys."""
-        return (set(self.fib), set(self._fp_nexthops), set(self._fp_groups),
+        return (self.fib, set(self._fp_nexthops), set(self._fp_groups),
                 {k for k, n in self.neighbours.items() if n.valid})
 
     def counts(self) -> dict[str, int]:
-        v4 = sum(1 for p in self.fib if p.family == AF_INET)
+        v4 = sum(1 for p in self._fib if p.family == AF_INET)
         return {
-            "routes_v4": v4,
-            "routes_v6": len(self.fib) - v4,
+            "routes_v4": v4 + len(self._compact[AF_INET]),
+            "routes_v6": len(self._fib) - v4 + len(self._compact[AF_INET6]),
             "nexthops": len(self._fp_nexthops),
             "groups": len(self._fp_groups),
             "neighbours": sum(1 for n in self.neighbours.values() if n.valid),
@@ -985,5 +1255,5 @@ def _alive(n: Nexthop) -> Nexthop:
     return replace(n, flags=n.flags & ~RTNH_F_DEAD) if n.flags & RTNH_F_DEAD else n
 
 
-__all__ = ["AF_INET6", "Action", "FastPathDiff", "Filter", "FpGroup", "FpNexthop", "FpRoute", "Rib",
-           "weighted_buckets"]
+__all__ = ["AF_INET6", "Action", "FastPathDiff", "FibView", "Filter", "FpGroup", "FpNexthop",
+           "FpRoute", "Rib", "RouteRows", "weighted_buckets"]

@@ -33,6 +33,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
@@ -86,6 +87,23 @@ class _MapBatchAttr(ctypes.Structure):
         ("map_fd", ctypes.c_uint32),
         ("elem_flags", ctypes.c_uint64),
         ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
     ]
 
 
@@ -243,6 +261,29 @@ def obj_get(path: str) -> int:
     ret = _bpf(BPF_OBJ_GET, attr)
     if ret < 0:
         raise _error(f"open pinned {path}", -ret)
+    return ret
+
+
+def prog_load(prog_type: int, insns: bytes, *, license: str = "GPL", name: str = "") -> int:
+    """Load a program from its instructions (map fds already in place); returns its fd.
+
+    On a refusal the verifier's log ends the error message.
+    """
+    code = ctypes.create_string_buffer(bytes(insns), len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
+                         insns=ctypes.addressof(code), license=ctypes.addressof(lic),
+                         prog_name=name.encode()[:15])
+    ret = _bpf(BPF_PROG_LOAD, attr)
+    if ret < 0:
+        # again with the verifier's log, only to say why
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        again = _bpf(BPF_PROG_LOAD, attr)
+        if again >= 0:
+            return again
+        tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
+        raise _error("load program" + (": " + " / ".join(tail) if tail else ""), -ret)
     return ret
 
 

@@ -35,6 +35,7 @@ import structlog
 from fibsync.errors import DecodeError, NetlinkError, NetlinkOverrun
 from fibsync.model import AF_INET, AF_INET6, Change, Snapshot
 from fibsync.netlink import decode as nl
+from fibsync.netlink.columns import RouteDump
 from fibsync.netlink.decode import HANDLED_TYPES, decode
 
 SOL_NETLINK = 270
@@ -281,7 +282,7 @@ class NetlinkSource:
                 addresses=len(snapshot.addresses),
                 neighbours=len(snapshot.neighbours),
                 nexthops=len(snapshot.nexthops),
-                routes=len(snapshot.routes),
+                routes=snapshot.route_count(),
                 queued=len(self._pending),
             )
             while True:
@@ -353,48 +354,74 @@ class NetlinkSource:
     async def _dump(self) -> Snapshot:
         snapshot = Snapshot()
         sock = open_socket(netns=self.netns, rcvbuf=DUMP_RCVBUF)
+        ordinal = 0
         try:
             for what, req in dump_requests():
-                target: list[Any] = getattr(snapshot, what)
-                await self._dump_one(sock, what, req, target)
+                if what == "routes":
+                    # the bulk of a full table is read as columns (netlink/columns.py)
+                    seq = struct.unpack_from("=I", req, 8)[0]
+                    routes = RouteDump(seq, first_ordinal=ordinal)
+                    await self._dump_one(sock, what, req, snapshot.routes, routes,
+                                         snapshot.route_ordinals)
+                    ordinal = routes.next_ordinal
+                    family = req[16]  # rtm_family of the request
+                    cols = routes.columns(family)
+                    if len(cols):
+                        snapshot.route_columns.append(cols)
+                else:
+                    target: list[Any] = getattr(snapshot, what)
+                    await self._dump_one(sock, what, req, target)
                 self._check_overrun()
         finally:
             sock.close()
         return snapshot
 
     async def _dump_one(
-        self, sock: socket.socket, what: str, req: bytes, target: list[Any]
+        self, sock: socket.socket, what: str, req: bytes, target: list[Any],
+        columns: RouteDump | None = None, ordinals: list[int] | None = None,
     ) -> None:
+        """Run one dump into ``target``; with ``columns``, the routes it claims go there
+        and ``ordinals`` gets the dump position of each object added to ``target``."""
         seq = struct.unpack_from("=I", req, 8)[0]
         stats = self.stats
         on_error = self._undecodable
         append = target.append
         failure: list[BaseException] = []
 
+        def on_message(chunk: bytes, ordinal: int) -> bool:
+            for mtype, flags, mseq, payload in decode(chunk, on_error):
+                if mseq != seq:
+                    continue
+                if flags & nl.NLM_F_DUMP_INTR:
+                    stats.dump_intr += 1
+                    failure.append(NetlinkOverrun(f"{what} dump interrupted (NLM_F_DUMP_INTR)"))
+                    return True
+                if payload.__class__ is Change:
+                    append(payload.obj)
+                    if ordinals is not None:
+                        ordinals.append(ordinal)
+                elif mtype == nl.NLMSG_DONE or mtype == nl.NLMSG_ERROR:
+                    if payload == errno.EOPNOTSUPP and what == "nexthops":
+                        return True  # a kernel without nexthop objects has none
+                    if payload:
+                        stats.dump_errors += 1
+                        failure.append(
+                            NetlinkError(f"{what} dump failed: {os.strerror(payload)}")  # type: ignore[arg-type]
+                        )
+                    return True
+                elif payload is None and mtype not in HANDLED_TYPES:
+                    stats.unknown += 1
+            return False
+
         def on_chunk(chunk: bytes) -> bool:
             if self._overrun is not None:
                 return True  # the session is lost anyway: do not finish the dump
             try:
-                for mtype, flags, mseq, payload in decode(chunk, on_error):
-                    if mseq != seq:
-                        continue
-                    if flags & nl.NLM_F_DUMP_INTR:
-                        stats.dump_intr += 1
-                        failure.append(NetlinkOverrun(f"{what} dump interrupted (NLM_F_DUMP_INTR)"))
+                if columns is None:
+                    return on_message(chunk, 0)
+                for ordinal, message in columns.feed(chunk):
+                    if on_message(message, ordinal):
                         return True
-                    if payload.__class__ is Change:
-                        append(payload.obj)
-                    elif mtype == nl.NLMSG_DONE or mtype == nl.NLMSG_ERROR:
-                        if payload == errno.EOPNOTSUPP and what == "nexthops":
-                            return True  # a kernel without nexthop objects has none
-                        if payload:
-                            stats.dump_errors += 1
-                            failure.append(
-                                NetlinkError(f"{what} dump failed: {os.strerror(payload)}")  # type: ignore[arg-type]
-                            )
-                        return True
-                    elif payload is None and mtype not in HANDLED_TYPES:
-                        stats.unknown += 1
             except DecodeError as exc:
                 on_error(exc)
                 failure.append(NetlinkError(f"{what} dump undecodable: {exc}"))
