@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import grp
@@ -358,7 +359,8 @@ class Daemon:
             # attaching waits for it
             load = asyncio.get_running_loop().run_in_executor(None, maps.load_program)
             self.maps = PinnedMaps(s.pin_dir)
-            self.writer = MapWriter(self.maps, batch=s.map_batch)
+            self.writer = MapWriter(self.maps, batch=s.map_batch,
+                                    fresh=[n for n, o in maps.origin.items() if o != "adopted"])
             self.rib = Rib(self._filter(s), first_id=self._first_id)
             self.guard = FullMapGuard(self.rib, self.writer, self.log)
             self.misses = MissReader(self.maps.fd("neigh_miss"))
@@ -472,6 +474,8 @@ class Daemon:
             self.notify.send("READY=1")
         self._update_status_line()
         self.notify.ping(force=True)
+        # once the source has let go of the snapshot (before it next waits)
+        asyncio.get_running_loop().call_soon(release_memory)
 
     def apply(self, changes: list[Change]) -> None:
         assert self.rib is not None
@@ -788,6 +792,18 @@ class Daemon:
             "config": {"file": s.config_file, "metrics": s.metrics_listen,
                        "socket_group": s.socket_group, "xdp_mode": s.xdp_mode},
         }
+
+
+def release_memory() -> None:
+    """Give the memory a sync freed back to the system.
+
+    A full table's dump and first write allocate and free ~150 MB of arrays;
+    glibc keeps freed memory in its arenas (one per thread that allocated),
+    so the daemon's RSS would stay that much higher for good. malloc_trim
+    returns it (~30 ms; 430 -> 290 MB measured after a full table).
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def previous_max_id(pin_dir: Path) -> int:

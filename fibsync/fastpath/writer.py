@@ -182,11 +182,13 @@ class RouteBatch:
     than scattered prefixes: 1M IPv4 routes in 2.7 s against 9 s, measured).
 
     Built from the diff's routes one by one and from its ``RouteRows``
-    (a resync's compact routes, already arrays).
+    (a resync's compact routes, already arrays). ``by_address`` orders by
+    address alone, for a map no program reads yet: the trie takes a table in
+    address order ~25% faster (1M IPv4 routes: 0.87 against 1.15 s).
     """
 
     def __init__(self, family: int, routes: list[tuple[Prefix, FpRoute]],
-                 rows: Iterable[RouteRows] = ()) -> None:
+                 rows: Iterable[RouteRows] = (), by_address: bool = False) -> None:
         self.family = family
         alen = 4 if family == AF_INET else 16
         n = len(routes)
@@ -212,8 +214,10 @@ class RouteBatch:
         self.values = [encode_route(FpRoute(action, nh_id, group, reason))
                        for nh_id, group, reason, action in ids]
         words = self.addrs.view(">u8" if alen == 16 else ">u4")
-        self.order = np.lexsort((*(words[:, i] for i in range(words.shape[1] - 1, -1, -1)),
-                                 -self.lens.astype(np.int16)))
+        by_length = -self.lens.astype(np.int16)
+        by_addr = [words[:, i] for i in range(words.shape[1] - 1, -1, -1)]
+        # np.lexsort sorts by its last key first
+        self.order = np.lexsort((by_length, *by_addr) if by_address else (*by_addr, by_length))
         keys = np.zeros(len(self.lens), _key_dtype(alen))
         keys["plen"] = self.lens[self.order]
         keys["addr"] = self.addrs[self.order]
@@ -257,8 +261,12 @@ class MapWriter:
     """``v4_table``: "dir24" (the default where the map set has the DIR-24-8
     arrays) or "lpm"; the program reads whichever the writer completed."""
 
-    def __init__(self, maps: MapSet, batch: int = 65536, v4_table: V4Table | None = None) -> None:
+    def __init__(self, maps: MapSet, batch: int = 65536, v4_table: V4Table | None = None,
+                 fresh: Iterable[str] = ()) -> None:
         self.maps = maps
+        # maps created empty by this run: no program reads them before the first
+        # write is complete (the program is attached after it)
+        self.fresh = frozenset(fresh)
         self.batch = batch
         self.stats = WriterStats()
         # prefixes the maps could not take: the fast path must not answer for them
@@ -293,8 +301,9 @@ class MapWriter:
             else:
                 adds[p.family].append((p, e))
         batches = {family: RouteBatch(family, adds[family],
-                                      [r for r in diff.bulk if r.family == family])
-                   for family in ROUTE_MAPS}
+                                      [r for r in diff.bulk if r.family == family],
+                                      by_address=self._first and name in self.fresh)
+                   for family, name in ROUTE_MAPS.items()}
         done = self._put_routes(batches)
         for family, name in ROUTE_MAPS.items():
             batch = batches[family]

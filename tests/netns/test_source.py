@@ -377,20 +377,17 @@ def test_changes_made_in_the_middle_of_the_dump_are_replayed_after_the_snapshot(
         stdin=_batch(f"route add 10.{i >> 8}.{i & 255}.0/24 via 192.0.2.2" for i in range(20000)),
     )
     deletes = _batch(f"route del 10.{i >> 8}.{i & 255}.0/24" for i in range(0, 20000, 2))
-    real_dump_raw = source_module.dump_raw
+    real_on_chunk = source_module._Dump.on_chunk
     paused: list[bool] = []
 
-    async def dump_raw(sock: Any, req: bytes, on_chunk: Callable[[bytes], bool]) -> None:
-        def delete_after_first_chunk(chunk: bytes) -> bool:
-            done = on_chunk(chunk)
-            if not paused and req[4:6] == nl.RTM_GETROUTE.to_bytes(2, "little") and req[16] == 2:
-                paused.append(True)
-                router.sh("-batch", "-", stdin=deletes)  # blocks the loop: the dump waits
-            return done
+    def on_chunk(self: Any, chunk: bytes) -> bool:
+        done = real_on_chunk(self, chunk)
+        if not paused and self.what == "routes" and self.req[16] == 2:
+            paused.append(True)
+            router.sh("-batch", "-", stdin=deletes)  # the dump waits meanwhile
+        return done
 
-        await real_dump_raw(sock, req, delete_after_first_chunk)
-
-    monkeypatch.setattr(source_module, "dump_raw", dump_raw)
+    monkeypatch.setattr(source_module._Dump, "on_chunk", on_chunk)
 
     async def scenario() -> None:
         async with mirrored(router) as m:
