@@ -105,8 +105,10 @@ def test_down_leaves_no_namespace_and_no_process(unique_prefix: str) -> None:
     try:
         lab.up()
         stray = lab.r.popen(["sleep", "300"])
+        # `ip netns exec` enters the namespace a moment after it starts
+        wait_until(lambda: stray.pid in lab_pids(lab), timeout=5, what="sleep in the namespace")
         pids = lab_pids(lab)
-        assert stray.pid in pids and len(lab.frr.pids()) == 2
+        assert len(lab.frr.pids()) == 2
         lab.down()
         stray.wait(timeout=5)
         assert_gone(lab, pids)
