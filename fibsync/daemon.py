@@ -334,6 +334,7 @@ class Daemon:
         self._last_interface_check = 0.0
         self._hash_policy: tuple[int, ...] = ()
         self._attach_failed: dict[str, str] = {}
+        self._reclaim: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -409,7 +410,7 @@ class Daemon:
         finally:
             self.state = "stopping"
             self.notify.send("STOPPING=1")
-            tasks = [stop, housekeeping, self._netlink_task]
+            tasks = [stop, housekeeping, self._netlink_task, *filter(None, [self._reclaim])]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -626,12 +627,28 @@ class Daemon:
                 continue
             if self._reload:
                 self._do_reload()
+            if self._reclaim is None and self.writer is not None \
+                    and self.writer.dir24 is not None:
+                reclaim = self.writer.dir24.begin_reclaim()
+                if reclaim:
+                    self._reclaim = asyncio.create_task(self._wait_grace(reclaim))
             now = time.monotonic()
             if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
                 self._last_interface_check = now
                 self._check_interfaces()
                 self._sync_hash_policy()
                 self._update_status_line()
+
+    async def _wait_grace(self, reclaim: Any) -> None:
+        """Wait for an RCU grace period in a thread, for the DIR-24-8 slots and groups
+        retired since the last one, so that no route change has to wait for it."""
+        from .fastpath import dir24
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, dir24.rcu_grace)
+            reclaim.done()
+        finally:
+            self._reclaim = None
 
     def _sync_hash_policy(self) -> None:
         """ECMP follows the kernel's multipath hash policy; no netlink event announces a

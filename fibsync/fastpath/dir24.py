@@ -127,6 +127,8 @@ class Pool:
         self._retired: list[int] = []
         self._skip: set[int] = set()  # never handed out fresh: reserved, or retired from there
         self._reserved: list[int] = []
+        # retired numbers a grace period is running for, outside (``begin_reclaim``)
+        self._reclaiming: list[int] = []
 
     def reserve(self, numbers: list[int]) -> None:
         self._reserved = numbers
@@ -150,16 +152,33 @@ class Pool:
             self._next += 1
             if n not in self._skip:
                 return n
-        if self._retired:
+        if self._retired or self._reclaiming:
+            # the one wait on the write path; begin_reclaim/end_reclaim save it
             self._grace()
             self.graces += 1
-            self._free, self._retired = self._retired, []
+            self._free, self._retired = self._retired + self._reclaiming, []
+            self._reclaiming = []
             return self._free.pop()
         return None
 
     def retire(self, n: int) -> None:
         self.in_use -= 1
         self._retired.append(n)
+
+    def begin_reclaim(self) -> list[int] | None:
+        """Hand the retired numbers to a grace period that runs elsewhere (a thread):
+        the token for ``end_reclaim``, or None when there is nothing to do."""
+        if not self._retired or self._reclaiming:
+            return None
+        self._reclaiming, self._retired = self._retired, []
+        return self._reclaiming
+
+    def end_reclaim(self, token: list[int]) -> None:
+        """A grace period that began after ``begin_reclaim`` has ended: its numbers
+        are free (unless a take() waited for a grace itself and freed them already)."""
+        if token is self._reclaiming:
+            self._free.extend(token)
+            self._reclaiming = []
 
 
 @dataclass
@@ -169,6 +188,24 @@ class Dir24Stats:
     deletes: int = 0
     pinned: int = 0  # /24s handed to bpf_fib_lookup for want of a tbl8 group
     slot_gcs: int = 0
+
+
+class Reclaim:
+    """Retired slots and tbl8 groups made free again by a grace period that the
+    daemon waits for in a thread, off the write path (~5 ms here: the time a
+    single route change would otherwise wait once a pool has run out of
+    never-used numbers)."""
+
+    def __init__(self, pools: list[Pool]) -> None:
+        self._tokens = [(p, t) for p in pools if (t := p.begin_reclaim()) is not None]
+
+    def __bool__(self) -> bool:
+        return bool(self._tokens)
+
+    def done(self) -> None:
+        """Call once a grace period that began after this object was made is over."""
+        for pool, token in self._tokens:
+            pool.end_reclaim(token)
 
 
 class Dir24Table:
@@ -259,6 +296,9 @@ class Dir24Table:
         self._copy[slot] = 0
         self._slots_of_nh.setdefault(nh_id, set()).add(slot)
         return ROUTE.pack(2 * slot, action, flags | abi.FS_ROUTE_NH_COPY, reason, 0)
+
+    def begin_reclaim(self) -> Reclaim:
+        return Reclaim([self.groups, self.slots])
 
     def nexthops_changed(self, changed: dict[int, bytes]) -> None:
         """Nexthops (id -> struct fs_nexthop bytes) got new contents: every slot

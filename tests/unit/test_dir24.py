@@ -294,6 +294,31 @@ def test_pool_hands_out_fresh_numbers_before_retired_ones() -> None:
     assert pool.take() is None
 
 
+def test_a_grace_period_waited_for_elsewhere_frees_retired_numbers_for_the_write_path() -> None:
+    graces = Graces()
+    pool = Pool(3, graces)
+    assert [pool.take(), pool.take()] == [1, 2]
+    pool.retire(1)
+    token = pool.begin_reclaim()
+    assert token == [1] and pool.begin_reclaim() is None  # one at a time
+    pool.retire(2)  # after the grace began: not covered by it
+    pool.end_reclaim(token)
+    assert pool.take() == 1 and graces.count == 0  # no wait on the write path
+    assert pool.take() == 2 and graces.count == 1  # 2 needed a grace of its own
+
+
+def test_a_take_that_cannot_wait_for_the_reclaim_waits_itself_once() -> None:
+    graces = Graces()
+    pool = Pool(2, graces)
+    assert pool.take() == 1
+    pool.retire(1)
+    token = pool.begin_reclaim()
+    assert token is not None
+    assert pool.take() == 1 and graces.count == 1  # nothing else: it waits
+    pool.end_reclaim(token)  # late: must not hand 1 out a second time
+    assert pool.take() is None
+
+
 def test_slots_no_entry_names_are_collected_and_reused() -> None:
     ref = Reference()
     t = table(ref, slots=4)  # slots 1..3 serve nine values, one at a time
