@@ -1,6 +1,7 @@
 """Initial sync of a full table: `fibsync run` -> `state: synced`, beside `ip route show`.
 
     .venv/bin/python bench/bench_sync.py [--v4 1000000] [--v6 250000] [--runs 3]
+                                         [--json FILE] [--plot PNG] [--from-json FILE]
 
 Builds a throwaway namespace, installs the table through nexthop objects (as
 FRR does), times `ip route show table all` for both families (the reference),
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,12 +62,43 @@ def log_time(log: Path, event: str) -> float:
     raise SystemExit(f"no {event} in {log}")
 
 
+def plot(doc: dict[str, Any], path: str) -> None:
+    import matplotlib  # noqa: PLC0415 - bench extra only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ref = doc["ip_route_show_all_s"]
+    labels = ["ip route show\ntable all"]
+    values = [ref]
+    for i, run in enumerate(doc["runs"], 1):
+        labels.append(f"fibsync run #{i}\n({run['program']} program)")
+        values.append(run["run_to_synced_s"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(labels, values, color=["grey"] + ["tab:blue"] * (len(values) - 1))
+    ax.axhline(2 * ref, color="tab:red", linestyle="--", label="target: 2x ip route show")
+    for bar, v in zip(bars, values, strict=True):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.2f} s", ha="center", va="bottom")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"initial sync, {doc['routes']} routes ({doc['date']}, {doc['machine']})",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--v4", type=int, default=1_000_000)
     ap.add_argument("--v6", type=int, default=250_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--plot", help="draw the results into this PNG (needs matplotlib)")
+    ap.add_argument("--from-json", help="measure nothing: plot the results of an earlier --json")
     args = ap.parse_args()
+    if args.from_json:
+        plot(json.loads(Path(args.from_json).read_text()), args.plot)
+        return
 
     with router("fsb") as (name, daemon), tempfile.TemporaryDirectory() as cache:
         daemon.env["FIBSYNC_CACHE_DIR"] = cache
@@ -85,7 +118,6 @@ def main() -> None:
             runs.append({
                 "program": "cached" if load.get("cached") else "compiled",
                 "run_to_synced_s": round(synced, 2),
-                "ratio": round(synced / ip_show, 2),
                 "run_to_status_synced_s": round(seen, 2),
                 "rss_mb": round(proc_mb(pid, "VmRSS"), 1),
                 "peak_rss_mb": round(proc_mb(pid, "VmHWM"), 1),
@@ -99,6 +131,8 @@ def main() -> None:
                 subprocess.run(["ip", "-n", name, "link", "set", f"b{b}", "xdp", "off"],
                                check=True)
             ip_show = min(ip_show, time_ip_show(name))
+        for run in runs:  # against the best `ip route show` of the whole session
+            run["ratio"] = round(run["run_to_synced_s"] / ip_show, 2)
         fp = status["fastpath"]
         result = {
             "date": time.strftime("%Y-%m-%d"),
@@ -111,7 +145,12 @@ def main() -> None:
             "fast_path_routes": f"{fp['routes_v4']} v4 + {fp['routes_v6']} v6",
             "maps_mb": {k: round(v, 1) for k, v in maps.items()},
         }
-        print(json.dumps(result, indent=2))
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        if args.plot:
+            plot(result, args.plot)
 
 
 if __name__ == "__main__":

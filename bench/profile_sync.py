@@ -85,7 +85,7 @@ def main() -> None:
         fp = FastPath.load(name)
         t = stage("bcc build + load", t)
         snapshot = asyncio.run(dump())
-        t = stage(f"dump+decode {len(snapshot.routes)} routes", t)
+        t = stage(f"dump+decode {snapshot.route_count()} routes", t)
         prof = cProfile.Profile() if args.cprofile else None
         if prof:
             prof.enable()
