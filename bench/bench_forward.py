@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
-import json
 import os
 import platform
 import random
@@ -54,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import report  # noqa: E402
 from bench_xdp import fib_forwarder, host_in, set_v4_table  # noqa: E402
 from fulltable import install, v4_prefixes, v6_prefixes  # noqa: E402
 from profile_sync import dump  # noqa: E402
@@ -226,23 +226,14 @@ def attach(prog: FastPath | Any, rtr_ns: str) -> None:
 
 
 def plot(doc: dict[str, Any], path: str) -> None:
-    import matplotlib  # noqa: PLC0415 - bench extra only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(2, 1, figsize=(8, 5), height_ratios=[4, 3])
+    fig, axes = report.pyplot().subplots(2, 1, figsize=(8, 5), height_ratios=[4, 3])
     for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
         rows = doc["results"][family]
-        labels = list(rows)[::-1]
-        values = [rows[k]["pps"] / 1e6 for k in labels]
-        bars = ax.barh(labels, values, color=[
-            "#999999" if "kernel" in k else "#d62728" if "fib" in k else "#1f77b4"
-            for k in labels])
-        ax.bar_label(bars, fmt="%.2f", padding=3)
-        ax.set_title(f"{family}: million packets/s forwarded, one core, "
-                     f"{doc['destinations']} destinations", fontsize=9)
-        ax.set_xlim(0, max(values) * 1.15)
+        report.hbars(ax, {k: v["pps"] / 1e6 for k, v in rows.items()},
+                     lambda k: "#999999" if "kernel" in k else "#d62728" if "fib" in k
+                     else "#1f77b4", "%.2f",
+                     f"{family}: million packets/s forwarded, one core, "
+                     f"{doc['destinations']} destinations")
     fig.suptitle(doc["table"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -254,12 +245,9 @@ def main() -> None:
     ap.add_argument("--v6", type=int, default=250_000)
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json")
-    ap.add_argument("--plot")
-    ap.add_argument("--from-json", help="measure nothing: plot the results of an earlier --json")
+    report.add_arguments(ap)
     args = ap.parse_args()
-    if args.from_json:
-        plot(json.loads(Path(args.from_json).read_text()), args.plot)
+    if report.replotted(args, plot):
         return
     tag = uuid.uuid4().hex[:6]
     rtr, gen = Netns(f"fsfr{tag}"), Netns(f"fsfg{tag}")
@@ -354,12 +342,7 @@ def main() -> None:
             "table": f"{args.v4} IPv4 + {args.v6} IPv6 via nexthop objects",
             "packets_per_round": args.packets, "rounds": args.rounds,
             "destinations": DESTINATIONS, "results": results}
-        text = json.dumps(doc, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(text + "\n")
-        if args.plot:
-            plot(doc, args.plot)
+        report.publish(doc, args, plot)
     finally:
         for fp, instance in loaded:
             fp.close()

@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import report  # noqa: E402
 from fulltable import install, router, time_ip_show  # noqa: E402
 
 
@@ -63,11 +64,7 @@ def log_time(log: Path, event: str) -> float:
 
 
 def plot(doc: dict[str, Any], path: str) -> None:
-    import matplotlib  # noqa: PLC0415 - bench extra only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = report.pyplot()
     ref = doc["ip_route_show_all_s"]
     labels = ["ip route show\ntable all"]
     values = [ref]
@@ -92,12 +89,9 @@ def main() -> None:
     ap.add_argument("--v4", type=int, default=1_000_000)
     ap.add_argument("--v6", type=int, default=250_000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--plot", help="draw the results into this PNG (needs matplotlib)")
-    ap.add_argument("--from-json", help="measure nothing: plot the results of an earlier --json")
+    report.add_arguments(ap)
     args = ap.parse_args()
-    if args.from_json:
-        plot(json.loads(Path(args.from_json).read_text()), args.plot)
+    if report.replotted(args, plot):
         return
 
     with router("fsb") as (name, daemon), tempfile.TemporaryDirectory() as cache:
@@ -145,12 +139,7 @@ def main() -> None:
             "fast_path_routes": f"{fp['routes_v4']} v4 + {fp['routes_v6']} v6",
             "maps_mb": {k: round(v, 1) for k, v in maps.items()},
         }
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(text + "\n")
-        if args.plot:
-            plot(result, args.plot)
+        report.publish(result, args, plot)
 
 
 if __name__ == "__main__":

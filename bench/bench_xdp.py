@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import gc
 import ipaddress
-import json
 import os
 import platform
 import random
@@ -54,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import report  # noqa: E402
 from fulltable import install, v4_prefixes, v6_prefixes  # noqa: E402
 from profile_sync import dump, rss_mb  # noqa: E402
 
@@ -250,23 +250,14 @@ def timed_write(fp: FastPath, diff: Any, v4_table: str) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    import matplotlib  # noqa: PLC0415 - bench extra only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6), height_ratios=[6, 4])
+    fig, axes = report.pyplot().subplots(2, 1, figsize=(8, 6), height_ratios=[6, 4])
     for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
         rows = results[family]["programs"]
-        labels = list(rows)[::-1]
-        values = [rows[k]["ns_per_packet"] for k in labels]
-        bars = ax.barh(labels, values, color=[
-            "#999999" if "empty" in k else "#d62728" if "fib" in k else "#1f77b4"
-            for k in labels])
-        ax.bar_label(bars, fmt="%.0f", padding=3)
-        ax.set_title(f"{family}: ns per packet, BPF_PROG_TEST_RUN (median of "
-                     f"{results['samples']} destinations)", fontsize=9)
-        ax.set_xlim(0, max(values) * 1.15)
+        report.hbars(ax, {k: v["ns_per_packet"] for k, v in rows.items()},
+                     lambda k: "#999999" if "empty" in k else "#d62728" if "fib" in k
+                     else "#1f77b4", "%.0f",
+                     f"{family}: ns per packet, BPF_PROG_TEST_RUN (median of "
+                     f"{results['samples']} destinations)")
     fig.suptitle(results["table"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -277,12 +268,9 @@ def main() -> None:
     ap.add_argument("--v4", type=int, default=1_000_000)
     ap.add_argument("--v6", type=int, default=250_000)
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--plot", help="draw the results into this PNG (needs matplotlib)")
-    ap.add_argument("--from-json", help="measure nothing: plot the results of an earlier --json")
+    report.add_arguments(ap)
     args = ap.parse_args()
-    if args.from_json:
-        plot(json.loads(Path(args.from_json).read_text()), args.plot)
+    if report.replotted(args, plot):
         return
     name = f"fsx{uuid.uuid4().hex[:6]}"
     ns = Netns(name).create()
@@ -357,12 +345,7 @@ def main() -> None:
             "table": f"{args.v4} IPv4 + {args.v6} IPv6 via nexthop objects",
             "ip_batch_install_s": round(installed["ip_batch_install"], 1),
             "repeat": REPEAT, "rounds": ROUNDS, "samples": args.samples, **results}
-        text = json.dumps(doc, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(text + "\n")
-        if args.plot:
-            plot(doc, args.plot)
+        report.publish(doc, args, plot)
     finally:
         if empty is not None:
             empty.cleanup()
