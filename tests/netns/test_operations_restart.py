@@ -139,10 +139,13 @@ def test_a_map_of_another_size_is_replaced_not_reused(lab: Lab, fibsync: RouterD
     old_id = _map_id(fibsync.instance, "routes_v4")
     fibsync.stop()
     ping = Ping(lab, src, dst)
+    started = time.monotonic()
     try:
         fibsync.extra = ["--max-routes-v4", "4096"]
         fibsync.start()
-        time.sleep(0.3)
+        # pings before, during and after the swap: at least a second of them (a start
+        # with the program cache can take less than half a second)
+        time.sleep(max(0.3, 1.0 - (time.monotonic() - started)))
     finally:
         sent, answered = ping.stop()
         ping.kill()
