@@ -64,6 +64,8 @@ def run(
     replace_xdp: Annotated[bool | None, typer.Option(
         "--replace-xdp/--no-replace-xdp", help="Replace another XDP program on the interfaces.")
     ] = None,
+    v4_table: Annotated[str | None, typer.Option(
+        "--v4-table", help="IPv4 table the XDP program reads: dir24 or lpm.")] = None,
     netlink_rcvbuf: Annotated[str | None, typer.Option(
         "--netlink-rcvbuf", help="Netlink receive buffer, e.g. 64MiB.")] = None,
     map_batch: Annotated[int | None, typer.Option(
@@ -93,7 +95,8 @@ def run(
 
     overrides: dict[str, Any] = {
         "instance": instance, "interfaces": interface, "table": table, "protocols": protocol,
-        "xdp_mode": xdp_mode, "replace_xdp": replace_xdp, "netlink_rcvbuf": netlink_rcvbuf,
+        "xdp_mode": xdp_mode, "replace_xdp": replace_xdp, "v4_table": v4_table,
+        "netlink_rcvbuf": netlink_rcvbuf,
         "map_batch": map_batch, "max_routes_v4": max_routes_v4, "max_routes_v6": max_routes_v6,
         "max_nexthops": max_nexthops, "max_groups": max_groups, "max_neighbours": max_neighbours,
         "socket_group": socket_group, "metrics_listen": metrics_listen,

@@ -35,6 +35,7 @@ PROTOCOLS: dict[str, tuple[int, ...]] = {
 }
 TABLES = {"main": 254, "default": 253}
 XDP_MODES = ("auto", "native", "generic")
+V4_TABLES = ("dir24", "lpm")
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS_PORT = 9477
@@ -54,6 +55,7 @@ class Settings:
     protocols: tuple[int, ...] = ()
     xdp_mode: str = "auto"
     replace_xdp: bool = False
+    v4_table: str = "dir24"
     netlink_rcvbuf: int = 64 << 20
     map_batch: int = 65536
     max_routes_v4: int = 2097152
@@ -116,6 +118,9 @@ KEYS: tuple[Key, ...] = (
         "auto (native, else generic), native or generic"),
     Key("replace_xdp", "replace_xdp", "--replace-xdp", "false",
         "replace an XDP program that is not fibsync's on the interfaces"),
+    Key("v4_table", "v4_table", "--v4-table", '"dir24"',
+        "the IPv4 table the XDP program reads: dir24 (DIR-24-8: one read up to /24, two "
+        "beyond) or lpm (the LPM trie)", restart=True),
     Key("netlink_rcvbuf", "netlink_rcvbuf", "--netlink-rcvbuf", '"64MiB"',
         "netlink receive buffer (a size: 64MiB, 1GiB, or bytes); applies at the next resync"),
     Key("maps.batch", "map_batch", "--map-batch", "65536",
@@ -229,6 +234,7 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
         protocols=tuple(sorted({n for p in _list(v, "protocols") for n in _protocol(p)})),
         xdp_mode=_choice(v, "xdp_mode", XDP_MODES, "auto"),
         replace_xdp=_bool(v, "replace_xdp", False),
+        v4_table=_choice(v, "v4_table", V4_TABLES, "dir24"),
         netlink_rcvbuf=_size(v, "netlink_rcvbuf", 64 << 20, 4096, 1 << 31),
         map_batch=_int(v, "map_batch", 65536, 1, 1 << 20),
         max_routes_v4=_int(v, "max_routes_v4", 2097152, 1, _MAX_ROUTES),

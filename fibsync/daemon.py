@@ -361,6 +361,7 @@ class Daemon:
             load = asyncio.get_running_loop().run_in_executor(None, maps.load_program)
             self.maps = PinnedMaps(s.pin_dir)
             self.writer = MapWriter(self.maps, batch=s.map_batch,
+                                    v4_table=s.v4_table,  # type: ignore[arg-type]
                                     fresh=[n for n, o in maps.origin.items() if o != "adopted"])
             self.rib = Rib(self._filter(s), first_id=self._first_id)
             self.guard = FullMapGuard(self.rib, self.writer, self.log)

@@ -181,3 +181,28 @@ def test_non_ip_and_local_traffic_go_to_the_kernel(lab: Lab, router: RouterDaemo
     after = counters(router)
     # the router itself answered: packets for it are handed to the kernel, counted
     assert after["PASS_LOCAL"] - before["PASS_LOCAL"] >= 2
+
+
+@pytest.mark.parametrize("table, code", [("lpm", abi.FS_V4_LPM), ("dir24", abi.FS_V4_DIR24)])
+def test_the_ipv4_table_is_the_operators_choice(lab: Lab, table: str, code: int) -> None:
+    drop_kernel_forwarding(lab)
+    daemon = RouterDaemon.for_lab(lab, extra=["--v4-table", table])
+    try:
+        daemon.start()
+        warm_up(lab)
+        doc = daemon.status()
+        assert doc["writer"]["v4_table"] == table
+        maps = PinnedMaps(PIN_ROOT / daemon.instance)
+        try:
+            assert maps.config()[3] == code  # what the program reads
+        finally:
+            maps.close()
+        before = counters(daemon)["FWD_FAST"]
+        src, dst = str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip)
+        r = lab.h1.run(["ping", "-c", "5", "-i", "0.05", "-W", "1", "-I", src, dst], check=False)
+        assert r.returncode == 0, r.stdout
+        # request and reply each crossed the router in the fast path, not through the kernel
+        assert counters(daemon)["FWD_FAST"] - before >= 10
+    finally:
+        daemon.stop()
+        daemon.remove_pins()
