@@ -236,6 +236,19 @@ class MapSpec:
     max_entries: int
     flags: int = 0
 
+    @property
+    def kernel_name(self) -> str:
+        """The name the kernel keeps for the map (pins keep ``name``): it carries
+        ``LAYOUT``, so that a map written under another meaning is never adopted."""
+        return f"fs{LAYOUT}_{self.name}"[:15]
+
+
+# The meaning of the maps' contents. Bump it when a value or key changes meaning
+# without changing size (a size, type or flag change is caught anyway): a
+# restart then replaces every map instead of adopting what the previous
+# version wrote, and the old program keeps its maps until the new one is in.
+LAYOUT = 1
+
 
 def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
     """Every map of the contract, in pin-file order."""

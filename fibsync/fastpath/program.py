@@ -320,17 +320,17 @@ def _adopt_or_create(directory: Path, spec: abi.MapSpec) -> tuple[int, MapOrigin
         if fd >= 0:
             info = bpfsys.map_info(fd)
             flags = info.flags & ~abi.BPF_F_RDONLY_PROG
-            if (info.type, info.key_size, info.value_size, info.max_entries, flags) == (
-                spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags
-            ):
+            if (info.type, info.key_size, info.value_size, info.max_entries, flags,
+                    info.name) == (spec.type, spec.key_size, spec.value_size,
+                                   spec.max_entries, spec.flags, spec.kernel_name):
                 return fd, "adopted"
             os.close(fd)
-        # A different layout would be misread by the new program: start afresh
-        # (the old program keeps its map until it is replaced).
+        # A different layout (or meaning: abi.LAYOUT) would be misread by the new
+        # program: start afresh (the old program keeps its map until it is replaced).
         path.unlink()
         origin = "replaced"
     fd = bpfsys.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries,
-                           flags=spec.flags, name=spec.name)
+                           flags=spec.flags, name=spec.kernel_name)
     try:
         bpfsys.obj_pin(fd, str(path))
     except MapError:

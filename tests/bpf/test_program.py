@@ -92,6 +92,18 @@ def test_a_map_of_another_shape_is_replaced_not_reused(instance: str) -> None:
         assert info.max_entries == bigger.routes_v4
 
 
+def test_a_map_of_another_layout_version_is_replaced_even_of_the_same_shape(
+        instance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
+        old_id = bpfsys.map_info(first.map_fd("nexthops")).id
+        assert bpfsys.map_info(first.map_fd("nexthops")).name == f"fs{abi.LAYOUT}_nexthops"
+    # a later version that reads the same bytes differently bumps abi.LAYOUT
+    monkeypatch.setattr(abi, "LAYOUT", abi.LAYOUT + 1)
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as second:
+        assert set(second.map_origin.values()) == {"replaced"}
+        assert bpfsys.map_info(second.map_fd("nexthops")).id != old_id
+
+
 def test_a_foreign_pinned_object_is_replaced(instance: str) -> None:
     directory = program.pin_dir(instance)
     directory.mkdir(parents=True)
