@@ -17,7 +17,6 @@
  * is rewritten: the kernel must receive the frame as it arrived.
  */
 #include <uapi/linux/bpf.h>
-#include <linux/socket.h>
 
 #include "fibsync.h"
 #include "parse.h"
