@@ -407,7 +407,7 @@ def _compile(directory: Path, sizes: abi.Sizes, map_fds: dict[str, int]) -> tupl
     program, pins it under a temporary name and exits; the daemon takes the
     program from that pin. The child also leaves the instructions in the
     program cache (``cache_dir()``), and a later start with the same source,
-    build flags and kernel loads them directly: ~10 ms against ~2.5 s of
+    build flags and kernel loads them directly: ~10 ms against ~0.6 s of
     compiling on a core the initial sync needs.
     """
     src = bpf_source_dir()
