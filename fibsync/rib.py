@@ -1137,6 +1137,12 @@ class Rib:
         return (self.fib, set(self._fp_nexthops), set(self._fp_groups),
                 {k for k, n in self.neighbours.items() if n.valid})
 
+    def holds_prefix(self, family: int, addr: bytes, length: int) -> bool:
+        """Whether the fast path must hold this prefix (the sweep asks, map key by map key)."""
+        if int.from_bytes(addr, "big") << 8 | length in self._compact[family]:
+            return True
+        return Prefix(family, addr, length) in self._fib
+
     def counts(self) -> dict[str, int]:
         v4 = sum(1 for p in self._fib if p.family == AF_INET)
         return {

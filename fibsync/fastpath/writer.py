@@ -335,21 +335,24 @@ class MapWriter:
         DIR-24-8 table needs no sweep: its first write replaced it whole, and
         neither do the ``fresh`` maps (created empty by this run).
         """
-        prefixes, nexthops, groups, neighbours = rib.fast_path_keys()
-        want = {
-            "routes_v4": lambda: {route_key(p) for p in prefixes if p.family == AF_INET},
-            "routes_v6": lambda: {route_key(p) for p in prefixes if p.family == AF_INET6},
-            "groups": lambda: {U32.pack(i) for i in groups},
-            "nexthops": lambda: {U32.pack(i) for i in nexthops},
-            "neighbours": lambda: {neigh_key(k) for k in neighbours},
+        _, nexthops, groups, neighbours = rib.fast_path_keys()
+        holds = rib.holds_prefix
+        # the route maps are asked key by key (a set of a full table's keys would
+        # be ~1.25M objects more: 2.6 s against ~1 s, measured)
+        want: dict[str, Callable[[], Callable[[bytes], bool]]] = {
+            "routes_v4": lambda: lambda k: holds(AF_INET, k[4:8], U32.unpack_from(k)[0]),
+            "routes_v6": lambda: lambda k: holds(AF_INET6, k[4:20], U32.unpack_from(k)[0]),
+            "groups": lambda: {U32.pack(i) for i in groups}.__contains__,
+            "nexthops": lambda: {U32.pack(i) for i in nexthops}.__contains__,
+            "neighbours": lambda: {neigh_key(k) for k in neighbours}.__contains__,
         }
         skip = set(fresh)
         swept = 0
         for name, wanted in want.items():
             if name in skip:
                 continue
-            keys = wanted()
-            stale = [k for k, _ in self.maps.items(name) if k not in keys]
+            keep = wanted()
+            stale = [k for k, _ in self.maps.items(name) if not keep(k)]
             self._delete(name, stale)
             swept += len(stale)
         return swept
