@@ -226,17 +226,11 @@ def attach(prog: FastPath | Any, rtr_ns: str) -> None:
 
 
 def plot(doc: dict[str, Any], path: str) -> None:
-    fig, axes = report.pyplot().subplots(2, 1, figsize=(8, 5), height_ratios=[4, 3])
-    for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
-        rows = doc["results"][family]
-        report.hbars(ax, {k: v["pps"] / 1e6 for k, v in rows.items()},
-                     lambda k: "#999999" if "kernel" in k else "#d62728" if "fib" in k
-                     else "#1f77b4", "%.2f",
-                     f"{family}: million packets/s forwarded, one core, "
-                     f"{doc['destinations']} destinations")
-    fig.suptitle(doc["table"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    report.panels(path, doc["table"], [
+        (f"{family}: million packets/s forwarded, one core, {doc['destinations']} destinations",
+         {k: v["pps"] / 1e6 for k, v in doc["results"][family].items()})
+        for family in ("IPv4", "IPv6")], reference="kernel", fmt="%.2f", figsize=(8, 5),
+        height_ratios=[4, 3])
 
 
 def main() -> None:

@@ -250,17 +250,12 @@ def timed_write(fp: FastPath, diff: Any, v4_table: str) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    fig, axes = report.pyplot().subplots(2, 1, figsize=(8, 6), height_ratios=[6, 4])
-    for ax, family in zip(axes, ("IPv4", "IPv6"), strict=True):
-        rows = results[family]["programs"]
-        report.hbars(ax, {k: v["ns_per_packet"] for k, v in rows.items()},
-                     lambda k: "#999999" if "empty" in k else "#d62728" if "fib" in k
-                     else "#1f77b4", "%.0f",
-                     f"{family}: ns per packet, BPF_PROG_TEST_RUN (median of "
-                     f"{results['samples']} destinations)")
-    fig.suptitle(results["table"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    report.panels(path, results["table"], [
+        (f"{family}: ns per packet, BPF_PROG_TEST_RUN (median of {results['samples']} "
+         "destinations)",
+         {k: v["ns_per_packet"] for k, v in results[family]["programs"].items()})
+        for family in ("IPv4", "IPv6")], reference="empty", fmt="%.0f", figsize=(8, 6),
+        height_ratios=[6, 4])
 
 
 def main() -> None:

@@ -45,12 +45,22 @@ def pyplot() -> Any:
     return plt
 
 
-def hbars(ax: Any, rows: dict[str, float], colour: Callable[[str], str], fmt: str,
-          title: str) -> None:
-    """One horizontal bar per row, the first on top, each with its value."""
-    labels = list(rows)[::-1]
-    values = [rows[k] for k in labels]
-    bars = ax.barh(labels, values, color=[colour(k) for k in labels])
-    ax.bar_label(bars, fmt=fmt, padding=3)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlim(0, max(values) * 1.15)
+def panels(path: str, suptitle: str, rows: list[tuple[str, dict[str, float]]], *,
+           reference: str, fmt: str, figsize: tuple[float, float],
+           height_ratios: list[int]) -> None:
+    """One panel of horizontal bars per (title, {label: value}), the first row on
+    top, each bar with its value: grey for labels naming ``reference``, red for
+    the bpf_fib_lookup ones, blue for the rest."""
+    fig, axes = pyplot().subplots(len(rows), 1, figsize=figsize, height_ratios=height_ratios)
+    for ax, (title, values_of) in zip(axes, rows, strict=True):
+        labels = list(values_of)[::-1]
+        values = [values_of[k] for k in labels]
+        bars = ax.barh(labels, values, color=[
+            "#999999" if reference in k else "#d62728" if "fib" in k else "#1f77b4"
+            for k in labels])
+        ax.bar_label(bars, fmt=fmt, padding=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(0, max(values) * 1.15)
+    fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
