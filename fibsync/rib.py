@@ -631,6 +631,8 @@ class Rib:
             routes[target] = route
 
     def _del_route(self, route: Route) -> None:
+        if not self.filter.follows(route):
+            return  # nothing held can match it (and a compact route stays compact)
         self._promote(route.prefix)
         routes = list(self.routes.get(route.prefix, ()))
         same = [i for i, r in enumerate(routes) if r.key == route.key]
