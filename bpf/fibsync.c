@@ -61,8 +61,12 @@ BPF_TABLE_PINNED("array", __u32, struct fs_nexthop, v4_nh, FS_MAX_SLOTS * 2, FS_
 		 BPF_F_MMAPABLE);
 
 /*
- * tx_ports is a DEVMAP_HASH (ifindexes are sparse); bcc 0.26 has no name for
- * that type, but it only needs one to open a pinned map, and the verifier
+ * The interfaces the program may redirect to. tx_ports, a DEVMAP_HASH (any
+ * ifindex), holds them all; tx_direct, an array DEVMAP indexed by ifindex,
+ * holds those below FS_TX_DIRECT too, and the program redirects through it
+ * where it can: an array slot instead of a hash lookup costs ~8 ns less a
+ * packet (84 -> 76.5 ns a DIR-24-8 hit, measured). bcc 0.26 has no name for
+ * DEVMAP_HASH, but it only needs one to open a pinned map, and the verifier
  * checks bpf_redirect_map against the real map type.
  */
 struct tx_ports_table_t {
@@ -73,6 +77,8 @@ struct tx_ports_table_t {
 };
 __attribute__((section("maps/devmap:" FS_PIN(tx_ports))))
 struct tx_ports_table_t tx_ports = { .max_entries = FS_MAX_TX_PORTS };
+__attribute__((section("maps/devmap:" FS_PIN(tx_direct))))
+struct tx_ports_table_t tx_direct = { .max_entries = FS_TX_DIRECT };
 
 /* bcc's BPF_RINGBUF_OUTPUT, pinned. */
 struct neigh_miss_table_t {
@@ -216,7 +222,18 @@ static __always_inline __u32 fs_xmit(struct fs_pkt *p, void *l3, struct fs_egres
 		return FS_PASS(PASS_TTL);
 	/* With XDP_PASS as the fallback action, a port missing from tx_ports
 	 * returns the frame untouched to the kernel. */
-	if (tx_ports.redirect_map(eg->ifindex, XDP_PASS) != XDP_REDIRECT)
+	long sent;
+
+	if (eg->ifindex < FS_TX_DIRECT) {
+		sent = tx_direct.redirect_map(eg->ifindex, XDP_PASS);
+		/* Keeps clang from merging the two calls into one whose map is
+		 * chosen at run time: the verifier inlines bpf_redirect_map's
+		 * lookup only where the map is known (97 against 76.5 ns). */
+		asm volatile("" ::: "memory");
+	} else {
+		sent = tx_ports.redirect_map(eg->ifindex, XDP_PASS);
+	}
+	if (sent != XDP_REDIRECT)
 		return FS_PASS(PASS_EGRESS);
 
 	__builtin_memcpy(p->eth->h_dest, eg->dmac, ETH_ALEN);

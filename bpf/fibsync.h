@@ -31,6 +31,8 @@
 #ifndef FS_MAX_TX_PORTS
 #define FS_MAX_TX_PORTS 1024
 #endif
+/* tx_direct: the redirect targets with an ifindex below this, by index */
+#define FS_TX_DIRECT 4096
 /* DIR-24-8 IPv4 table: tbl8 groups (256 entries each) and route slots */
 #ifndef FS_MAX_TBL8_GROUPS
 #define FS_MAX_TBL8_GROUPS 16384

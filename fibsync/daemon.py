@@ -27,7 +27,6 @@ import grp
 import os
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -526,13 +525,9 @@ class Daemon:
 
     def _prune_tx_ports(self) -> None:
         """Forget redirect targets a previous run allowed and this one does not."""
-        from .fastpath import bpfsys
-
-        fd = self.fastpath.map_fd("tx_ports")
         keep = {a.ifindex for a in self.attachments.values()}
-        for key, _ in list(bpfsys.iterate(fd)):
-            if struct.unpack("=I", key)[0] not in keep:
-                bpfsys.delete(fd, key)
+        for ifindex in self.fastpath.ports() - keep:
+            self.fastpath.forbid_port(ifindex)
 
     def _check_interfaces(self) -> None:
         """Re-attach where a configured interface came back (deleted and re-created)."""

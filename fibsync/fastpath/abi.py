@@ -21,6 +21,7 @@ FS_MAX_NEXTHOPS = 65536
 FS_MAX_GROUPS = 16384
 FS_MAX_NEIGH = 65536
 FS_MAX_TX_PORTS = 1024
+FS_TX_DIRECT = 4096
 FS_NEIGH_MISS_BYTES = 262144
 FS_MAX_TBL8_GROUPS = 16384
 FS_MAX_SLOTS = 65536
@@ -188,6 +189,7 @@ MAP_HASH = 1
 MAP_ARRAY = 2
 MAP_PERCPU_ARRAY = 6
 MAP_LPM_TRIE = 11
+MAP_DEVMAP = 14
 MAP_DEVMAP_HASH = 25
 MAP_RINGBUF = 27
 
@@ -262,6 +264,7 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("groups", MAP_HASH, 4, s(FsGroup), sizes.groups),
         MapSpec("neighbours", MAP_HASH, s(FsNeighKey), s(FsNeigh), sizes.neighbours),
         MapSpec("tx_ports", MAP_DEVMAP_HASH, 4, 4, sizes.tx_ports),
+        MapSpec("tx_direct", MAP_DEVMAP, 4, 4, FS_TX_DIRECT),
         MapSpec("counters", MAP_PERCPU_ARRAY, 4, s(FsCounter), FS_REASON_MAX),
         MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
         MapSpec("neigh_miss", MAP_RINGBUF, 0, 0, sizes.neigh_miss_bytes),

@@ -223,9 +223,7 @@ class FastPath:
         else:
             order = [mode]
 
-        tx = self.map_fd("tx_ports")
-        key = struct.pack("=I", ifindex)
-        bpfsys.update(tx, key, key)
+        self.allow_port(ifindex)
         errors = []
         for want in order:
             try:
@@ -235,7 +233,7 @@ class FastPath:
                 current = _xdp_progs(ifindex)
                 continue
             return Attachment(ifname, ifindex, want, self.prog_id)
-        bpfsys.delete(tx, key)
+        self.forbid_port(ifindex)
         raise InterfaceError(f"cannot attach XDP to {ifname}: " + "; ".join(errors))
 
     def _attach_mode(self, ifindex: int, want: str, current: dict[str, int]) -> None:
@@ -255,7 +253,24 @@ class FastPath:
         for mode, prog_id in _xdp_progs(ifindex).items():
             if self._is_ours(prog_id):
                 _xdp_set(ifindex, -1, _MODE_FLAGS[mode], expected_id=prog_id)
-        bpfsys.delete(self.map_fd("tx_ports"), struct.pack("=I", ifindex))
+        self.forbid_port(ifindex)
+
+    def allow_port(self, ifindex: int) -> None:
+        """Let the program redirect to ifindex: tx_ports, and tx_direct where it fits."""
+        key = struct.pack("=I", ifindex)
+        bpfsys.update(self.map_fd("tx_ports"), key, key)
+        if ifindex < abi.FS_TX_DIRECT:
+            bpfsys.update(self.map_fd("tx_direct"), key, key)
+
+    def forbid_port(self, ifindex: int) -> None:
+        key = struct.pack("=I", ifindex)
+        if ifindex < abi.FS_TX_DIRECT:
+            bpfsys.delete(self.map_fd("tx_direct"), key)
+        bpfsys.delete(self.map_fd("tx_ports"), key)
+
+    def ports(self) -> set[int]:
+        """The ifindexes the program may redirect to."""
+        return {struct.unpack("=I", k)[0] for k, _ in bpfsys.iterate(self.map_fd("tx_ports"))}
 
     def attached(self) -> list[Attachment]:
         """Interfaces of this network namespace that run this instance's program."""

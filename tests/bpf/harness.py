@@ -165,9 +165,8 @@ class Lab:
         bpfsys.update(self.fp.map_fd("neighbours"), bytes(key), bytes(abi.FsNeigh(abi.mac(mac), 0)))
 
     def tx_port(self, ifindex: int) -> None:
-        key = struct.pack("=I", ifindex)
         with in_netns(self.ns):  # the devmap resolves ifindex in the caller's namespace
-            bpfsys.update(self.fp.map_fd("tx_ports"), key, key)
+            self.fp.allow_port(ifindex)
 
     def config(self, v4: int = abi.FS_HASH_L3, v6: int = abi.FS_HASH_L3, flags: int = 0) -> None:
         table = abi.FS_V4_DIR24 if self.v4_table == "dir24" else abi.FS_V4_LPM
@@ -175,7 +174,9 @@ class Lab:
                       bytes(abi.FsConfig(v4, v6, flags, table)))
 
     def clear(self) -> None:
-        for name in ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports"):
+        for ifindex in self.fp.ports():
+            self.fp.forbid_port(ifindex)
+        for name in ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours"):
             fd = self.fp.map_fd(name)
             for key in [k for k, _ in bpfsys.iterate(fd)]:
                 bpfsys.delete(fd, key)

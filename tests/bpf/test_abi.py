@@ -169,8 +169,10 @@ def test_group_size_as_committed() -> None:
 def test_map_specs_use_the_struct_sizes() -> None:
     specs = {s.name: s for s in abi.map_specs(abi.Sizes())}
     assert tuple(specs) == abi.MAP_NAMES == (
-        "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "counters",
-        "config", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
+        "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "tx_direct",
+        "counters", "config", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
+    assert (specs["tx_direct"].type, specs["tx_direct"].max_entries) == (
+        abi.MAP_DEVMAP, abi.FS_TX_DIRECT)
     assert (specs["routes_v4"].key_size, specs["routes_v4"].value_size) == (8, 8)
     assert (specs["routes_v6"].key_size, specs["routes_v6"].value_size) == (20, 8)
     assert specs["counters"].max_entries == abi.FS_REASON_MAX

@@ -20,7 +20,7 @@ from scapy.packet import Packet, Raw
 from fibsync.fastpath import abi
 from fibsync.fastpath.abi import Reason
 from fibsync.model import AF_INET, AF_INET6
-from tests.bpf.harness import ACTION_NAMES, XDP_DROP, XDP_PASS, XDP_REDIRECT, Lab
+from tests.bpf.harness import ACTION_NAMES, XDP_DROP, XDP_PASS, XDP_REDIRECT, Lab, sh
 
 pytestmark = pytest.mark.privileged
 
@@ -314,3 +314,28 @@ def test_repeat_decrements_ttl_until_the_kernel_takes_over(lab: Lab) -> None:
     assert Ether(out)[IP].ttl == 1
     assert lab.counters()[Reason.FWD_FAST][0] == 4
     assert lab.counters()[Reason.PASS_TTL][0] == 6
+
+
+@pytest.mark.parametrize("ifindex", [abi.FS_TX_DIRECT - 1, abi.FS_TX_DIRECT, 70000])
+def test_any_ifindex_is_a_redirect_target(lab: Lab, ifindex: int) -> None:
+    """Below FS_TX_DIRECT the program redirects through tx_direct (an array), from there
+    on through tx_ports (a hash): both forward, and both refuse a port not allowed."""
+    sh("ip", "-n", lab.ns, "link", "add", "name", "big0", "index", str(ifindex), "type",
+       "veth", "peer", "name", "big1")
+    try:
+        sh("ip", "-n", lab.ns, "link", "set", "big0", "up")
+        sh("ip", "-n", lab.ns, "link", "set", "big1", "up")
+        assert lab.ifindex("big0") == ifindex
+        lab.nexthop(1, ifindex, NH_SMAC, NH_DMAC)
+        lab.route("10.0.0.0/8", 1)
+        frame = bytes(v4())
+        assert lab.run(frame)[0] == XDP_PASS  # not allowed yet
+        lab.tx_port(ifindex)
+        retval, out = lab.run(frame)
+        assert retval == XDP_REDIRECT and out == bytes(forwarded()(v4()))
+        lab.fp.forbid_port(ifindex)
+        assert lab.run(frame)[0] == XDP_PASS
+        assert lab.counters() == {Reason.PASS_EGRESS: (2, 2 * len(frame)),
+                                  Reason.FWD_FAST: (1, len(frame))}
+    finally:
+        sh("ip", "-n", lab.ns, "link", "del", "big0")
