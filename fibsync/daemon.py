@@ -463,8 +463,7 @@ class Daemon:
             self._attach_all()
             # what a previous run left in the pinned maps and the kernel no longer has; the
             # new program runs already, so the old one never meets a half-swept table
-            fresh = [n for n, origin in self.fastpath.map_origin.items() if origin != "adopted"]
-            swept = self.writer.sweep(self.rib, fresh)
+            swept = self.writer.sweep(self.rib)
             self.guard.retry()
             self._prune_tx_ports()
             self.state = "synced"

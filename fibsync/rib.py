@@ -1134,9 +1134,10 @@ class Rib:
 
     # -------------------------------------------------------------- queries
 
-    def fast_path_keys(self) -> tuple[FibView, set[int], set[int], set[tuple[int, int, bytes]]]:
-        """What the maps must hold, and nothing else: prefixes, nexthop, group, neighbour keys."""
-        return (self.fib, set(self._fp_nexthops), set(self._fp_groups),
+    def fast_path_keys(self) -> tuple[set[int], set[int], set[tuple[int, int, bytes]]]:
+        """The nexthop, group and neighbour keys the maps must hold, and nothing else
+        (prefixes: ``holds_prefix``)."""
+        return (set(self._fp_nexthops), set(self._fp_groups),
                 {k for k, n in self.neighbours.items() if n.valid})
 
     def holds_prefix(self, family: int, addr: bytes, length: int) -> bool:

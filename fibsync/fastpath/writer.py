@@ -328,14 +328,14 @@ class MapWriter:
             self._first = False
             self._select_v4_table()
 
-    def sweep(self, rib: Rib, fresh: Iterable[str] = ()) -> int:
+    def sweep(self, rib: Rib) -> int:
         """Delete every map entry the RIB does not want (a previous run's leftovers).
 
         Routes go first, then what they pointed to, so nothing dangles. The
         DIR-24-8 table needs no sweep: its first write replaced it whole, and
         neither do the ``fresh`` maps (created empty by this run).
         """
-        _, nexthops, groups, neighbours = rib.fast_path_keys()
+        nexthops, groups, neighbours = rib.fast_path_keys()
         holds = rib.holds_prefix
         # the route maps are asked key by key (a set of a full table's keys would
         # be ~1.25M objects more: 2.6 s against ~1 s, measured)
@@ -346,10 +346,9 @@ class MapWriter:
             "nexthops": lambda: {U32.pack(i) for i in nexthops}.__contains__,
             "neighbours": lambda: {neigh_key(k) for k in neighbours}.__contains__,
         }
-        skip = set(fresh)
         swept = 0
         for name, wanted in want.items():
-            if name in skip:
+            if name in self.fresh:
                 continue
             keep = wanted()
             stale = [k for k, _ in self.maps.items(name) if not keep(k)]

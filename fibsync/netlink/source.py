@@ -201,17 +201,23 @@ async def dump_raw(sock: socket.socket, req: bytes, on_chunk: Callable[[bytes], 
     loop = asyncio.get_running_loop()
     sock.send(req)
     buf = bytearray(RECV_BUFFER)
-    view = memoryview(buf)
     while True:
         try:
-            n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+            chunk = read_chunk(sock, buf)
         except BlockingIOError:
             await _wait_readable(loop, sock)
             continue
-        if n > len(buf):
-            raise NetlinkError(f"a {n}-byte dump message does not fit the receive buffer")
-        if on_chunk(bytes(view[:n])):
+        if on_chunk(chunk):
             return
+
+
+def read_chunk(sock: socket.socket, buf: bytearray) -> bytes:
+    """One received dump buffer (what the socket's blocking mode makes of an empty
+    queue, BlockingIOError or TimeoutError, passes through)."""
+    n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+    if n > len(buf):
+        raise NetlinkError(f"a {n}-byte dump message does not fit the receive buffer")
+    return bytes(memoryview(buf)[:n])
 
 
 class NetlinkSource:
@@ -432,17 +438,14 @@ class _Dump:
             sock.settimeout(0.5)  # to notice a lost session or a cancelled dump
             sock.send(self.req)
             buf = bytearray(RECV_BUFFER)
-            view = memoryview(buf)
             while True:
                 try:
-                    n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+                    chunk = read_chunk(sock, buf)
                 except TimeoutError:
                     if self.cancelled or self.source._overrun is not None:
                         return
                     continue
-                if n > len(buf):
-                    raise NetlinkError(f"a {n}-byte dump message does not fit the receive buffer")
-                if self.on_chunk(bytes(view[:n])):
+                if self.on_chunk(chunk):
                     return
         finally:
             sock.close()
