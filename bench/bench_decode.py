@@ -112,7 +112,7 @@ def time_pyroute2_dump(ns: str, family: int) -> tuple[float, int]:
 async def time_end_to_end(ns: str) -> tuple[float, int]:
     source = NetlinkSource(netns=ns, log=_quiet())
     t0 = time.perf_counter()
-    snapshot = await source._dump()
+    snapshot = await source.dump()
     return time.perf_counter() - t0, len(snapshot.routes)
 
 

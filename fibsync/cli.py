@@ -68,6 +68,9 @@ def run(
         "--v4-table", help="IPv4 table the XDP program reads: dir24 or lpm.")] = None,
     netlink_rcvbuf: Annotated[str | None, typer.Option(
         "--netlink-rcvbuf", help="Netlink receive buffer, e.g. 64MiB.")] = None,
+    audit_interval: Annotated[str | None, typer.Option(
+        "--audit-interval", help="Seconds between self-audits; 0 turns them off.",
+        metavar="SECONDS")] = None,
     map_batch: Annotated[int | None, typer.Option(
         "--map-batch", help="Entries per bpf(2) batch call.")] = None,
     max_routes_v4: Annotated[int | None, typer.Option(
@@ -96,7 +99,7 @@ def run(
     overrides: dict[str, Any] = {
         "instance": instance, "interfaces": interface, "table": table, "protocols": protocol,
         "xdp_mode": xdp_mode, "replace_xdp": replace_xdp, "v4_table": v4_table,
-        "netlink_rcvbuf": netlink_rcvbuf,
+        "netlink_rcvbuf": netlink_rcvbuf, "audit_interval": audit_interval,
         "map_batch": map_batch, "max_routes_v4": max_routes_v4, "max_routes_v6": max_routes_v6,
         "max_nexthops": max_nexthops, "max_groups": max_groups, "max_neighbours": max_neighbours,
         "socket_group": socket_group, "metrics_listen": metrics_listen,
@@ -180,6 +183,28 @@ def lookup(address: str, instance: Instance = None, config_file: ConfigFile = No
     settings = config.instance_for(instance, config_file)
     result = PinnedMaps(settings.pin_dir).lookup(address)
     print(json.dumps(result, indent=2) if as_json else render_lookup(result))
+
+
+@app.command()
+def verify(instance: Instance = None, config_file: ConfigFile = None,
+           as_json: AsJson = False) -> None:
+    """Compare the pinned maps with a fresh kernel dump: exit 0 equal, 1 different."""
+    from . import status as st
+    from . import verify as vf
+    from .rib import Filter
+
+    settings = config.instance_for(instance, config_file)
+    try:
+        # the running daemon's filter, flags included; else the config file's
+        running = st.query(settings.status_socket).get("filter") or {}
+    except (DaemonDown, DaemonError):  # down, or not answering (stopped, busy)
+        running = {}
+    table = running.get("table", settings.table)
+    protocols = running.get("protocols", settings.protocols)
+    report = vf.run_pinned(settings.pin_dir, Filter(table, frozenset(protocols) or None))
+    print(json.dumps(report.doc(), indent=2) if as_json else vf.render(report))
+    if not report.equal:
+        raise typer.Exit(1)
 
 
 @app.command()

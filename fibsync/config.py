@@ -57,6 +57,7 @@ class Settings:
     replace_xdp: bool = False
     v4_table: str = "dir24"
     netlink_rcvbuf: int = 64 << 20
+    audit_interval: float = 300.0
     map_batch: int = 65536
     max_routes_v4: int = 2097152
     max_routes_v6: int = 524288
@@ -123,6 +124,9 @@ KEYS: tuple[Key, ...] = (
         "beyond) or lpm (the LPM trie)", restart=True),
     Key("netlink_rcvbuf", "netlink_rcvbuf", "--netlink-rcvbuf", '"64MiB"',
         "netlink receive buffer (a size: 64MiB, 1GiB, or bytes); applies at the next resync"),
+    Key("audit_interval", "audit_interval", "--audit-interval", "300",
+        "seconds between self-audits (the maps against a fresh kernel dump, also run after "
+        "every resync); 0 turns the audit off"),
     Key("maps.batch", "map_batch", "--map-batch", "65536",
         "entries per bpf(2) batch call"),
     Key("maps.routes_v4", "max_routes_v4", "--max-routes-v4", "2097152",
@@ -236,6 +240,7 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
         replace_xdp=_bool(v, "replace_xdp", False),
         v4_table=_choice(v, "v4_table", V4_TABLES, "dir24"),
         netlink_rcvbuf=_size(v, "netlink_rcvbuf", 64 << 20, 4096, 1 << 31),
+        audit_interval=_seconds(v, "audit_interval", 300.0),
         map_batch=_int(v, "map_batch", 65536, 1, 1 << 20),
         max_routes_v4=_int(v, "max_routes_v4", 2097152, 1, _MAX_ROUTES),
         max_routes_v6=_int(v, "max_routes_v6", 524288, 1, _MAX_ROUTES),
@@ -276,6 +281,21 @@ def _int(v: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise _err(key, f"{value} is out of range {lo}..{hi}")
     return value
+
+
+def _seconds(v: dict[str, Any], key: str, default: float) -> float:
+    """A duration in seconds: a number, or a string of one (flags arrive as strings)."""
+    value = v.get(key, default)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _err(key, f"{value!r} is not a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _err(key, f"must be a number of seconds, not {value!r}")
+    if not 0 <= value <= 86400:
+        raise _err(key, f"{value} is out of range 0..86400 seconds")
+    return float(value)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)

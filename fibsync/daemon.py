@@ -34,6 +34,7 @@ from typing import Any
 
 from . import __version__, config
 from . import log as logging
+from .audit import Auditor
 from .config import Settings
 from .errors import (
     ConfigError,
@@ -334,6 +335,9 @@ class Daemon:
         self._hash_policy: tuple[int, ...] = ()
         self._attach_failed: dict[str, str] = {}
         self._reclaim: asyncio.Task[None] | None = None
+        self.auditor: Auditor | None = None
+        self._last_change = 0.0  # monotonic time of the last batch of kernel changes
+        self._rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
 
     # ----------------------------------------------------------- lifecycle
 
@@ -367,6 +371,8 @@ class Daemon:
             self.misses = MissReader(self.maps.fd("neigh_miss"))
             self.resolver = NeighbourResolver()
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
+            self.auditor = Auditor(s.audit_interval, self._audit_args, self._audit_exclude,
+                                   self._repair, lambda: self._last_change, self.log)
             self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
             self.notify.status("syncing: dumping the kernel's tables")
             try:
@@ -393,11 +399,13 @@ class Daemon:
         assert self.misses is not None
         loop.add_reader(self.misses.fileno(), self._on_neigh_miss)
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        assert self.auditor is not None
+        audit = asyncio.create_task(self.auditor.run(), name="audit")
         stop = asyncio.create_task(self._stop.wait())
         try:
             while True:
                 netlink = self._netlink_task
-                done, _ = await asyncio.wait([stop, housekeeping, netlink],
+                done, _ = await asyncio.wait([stop, housekeeping, audit, netlink],
                                              return_when=asyncio.FIRST_COMPLETED)
                 if stop in done:
                     break
@@ -410,7 +418,8 @@ class Daemon:
         finally:
             self.state = "stopping"
             self.notify.send("STOPPING=1")
-            tasks = [stop, housekeeping, self._netlink_task, *filter(None, [self._reclaim])]
+            tasks = [stop, housekeeping, audit, self._netlink_task,
+                     *filter(None, [self._reclaim])]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -448,6 +457,9 @@ class Daemon:
         self.notify.ping(force=True)
         t0 = time.monotonic()
         self.rib.resync(snapshot)
+        for prefix in self._rewrite:
+            self.rib.rewrite(prefix)
+        self._rewrite = set()
         if self.fastpath is None:
             # the program is still being built: fill the maps now, attach it once loaded
             self._flush()
@@ -474,12 +486,15 @@ class Daemon:
             self.notify.send("READY=1")
         self._update_status_line()
         self.notify.ping(force=True)
+        assert self.auditor is not None
+        # a resync's dump may have been taken while the kernel changed: prove it
+        self.auditor.request()
         # once the source has let go of the snapshot (before it next waits)
         asyncio.get_running_loop().call_soon(release_memory)
 
     def apply(self, changes: list[Change]) -> None:
         assert self.rib is not None
-        t0 = time.monotonic()
+        t0 = self._last_change = time.monotonic()
         self.rib.apply(changes)
         if self.guard is None:
             return  # written with the first sync, once the program is loaded
@@ -580,6 +595,8 @@ class Daemon:
         assert self.writer is not None and self.rib is not None
         self.writer.batch = new.map_batch
         self.source.rcvbuf = new.netlink_rcvbuf
+        if self.auditor is not None and new.audit_interval != old.audit_interval:
+            self.auditor.set_interval(new.audit_interval)
         if new.socket_group != old.socket_group:
             self._set_socket_mode()
         added = [n for n in new.interfaces if n not in old.interfaces]
@@ -610,6 +627,24 @@ class Daemon:
         assert self._netlink_task is not None
         self._netlink_task.cancel()
         self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
+
+    # ------------------------------------------------------------ audit
+
+    def _audit_args(self) -> dict[str, Any]:
+        s = self.settings
+        return {"pin_dir": str(s.pin_dir), "table": s.table, "protocols": list(s.protocols)}
+
+    def _audit_exclude(self) -> set[Prefix]:
+        """What the maps lack or hold differently on purpose: a full map's casualties."""
+        assert self.writer is not None and self.guard is not None
+        return self.writer.unwritten | self.guard.demoted
+
+    def _repair(self, prefixes: list[Prefix]) -> None:
+        """Dump again, and write these prefixes whatever the RIB believes the maps hold:
+        the mark and sweep mends what the RIB got wrong, the rewrite what the maps did."""
+        self._rewrite |= set(prefixes)
+        self.log.info("resync.request", reason=f"audit: {len(prefixes)} divergences")
+        self._restart_netlink()
 
     # ------------------------------------------------- housekeeping loop
 
@@ -795,6 +830,7 @@ class Daemon:
             "neighbour_resolver": {**_public(self.resolver.stats),
                                    "misses": self.neigh_misses},
             "reloads": dict(self.reloads),
+            "audit": self.auditor.doc() if self.auditor is not None else {},
             "interfaces": [
                 {"name": n, "ifindex": a.ifindex, "mode": a.mode, "prog_id": a.prog_id}
                 for n, a in self.attachments.items()

@@ -43,6 +43,13 @@ WRITER_COUNTERS = {
 }
 
 
+AUDIT_COUNTERS = {
+    "runs": "self-audits run (the maps against a fresh kernel dump)",
+    "divergences": "prefixes a self-audit found different from the kernel (then repaired)",
+    "failures": "self-audits that could not run",
+}
+
+
 class FibsyncCollector(Collector):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -121,6 +128,11 @@ class FibsyncCollector(Collector):
         for i in doc["interfaces"]:
             g.add_metric([i["name"], i["mode"]], 1)
         yield g
+        audit = doc["audit"]
+        for key, text in AUDIT_COUNTERS.items():
+            c = CounterMetricFamily(f"fibsync_audit_{key}", text)
+            c.add_metric([], audit[key])
+            yield c
         c = CounterMetricFamily("fibsync_reloads", "SIGHUP reloads", labels=["outcome"])
         c.add_metric(["done"], doc["reloads"]["done"])
         c.add_metric(["rejected"], doc["reloads"]["rejected"])

@@ -1146,6 +1146,34 @@ class Rib:
             return True
         return Prefix(family, addr, length) in self._fib
 
+    def rewrite(self, prefix: Prefix) -> None:
+        """Put the prefix's entry, and the next hops and group it uses, in the diff
+        again, whatever the maps are believed to hold (a repair after an audit)."""
+        entry = self.fib.get(prefix)
+        self.diff.routes[prefix] = entry
+        if entry is None or entry.action is not Action.FORWARD:
+            return
+        ids = [entry.nh_id]
+        if entry.group:
+            self.diff.groups[entry.nh_id] = self._fp_groups.get(entry.nh_id)
+            ids = [m for m, _ in self._group_members.get(entry.nh_id, ())]
+        for fid in ids:
+            self.diff.nexthops[fid] = self._fp_nexthops.get(fid)
+
+    def nhids_of(self, prefix: Prefix) -> set[int]:
+        """The kernel nexthop objects the followed routes of ``prefix`` use."""
+        attrs = self._compact[prefix.family].get(_compact_key(prefix))
+        if attrs is not None:
+            return {attrs[_NHID]}
+        return {r.nhid for r in self.routes.get(prefix, ()) if r.nhid}
+
+    def objects_using(self, nhids: Iterable[int]) -> set[int]:
+        """These nexthop objects and the groups that hold any of them."""
+        out = set(nhids)
+        for nhid in list(out):
+            out |= self._groups_by_member.get(nhid, set())
+        return out
+
     def counts(self) -> dict[str, int]:
         v4 = sum(1 for p in self._fib if p.family == AF_INET)
         return {

@@ -126,6 +126,19 @@ def render(doc: dict[str, Any]) -> str:
             f"  unwritten {wr.get('unwritten', 0)}  demoted {wr.get('demoted', 0)}"
             + (f"  IPv4 table {wr['v4_table']}" if wr.get("v4_table") else "")
         )
+    au = doc.get("audit")
+    if au:
+        if not au.get("interval"):
+            lines.append("audit      off (audit_interval = 0)")
+        else:
+            last = au.get("last_result") or "not yet"
+            lines.append(
+                f"audit      every {_fmt_seconds(au['interval'])}, last {last}"
+                + (f" ({au.get('last_checked', 0)} prefixes, "
+                   f"{_fmt_seconds(au.get('last_seconds', 0))})" if au.get("runs") else "")
+                + f"  runs {au.get('runs', 0)}  divergences {au.get('divergences', 0)}"
+                f"  repairs {au.get('repairs', 0)}"
+                + (f"  failures {au['failures']}" if au.get("failures") else ""))
     rl = doc.get("reloads")
     if rl:
         lines.append(f"reloads    {rl.get('done', 0)} done, {rl.get('rejected', 0)} rejected"

@@ -275,7 +275,7 @@ class NetlinkSource:
         fd = events.fileno()
         try:
             loop.add_reader(fd, self._drain, events)
-            snapshot = await self._dump()
+            snapshot = await self.dump()
             self._check_overrun()
             sink.resync(snapshot)
             self._synced = True
@@ -358,7 +358,8 @@ class NetlinkSource:
         self._overrun = reason
         self._wake.set()
 
-    async def _dump(self) -> Snapshot:
+    async def dump(self) -> Snapshot:
+        """One full dump on sockets of its own (the session's, and ``fibsync verify``'s)."""
         snapshot = Snapshot()
         routes: list[_Dump] = []
         sock = open_socket(netns=self.netns, rcvbuf=DUMP_RCVBUF)

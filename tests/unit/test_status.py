@@ -34,6 +34,9 @@ def doc_up() -> dict[str, Any]:
         "writer": {"entries": 100, "batches": 9, "errors": 1, "full": 1, "unwritten": 2,
                    "demoted": 1},
         "reloads": {"done": 1, "rejected": 1, "last_error": "table: bad"},
+        "audit": {"interval": 300.0, "runs": 4, "divergences": 3, "repairs": 1, "failures": 0,
+                  "last_result": "equal", "last_at": 0.0, "last_seconds": 0.5,
+                  "last_checked": 15, "last_in_flight": 0, "pending": False},
         "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native", "prog_id": 77}],
         "counters": {"FWD_FAST": {"packets": 123456, "bytes": 9999999, "description": "fast"},
                      "PASS_TTL": {"packets": 0, "bytes": 0, "description": "ttl"}},
@@ -42,6 +45,8 @@ def doc_up() -> dict[str, Any]:
 
 def test_render_up() -> None:
     text = st.render(doc_up())
+    assert "audit      every 5m00s, last equal (15 prefixes, 500.0 ms)  runs 4  divergences 3" \
+        in text
     assert "daemon     up, pid 4242, version 0.1.0, running 1h06m" in text
     assert "state      synced" in text
     assert "problem    routes_v4 is full" in text
@@ -129,6 +134,8 @@ def test_metrics_come_from_the_status_document() -> None:
     assert "fibsync_kernel_changes_total 14.0" in text
     assert 'fibsync_interface_attached{interface="eth0",mode="native"} 1.0' in text
     assert 'fibsync_reloads_total{outcome="rejected"} 1.0' in text
+    assert "fibsync_audit_divergences_total 3.0" in text
+    assert "fibsync_audit_runs_total 4.0" in text
 
 
 def test_metrics_before_the_first_sync() -> None:

@@ -1,0 +1,176 @@
+"""The daemon's self-audit: ``fibsync verify`` in a child process, and what follows from it.
+
+It runs after every resync and every ``audit_interval`` seconds, in a process
+of its own at a lower priority (``python -m fibsync.verify``), so that the
+loop that writes the maps never waits for it. A divergence the child
+confirms is logged with its prefix, counted (status ``audit.divergences``,
+Prometheus ``fibsync_audit_divergences_total``) and repaired by a resync,
+which rewrites exactly what differs; the resync is audited in turn.
+
+An audit that could not judge everything (prefixes changing while it read, or
+announcements lost) is run again soon: once the kernel has been quiet for
+``QUIET`` seconds, or after a delay that doubles up to the interval. Nothing
+runs sooner than twice the last audit's duration after it ended, so that
+audits never take more than a third of a core.
+
+Why this is needed, besides catching bugs: a kernel dump taken while the
+tables change may skip live routes (fibsync/verify.py says how), and the
+dump of a resync after an overrun is taken in exactly such a storm. The
+first audit that can judge everything once the storm is over repairs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .model import Prefix
+
+QUIET = 0.5  # seconds without a netlink change before a pending re-audit starts
+FIRST_RETRY = 1.0
+LOGGED = 20  # divergences logged one by one per audit; the rest are counted
+
+
+@dataclass(slots=True)
+class AuditStats:
+    runs: int = 0
+    divergences: int = 0  # confirmed, since the start
+    repairs: int = 0  # resyncs requested by an audit
+    failures: int = 0  # audits that could not run (the child failed)
+    last_at: float = 0.0  # wall clock of the last audit's end
+    last_seconds: float = 0.0
+    last_checked: int = 0
+    last_in_flight: int = 0
+    last_result: str = ""  # equal | diverged | inconclusive | failed
+
+
+async def run_child(args: dict[str, Any]) -> dict[str, Any]:
+    """Run one ``fibsync verify`` pass pair in a child process; its JSON report."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fibsync.verify", json.dumps(args),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"verify child exited with {proc.returncode}: {tail[0]}")
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+class Auditor:
+    def __init__(self, interval: float, args: Callable[[], dict[str, Any]],
+                 exclude: Callable[[], Iterable[Prefix]], repair: Callable[[list[Prefix]], None],
+                 last_change: Callable[[], float], log: Any,
+                 child: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] = run_child
+                 ) -> None:
+        self.interval = interval
+        self._args = args
+        self._exclude = exclude
+        self._repair = repair
+        self._last_change = last_change
+        self.log = log
+        self._child = child
+        self.stats = AuditStats()
+        self._wake = asyncio.Event()
+        self._retry: float | None = None  # delay of the pending re-audit
+        self._ended = 0.0  # monotonic end of the last audit
+
+    def request(self) -> None:
+        """Audit as soon as the rules allow (after a resync)."""
+        self._retry = 0.0
+        self._wake.set()
+
+    def set_interval(self, interval: float) -> None:
+        self.interval = interval
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wait_turn()
+            await self.audit_once()
+
+    async def _wait_turn(self) -> None:
+        """Until the interval elapses, or a requested or pending audit may start."""
+        deadline = time.monotonic() + self.interval
+        while True:
+            now = time.monotonic()
+            if not self.interval:
+                pass  # off: only a reload that sets an interval wakes it
+            elif self._retry is not None:
+                earliest = self._ended + 2 * self.stats.last_seconds
+                quiet = now - self._last_change() >= QUIET
+                due = self._ended + self._retry <= now
+                if now >= earliest and (quiet or due):
+                    return
+            elif now >= deadline:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+
+    async def audit_once(self) -> dict[str, Any] | None:
+        s = self.stats
+        t0 = time.monotonic()
+        args = dict(self._args(), exclude=[str(p) for p in self._exclude()])
+        try:
+            report = await self._child(args)
+        except (RuntimeError, OSError, ValueError) as exc:
+            s.failures += 1
+            s.last_result = "failed"
+            self._ended = time.monotonic()
+            self._retry = self.interval
+            self.log.error("audit.error", error=str(exc))
+            return None
+        s.runs += 1
+        s.last_at = time.time()
+        s.last_seconds = time.monotonic() - t0
+        s.last_checked = report["checked"]
+        s.last_in_flight = report["in_flight"]
+        self._ended = time.monotonic()
+        differences = report["differences"]
+        if differences:
+            s.divergences += len(differences)
+            s.repairs += 1
+            s.last_result = "diverged"
+            for d in differences[:LOGGED]:
+                self.log.warning("audit.divergence", prefix=d["prefix"], kernel=d["kernel"],
+                                 maps=d["maps"])
+            self.log.warning("audit.repair", divergences=len(differences),
+                             note="resyncing: the maps get what the kernel holds")
+            self._retry = None  # the resync asks for its own audit
+            self._repair([Prefix.parse(d["prefix"]) for d in differences])
+        elif report["in_flight"] or report["overrun"]:
+            s.last_result = "inconclusive"
+            # again soon, backing off while the kernel keeps changing
+            self._retry = min(self.interval, max(FIRST_RETRY, 2 * (self._retry or 0)))
+            self.log.debug("audit.inconclusive", in_flight=report["in_flight"],
+                           overrun=report["overrun"], retry=self._retry)
+        else:
+            s.last_result = "equal"
+            self._retry = None
+            self.log.info("audit.equal", checked=report["checked"],
+                          seconds=round(s.last_seconds, 2))
+        return report
+
+    def doc(self) -> dict[str, Any]:
+        s = self.stats
+        return {"interval": self.interval, "runs": s.runs, "divergences": s.divergences,
+                "repairs": s.repairs, "failures": s.failures, "last_result": s.last_result,
+                "last_at": s.last_at, "last_seconds": round(s.last_seconds, 3),
+                "last_checked": s.last_checked, "last_in_flight": s.last_in_flight,
+                "pending": self._retry is not None}
+
+
+__all__ = ["AuditStats", "Auditor", "run_child"]

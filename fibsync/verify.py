@@ -1,0 +1,351 @@
+"""The pinned maps against a fresh kernel dump: ``fibsync verify`` and the daemon's audit.
+
+One pass:
+
+1. subscribe to the rtnetlink groups the daemon follows (``InFlight`` notes
+   every change they announce from now on);
+2. dump the kernel: links, addresses, neighbours, nexthop objects, routes;
+3. read the pinned maps;
+4. read the changes announced meanwhile.
+
+The kernel's side is the fast path a fresh RIB builds from that dump, written
+by the same ``MapWriter`` into an in-memory map set and read back by the same
+``read_routes`` as the pinned maps (``fibsync routes``). Both sides are then
+one description per prefix: type, reason, and the next hops with gateway,
+link, weight, resolution, MAC and MTU; fast-path ids do not take part.
+
+What a pass may not judge (``InFlight.judges``):
+
+- a prefix that changed during the pass, or whose next hops did (a link, a
+  neighbour or a nexthop object it uses): its two sides were read at
+  different moments;
+- a prefix the maps hold and the dump lacks, when the dump may have skipped
+  live routes. The kernel resumes an IPv6 route dump after its tree changed
+  by counting nodes again from the root (``fib6_dump_table``:
+  ``w->skip = w->count``), so a route deleted before the dump's cursor hides
+  a live one further on. An IPv4 dump resumes by key, but counts the aliases
+  inside one trie leaf (``fn_trie_dump_leaf``), so a deletion at the same
+  address can hide one. Link, address and nexthop-object changes may remove
+  routes without a message.
+
+A difference is reported only when a second pass, taken afterwards, finds the
+same two sides again and could judge it both times: what was in flight in
+between is not a divergence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DecodeError
+from .fastpath.maps import PinnedMaps, read_routes
+from .fastpath.writer import MapSet, MapWriter, MemoryMaps
+from .model import (
+    AF_INET,
+    AF_INET6,
+    Address,
+    Change,
+    Link,
+    Neighbour,
+    NexthopObject,
+    Op,
+    Prefix,
+    Route,
+    Snapshot,
+)
+from .netlink import source
+from .netlink.decode import decode
+from .rib import Filter, Rib
+
+# room for the announcements of a whole pass at full speed (the kernel caps it at rmem_max
+# unless SO_RCVBUFFORCE is allowed)
+EVENT_RCVBUF = 256 << 20
+RECHECK_DELAY = 0.3  # seconds between the two passes
+
+Entry = tuple[Any, ...]
+
+
+def entry_of(doc: dict[str, Any]) -> Entry:
+    """A ``read_routes`` document without fast-path ids: what the XDP program does."""
+    hops = []
+    for h in doc["nexthops"]:
+        if h.get("missing"):
+            hops.append(("missing",))
+        else:
+            hops.append((h["gateway"] or "", h["ifindex"], h["weight"], h["resolved"],
+                         h["mac"] or "", h["mtu"]))
+    return (doc["type"], doc.get("reason", ""), tuple(sorted(hops, key=repr)))
+
+
+@dataclass(slots=True)
+class InFlight:
+    """What rtnetlink announced during a pass."""
+
+    prefixes: set[Prefix] = field(default_factory=set)
+    ifindexes: set[int] = field(default_factory=set)
+    nhids: set[int] = field(default_factory=set)
+    neighbours: set[tuple[int, bytes]] = field(default_factory=set)
+    v4_deleted: set[bytes] = field(default_factory=set)  # addresses of deleted IPv4 routes
+    v6_deleted: bool = False
+    silent: bool = False  # a change after which the kernel may remove routes unannounced
+    overrun: bool = False  # announcements were lost: nothing can be judged
+    changes: int = 0
+
+    def note(self, change: Change) -> None:
+        self.changes += 1
+        obj = change.obj
+        if isinstance(obj, Route):
+            self.prefixes.add(obj.prefix)
+            if change.op is Op.DEL:
+                if obj.prefix.family == AF_INET6:
+                    self.v6_deleted = True
+                else:
+                    self.v4_deleted.add(obj.prefix.addr)
+        elif isinstance(obj, Neighbour):
+            self.neighbours.add((obj.ifindex, obj.address))
+        elif isinstance(obj, NexthopObject):
+            self.nhids.add(obj.id)
+            if change.op is Op.DEL:
+                self.silent = True
+        elif isinstance(obj, Link):
+            self.ifindexes.add(obj.ifindex)
+            if change.op is Op.DEL or not obj.up:
+                self.silent = True
+        elif isinstance(obj, Address):
+            self.ifindexes.add(obj.ifindex)
+            if change.op is Op.DEL:
+                self.silent = True
+
+    def judges(self, prefix: Prefix, kernel: Entry | None, maps: Entry | None,
+               nhids: set[int]) -> bool:
+        """Whether this pass's two sides of ``prefix`` can be compared (module docstring).
+
+        ``nhids``: the kernel nexthop objects the prefix's routes use, groups and
+        their members alike.
+        """
+        if self.overrun or prefix in self.prefixes or nhids & self.nhids:
+            return False
+        for entry in (kernel, maps):
+            for hop in entry[2] if entry else ():
+                if len(hop) > 1 and (hop[1] in self.ifindexes or
+                                     (hop[1], _packed(hop[0])) in self.neighbours):
+                    return False
+        if prefix.family == AF_INET and prefix.addr in self.v4_deleted:
+            return False
+        if kernel is None:
+            return not (self.silent or (prefix.family == AF_INET6 and self.v6_deleted))
+        return True
+
+
+def _packed(gateway: str) -> bytes:
+    if not gateway:
+        return b""
+    return socket.inet_pton(AF_INET6 if ":" in gateway else AF_INET, gateway)
+
+
+class EventWatch:
+    """An rtnetlink subscription that feeds an ``InFlight``."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.sock = source.open_socket(netns=netns, rcvbuf=EVENT_RCVBUF,
+                                       groups=source.EVENT_GROUPS)
+        self.inflight = InFlight()
+        self._buf = bytearray(source.RECV_BUFFER)
+
+    def drain(self) -> InFlight:
+        """Read every announcement queued so far."""
+        inflight = self.inflight
+        view = memoryview(self._buf)
+        while True:
+            try:
+                n = self.sock.recv_into(self._buf, 0, socket.MSG_TRUNC)
+            except BlockingIOError:
+                return inflight
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                inflight.overrun = True
+                continue
+            if n > len(self._buf):
+                inflight.overrun = True
+                continue
+            try:
+                for _mtype, _flags, _seq, payload in decode(view[:n], lambda _e: None):
+                    if payload.__class__ is Change:
+                        inflight.note(payload)  # type: ignore[arg-type]
+            except DecodeError:
+                inflight.overrun = True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass(slots=True)
+class Side:
+    """One pass's two sides, by prefix."""
+
+    kernel: dict[Prefix, dict[str, Any]]
+    maps: dict[Prefix, dict[str, Any]]
+    nhids: dict[Prefix, set[int]]
+    inflight: InFlight
+
+    def differing(self, exclude: Iterable[Prefix] = ()) -> tuple[dict[Prefix, tuple[Entry | None,
+                                                                                  Entry | None]],
+                                                              int]:
+        """Prefixes whose sides differ and could be judged, and how many could not."""
+        skip = set(exclude)
+        out: dict[Prefix, tuple[Entry | None, Entry | None]] = {}
+        unjudged = 0
+        for prefix in self.kernel.keys() | self.maps.keys():
+            k, m = self.kernel.get(prefix), self.maps.get(prefix)
+            ke = entry_of(k) if k is not None else None
+            me = entry_of(m) if m is not None else None
+            if ke == me or prefix in skip:
+                continue
+            if self.inflight.judges(prefix, ke, me, self.nhids.get(prefix, set())):
+                out[prefix] = (ke, me)
+            else:
+                unjudged += 1
+        return out, unjudged
+
+
+def expected_routes(snapshot: Snapshot, route_filter: Filter) -> tuple[dict[Prefix, dict[str, Any]],
+                                                                       Rib]:
+    """The fast path a fresh RIB builds from ``snapshot``, as ``read_routes`` documents."""
+    rib = Rib(route_filter)
+    rib.resync(snapshot)
+    memory = MemoryMaps()
+    MapWriter(memory, v4_table="lpm").write(rib.take_diff())
+    return _by_prefix(read_routes(memory)), rib
+
+
+def _by_prefix(docs: list[dict[str, Any]]) -> dict[Prefix, dict[str, Any]]:
+    return {Prefix.parse(d["prefix"]): d for d in docs}
+
+
+async def one_pass(maps: MapSet, route_filter: Filter, netns: str | None = None) -> Side:
+    watch = EventWatch(netns)
+    try:
+        snapshot = await source.NetlinkSource(netns=netns).dump()
+        actual = _by_prefix(read_routes(maps))
+        inflight = watch.drain()
+    finally:
+        watch.close()
+    kernel, rib = expected_routes(snapshot, route_filter)
+    touched = rib.objects_using(inflight.nhids)
+    nhids = {p: uses for p in kernel.keys() | actual.keys()
+             if (uses := rib.nhids_of(p)) and uses & touched}
+    inflight.nhids = touched
+    return Side(kernel, actual, nhids, inflight)
+
+
+@dataclass(slots=True)
+class Report:
+    differences: list[dict[str, Any]]
+    unjudged: int  # prefixes in flight during a pass
+    checked: int  # prefixes on either side
+    changes: int  # announcements during the passes
+    overrun: bool
+    seconds: float
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences
+
+    def doc(self) -> dict[str, Any]:
+        return {"equal": self.equal, "differences": self.differences,
+                "checked": self.checked, "in_flight": self.unjudged,
+                "changes_during": self.changes, "overrun": self.overrun,
+                "seconds": round(self.seconds, 3)}
+
+
+async def verify(maps: MapSet, route_filter: Filter, netns: str | None = None,
+                 exclude: Iterable[Prefix] = (), recheck_delay: float = RECHECK_DELAY) -> Report:
+    """Compare, and re-check what differs before calling it a difference."""
+    t0 = time.monotonic()
+    skip = set(exclude)
+    first = await one_pass(maps, route_filter, netns)
+    found, unjudged = first.differing(skip)
+    changes, overrun = first.inflight.changes, first.inflight.overrun
+    checked = len(first.kernel.keys() | first.maps.keys())
+    confirmed: list[dict[str, Any]] = []
+    if found:
+        await asyncio.sleep(recheck_delay)
+        second = await one_pass(maps, route_filter, netns)
+        again, _ = second.differing(skip)
+        changes += second.inflight.changes
+        overrun |= second.inflight.overrun
+        for prefix in sorted(found, key=_order):
+            if again.get(prefix) == found[prefix]:
+                confirmed.append({"prefix": str(prefix), "kernel": second.kernel.get(prefix),
+                                  "maps": second.maps.get(prefix)})
+            else:
+                unjudged += 1
+    return Report(confirmed, unjudged, checked, changes, overrun, time.monotonic() - t0)
+
+
+def _order(prefix: Prefix) -> tuple[int, bytes, int]:
+    return (prefix.family, prefix.addr, prefix.length)
+
+
+def render(report: Report) -> str:
+    lines = []
+    for d in report.differences:
+        lines.append(f"{d['prefix']}: kernel {_describe(d['kernel'])}; "
+                     f"maps {_describe(d['maps'])}")
+    verdict = ("equal" if report.equal else
+               f"{len(report.differences)} difference{'s' if len(report.differences) != 1 else ''}")
+    lines.append(f"{verdict}: {report.checked} prefixes checked, {report.unjudged} changing "
+                 f"while read (not judged), {report.seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def _describe(doc: dict[str, Any] | None) -> str:
+    if doc is None:
+        return "none"
+    if doc["type"] != "unicast":
+        return doc["type"] + (f" ({doc['reason']})" if doc.get("reason") else "")
+    hops = []
+    for h in doc["nexthops"]:
+        if h.get("missing"):
+            hops.append(f"nexthop {h['id']} missing")
+            continue
+        via = f"via {h['gateway']}" if h["gateway"] else "connected"
+        state = f"lladdr {h['mac']}" if h["mac"] else ("resolved" if h["resolved"]
+                                                        else "unresolved")
+        hops.append(f"{via} dev {h['ifname'] or h['ifindex']} weight {h['weight']} "
+                    f"mtu {h['mtu']} {state}")
+    return "unicast " + ", ".join(hops)
+
+
+def run_pinned(pin_dir: Path, route_filter: Filter, exclude: Iterable[Prefix] = ()) -> Report:
+    maps = PinnedMaps(pin_dir)
+    try:
+        return asyncio.run(verify(maps, route_filter, exclude=exclude))
+    finally:
+        maps.close()
+
+
+def audit_child() -> None:
+    """``python -m fibsync.verify ARGS``: the daemon's audit (fibsync/audit.py). ARGS is
+    a JSON object (pin_dir, table, protocols, exclude); the report goes to stdout as JSON."""
+    os.nice(10)  # behind the daemon, which writes the maps
+    args = json.loads(sys.argv[1])
+    protocols = frozenset(args["protocols"]) or None
+    exclude = [Prefix.parse(p) for p in args.get("exclude", ())]
+    report = run_pinned(Path(args["pin_dir"]), Filter(args["table"], protocols), exclude)
+    json.dump(report.doc(), sys.stdout)
+
+
+if __name__ == "__main__":
+    audit_child()
