@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .model import Prefix
+from .verify import InFlight, entry_of
 
 QUIET = 0.5  # seconds without a netlink change before a pending re-audit starts
 FIRST_RETRY = 1.0
@@ -73,8 +74,9 @@ class Auditor:
     def __init__(self, interval: float, args: Callable[[], dict[str, Any]],
                  exclude: Callable[[], Iterable[Prefix]], repair: Callable[[list[Prefix]], None],
                  last_change: Callable[[], float], log: Any,
-                 child: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] = run_child
-                 ) -> None:
+                 child: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] = run_child,
+                 window: tuple[Callable[[], Any], Callable[[], InFlight]] = (
+                     lambda: None, InFlight)) -> None:
         self.interval = interval
         self._args = args
         self._exclude = exclude
@@ -82,6 +84,10 @@ class Auditor:
         self._last_change = last_change
         self.log = log
         self._child = child
+        # open and close the daemon's record of what it applied meanwhile: a change it
+        # had not applied when the child read the maps is in flight, not a divergence
+        self._open, self._close = window
+        self._lock = asyncio.Lock()
         self.stats = AuditStats()
         self._wake = asyncio.Event()
         self._retry: float | None = None  # delay of the pending re-audit
@@ -121,18 +127,26 @@ class Auditor:
                 await asyncio.wait_for(self._wake.wait(), 0.1)
 
     async def audit_once(self) -> dict[str, Any] | None:
+        """One audit now (after the one running, if any); its report, None if it failed."""
+        async with self._lock:
+            return await self._audit()
+
+    async def _audit(self) -> dict[str, Any] | None:
         s = self.stats
         t0 = time.monotonic()
         args = dict(self._args(), exclude=[str(p) for p in self._exclude()])
+        self._open()
         try:
             report = await self._child(args)
         except (RuntimeError, OSError, ValueError) as exc:
+            self._close()
             s.failures += 1
             s.last_result = "failed"
             self._ended = time.monotonic()
             self._retry = self.interval
             self.log.error("audit.error", error=str(exc))
             return None
+        self._judge(report, self._close())
         s.runs += 1
         s.last_at = time.time()
         s.last_seconds = time.monotonic() - t0
@@ -163,6 +177,18 @@ class Auditor:
             self.log.info("audit.equal", checked=report["checked"],
                           seconds=round(s.last_seconds, 2))
         return report
+
+    @staticmethod
+    def _judge(report: dict[str, Any], inflight: InFlight) -> None:
+        """Leave out the differences the daemon's own changes explain."""
+        kept = []
+        for d in report["differences"]:
+            kernel, maps = (entry_of(d[side]) if d[side] else None for side in ("kernel", "maps"))
+            if inflight.judges(Prefix.parse(d["prefix"]), kernel, maps, set(d.get("nhids", ()))):
+                kept.append(d)
+        report["in_flight"] += len(report["differences"]) - len(kept)
+        report["differences"] = kept
+        report["equal"] = not kept
 
     def doc(self) -> dict[str, Any]:
         s = self.stats

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from . import config
-from .errors import ConfigError, DaemonDown, DaemonError, FibsyncError, UsageError
+from .errors import ConfigError, DaemonDown, DaemonError, DaemonSilent, FibsyncError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -42,6 +42,7 @@ Instance = Annotated[str | None, typer.Option(
 ConfigFile = Annotated[str | None, typer.Option(
     "--config", "-c", help="TOML config file (default /etc/fibsync/fibsync.toml).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AUDIT_TIMEOUT = 600  # seconds: two dumps and two reads of a full table, on a busy router
 
 
 def fail(err: FibsyncError) -> None:
@@ -195,15 +196,19 @@ def verify(instance: Instance = None, config_file: ConfigFile = None,
 
     settings = config.instance_for(instance, config_file)
     try:
-        # the running daemon's filter, flags included; else the config file's
-        running = st.query(settings.status_socket).get("filter") or {}
-    except (DaemonDown, DaemonError):  # down, or not answering (stopped, busy)
-        running = {}
-    table = running.get("table", settings.table)
-    protocols = running.get("protocols", settings.protocols)
-    report = vf.run_pinned(settings.pin_dir, Filter(table, frozenset(protocols) or None))
-    print(json.dumps(report.doc(), indent=2) if as_json else vf.render(report))
-    if not report.equal:
+        st.query(settings.status_socket)  # answering at all? (a stopped one is not)
+        # it knows which changes it has not applied yet: it runs the comparison
+        doc = st.query(settings.status_socket, "audit", timeout=AUDIT_TIMEOUT)
+        if "error" in doc:
+            raise DaemonError(f"the daemon could not verify: {doc['error']}")
+    except (DaemonDown, DaemonSilent):
+        # nobody writes the maps (or nobody answers): compare them here, with the
+        # config file's filter
+        report = vf.run_pinned(settings.pin_dir, Filter(
+            settings.table, frozenset(settings.protocols) or None))
+        doc = report.doc()
+    print(json.dumps(doc, indent=2) if as_json else vf.render(doc))
+    if not doc["equal"]:
         raise typer.Exit(1)
 
 

@@ -49,6 +49,7 @@ from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
 from .model import Change, Prefix, Snapshot
 from .rib import Action, FastPathDiff, Filter, FpRoute, Rib
+from .verify import InFlight
 
 # how often the housekeeping loop checks that every configured interface runs our program
 INTERFACE_CHECK_SECONDS = 2.0
@@ -338,6 +339,7 @@ class Daemon:
         self.auditor: Auditor | None = None
         self._last_change = 0.0  # monotonic time of the last batch of kernel changes
         self._rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
+        self._audit_window: InFlight | None = None  # open while an audit reads
 
     # ----------------------------------------------------------- lifecycle
 
@@ -372,7 +374,8 @@ class Daemon:
             self.resolver = NeighbourResolver()
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
             self.auditor = Auditor(s.audit_interval, self._audit_args, self._audit_exclude,
-                                   self._repair, lambda: self._last_change, self.log)
+                                   self._repair, lambda: self._last_change, self.log,
+                                   window=(self._open_audit_window, self._close_audit_window))
             self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
             self.notify.status("syncing: dumping the kernel's tables")
             try:
@@ -456,6 +459,8 @@ class Daemon:
         assert self.rib is not None
         self.notify.ping(force=True)
         t0 = time.monotonic()
+        if self._audit_window is not None:
+            self._audit_window.overrun = True  # everything may have changed
         self.rib.resync(snapshot)
         for prefix in self._rewrite:
             self.rib.rewrite(prefix)
@@ -495,6 +500,9 @@ class Daemon:
     def apply(self, changes: list[Change]) -> None:
         assert self.rib is not None
         t0 = self._last_change = time.monotonic()
+        if self._audit_window is not None:
+            for change in changes:
+                self._audit_window.note(change)
         self.rib.apply(changes)
         if self.guard is None:
             return  # written with the first sync, once the program is loaded
@@ -639,6 +647,17 @@ class Daemon:
         assert self.writer is not None and self.guard is not None
         return self.writer.unwritten | self.guard.demoted
 
+    def _open_audit_window(self) -> None:
+        self._audit_window = InFlight()
+
+    def _close_audit_window(self) -> InFlight:
+        """What this daemon applied since the window opened, its backlog included."""
+        assert self.rib is not None and self.source is not None
+        self.source.catch_up()
+        window, self._audit_window = self._audit_window or InFlight(), None
+        window.nhids = self.rib.objects_using(window.nhids)
+        return window
+
     def _repair(self, prefixes: list[Prefix]) -> None:
         """Dump again, and write these prefixes whatever the RIB believes the maps hold:
         the mark and sweep mends what the RIB got wrong, the rewrite what the maps did."""
@@ -771,7 +790,14 @@ class Daemon:
         from .status import dumps
         try:
             line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
-            doc = self.status() if line in ("", "status") else {"error": f"unknown {line!r}"}
+            if line in ("", "status"):
+                doc = self.status()
+            elif line == "audit" and self.state == "synced":
+                assert self.auditor is not None
+                doc = await self.auditor.audit_once() or {"error": "the audit could not run "
+                                                                   "(see the log: audit.error)"}
+            else:
+                doc = {"error": f"unknown {line!r}" if line != "audit" else "not synced yet"}
             writer.write(dumps(doc).encode())
             await writer.drain()
         except (TimeoutError, OSError, UnicodeDecodeError):

@@ -11,7 +11,8 @@
     │   └── MapError             a map write failed
     │       └── MapFullError     E2BIG/ENOSPC: the map has no room
     └── DaemonError              talking to the daemon (status socket)
-        └── DaemonDown           no daemon answers on the socket
+        ├── DaemonDown           no daemon listens on the socket
+        └── DaemonSilent         one listens but does not answer (stopped, hung)
 
 Every error a user can cause becomes one line on stderr and an exit code
 (``exit_code``); every error the kernel can cause is counted in status.
@@ -72,4 +73,8 @@ class DaemonError(FibsyncError):
 
 
 class DaemonDown(DaemonError):
+    pass
+
+
+class DaemonSilent(DaemonError):
     pass

@@ -14,15 +14,15 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .errors import DaemonDown, DaemonError
+from .errors import DaemonDown, DaemonError, DaemonSilent
 
 TIMEOUT = 5.0
 MAP_ORDER = ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours")
 
 
-def query(sock_path: Path, command: str = "status") -> dict[str, Any]:
+def query(sock_path: Path, command: str = "status", timeout: float = TIMEOUT) -> dict[str, Any]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
+    s.settimeout(timeout)
     try:
         s.connect(str(sock_path))
     except (FileNotFoundError, ConnectionRefusedError) as e:
@@ -34,6 +34,8 @@ def query(sock_path: Path, command: str = "status") -> dict[str, Any]:
         chunks = []
         while chunk := s.recv(1 << 16):
             chunks.append(chunk)
+    except TimeoutError as e:
+        raise DaemonSilent(f"{sock_path}: no answer within {timeout:g} s") from e
     except OSError as e:
         raise DaemonError(f"{sock_path}: {e}") from e
     finally:

@@ -198,6 +198,7 @@ class Side:
     maps: dict[Prefix, dict[str, Any]]
     nhids: dict[Prefix, set[int]]
     inflight: InFlight
+    rib: Rib | None = None  # the kernel side's
 
     def differing(self, exclude: Iterable[Prefix] = ()) -> tuple[dict[Prefix, tuple[Entry | None,
                                                                                   Entry | None]],
@@ -246,7 +247,7 @@ async def one_pass(maps: MapSet, route_filter: Filter, netns: str | None = None)
     nhids = {p: uses for p in kernel.keys() | actual.keys()
              if (uses := rib.nhids_of(p)) and uses & touched}
     inflight.nhids = touched
-    return Side(kernel, actual, nhids, inflight)
+    return Side(kernel, actual, nhids, inflight, rib)
 
 
 @dataclass(slots=True)
@@ -287,8 +288,10 @@ async def verify(maps: MapSet, route_filter: Filter, netns: str | None = None,
         overrun |= second.inflight.overrun
         for prefix in sorted(found, key=_order):
             if again.get(prefix) == found[prefix]:
+                assert second.rib is not None
                 confirmed.append({"prefix": str(prefix), "kernel": second.kernel.get(prefix),
-                                  "maps": second.maps.get(prefix)})
+                                  "maps": second.maps.get(prefix),
+                                  "nhids": sorted(second.rib.nhids_of(prefix))})
             else:
                 unjudged += 1
     return Report(confirmed, unjudged, checked, changes, overrun, time.monotonic() - t0)
@@ -298,15 +301,16 @@ def _order(prefix: Prefix) -> tuple[int, bytes, int]:
     return (prefix.family, prefix.addr, prefix.length)
 
 
-def render(report: Report) -> str:
+def render(doc: dict[str, Any]) -> str:
+    """A report's document (``Report.doc``) as text: one line per difference, then a summary."""
     lines = []
-    for d in report.differences:
+    for d in doc["differences"]:
         lines.append(f"{d['prefix']}: kernel {_describe(d['kernel'])}; "
                      f"maps {_describe(d['maps'])}")
-    verdict = ("equal" if report.equal else
-               f"{len(report.differences)} difference{'s' if len(report.differences) != 1 else ''}")
-    lines.append(f"{verdict}: {report.checked} prefixes checked, {report.unjudged} changing "
-                 f"while read (not judged), {report.seconds:.2f} s")
+    n = len(doc["differences"])
+    verdict = "equal" if not n else f"{n} difference{'s' if n != 1 else ''}"
+    lines.append(f"{verdict}: {doc['checked']} prefixes checked, {doc['in_flight']} changing "
+                 f"while read (not judged), {doc['seconds']:.2f} s")
     return "\n".join(lines)
 
 

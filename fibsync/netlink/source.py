@@ -241,6 +241,8 @@ class NetlinkSource:
         self._wake = asyncio.Event()
         self._overrun: str | None = None
         self._synced = False
+        self._events: socket.socket | None = None  # the live session's event socket
+        self._sink: Sink | None = None
 
     async def run(self, sink: Sink) -> None:
         """Mirror forever; cancel the task to stop."""
@@ -273,6 +275,7 @@ class NetlinkSource:
         events = open_socket(netns=self.netns, rcvbuf=self.rcvbuf, groups=EVENT_GROUPS)
         self.stats.rcvbuf = events.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         fd = events.fileno()
+        self._events, self._sink = events, sink
         try:
             loop.add_reader(fd, self._drain, events)
             snapshot = await self.dump()
@@ -302,8 +305,24 @@ class NetlinkSource:
                     self.stats.batches += 1
                     sink.apply(batch)
         finally:
+            self._events = None
             loop.remove_reader(fd)
             events.close()
+
+    def catch_up(self) -> None:
+        """Read what the event socket holds now and hand it to the sink at once.
+
+        Afterwards the sink has applied every change the kernel announced
+        before this call (it queues them synchronously when it makes them),
+        unless the session is lost or not yet in sync (then its resync follows).
+        """
+        if self._events is None or not self._synced or self._sink is None:
+            return
+        self._drain(self._events, reads=1 << 30)  # until the socket is empty
+        if self._overrun is None and self._pending:
+            batch, self._pending = self._pending, []
+            self.stats.batches += 1
+            self._sink.apply(batch)
 
     def _check_overrun(self) -> None:
         if self._overrun is not None:
@@ -313,14 +332,15 @@ class NetlinkSource:
         self.stats.undecodable += 1
         self.log.debug("netlink.undecodable", error=str(exc))
 
-    def _drain(self, sock: socket.socket) -> None:
-        """Reader callback: read what the event socket holds, decode, queue."""
+    def _drain(self, sock: socket.socket, reads: int = 0) -> None:
+        """Reader callback: read what the event socket holds (at most ``reads``
+        buffers, ``max_reads`` by default), decode, queue."""
         buf = self._buf
         view = memoryview(buf)
         pending = self._pending
         stats = self.stats
         on_error = self._undecodable
-        for _ in range(self.max_reads):
+        for _ in range(reads or self.max_reads):
             try:
                 n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
             except BlockingIOError:

@@ -1,0 +1,127 @@
+"""The daemon's audit loop, with a fake verify child: what it counts, repairs and retries."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from fibsync.audit import Auditor
+from fibsync.model import Change, Op, Prefix, Route
+from fibsync.verify import InFlight
+
+
+def report(differences: tuple[str, ...] = (), in_flight: int = 0) -> dict[str, Any]:
+    return {"equal": not differences, "checked": 10, "in_flight": in_flight, "overrun": False,
+            "changes_during": 0, "seconds": 0.01,
+            "differences": [{"prefix": p, "kernel": None,
+                             "maps": {"prefix": p, "type": "blackhole", "nexthops": []}}
+                            for p in differences]}
+
+
+class Fake:
+    def __init__(self, *reports: dict[str, Any]) -> None:
+        self.reports = list(reports)
+        self.args: list[dict[str, Any]] = []
+        self.repaired: list[list[Prefix]] = []
+
+    async def child(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.args.append(args)
+        return self.reports.pop(0)
+
+    def auditor(self, interval: float = 300) -> Auditor:
+        return Auditor(interval, lambda: {"pin_dir": "/x", "table": 254, "protocols": []},
+                       lambda: {Prefix.parse("192.0.2.0/24")}, self.repaired.append,
+                       lambda: 0.0, structlog.get_logger(), child=self.child)
+
+
+def test_a_divergence_is_counted_and_repaired() -> None:
+    fake = Fake(report(("198.51.100.0/24", "2001:db8::/48")))
+    auditor = fake.auditor()
+    asyncio.run(auditor.audit_once())
+    assert auditor.stats.divergences == 2 and auditor.stats.repairs == 1
+    assert fake.repaired == [[Prefix.parse("198.51.100.0/24"), Prefix.parse("2001:db8::/48")]]
+    assert fake.args[0]["exclude"] == ["192.0.2.0/24"]  # a full map's casualties
+    assert auditor.doc()["last_result"] == "diverged"
+
+
+def test_equal_needs_no_repair() -> None:
+    fake = Fake(report())
+    auditor = fake.auditor()
+    asyncio.run(auditor.audit_once())
+    assert (auditor.stats.runs, auditor.stats.divergences, fake.repaired) == (1, 0, [])
+    assert not auditor.doc()["pending"]
+
+
+def test_an_inconclusive_audit_runs_again_soon_and_backs_off() -> None:
+    fake = Fake(report(in_flight=3), report(in_flight=1), report())
+    auditor = fake.auditor()
+
+    async def go() -> list[float | None]:
+        delays = []
+        for _ in range(3):
+            await auditor.audit_once()
+            delays.append(auditor._retry)
+        return delays
+
+    assert asyncio.run(go()) == [1.0, 2.0, None]
+
+
+def test_the_loop_runs_a_requested_audit_at_once_when_the_kernel_is_quiet() -> None:
+    fake = Fake(report(), report())
+    auditor = fake.auditor(interval=300)
+
+    async def go() -> int:
+        task = asyncio.create_task(auditor.run())
+        auditor.request()
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if auditor.stats.runs:
+                break
+        task.cancel()
+        return auditor.stats.runs
+
+    assert asyncio.run(go()) == 1
+
+
+def test_interval_zero_turns_the_audit_off() -> None:
+    fake = Fake(report())
+    auditor = fake.auditor(interval=0)
+
+    async def go() -> int:
+        task = asyncio.create_task(auditor.run())
+        auditor.request()
+        await asyncio.sleep(0.3)
+        task.cancel()
+        return auditor.stats.runs
+
+    assert asyncio.run(go()) == 0
+
+
+def test_a_failed_child_is_counted_not_fatal() -> None:
+    async def broken(_args: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("verify child exited with 1: boom")
+
+    auditor = Auditor(300, dict, set, lambda _p: None, lambda: 0.0, structlog.get_logger(),
+                      child=broken)
+    assert asyncio.run(auditor.audit_once()) is None
+    assert auditor.stats.failures == 1 and auditor.doc()["last_result"] == "failed"
+
+
+def test_what_the_daemon_applied_meanwhile_is_in_flight() -> None:
+    """A difference the daemon's own backlog explains (it had not applied the delete
+    when the child read the maps) is left out, not called a divergence."""
+    fake = Fake(report(("198.51.100.0/24", "203.0.113.0/24")))
+    window = InFlight()
+
+    def close() -> InFlight:
+        window.note(Change(Op.DEL, Route(Prefix.parse("198.51.100.0/24"))))
+        return window
+
+    auditor = Auditor(300, dict, set, fake.repaired.append, lambda: 0.0,
+                      structlog.get_logger(), child=fake.child, window=(lambda: None, close))
+    doc = asyncio.run(auditor.audit_once())
+    assert doc is not None and doc["in_flight"] == 1
+    assert [d["prefix"] for d in doc["differences"]] == ["203.0.113.0/24"]
+    assert fake.repaired == [[Prefix.parse("203.0.113.0/24")]]
