@@ -9,10 +9,10 @@ One pass:
 4. read the changes announced meanwhile.
 
 The kernel's side is the fast path a fresh RIB builds from that dump, written
-by the same ``MapWriter`` into an in-memory map set and read back by the same
-``read_routes`` as the pinned maps (``fibsync routes``). Both sides are then
-one description per prefix: type, reason, and the next hops with gateway,
-link, weight, resolution, MAC and MTU; fast-path ids do not take part.
+by the same ``MapWriter`` into an in-memory map set and read back through the
+same ``RouteTable`` as the pinned maps (``fibsync routes``). Both sides are
+then one description per prefix: type, reason, and the next hops with
+gateway, link, weight, resolution, MAC and MTU; fast-path ids do not take part.
 
 What a pass may not judge (``InFlight.judges``):
 
@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DecodeError
-from .fastpath.maps import PinnedMaps, read_routes
-from .fastpath.writer import MapSet, MapWriter, MemoryMaps
+from .fastpath.maps import PinnedMaps, RouteTable, route_key_prefix
+from .fastpath.writer import ROUTE, MapSet, MapWriter, MemoryMaps, route_key
 from .model import (
     AF_INET,
     AF_INET6,
@@ -73,6 +73,7 @@ EVENT_RCVBUF = 256 << 20
 RECHECK_DELAY = 0.3  # seconds between the two passes
 
 Entry = tuple[Any, ...]
+ROUTE_IDENTITY = ROUTE.size - 1  # struct fs_route without its last byte, the prefix length
 
 
 def entry_of(doc: dict[str, Any]) -> Entry:
@@ -190,64 +191,86 @@ class EventWatch:
         self.sock.close()
 
 
+class Entries:
+    """One side of a pass: a ``RouteTable`` whose entries are compared as ``entry_of``
+    says, computed once per distinct map value (a full table shares a few dozen)."""
+
+    def __init__(self, table: RouteTable) -> None:
+        self.table = table
+        self._by_value: dict[bytes, Entry] = {}
+
+    def entry(self, key: bytes) -> Entry | None:
+        value = self.table.routes.get(key)
+        if value is None:
+            return None
+        ident = value[:ROUTE_IDENTITY]  # the key's prefix length is not the entry's
+        entry = self._by_value.get(ident)
+        if entry is None:
+            entry = self._by_value[ident] = entry_of(self.table.doc(key))  # type: ignore[arg-type]
+        return entry
+
+
 @dataclass(slots=True)
 class Side:
-    """One pass's two sides, by prefix."""
+    """One pass's two sides."""
 
-    kernel: dict[Prefix, dict[str, Any]]
-    maps: dict[Prefix, dict[str, Any]]
-    nhids: dict[Prefix, set[int]]
+    kernel: Entries
+    maps: Entries
     inflight: InFlight
-    rib: Rib | None = None  # the kernel side's
+    rib: Rib  # the kernel side's, built from the pass's dump
+
+    def keys(self) -> set[bytes]:
+        return self.kernel.table.routes.keys() | self.maps.table.routes.keys()
 
     def differing(self, exclude: Iterable[Prefix] = ()) -> tuple[dict[Prefix, tuple[Entry | None,
                                                                                   Entry | None]],
                                                               int]:
         """Prefixes whose sides differ and could be judged, and how many could not."""
         skip = set(exclude)
+        touched = self.inflight.nhids
         out: dict[Prefix, tuple[Entry | None, Entry | None]] = {}
         unjudged = 0
-        for prefix in self.kernel.keys() | self.maps.keys():
-            k, m = self.kernel.get(prefix), self.maps.get(prefix)
-            ke = entry_of(k) if k is not None else None
-            me = entry_of(m) if m is not None else None
-            if ke == me or prefix in skip:
+        kernel, maps = self.kernel.entry, self.maps.entry
+        for key in self.keys():
+            ke, me = kernel(key), maps(key)
+            if ke == me:
                 continue
-            if self.inflight.judges(prefix, ke, me, self.nhids.get(prefix, set())):
+            prefix = Prefix(*route_key_prefix(key))
+            if prefix in skip:
+                continue
+            nhids = self.rib.nhids_of(prefix)
+            if self.inflight.judges(prefix, ke, me, nhids & touched):
                 out[prefix] = (ke, me)
             else:
                 unjudged += 1
         return out, unjudged
 
+    def docs(self, prefix: Prefix) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        key = route_key(prefix)
+        return self.kernel.table.doc(key), self.maps.table.doc(key)
 
-def expected_routes(snapshot: Snapshot, route_filter: Filter) -> tuple[dict[Prefix, dict[str, Any]],
-                                                                       Rib]:
-    """The fast path a fresh RIB builds from ``snapshot``, as ``read_routes`` documents."""
+
+def expected_table(snapshot: Snapshot, route_filter: Filter) -> tuple[RouteTable, Rib]:
+    """The fast path a fresh RIB builds from ``snapshot``, written by the daemon's writer
+    into memory and read back as the pinned maps are."""
     rib = Rib(route_filter)
     rib.resync(snapshot)
     memory = MemoryMaps()
     MapWriter(memory, v4_table="lpm").write(rib.take_diff())
-    return _by_prefix(read_routes(memory)), rib
-
-
-def _by_prefix(docs: list[dict[str, Any]]) -> dict[Prefix, dict[str, Any]]:
-    return {Prefix.parse(d["prefix"]): d for d in docs}
+    return RouteTable(memory), rib
 
 
 async def one_pass(maps: MapSet, route_filter: Filter, netns: str | None = None) -> Side:
     watch = EventWatch(netns)
     try:
         snapshot = await source.NetlinkSource(netns=netns).dump()
-        actual = _by_prefix(read_routes(maps))
+        actual = RouteTable(maps)
         inflight = watch.drain()
     finally:
         watch.close()
-    kernel, rib = expected_routes(snapshot, route_filter)
-    touched = rib.objects_using(inflight.nhids)
-    nhids = {p: uses for p in kernel.keys() | actual.keys()
-             if (uses := rib.nhids_of(p)) and uses & touched}
-    inflight.nhids = touched
-    return Side(kernel, actual, nhids, inflight, rib)
+    kernel, rib = expected_table(snapshot, route_filter)
+    inflight.nhids = rib.objects_using(inflight.nhids)
+    return Side(Entries(kernel), Entries(actual), inflight, rib)
 
 
 @dataclass(slots=True)
@@ -278,7 +301,7 @@ async def verify(maps: MapSet, route_filter: Filter, netns: str | None = None,
     first = await one_pass(maps, route_filter, netns)
     found, unjudged = first.differing(skip)
     changes, overrun = first.inflight.changes, first.inflight.overrun
-    checked = len(first.kernel.keys() | first.maps.keys())
+    checked = len(first.keys())
     confirmed: list[dict[str, Any]] = []
     if found:
         await asyncio.sleep(recheck_delay)
@@ -288,9 +311,8 @@ async def verify(maps: MapSet, route_filter: Filter, netns: str | None = None,
         overrun |= second.inflight.overrun
         for prefix in sorted(found, key=_order):
             if again.get(prefix) == found[prefix]:
-                assert second.rib is not None
-                confirmed.append({"prefix": str(prefix), "kernel": second.kernel.get(prefix),
-                                  "maps": second.maps.get(prefix),
+                kernel, maps_doc = second.docs(prefix)
+                confirmed.append({"prefix": str(prefix), "kernel": kernel, "maps": maps_doc,
                                   "nhids": sorted(second.rib.nhids_of(prefix))})
             else:
                 unjudged += 1

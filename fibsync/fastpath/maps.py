@@ -193,19 +193,41 @@ def read_routes(maps: MapSet, attempts: int = 5) -> list[dict[str, Any]]:
 
 
 def _read_routes_once(maps: MapSet) -> list[dict[str, Any]]:
-    nexthops = _nexthops(maps)
-    groups = _groups(maps)
-    names = _ifnames()
-    out = []
-    for family, name, key in ((AF_INET, "routes_v4", V4_KEY), (AF_INET6, "routes_v6", V6_KEY)):
-        rows = []
-        for k, v in maps.items(name):
-            plen, addr = key.unpack(k[:key.size])
-            rows.append((addr, plen, v))
-        rows.sort()
-        for addr, plen, v in rows:
-            out.append(_route_doc(family, addr, plen, v, nexthops, groups, names))
-    return out
+    table = RouteTable(maps)
+    return [table.doc(k) for k in sorted(table.routes, key=route_key_prefix)]  # type: ignore[misc]
+
+
+def route_key_prefix(key: bytes) -> tuple[int, bytes, int]:
+    """(family, address, length) of a route map's key (the family by the key's size)."""
+    family, fmt = (AF_INET, V4_KEY) if len(key) == V4_KEY.size else (AF_INET6, V6_KEY)
+    plen, addr = fmt.unpack(key)
+    return family, addr, plen
+
+
+class RouteTable:
+    """Both route maps read once, with the nexthops and groups their entries point to:
+    raw values by map key (the family by the key's size), described on demand.
+
+    Nexthops and groups are read before the routes, as the writer writes them before
+    the routes that use them; a route written meanwhile may point at one this read
+    missed (``missing: true``).
+    """
+
+    def __init__(self, maps: MapSet) -> None:
+        self.nexthops = _nexthops(maps)
+        self.groups = _groups(maps)
+        self.names = _ifnames()
+        self.routes: dict[bytes, bytes] = {}
+        for name in ("routes_v4", "routes_v6"):
+            self.routes.update(maps.items(name))  # type: ignore[arg-type]
+
+    def doc(self, key: bytes) -> dict[str, Any] | None:
+        """What ``fibsync routes`` shows for this key, None if the maps lack it."""
+        value = self.routes.get(key)
+        if value is None:
+            return None
+        family, addr, plen = route_key_prefix(key)
+        return _route_doc(family, addr, plen, value, self.nexthops, self.groups, self.names)
 
 
 def _route_doc(family: int, addr: bytes, plen: int, value: bytes,

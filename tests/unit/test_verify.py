@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fibsync.fastpath.maps import read_routes
-from fibsync.fastpath.writer import MapWriter, MemoryMaps
+from fibsync.fastpath.maps import RouteTable
+from fibsync.fastpath.writer import MapWriter, MemoryMaps, route_key
 from fibsync.model import (
     AF_INET,
     AF_INET6,
@@ -19,7 +19,7 @@ from fibsync.model import (
     Snapshot,
 )
 from fibsync.rib import Filter, Rib
-from fibsync.verify import InFlight, Side, entry_of, expected_routes
+from fibsync.verify import Entries, InFlight, Side, entry_of, expected_table
 
 GW4 = bytes([192, 0, 2, 2])
 GW6 = bytes.fromhex("20010db8000000000000000000000002")
@@ -44,17 +44,21 @@ def via6(prefix: str) -> Route:
 
 
 def side(kernel: Snapshot, maps: Snapshot, inflight: InFlight | None = None) -> Side:
-    expected, _ = expected_routes(kernel, Filter())
-    actual, _ = expected_routes(maps, Filter())
-    return Side(expected, actual, {}, inflight or InFlight())
+    expected, rib = expected_table(kernel, Filter())
+    actual, _ = expected_table(maps, Filter())
+    inflight = inflight or InFlight()
+    inflight.nhids = rib.objects_using(inflight.nhids)
+    return Side(Entries(expected), Entries(actual), inflight, rib)
 
 
-def test_expected_routes_describe_what_the_program_does() -> None:
-    kernel, _ = expected_routes(world(via4("198.51.100.0/24"), via6("2001:db8:1::/48")), Filter())
-    doc = kernel[Prefix.parse("198.51.100.0/24")]
+def test_the_kernel_side_describes_what_the_program_does() -> None:
+    kernel, _ = expected_table(world(via4("198.51.100.0/24"), via6("2001:db8:1::/48")),
+                               Filter())
+    doc = kernel.doc(route_key(Prefix.parse("198.51.100.0/24")))
+    assert doc is not None
     assert entry_of(doc) == ("unicast", "", (("192.0.2.2", 3, 1, True, "02:00:00:00:00:02",
                                               1500),))
-    assert Prefix.parse("2001:db8:1::/48") in kernel
+    assert kernel.doc(route_key(Prefix.parse("2001:db8:1::/48"))) is not None
 
 
 def test_fast_path_ids_take_no_part() -> None:
@@ -125,13 +129,11 @@ def test_routes_over_a_changed_nexthop_object_or_its_groups_are_not_judged() -> 
     snapshot = world(Route(Prefix.parse("198.51.100.0/24"), nhid=8), nexthops=objs)
     rib = Rib(Filter())
     rib.resync(snapshot)
-    touched = rib.objects_using({7})
-    assert touched == {7, 8}
+    assert rib.objects_using({7}) == {7, 8}
     assert rib.nhids_of(Prefix.parse("198.51.100.0/24")) == {8}
-    inflight = InFlight(nhids=touched)
-    expected, _ = expected_routes(snapshot, Filter())
-    s = Side(expected, {}, {Prefix.parse("198.51.100.0/24"): {8}}, inflight)
-    assert s.differing() == ({}, 1)
+    assert side(snapshot, world(), InFlight(nhids={7})).differing() == ({}, 1)
+    # the same difference, nothing in flight: judged
+    assert len(side(snapshot, world()).differing()[0]) == 1
 
 
 def test_an_overrun_judges_nothing() -> None:
@@ -148,8 +150,7 @@ def test_the_maps_side_reads_what_the_writer_wrote() -> None:
     MapWriter(memory, v4_table="lpm").write(rib.take_diff())
     key = next(k for k in memory.maps["routes_v4"] if k[4:8] == bytes([203, 0, 113, 0]))
     del memory.maps["routes_v4"][key]
-    maps = {Prefix.parse(d["prefix"]): d for d in read_routes(memory)}
-    expected, _ = expected_routes(world(via4("198.51.100.0/24"), via4("203.0.113.0/24")),
-                                  Filter())
-    assert Side(expected, maps, {}, InFlight()).differing()[0].keys() == {
-        Prefix.parse("203.0.113.0/24")}
+    expected, rib = expected_table(world(via4("198.51.100.0/24"), via4("203.0.113.0/24")),
+                                   Filter())
+    s = Side(Entries(expected), Entries(RouteTable(memory)), InFlight(), rib)
+    assert s.differing()[0].keys() == {Prefix.parse("203.0.113.0/24")}
