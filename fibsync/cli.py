@@ -1,13 +1,16 @@
-"""The ``fibsync`` command: run, status, routes, lookup, detach, lab.
+"""The ``fibsync`` command: run, check, status, routes, lookup, verify, detach, lab.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or config error — always with one
-line on stderr that names what is wrong and how to fix it.
+line on stderr that names what is wrong and how to fix it, also for what was not
+foreseen (the traceback goes to the log at debug level: ``fibsync --debug``).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import sys
 from typing import Annotated, Any
 
@@ -16,21 +19,47 @@ import typer
 from . import config
 from .errors import ConfigError, DaemonDown, DaemonError, DaemonSilent, FibsyncError, UsageError
 
+# plain help (click's layout): rich's panels print typer's <str> and <bool> for every option
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Mirror the kernel FIB into eBPF maps for an XDP fast path.",
 )
-lab_app = typer.Typer(no_args_is_help=True, help="A network-namespace lab with FRR (demo, tests).")
+lab_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                      help="A network-namespace lab with FRR (demo, tests).")
 app.add_typer(lab_app, name="lab")
+_debug = False  # --debug: log at debug level, tracebacks of unexpected errors included
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"fibsync {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _global(netns: Annotated[str | None, typer.Option(
+def _global(
+    netns: Annotated[str | None, typer.Option(
         "--netns", help="Run in this network namespace (/run/netns/NAME); mounts stay the host's.",
-        metavar="NAME")] = None) -> None:
+        metavar="NAME")] = None,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Log at debug level, with the traceback of an unexpected error.")
+    ] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    from . import log
     from . import netns as ns
 
+    global _debug
+    if debug:
+        _debug = True
+        log.configure("debug")
     if netns:
         ns.enter(netns)
     else:
@@ -38,15 +67,25 @@ def _global(netns: Annotated[str | None, typer.Option(
 
 
 Instance = Annotated[str | None, typer.Option(
-    "--instance", help="Daemon instance name (default: the config file's, else 'default').")]
+    "--instance", help="Daemon instance name (default: the config file's, else 'default').",
+    metavar="NAME")]
 ConfigFile = Annotated[str | None, typer.Option(
-    "--config", "-c", help="TOML config file (default /etc/fibsync/fibsync.toml).")]
+    "--config", "-c", help="TOML config file (default /etc/fibsync/fibsync.toml).",
+    metavar="FILE")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 AUDIT_TIMEOUT = 600  # seconds: two dumps and two reads of a full table, on a busy router
 
 
-def fail(err: FibsyncError) -> None:
-    print(f"fibsync: error: {err}", file=sys.stderr)
+def fail(err: FibsyncError | str) -> None:
+    from .log import priority_prefix
+
+    print(f"{priority_prefix('error')}fibsync: error: {err}", file=sys.stderr)
+
+
+def warn(text: str) -> None:
+    from .log import priority_prefix
+
+    print(f"{priority_prefix('warning')}fibsync: warning: {text}", file=sys.stderr)
 
 
 @app.command()
@@ -112,8 +151,13 @@ def run(
 
 
 def _checked(settings: config.Settings) -> config.Settings:
+    import dataclasses
+
     from . import daemon
 
+    if not settings.interfaces and not settings.config_file:
+        raise UsageError(f"config: {config.DEFAULT_CONFIG} does not exist and no -i IF was "
+                         "given: nothing to attach to (give --config FILE, or -i IF, repeatable)")
     if not settings.interfaces:
         raise UsageError("interfaces: no interface to attach to: give -i IF (repeatable) "
                          "or `interfaces = [...]` in the config file")
@@ -124,21 +168,65 @@ def _checked(settings: config.Settings) -> config.Settings:
         except ImportError:
             raise ConfigError("metrics.listen (--metrics)", "needs the prometheus_client "
                               "package (pip install prometheus-client)") from None
+    if _debug:
+        settings = dataclasses.replace(settings, log_level="debug")
     return settings
 
 
+# run's parameters that are not named after the Settings field they set
+_FIELD_OF_PARAM = {"interface": "interfaces", "protocol": "protocols"}
+
+
+def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """run's flags (parameter name -> value, None when not given) as Settings overrides."""
+    return {_FIELD_OF_PARAM.get(k, k): v for k, v in flags.items()
+            if k != "config_file" and v is not None}
+
+
+def _with_run_flags(command: Any) -> Any:
+    """Give ``command`` (which takes ``**flags``) every option of ``run`` before its own,
+    so that a flag added to run is accepted by it too."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.kind is not p.VAR_KEYWORD]
+    flags = inspect.signature(run, eval_str=True).parameters.values()
+    command.__signature__ = inspect.Signature([*flags, *own])
+    return command
+
+
 @app.command()
-def check(config_file: ConfigFile = None, as_json: AsJson = False) -> None:
-    """Validate the config file (and that its interfaces exist) without changing anything."""
-    settings = _checked(config.build(config_file, {}))
+@_with_run_flags
+def check(as_json: AsJson = False, **flags: Any) -> None:
+    """Check the config and this host for `run`, changing nothing.
+
+    Validates the config file and flags as `run` takes them, and probes what the daemon
+    needs from this host (kernel, headers, bpf_fib_lookup, XDP drivers). Exit 0: `run`
+    would start (warnings on stderr); 1: a probe failed; 2: a config error."""
+    from . import preflight
+
+    settings = _checked(config.build(flags.get("config_file"), _overrides(flags)))
+    findings = preflight.run(settings)
     doc = {k.toml: (list(v) if isinstance(v := getattr(settings, k.field), tuple) else v)
            for k in config.KEYS}
     if as_json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps({"config_file": settings.config_file, "settings": doc,
+                          "checks": [f.doc() for f in findings]}, indent=2))
     else:
-        print(f"fibsync: {settings.config_file or 'no config file'}: OK")
+        source = settings.config_file or \
+            f"no config file ({config.DEFAULT_CONFIG} does not exist), flags only"
+        print(f"fibsync: {source}: OK")
         for key, value in doc.items():
             print(f"  {key:<22} {json.dumps(value)}")
+        print("this host:")
+        for f in findings:
+            print(f"  {f.severity:<8} {f.what:<16} {f.text}")
+    for f in findings:
+        if f.severity == "warning":
+            warn(f"{f.what}: {f.text}")
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        more = f" (and {len(errors) - 1} more above)" if len(errors) > 1 else ""
+        fail(f"{errors[0].what}: {errors[0].text}{more}")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -315,21 +403,77 @@ def lab_status(name: Annotated[str, typer.Option("--name")] = "lab",
         raise typer.Exit(1)
 
 
+def _shown_default(key: config.Key) -> str:
+    """A KEYS default as help shows it: '"main"' -> main, '"" (off)' -> off, '[]' -> none."""
+    text = key.default
+    if "(" in text:
+        return text[text.index("(") + 1:text.rindex(")")]
+    text = text.strip('"')
+    return text if text not in ("", "[]") else "none"
+
+
+_METAVARS = {"int": "N", "integer": "N", "float": "NUMBER", "str": "TEXT", "text": "TEXT",
+             "list[str]": "TEXT"}
+
+
+def _type_name(param: Any) -> str:
+    """typer >= 0.2x describes a parameter's type itself (bare_type); older ones, click."""
+    if hasattr(param, "bare_type"):
+        return str(param.bare_type())
+    return str(getattr(param.type, "name", ""))
+
+
+def _plain_help(command: Any) -> None:
+    """Help as an operator reads it: plain placeholders (N, TEXT) where typer would print
+    <int> or <list[str]>, and the default of every setting's flag from config.KEYS."""
+    defaults = {k.flag: _shown_default(k) for k in config.KEYS}
+    for param in command.params:
+        if getattr(param, "param_type_name", "") == "argument":
+            # typer >= 0.2x prints the annotation beside the name (ADDRESS <str>)
+            setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010
+            param.metavar = param.metavar or param.name.upper()
+        if getattr(param, "param_type_name", "") != "option":
+            continue
+        if not param.is_flag and param.metavar is None:
+            param.metavar = _METAVARS.get(_type_name(param), "VALUE")
+        flag = next((o for o in param.opts if o in defaults), None)
+        if flag and not re.search(r"[(\[]default", param.help or ""):
+            param.help = f"{param.help or ''}  [default: {defaults[flag]}]".strip()
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help(sub)
+
+
 def main() -> None:
     """Entry point: turn every failure into one line and an exit code."""
+    from . import log
+
+    log.configure("info")
     try:
-        rc = app(standalone_mode=False)
+        command = typer.main.get_command(app)
+        _plain_help(command)
+        rc = command.main(prog_name="fibsync", standalone_mode=False)
     except FibsyncError as e:
         fail(e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader went away (`fibsync routes | head`): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except Exception as e:  # click's usage errors, raised because standalone_mode is off
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `fibsync`: its help, no error
+            print(e.ctx.get_help())  # type: ignore[attr-defined]
+            sys.exit(0)
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             cmd = getattr(getattr(e, "ctx", None), "command_path", "fibsync")
-            print(f"fibsync: error: {e.format_message()} (see `{cmd} --help`)", file=sys.stderr)
+            fail(f"{e.format_message()} (see `{cmd} --help`)")
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             sys.exit(130)
-        raise
+        log.get().debug("cli.unexpected", exc_info=e)
+        how = "its traceback is in the log above" if _debug else \
+            "run it again with `fibsync --debug ...` for the traceback"
+        fail(f"unexpected {type(e).__name__}: {e} (a bug in fibsync: {how}; please report it)")
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -25,7 +25,7 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
     (["run", "-i", "lo", "--config", "/nonexistent/fibsync.toml"], "does not exist"),
     (["run", "-i", "lo", "--config", "/"], "directory"),
     (["run", "-i", "lo", "--bogus"], "--bogus"),
-    (["run"], "interface"),
+    (["run", "--table", "local", "-i", "lo"], "table"),
     (["run", "-i", "lo", "--table", "local"], "table"),
     (["run", "-i", "lo", "--xdp-mode", "turbo"], "xdp_mode"),
 ])
@@ -103,3 +103,177 @@ def test_one_daemon_per_instance(tmp_path) -> None:  # type: ignore[no-untyped-d
     assert not (tmp_path / "edge1.lock").exists()
     locks[2].acquire()
     locks[2].release()
+
+
+def run_main(argv: list[str], setup: str = "", env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    """``fibsync ARGV`` after ``setup`` ran in the same interpreter (to fake a missing
+    default config file, or a bug)."""
+    import os
+    import sys
+
+    argv = ["fibsync", *argv]
+    code = f"import sys\n{setup}\nfrom fibsync.cli import main\nsys.argv = {argv!r}\nmain()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_version_is_the_packages() -> None:
+    from importlib.metadata import version
+
+    import fibsync
+
+    r = run_fibsync("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"fibsync {fibsync.__version__}\n", "")
+    assert version("fibsync") == fibsync.__version__
+
+
+def test_bare_fibsync_prints_help_and_no_error() -> None:
+    r = run_fibsync()
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert r.stdout.startswith("Usage: fibsync [OPTIONS] COMMAND")
+    assert "\n  check " in r.stdout and "\n  run " in r.stdout
+
+
+def help_of(*command: str) -> str:
+    r = run_fibsync(*command, "--help")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def option_entries(text: str) -> list[str]:
+    """The options of a help text, one string each (continuation lines joined)."""
+    import re
+
+    entries: list[str] = []
+    for line in text.splitlines():
+        if re.match(r"^  (-\w, )?--", line):
+            entries.append(line.strip())
+        elif entries and line.startswith("    ") and line.strip():
+            entries[-1] += " " + line.strip()
+    return entries
+
+
+COMMANDS = [[], ["run"], ["check"], ["status"], ["routes"], ["lookup"], ["detach"], ["lab"],
+            ["lab", "up"], ["lab", "status"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "fibsync")
+def test_help_shows_plain_placeholders(command: list[str]) -> None:
+    import re
+
+    text = help_of(*command)
+    assert not re.search(r"<\w+(\[\w+\])?>", text), text  # typer's <str>, <list[str]>, <bool>
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_help_shows_the_default_of_every_setting(command: str) -> None:
+    from fibsync.config import KEYS
+
+    lines = option_entries(help_of(command))
+    shown = {"--interface": "none", "--table": "main", "--protocol": "all", "--xdp-mode": "auto",
+             "--replace-xdp": "false", "--metrics": "off", "--socket-group": "none",
+             "--max-routes-v4": "2097152", "--log-format": "auto", "--instance": "default"}
+    for key in KEYS:
+        line = next((ln for ln in lines if f"{key.flag} " in ln or f"{key.flag}/" in ln), None)
+        assert line is not None, f"{key.flag} missing from `fibsync {command} --help`"
+        assert "[default: " in line, line
+        if key.flag in shown:
+            assert f"[default: {shown[key.flag]}]" in line, line
+    assert "--max-routes-v4 N " in "\n".join(lines)
+
+
+def test_check_takes_every_flag_of_run() -> None:
+    import re
+
+    def options(text: str) -> set[str]:
+        return {re.sub(r"^(-\w, )?", "", e).split()[0].split("/")[0]
+                for e in option_entries(text)} - {"--help", "--json"}
+
+    from fibsync.config import KEYS
+
+    assert options(help_of("check")) == options(help_of("run"))
+    assert {k.flag for k in KEYS} <= options(help_of("check"))
+    r = run_fibsync("check", "-i", "lo", "--table", "100", "--xdp-mode", "generic",
+                    "--max-routes-v4", "1000")
+    assert r.returncode == 0, r.stderr
+    assert '  table                  100' in r.stdout
+    assert '  maps.routes_v4         1000' in r.stdout
+    r = run_fibsync("check", "-i", "lo", "--max-routes-v4", "big")
+    assert r.returncode == 2
+    assert "--max-routes-v4" in one_error_line(r)
+
+
+def test_every_flag_of_run_sets_a_setting() -> None:
+    import inspect
+
+    from fibsync import cli
+    from fibsync.config import Settings
+
+    fields = set(Settings.__dataclass_fields__)
+    params = set(inspect.signature(cli.run).parameters) - {"config_file"}
+    assert set(cli._overrides({p: 0 for p in params})) <= fields
+
+
+def test_check_says_the_default_config_file_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    absent = tmp_path / "fibsync.toml"
+    setup = f"import pathlib, fibsync.config as c\nc.DEFAULT_CONFIG = pathlib.Path({str(absent)!r})"
+    for command in (["check"], ["run"]):
+        r = run_main(command, setup)
+        assert r.returncode == 2, r.stderr
+        line = one_error_line(r)
+        assert f"{absent} does not exist" in line and "--config FILE" in line, line
+    r = run_main(["check", "-i", "lo"], setup)
+    assert r.returncode == 0, r.stderr
+    assert f"no config file ({absent} does not exist), flags only: OK" in r.stdout
+
+
+def test_check_probes_the_host(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    r = run_fibsync("check", "-i", "lo", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    doc = json.loads(r.stdout)
+    checks = {c["what"]: c for c in doc["checks"]}
+    assert {"kernel", "btf", "headers", "bpf_fib_lookup", "xdp lo"} <= set(checks)
+    assert checks["xdp lo"]["severity"] == "warning"  # loopback: generic XDP only
+    assert "fibsync: warning: xdp lo: " in r.stderr
+    r = run_fibsync("check", "-i", "lo", "--xdp-mode", "native")
+    assert r.returncode == 1
+    assert "xdp_mode is native" in r.stderr.strip().splitlines()[-1]
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_is_logged() -> None:
+    import json
+
+    setup = ("import fibsync.preflight as p\n"
+             "def boom(settings): raise RuntimeError('probe exploded')\n"
+             "p.run = boom")
+    r = run_main(["check", "-i", "lo"], setup)
+    assert r.returncode == 1
+    assert r.stderr.startswith("fibsync: error: unexpected RuntimeError: probe exploded")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--debug" in r.stderr
+
+    r = run_main(["--debug", "check", "-i", "lo"], setup)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("fibsync: error: unexpected RuntimeError: probe exploded")
+    logged = [json.loads(line) for line in lines[:-1] if line.startswith("{")]
+    crash = [e for e in logged if e["event"] == "cli.unexpected"]
+    assert crash and crash[0]["level"] == "debug"
+    assert "Traceback" in crash[0]["exception"] and "probe exploded" in crash[0]["exception"]
+
+
+def test_an_error_under_journald_carries_its_priority(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import sys
+
+    err = tmp_path / "stderr"
+    with open(err, "w") as f:
+        st = os.fstat(f.fileno())
+        subprocess.run([*fibsync_argv(), "check", "-i", "nosuchif0"], stderr=f, timeout=60,
+                       env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert err.read_text().startswith("<3>fibsync: error: ")
+    del sys
