@@ -34,11 +34,14 @@ class RouterDaemon:
     ``env`` adds to the daemon's environment (NOTIFY_SOCKET, ...). ``wrap`` is an
     argv prefix that starts the daemon another way: it must enter the namespace
     itself (``nsenter --net=/run/netns/NS ...``), as ``--netns`` is then left out.
+    ``command`` is the fibsync to run (default: this checkout's), for the daemon
+    and for ``cli()`` alike.
     """
 
     def __init__(self, ns: Netns, rundir: Path, instance: str, interfaces: list[str],
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 wrap: list[str] | None = None) -> None:
+                 wrap: list[str] | None = None, command: list[str] | None = None) -> None:
+        self.command = command or fibsync_argv()
         self.ns = ns
         self.instance = instance
         self.interfaces = interfaces
@@ -64,8 +67,8 @@ class RouterDaemon:
         if self.pid is not None:
             return
         self.rundir.mkdir(parents=True, exist_ok=True)
-        where = [*self.wrap, *fibsync_argv()] if self.wrap else \
-            [*fibsync_argv(), "--netns", self.ns.name]
+        where = [*self.wrap, *self.command] if self.wrap else \
+            [*self.command, "--netns", self.ns.name]
         argv = [*where, "run", "--instance", self.instance, "--log-format", "json",
                 *[a for i in self.interfaces for a in ("-i", i)], *self.extra]
         with open(self.log_file, "ab") as log:
@@ -96,7 +99,7 @@ class RouterDaemon:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a fibsync command inside the router namespace, for this instance."""
-        return run([*fibsync_argv(), "--netns", self.ns.name, *args, "--instance", self.instance],
+        return run([*self.command, "--netns", self.ns.name, *args, "--instance", self.instance],
                    check=check)
 
     def logs(self) -> list[dict[str, Any]]:
@@ -172,14 +175,15 @@ def demo(name: str = "lab") -> None:
     print(daemon.cli("status", check=False).stdout)
     print("==> fibsync routes")
     print(daemon.cli("routes", check=False).stdout)
+    exe = os.path.relpath(daemon.command[0]) if len(daemon.command) == 1 else "fibsync"
     print(f"""==> the lab stays up. Explore it:
-    fibsync --netns {lab.r} status --instance {name}
-    fibsync --netns {lab.r} routes --instance {name}
-    fibsync --netns {lab.r} lookup {dst4} --instance {name}
+    {exe} --netns {lab.r} status --instance {name}
+    {exe} --netns {lab.r} routes --instance {name}
+    {exe} --netns {lab.r} lookup {dst4} --instance {name}
     ip netns exec {lab.h1} ping -I {src4} {dst4}
     ip netns exec {lab.r} vtysh --vty_socket {lab.rundir}/frr  (FRR's shell)
     daemon log: {daemon.log_file}
-  Remove it: fibsync lab down""")
+  Remove it: {exe} lab down""")
 
 
 def down(name: str = "lab") -> None:

@@ -52,20 +52,21 @@ class Attachment:
 
 
 def bpf_source_dir() -> Path:
-    """Where bpf/fibsync.c is: $FIBSYNC_BPF_DIR, or the repository checkout
-    beside the package (what an editable install runs from)."""
+    """Where fibsync.c is: $FIBSYNC_BPF_DIR; else the copy an installed package
+    carries (the data package ``fibsync.bpf``: fibsync/bpf/ in site-packages);
+    else the repository's bpf/ beside the package (a checkout, an editable install)."""
     candidates = []
     if env := os.environ.get("FIBSYNC_BPF_DIR"):
         candidates.append(Path(env))
     package = Path(__file__).resolve().parent.parent
-    candidates += [package.parent / "bpf", package / "bpf"]
+    candidates += [package / "bpf", package.parent / "bpf"]
     for path in candidates:
         if (path / "fibsync.c").is_file():
             return path
     raise FastPathError(
-        "cannot find bpf/fibsync.c (looked in "
+        "cannot find the XDP program's source fibsync.c (looked in "
         + ", ".join(str(p) for p in candidates)
-        + "); install fibsync from its repository checkout (pip install -e .) "
+        + "): reinstall fibsync from a wheel or sdist built by `make dist`, "
         "or set FIBSYNC_BPF_DIR"
     )
 

@@ -14,12 +14,15 @@ allows outside systemd:
 - MemoryDenyWriteExecute: prctl(PR_SET_MDWE);
 - ProtectSystem=strict with ReadWritePaths and the RuntimeDirectory,
   ProtectKernelTunables, ProtectControlGroups, ProtectHome, PrivateTmp,
-  PrivateDevices, ProtectProc=invisible, UMask: a private
+  PrivateDevices, ProtectProc=invisible, UMask, and the inaccessible
+  /usr/lib/modules of ProtectKernelModules (should the unit set it): a private
   mount namespace, checked by probes before the daemon starts.
 
+The unit's ExecStartPre (``fibsync check``) runs in the same sandbox first.
+
 Not reproduced (docs/operations.md lists them): IPAddressDeny/Allow (cgroup
-BPF), ProtectClock/ProtectHostname/ProtectKernelModules/ProtectKernelLogs
-beyond what the syscall filter and the private /dev and /proc already take away.
+BPF), ProtectClock/ProtectHostname/ProtectKernelLogs beyond what the syscall
+filter and the private /dev and /proc already take away.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from fibsync.config import RUN_DIR
-from fibsync.demo import RouterDaemon
+from fibsync.demo import RouterDaemon, fibsync_argv
 from fibsync.lab import Lab, wait_until
 
 from .test_operations_restart import Ping, assert_no_loss, warm_up
@@ -155,8 +158,8 @@ os.execv(argv[0], argv)
 # daemon starts, so that a sandbox this script failed to build cannot pass for the unit's.
 SANDBOX = r"""
 set -euo pipefail
-netns=$1 rw_paths=$2 runtime=$3 caps=$4 umask_value=$5
-shift 5
+netns=$1 rw_paths=$2 runtime=$3 caps=$4 umask_value=$5 protect_modules=$6
+shift 6
 # ProtectSystem=strict, ProtectKernelTunables, ProtectControlGroups: everything read-only
 for mp in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   case "$mp" in /proc|/proc/*|/dev|/dev/*) continue ;; esac
@@ -181,6 +184,10 @@ umount -l /tmp/.dev && rmdir /tmp/.dev
 for home in /home /root /run/user; do
   [ -d "$home" ] && mount -t tmpfs -o ro,mode=755 tmpfs "$home"
 done
+# ProtectKernelModules: /usr/lib/modules (and with it the headers under .../build) is gone
+if [ "$protect_modules" = yes ]; then
+  mount -t tmpfs -o ro,mode=000 tmpfs /usr/lib/modules
+fi
 # ReadWritePaths and RuntimeDirectory
 for path in $rw_paths $runtime; do
   mount --bind "$path" "$path" && mount -o remount,bind,rw "$path"
@@ -221,6 +228,7 @@ def sandbox(unit: dict[str, list[str]], netns: str) -> list[str]:
     runtime = " ".join(str(Path("/run") / d) for d in unit["RuntimeDirectory"][0].split())
     return ["unshare", "--mount", "--propagation", "private", "--", "bash", "-c", SANDBOX,
             "sandbox", netns, rw_paths, runtime, setpriv_caps, unit.get("UMask", ["0022"])[0],
+            unit.get("ProtectKernelModules", ["no"])[0],
             sys.executable, "-c", LOADER, json.dumps(spec)]
 
 
@@ -260,6 +268,13 @@ def test_the_daemon_syncs_and_forwards_inside_the_units_sandbox(
                      env={"NOTIFY_SOCKET": str(lab.rundir / "notify"),
                           "WATCHDOG_USEC": "1000000"},
                      wrap=sandbox(unit, lab.r.name))
+    # ExecStartPre first: the probes (headers, bpf_fib_lookup, XDP) under the same sandbox
+    (pre,) = unit["ExecStartPre"]
+    assert pre.split()[1:] == ["check", "--config", "/etc/fibsync/fibsync.toml"]
+    r = subprocess.run([*sandbox(unit, lab.r.name), *fibsync_argv(), "check", "--config",
+                        str(config)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "  ok       headers" in r.stdout and "  ok       bpf_fib_lookup" in r.stdout
     try:
         start(d)
         messages = received(notify)
@@ -326,12 +341,16 @@ def _capabilities(pid: int | None) -> set[str]:
     return {c.removeprefix("cap_") for c in text.strip().split("=")[-1].split(",") if c}
 
 
-def test_the_unit_file_is_valid_and_its_exposure_is_documented() -> None:
-    r = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True,
+def test_the_unit_file_is_valid_and_its_exposure_is_documented(tmp_path: Path) -> None:
+    # verify wants the commands to exist: the installed copy's become this checkout's
+    # (tests/netns/test_install.py verifies the unit `make install` writes)
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/fibsync/bin/fibsync", fibsync_argv()[0]))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
-                        str(UNIT)], capture_output=True, text=True)
+                        str(unit)], capture_output=True, text=True)
     m = re.search(r"Overall exposure level for fibsync.service: (\d+\.\d)", r.stdout)
     assert m, r.stdout[-500:]
     docs = (UNIT.parents[1] / "docs" / "operations.md").read_text()
