@@ -224,7 +224,7 @@ def xdp_features() -> dict[int, int] | None:
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.generic import GenericNetlinkSocket
 
-    class netdevmsg(genlmsg):  # noqa: N801 - pyroute2's naming of message classes
+    class netdevmsg(genlmsg):  # type: ignore[misc]  # pyroute2 is untyped; its naming
         nla_map = (("NETDEV_A_DEV_UNSPEC", "none"), ("NETDEV_A_DEV_IFINDEX", "uint32"),
                    ("NETDEV_A_DEV_PAD", "none"), ("NETDEV_A_DEV_XDP_FEATURES", "uint64"))
 
