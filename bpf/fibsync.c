@@ -51,6 +51,7 @@ BPF_TABLE_PINNED("hash", struct fs_neigh_key, struct fs_neigh, neighbours, FS_MA
 BPF_TABLE_PINNED("percpu_array", __u32, struct fs_counter, counters, FS_REASON_MAX,
 		 FS_PIN(counters));
 BPF_TABLE_PINNED("array", __u32, struct fs_config, config, 1, FS_PIN(config));
+BPF_TABLE_PINNED("array", __u32, struct fs_heartbeat, heartbeat, 1, FS_PIN(heartbeat));
 BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl24, FS_DIR24_ENTRIES / 2,
 		 FS_PIN(v4_tbl24), BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl8,
@@ -245,8 +246,9 @@ static __always_inline __u32 fs_xmit(struct fs_pkt *p, void *l3, struct fs_egres
 	return FS_VERDICT(XDP_REDIRECT, reason);
 }
 
+/* fwd: the reason a forwarded packet counts under (FWD_FIB, or FWD_STALE) */
 static __always_inline __u32 fs_fib_verdict(struct fs_pkt *p, void *l3,
-					    struct bpf_fib_lookup *fib, int rc)
+					    struct bpf_fib_lookup *fib, int rc, __u32 fwd)
 {
 	struct fs_egress eg = {};
 
@@ -255,7 +257,7 @@ static __always_inline __u32 fs_fib_verdict(struct fs_pkt *p, void *l3,
 		eg.ifindex = fib->ifindex;
 		eg.smac = fib->smac;
 		eg.dmac = fib->dmac;
-		return fs_xmit(p, l3, &eg, FS_REASON_FWD_FIB);
+		return fs_xmit(p, l3, &eg, fwd);
 	case BPF_FIB_LKUP_RET_BLACKHOLE:
 		return FS_VERDICT(XDP_DROP, FS_REASON_DROP_BLACKHOLE);
 	case BPF_FIB_LKUP_RET_UNREACHABLE:
@@ -288,7 +290,7 @@ static __always_inline void fs_fib_ports(struct fs_pkt *p, struct bpf_fib_lookup
 	}
 }
 
-static __always_inline __u32 fs_fib_v4(struct fs_pkt *p, struct iphdr *iph)
+static __always_inline __u32 fs_fib_v4(struct fs_pkt *p, struct iphdr *iph, __u32 fwd)
 {
 	struct bpf_fib_lookup fib = {};
 
@@ -299,10 +301,10 @@ static __always_inline __u32 fs_fib_v4(struct fs_pkt *p, struct iphdr *iph)
 	fib.ipv4_src = iph->saddr;
 	fib.ipv4_dst = iph->daddr;
 	fs_fib_ports(p, &fib);
-	return fs_fib_verdict(p, iph, &fib, bpf_fib_lookup(p->ctx, &fib, sizeof(fib), 0));
+	return fs_fib_verdict(p, iph, &fib, bpf_fib_lookup(p->ctx, &fib, sizeof(fib), 0), fwd);
 }
 
-static __always_inline __u32 fs_fib_v6(struct fs_pkt *p, struct ipv6hdr *ip6h)
+static __always_inline __u32 fs_fib_v6(struct fs_pkt *p, struct ipv6hdr *ip6h, __u32 fwd)
 {
 	struct bpf_fib_lookup fib = {};
 
@@ -313,7 +315,7 @@ static __always_inline __u32 fs_fib_v6(struct fs_pkt *p, struct ipv6hdr *ip6h)
 	__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
 	__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
 	fs_fib_ports(p, &fib);
-	return fs_fib_verdict(p, ip6h, &fib, bpf_fib_lookup(p->ctx, &fib, sizeof(fib), 0));
+	return fs_fib_verdict(p, ip6h, &fib, bpf_fib_lookup(p->ctx, &fib, sizeof(fib), 0), fwd);
 }
 
 static __always_inline struct fs_config *fs_config_get(void)
@@ -321,6 +323,15 @@ static __always_inline struct fs_config *fs_config_get(void)
 	__u32 zero = 0;
 
 	return config.lookup(&zero);
+}
+
+/* The daemon missed its heartbeat: its tables may lag the kernel's. */
+static __always_inline int fs_stale(void)
+{
+	__u32 zero = 0;
+	struct fs_heartbeat *hb = heartbeat.lookup(&zero);
+
+	return hb && hb->fresh_until && bpf_ktime_get_coarse_ns() > hb->fresh_until;
 }
 
 /* Not a verdict: "let bpf_fib_lookup decide" (no action is 0xffffff). */
@@ -514,6 +525,8 @@ static __always_inline __u32 fs_ipv4(struct fs_pkt *p, struct fs_cursor *c)
 	if (p->is_frag && cfg && (cfg->flags & FS_CFG_PASS_FRAGMENTS))
 		return FS_PASS(PASS_FRAGMENT);
 
+	if (fs_stale())
+		return fs_fib_v4(p, iph, FS_REASON_FWD_STALE);
 	if (cfg && cfg->v4_table == FS_V4_DIR24) {
 		r = fs_dir24_lookup(iph->daddr);
 	} else {
@@ -527,7 +540,7 @@ static __always_inline __u32 fs_ipv4(struct fs_pkt *p, struct fs_cursor *c)
 		if (v != FS_FALLBACK)
 			return v;
 	}
-	return fs_fib_v4(p, iph);
+	return fs_fib_v4(p, iph, FS_REASON_FWD_FIB);
 }
 
 static __always_inline int fs_ipv6_martian(const __u32 *a)
@@ -576,6 +589,8 @@ static __always_inline __u32 fs_ipv6(struct fs_pkt *p, struct fs_cursor *c)
 			return FS_PASS(PASS_FRAGMENT);
 	}
 
+	if (fs_stale())
+		return fs_fib_v6(p, ip6h, FS_REASON_FWD_STALE);
 	key.prefixlen = 128;
 	__builtin_memcpy(key.addr, d, 16);
 	r = routes_v6.lookup(&key);
@@ -584,7 +599,7 @@ static __always_inline __u32 fs_ipv6(struct fs_pkt *p, struct fs_cursor *c)
 		if (v != FS_FALLBACK)
 			return v;
 	}
-	return fs_fib_v6(p, ip6h);
+	return fs_fib_v6(p, ip6h, FS_REASON_FWD_FIB);
 }
 
 static __always_inline __u32 fs_process(struct xdp_md *ctx, void *data, void *data_end)

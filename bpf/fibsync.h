@@ -143,12 +143,13 @@
 	X(PASS_FIB_OTHER, 14, "bpf_fib_lookup gave another answer (forwarding disabled, ...)") \
 	X(PASS_MALFORMED, 15, "truncated or invalid header, or martian address")    \
 	X(DROP_BLACKHOLE, 16, "dropped by a blackhole route")                       \
-	X(PASS_KERNEL_ROUTE, 17, "route says: kernel, with an unknown reason code")
+	X(PASS_KERNEL_ROUTE, 17, "route says: kernel, with an unknown reason code")  \
+	X(FWD_STALE, 18, "forwarded using bpf_fib_lookup alone: the daemon's tables are stale")
 
 #define FS_REASON_ENUM(name, value, desc) FS_REASON_##name = value,
 enum fs_reason {
 	FS_REASONS(FS_REASON_ENUM)
-	FS_REASON_MAX = 18
+	FS_REASON_MAX = 19
 };
 #undef FS_REASON_ENUM
 
@@ -216,6 +217,18 @@ struct fs_config {
 	__u32 hash_policy_v6;
 	__u32 flags;
 	__u32 v4_table; /* FS_V4_LPM or FS_V4_DIR24 */
+};
+
+/*
+ * The daemon's promise that the tables follow the kernel: it writes
+ * fresh_until = now + stale_after (CLOCK_MONOTONIC_COARSE, the clock of
+ * bpf_ktime_get_coarse_ns) each time it has applied every change the kernel
+ * announced. Past fresh_until the program forwards by bpf_fib_lookup alone
+ * (FWD_STALE), which is exact whatever the tables hold. 0: no promise needed
+ * (stale_after = 0).
+ */
+struct fs_heartbeat {
+	__u64 fresh_until;
 };
 
 /* neigh_miss event: the daemon asks the kernel to resolve this address. */

@@ -58,6 +58,7 @@ class Settings:
     v4_table: str = "dir24"
     netlink_rcvbuf: int = 64 << 20
     audit_interval: float = 300.0
+    stale_after: float = 5.0
     map_batch: int = 65536
     max_routes_v4: int = 2097152
     max_routes_v6: int = 524288
@@ -127,6 +128,9 @@ KEYS: tuple[Key, ...] = (
     Key("audit_interval", "audit_interval", "--audit-interval", "300",
         "seconds between self-audits (the maps against a fresh kernel dump, also run after "
         "every resync); 0 turns the audit off"),
+    Key("stale_after", "stale_after", "--stale-after", "5",
+        "seconds without the daemon's heartbeat after which the XDP program stops using "
+        "its tables and forwards by bpf_fib_lookup alone (exact, slower); 0: never"),
     Key("maps.batch", "map_batch", "--map-batch", "65536",
         "entries per bpf(2) batch call"),
     Key("maps.routes_v4", "max_routes_v4", "--max-routes-v4", "2097152",
@@ -241,6 +245,7 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
         v4_table=_choice(v, "v4_table", V4_TABLES, "dir24"),
         netlink_rcvbuf=_size(v, "netlink_rcvbuf", 64 << 20, 4096, 1 << 31),
         audit_interval=_seconds(v, "audit_interval", 300.0),
+        stale_after=_seconds(v, "stale_after", 5.0),
         map_batch=_int(v, "map_batch", 65536, 1, 1 << 20),
         max_routes_v4=_int(v, "max_routes_v4", 2097152, 1, _MAX_ROUTES),
         max_routes_v6=_int(v, "max_routes_v6", 524288, 1, _MAX_ROUTES),

@@ -44,7 +44,7 @@ from .errors import (
     InterfaceError,
     UsageError,
 )
-from .fastpath.maps import PinnedMaps
+from .fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps
 from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
 from .model import Change, Prefix, Snapshot
@@ -53,6 +53,7 @@ from .verify import InFlight
 
 # how often the housekeeping loop checks that every configured interface runs our program
 INTERFACE_CHECK_SECONDS = 2.0
+BEAT_SECONDS = 1.0  # heartbeats at least this often (more often for a short stale_after)
 
 
 def check_interfaces(names: tuple[str, ...]) -> list[int]:
@@ -340,6 +341,7 @@ class Daemon:
         self._last_change = 0.0  # monotonic time of the last batch of kernel changes
         self._rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
         self._audit_window: InFlight | None = None  # open while an audit reads
+        self._last_beat = 0.0  # monotonic time of the last heartbeat written
 
     # ----------------------------------------------------------- lifecycle
 
@@ -682,11 +684,35 @@ class Daemon:
                 if reclaim:
                     self._reclaim = asyncio.create_task(self._wait_grace(reclaim))
             now = time.monotonic()
+            self._beat(now)
             if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
                 self._last_interface_check = now
                 self._check_interfaces()
                 self._sync_hash_policy()
                 self._update_status_line()
+
+    def _beat(self, now: float) -> None:
+        """Promise the XDP program that its tables follow the kernel for ``stale_after``.
+
+        Only once every change the kernel announced is applied: a daemon that was
+        stopped applies its backlog first, one that lost changes resyncs first (no
+        promise while the source is out of sync). Without a fresh promise the
+        program forwards by bpf_fib_lookup alone (FWD_STALE).
+        """
+        assert self.maps is not None and self.source is not None
+        stale_after = self.settings.stale_after
+        if now - self._last_beat < min(BEAT_SECONDS, stale_after / 4):
+            return
+        self._last_beat = now
+        if not stale_after:
+            self.maps.set_heartbeat(0)
+            return
+        self.source.catch_up()
+        if not self.source.in_sync:
+            return
+        fresh_until = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + \
+            int(stale_after * 1e9)
+        self.maps.set_heartbeat(fresh_until)
 
     async def _wait_grace(self, reclaim: Any) -> None:
         """Wait for an RCU grace period in a thread, for the DIR-24-8 slots and groups
@@ -857,6 +883,8 @@ class Daemon:
                                    "misses": self.neigh_misses},
             "reloads": dict(self.reloads),
             "audit": self.auditor.doc() if self.auditor is not None else {},
+            "heartbeat": {"stale_after": s.stale_after,
+                          "age_seconds": round(time.monotonic() - self._last_beat, 3)},
             "interfaces": [
                 {"name": n, "ifindex": a.ifindex, "mode": a.mode, "prog_id": a.prog_id}
                 for n, a in self.attachments.items()

@@ -128,6 +128,16 @@ def render(doc: dict[str, Any]) -> str:
             f"  unwritten {wr.get('unwritten', 0)}  demoted {wr.get('demoted', 0)}"
             + (f"  IPv4 table {wr['v4_table']}" if wr.get("v4_table") else "")
         )
+    hb = doc.get("heartbeat")
+    if hb and "stale_after" in hb:
+        lines.append("heartbeat  " + (f"{_fmt_seconds(hb['age_seconds'])} ago, the tables are "
+                                      f"trusted for {_fmt_seconds(hb['stale_after'])} after one"
+                                      if hb["stale_after"] else "off (stale_after = 0)"))
+    elif hb:
+        left = hb["fresh_for_seconds"]
+        lines.append("heartbeat  " + (f"stale for {_fmt_seconds(-left)}: XDP forwards by "
+                                      "bpf_fib_lookup alone" if left < 0 else
+                                      f"the tables are trusted {_fmt_seconds(left)} more"))
     au = doc.get("audit")
     if au:
         if not au.get("interval"):

@@ -87,9 +87,10 @@ class Reason(IntEnum):
     PASS_MALFORMED = 15, "truncated or invalid header, or martian address"
     DROP_BLACKHOLE = 16, "dropped by a blackhole route"
     PASS_KERNEL_ROUTE = 17, "route says: kernel, with an unknown reason code"
+    FWD_STALE = 18, "forwarded using bpf_fib_lookup alone: the daemon's tables are stale"
 
 
-FS_REASON_MAX = 18
+FS_REASON_MAX = 19
 
 
 class FsV4Key(ctypes.Structure):
@@ -161,6 +162,10 @@ class FsConfig(ctypes.Structure):
     ]
 
 
+class FsHeartbeat(ctypes.Structure):
+    _fields_ = [("fresh_until", ctypes.c_uint64)]
+
+
 class FsMiss(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
@@ -181,6 +186,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_neigh": FsNeigh,
     "fs_counter": FsCounter,
     "fs_config": FsConfig,
+    "fs_heartbeat": FsHeartbeat,
     "fs_miss": FsMiss,
 }
 
@@ -267,6 +273,7 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("tx_direct", MAP_DEVMAP, 4, 4, FS_TX_DIRECT),
         MapSpec("counters", MAP_PERCPU_ARRAY, 4, s(FsCounter), FS_REASON_MAX),
         MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
+        MapSpec("heartbeat", MAP_ARRAY, 4, s(FsHeartbeat), 1),
         MapSpec("neigh_miss", MAP_RINGBUF, 0, 0, sizes.neigh_miss_bytes),
         MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE),
         MapSpec("v4_tbl8", MAP_ARRAY, 4, s(FsDirPair),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from .writer import (
 
 COUNTER = struct.Struct("=QQ")
 CONFIG = struct.Struct("=IIII")
+HEARTBEAT = struct.Struct("=Q")
+CLOCK_MONOTONIC_COARSE = 6  # bpf_ktime_get_coarse_ns's clock
 ACTIONS = {0: "unicast", 1: "blackhole", 2: "kernel", 3: "fib"}
 
 
@@ -101,6 +104,16 @@ class PinnedMaps:
         old = bpfsys.lookup(self.fd("config"), key)
         _, _, flags, v4_table = CONFIG.unpack_from(old) if isinstance(old, bytes) else (0,) * 4
         bpfsys.update(self.fd("config"), key, CONFIG.pack(ipv4, ipv6, flags, v4_table))
+
+    def heartbeat(self) -> int:
+        """fs_heartbeat.fresh_until (0: none)."""
+        raw = bpfsys.lookup(self.fd("heartbeat"), U32.pack(0))
+        return HEARTBEAT.unpack_from(raw)[0] if isinstance(raw, bytes) else 0
+
+    def set_heartbeat(self, fresh_until_ns: int) -> None:
+        """fs_heartbeat: the program trusts its tables until this CLOCK_MONOTONIC_COARSE
+        time (0: always)."""
+        bpfsys.update(self.fd("heartbeat"), U32.pack(0), HEARTBEAT.pack(fresh_until_ns))
 
     def config(self) -> tuple[int, int, int, int]:
         """fs_config: (hash_policy_v4, hash_policy_v6, flags, v4_table)."""
@@ -331,11 +344,16 @@ def offline_status(settings: Any) -> dict[str, Any]:
     doc["maps"] = {name: {"entries": n, "capacity": bpfsys.map_info(maps.fd(name)).max_entries}
                    for name, n in counts.items()}
     doc["counters"] = maps.counters()
+    fresh_until = maps.heartbeat()
+    if fresh_until:
+        left = (fresh_until - time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)) / 1e9
+        doc["heartbeat"] = {"fresh_for_seconds": round(left, 1)}
     from .program import attached
     doc["interfaces"] = [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
                           "prog_id": a.prog_id} for a in attached(settings.instance)]
-    doc["note"] = ("the daemon is down: the XDP program keeps forwarding with the maps as "
-                   "they were; start `fibsync run` to resync")
+    doc["note"] = ("the daemon is down: the XDP program forwards by bpf_fib_lookup alone "
+                   "once its last heartbeat is stale_after old (FWD_STALE); start "
+                   "`fibsync run` to resync")
     return doc
 
 

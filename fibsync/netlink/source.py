@@ -309,6 +309,12 @@ class NetlinkSource:
             loop.remove_reader(fd)
             events.close()
 
+    @property
+    def in_sync(self) -> bool:
+        """The sink holds the kernel's state as of the last change read: a session is
+        live, its resync done, and nothing was lost since."""
+        return self._synced and self._overrun is None and self._events is not None
+
     def catch_up(self) -> None:
         """Read what the event socket holds now and hand it to the sink at once.
 

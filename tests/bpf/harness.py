@@ -173,7 +173,13 @@ class Lab:
         bpfsys.update(self.fp.map_fd("config"), struct.pack("=I", 0),
                       bytes(abi.FsConfig(v4, v6, flags, table)))
 
+    def heartbeat(self, fresh_until: int) -> None:
+        """fs_heartbeat.fresh_until, in CLOCK_MONOTONIC_COARSE ns (0: never stale)."""
+        bpfsys.update(self.fp.map_fd("heartbeat"), struct.pack("=I", 0),
+                      bytes(abi.FsHeartbeat(fresh_until)))
+
     def clear(self) -> None:
+        self.heartbeat(0)
         for ifindex in self.fp.ports():
             self.fp.forbid_port(ifindex)
         for name in ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours"):

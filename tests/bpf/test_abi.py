@@ -140,6 +140,7 @@ CONTRACT = {
     "fs_neigh_key": [("ifindex", 0, 4), ("family", 4, 4), ("addr", 8, 16)],
     "fs_neigh": [("mac", 0, 6), ("pad", 6, 2)],
     "fs_counter": [("packets", 0, 8), ("bytes", 8, 8)],
+    "fs_heartbeat": [("fresh_until", 0, 8)],
     "fs_config": [("hash_policy_v4", 0, 4), ("hash_policy_v6", 4, 4), ("flags", 8, 4),
                   ("v4_table", 12, 4)],
     "fs_miss": [("ifindex", 0, 4), ("family", 4, 4), ("addr", 8, 16)],
@@ -170,7 +171,10 @@ def test_map_specs_use_the_struct_sizes() -> None:
     specs = {s.name: s for s in abi.map_specs(abi.Sizes())}
     assert tuple(specs) == abi.MAP_NAMES == (
         "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "tx_direct",
-        "counters", "config", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
+        "counters", "config", "heartbeat", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots",
+        "v4_nh")
+    assert (specs["heartbeat"].type, specs["heartbeat"].value_size,
+            specs["heartbeat"].max_entries) == (abi.MAP_ARRAY, 8, 1)
     assert (specs["tx_direct"].type, specs["tx_direct"].max_entries) == (
         abi.MAP_DEVMAP, abi.FS_TX_DIRECT)
     assert (specs["routes_v4"].key_size, specs["routes_v4"].value_size) == (8, 8)

@@ -7,6 +7,7 @@ their ingress device.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,3 +168,34 @@ def test_resolved_nexthop_beats_the_fib(net: FibNet) -> None:
     assert retval == XDP_REDIRECT
     assert Ether(out).dst == "02:00:00:00:03:03"
     assert net.lab.counters() == {Reason.FWD_FAST: (1, len(pkt))}
+
+
+def test_a_stale_heartbeat_hands_every_lookup_to_the_kernel_fib(net: FibNet) -> None:
+    """Past fresh_until the program trusts none of its own entries: a route the daemon
+    never heard withdrawn (100.127.0.0/16 here) stops being forwarded, and the rest
+    follows the kernel's FIB (its gateway's MAC, not the stale entry's)."""
+    coarse = time.clock_gettime_ns(6)  # CLOCK_MONOTONIC_COARSE: bpf_ktime_get_coarse_ns
+    net.lab.nexthop(1, net.out_ifindex, OUT_MAC, "02:00:00:00:03:03")
+    net.lab.route("192.0.2.0/24", 1)
+    net.lab.route("100.127.0.0/16", 1)
+    net.lab.route("2001:db8:99::/48", 1)
+    fresh, gone, fresh6 = v4("192.0.2.9"), v4("100.127.0.1"), v6("2001:db8:99::9")
+
+    net.lab.heartbeat(coarse + 60 * 10**9)
+    for pkt in (fresh, gone, fresh6):
+        retval, out = net.run(pkt)
+        assert (retval, Ether(out).dst) == (XDP_REDIRECT, "02:00:00:00:03:03")
+    assert set(net.lab.counters()) == {Reason.FWD_FAST}
+
+    net.lab.clear_counters()
+    net.lab.heartbeat(coarse - 1)
+    assert net.run(fresh) == (XDP_REDIRECT, via_gateway(fresh))
+    assert net.run(fresh6) == (XDP_REDIRECT, via_gateway(fresh6))
+    assert net.run(gone) == (XDP_PASS, bytes(gone))
+    assert net.lab.counters() == {Reason.FWD_STALE: (2, len(fresh) + len(fresh6)),
+                                  Reason.PASS_NO_ROUTE: (1, len(gone))}
+
+    net.lab.clear_counters()
+    net.lab.heartbeat(0)  # stale_after = 0: no promise needed
+    assert net.run(gone)[0] == XDP_REDIRECT
+    assert net.lab.counters() == {Reason.FWD_FAST: (1, len(gone))}

@@ -37,6 +37,7 @@ def doc_up() -> dict[str, Any]:
         "audit": {"interval": 300.0, "runs": 4, "divergences": 3, "repairs": 1, "failures": 0,
                   "last_result": "equal", "last_at": 0.0, "last_seconds": 0.5,
                   "last_checked": 15, "last_in_flight": 0, "pending": False},
+        "heartbeat": {"stale_after": 5.0, "age_seconds": 0.4},
         "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native", "prog_id": 77}],
         "counters": {"FWD_FAST": {"packets": 123456, "bytes": 9999999, "description": "fast"},
                      "PASS_TTL": {"packets": 0, "bytes": 0, "description": "ttl"}},
@@ -45,6 +46,7 @@ def doc_up() -> dict[str, Any]:
 
 def test_render_up() -> None:
     text = st.render(doc_up())
+    assert "heartbeat  400.0 ms ago, the tables are trusted for 5.0 s after one" in text
     assert "audit      every 5m00s, last equal (15 prefixes, 500.0 ms)  runs 4  divergences 3" \
         in text
     assert "daemon     up, pid 4242, version 0.1.0, running 1h06m" in text
