@@ -25,7 +25,6 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
     (["run", "-i", "lo", "--config", "/nonexistent/fibsync.toml"], "does not exist"),
     (["run", "-i", "lo", "--config", "/"], "directory"),
     (["run", "-i", "lo", "--bogus"], "--bogus"),
-    (["run", "--table", "local", "-i", "lo"], "table"),
     (["run", "-i", "lo", "--table", "local"], "table"),
     (["run", "-i", "lo", "--xdp-mode", "turbo"], "xdp_mode"),
 ])
