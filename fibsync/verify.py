@@ -36,6 +36,7 @@ between is not a divergence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -365,7 +366,8 @@ def run_pinned(pin_dir: Path, route_filter: Filter, exclude: Iterable[Prefix] = 
 def audit_child() -> None:
     """``python -m fibsync.verify ARGS``: the daemon's audit (fibsync/audit.py). ARGS is
     a JSON object (pin_dir, table, protocols, exclude); the report goes to stdout as JSON."""
-    os.nice(10)  # behind the daemon, which writes the maps
+    with contextlib.suppress(OSError):  # a sandbox may refuse; the audit runs all the same
+        os.nice(10)  # behind the daemon, which writes the maps
     args = json.loads(sys.argv[1])
     protocols = frozenset(args["protocols"]) or None
     exclude = [Prefix.parse(p) for p in args.get("exclude", ())]
