@@ -249,6 +249,23 @@ class Netns:
     def read_sysctl(self, key: str) -> str:
         return self.run(["sysctl", "-n", key]).stdout.strip()
 
+    def kernel_forwarded(self) -> tuple[int, int]:
+        """Packets this namespace's kernel forwarded: (ForwDatagrams, Ip6OutForwDatagrams).
+
+        Read inside the namespace (/proc/net/snmp and /proc/net/snmp6 are per
+        namespace). A frame an XDP program redirects never reaches the stack and
+        is not counted, so counters that stay flat while traffic crosses the
+        namespace prove that XDP carried all of it.
+        """
+        text = self.run(["cat", "/proc/net/snmp", "/proc/net/snmp6"]).stdout
+        rows = [line.split() for line in text.splitlines() if line.startswith("Ip: ")]
+        six = {f[0]: f[1] for line in text.splitlines() if len(f := line.split()) == 2}
+        try:
+            names, values = rows[0], rows[1]
+            return int(values[names.index("ForwDatagrams")]), int(six["Ip6OutForwDatagrams"])
+        except (IndexError, KeyError, ValueError):
+            raise LabError(f"{self}: no forwarding counters in /proc/net/snmp{{,6}}") from None
+
 
 def _ns(ns: Netns | str) -> Netns:
     return ns if isinstance(ns, Netns) else Netns(ns)
@@ -720,7 +737,12 @@ class Lab:
         log.info("lab.down", lab=self.name)
 
     def set_forwarding(self, on: bool) -> None:
-        """Turn IPv4 and IPv6 forwarding in r on or off."""
+        """Turn IPv4 and IPv6 forwarding in r on or off (``all`` and so every interface).
+
+        fibsync honours these sysctls: with forwarding off the router forwards
+        nothing, XDP or not. To show that XDP carried traffic, keep forwarding
+        on and watch ``self.r.kernel_forwarded()`` stay flat.
+        """
         for key in ("net.ipv4.conf.all.forwarding", "net.ipv6.conf.all.forwarding"):
             self.r.sysctl(key, int(on))
 

@@ -51,14 +51,25 @@ def test_hosts_reach_each_other_across_the_router(lab: Lab) -> None:
         assert ping(ns, source.ip, destination.ip), f"{source} -> {destination} from {ns}"
 
 
-def test_forwarding_toggle_stops_and_restores_traffic(lab: Lab) -> None:
+def test_the_router_counts_what_it_forwards_and_the_toggle_stops_it(lab: Lab) -> None:
+    """kernel_forwarded() is what tests read to prove XDP carried traffic: it must see
+    every packet the router's kernel forwards, and nothing when it forwards nothing."""
+    flows = ((lab.h1_lan_v4.ip, lab.h2_lan_v4.ip, 0), (lab.h1_lan_v6.ip, lab.h2_lan_v6.ip, 1))
+    for source, destination, index in flows:
+        before = lab.r.kernel_forwarded()
+        assert ping(lab.h1, source, destination)
+        after = lab.r.kernel_forwarded()
+        assert after[index] - before[index] == 2, (before, after)  # the echo and its reply
+        assert after[1 - index] == before[1 - index]
     lab.set_forwarding(False)
     assert lab.status()["forwarding"] == {"ipv4": False, "ipv6": False}
-    assert not ping(lab.h1, lab.h1_lan_v4.ip, lab.h2_lan_v4.ip)
-    assert not ping(lab.h1, lab.h1_lan_v6.ip, lab.h2_lan_v6.ip)
+    before = lab.r.kernel_forwarded()
+    for source, destination, _ in flows:
+        assert not ping(lab.h1, source, destination)
+    assert lab.r.kernel_forwarded() == before
     lab.set_forwarding(True)
-    assert ping(lab.h1, lab.h1_lan_v4.ip, lab.h2_lan_v4.ip)
-    assert ping(lab.h1, lab.h1_lan_v6.ip, lab.h2_lan_v6.ip)
+    for source, destination, _ in flows:
+        assert ping(lab.h1, source, destination)
 
 
 def test_frr_installs_static_routes_through_nexthop_objects(lab: Lab) -> None:
