@@ -43,8 +43,7 @@ def test_status_up_then_down_and_lookup(lab: Lab, daemons: list[RouterDaemon]) -
     d = RouterDaemon.for_lab(lab)
     daemons.append(d)
     d.start()
-    lab.set_forwarding(False)
-    warm_up(lab, str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip))
+    warm_up(lab, str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip))  # carried by XDP
     lab.r.ip("route", "add", "blackhole", "198.51.100.200/29")
     lab.r.ip("route", "add", "unreachable", "198.51.100.208/29")
     wait_until(lambda: "198.51.100.208/29" in {e["prefix"] for e in d.routes()}, timeout=5,
@@ -93,7 +92,8 @@ def test_status_up_then_down_and_lookup(lab: Lab, daemons: list[RouterDaemon]) -
     assert offline["maps"]["routes_v4"]["capacity"] == 2097152
     text = d.cli("status", check=False).stdout
     assert "DOWN (figures read from the pinned maps)" in text
-    # the program still forwards without its daemon
+    # the program still forwards without its daemon: pings cross, the router's kernel
+    # forwards none of them
     warm_up(lab, str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip))
 
 
@@ -159,8 +159,7 @@ def test_metrics_on_loopback(lab: Lab, daemons: list[RouterDaemon]) -> None:
     d = RouterDaemon.for_lab(lab, ["--metrics", "9477"])
     daemons.append(d)
     d.start()
-    lab.set_forwarding(False)
-    warm_up(lab, str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip))
+    warm_up(lab, str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip))  # carried by XDP
     text = http_get(lab, "http://127.0.0.1:9477/metrics")
     doc = d.status()
     assert metric(text, "fibsync_synced") == 1
@@ -241,8 +240,7 @@ def test_a_map_too_small_never_misroutes_and_says_so(lab: Lab, daemons: list[Rou
     assert "bpf_fib_lookup" in d.cli("lookup", "203.0.113.200").stdout
     assert [e["event"] for e in d.logs()].count("map.full") == 1
 
-    # the kernel's FIB answers for the demoted prefix: forwarded, by bpf_fib_lookup
-    lab.set_forwarding(True)
+    # the kernel's FIB answers for the demoted prefix: forwarded in XDP, by bpf_fib_lookup
     before = doc["counters"]["FWD_FIB"]["packets"]
     warm_up(lab, str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip))
     assert d.status()["counters"]["FWD_FIB"]["packets"] > before
