@@ -385,6 +385,14 @@ def _pack_value(values: Sequence[bytes], info: MapInfo) -> bytes:
 def lookup(fd: int, key: bytes, *, info: MapInfo | None = None) -> bytes | list[bytes] | None:
     """The value of key, or None when absent. Per-CPU maps give one value per CPU."""
     info = info or map_info(fd)
+    raw = _lookup_raw(fd, key, info)
+    if raw is None:
+        return None
+    return _split_percpu(raw, info) if info.percpu else raw
+
+
+def _lookup_raw(fd: int, key: bytes, info: MapInfo) -> bytes | None:
+    """The value of key as the kernel returns it (all CPUs' for a per-CPU map)."""
     kaddr, _k = _addr(key)
     out = ctypes.create_string_buffer(max(info.value_bytes, 1))
     ret = _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd, key=kaddr,
@@ -392,8 +400,7 @@ def lookup(fd: int, key: bytes, *, info: MapInfo | None = None) -> bytes | list[
     if ret == -E.ENOENT:
         return None
     _check(f"lookup in {info.name}", ret)
-    raw = out.raw[:info.value_bytes]
-    return _split_percpu(raw, info) if info.percpu else raw
+    return out.raw[:info.value_bytes]
 
 
 def update(fd: int, key: bytes, value: bytes | Sequence[bytes], flags: int = BPF_ANY) -> None:
@@ -523,9 +530,41 @@ def iterate(fd: int, *, batch: int = 4096) -> Iterator[tuple[bytes, bytes | list
     GET_NEXT_KEY (an entry deleted meanwhile is skipped, not an error).
     """
     info = map_info(fd)
+    ks, vs = info.key_size, info.value_bytes
+    for keys, values, count in _runs(fd, info, batch):
+        for i in range(count):
+            value = values[i * vs:(i + 1) * vs]
+            yield keys[i * ks:(i + 1) * ks], (_split_percpu(value, info) if info.percpu
+                                              else value)
+
+
+def read_all(fd: int, *, batch: int = 65536) -> tuple[bytes, bytes, int]:
+    """Every entry of the map as (keys, values, count), each laid end to end as
+    ``update_batch`` takes them: a whole map read without an object per entry.
+
+    Read as ``iterate`` reads (what an LPM trie's walk does when its current
+    key is deleted meanwhile: it starts again from the first key), so a key
+    may come more than once; the later copy is the fresher.
+    """
+    info = map_info(fd)
+    keys, values, total = [], [], 0
+    for k, v, count in _runs(fd, info, batch):
+        keys.append(k)
+        values.append(v)
+        total += count
+    return b"".join(keys), b"".join(values), total
+
+
+# HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE
+_BATCH_LOOKUP_TYPES = frozenset({1, 2, 5, 6, 9, 10, 11})
+
+
+def _runs(fd: int, info: MapInfo, batch: int) -> Iterator[tuple[bytes, bytes, int]]:
+    """The map's entries as runs (keys, values, count): one batch lookup each, or one
+    entry each where the kernel has no batch lookup for the map."""
     if info.type in _BATCH_LOOKUP_TYPES:
         try:
-            yield from _iterate_batch(fd, info, batch)
+            yield from _batches(fd, info, batch)
             return
         except _NoBatch:
             pass
@@ -534,21 +573,16 @@ def iterate(fd: int, *, batch: int = 4096) -> Iterator[tuple[bytes, bytes | list
         key = next_key(fd, key, info.key_size)
         if key is None:
             return
-        value = lookup(fd, key, info=info)
+        value = _lookup_raw(fd, key, info)
         if value is not None:
-            yield key, value
-
-
-# HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE
-_BATCH_LOOKUP_TYPES = frozenset({1, 2, 5, 6, 9, 10, 11})
+            yield key, value, 1
 
 
 class _NoBatch(Exception):
     """The kernel has no batch lookup for this map (raised before any yield)."""
 
 
-def _iterate_batch(fd: int, info: MapInfo,
-                   batch: int) -> Iterator[tuple[bytes, bytes | list[bytes]]]:
+def _batches(fd: int, info: MapInfo, batch: int) -> Iterator[tuple[bytes, bytes, int]]:
     ks, vs = info.key_size, info.value_bytes
     token_in = ctypes.create_string_buffer(max(ks, 8))
     token_out = ctypes.create_string_buffer(max(ks, 8))
@@ -568,11 +602,9 @@ def _iterate_batch(fd: int, info: MapInfo,
             continue
         if ret < 0 and -ret != E.ENOENT:
             raise _error(f"batch lookup in {info.name}", -ret)
-        kraw, vraw = keys.raw, values.raw
-        for i in range(attr.count):
-            value = vraw[i * vs:(i + 1) * vs]
-            yield kraw[i * ks:(i + 1) * ks], (_split_percpu(value, info) if info.percpu
-                                              else value)
+        n = attr.count
+        # only the filled part: the last batch of a big map is mostly empty
+        yield ctypes.string_at(keys, n * ks), ctypes.string_at(values, n * vs), n
         if ret < 0:  # ENOENT: that was the last batch
             return
         ctypes.memmove(token_in, token_out, len(token_out))
