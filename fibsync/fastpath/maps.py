@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import FastPathError, MapFullError
 from ..model import AF_INET, AF_INET6
 from . import abi, bpfsys
@@ -30,6 +32,7 @@ from .writer import (
     NH_RESOLVED,
     ROUTE,
     ROUTE_GROUP,
+    ROUTE_MAPS,
     U32,
     V4_KEY,
     V6_KEY,
@@ -96,6 +99,11 @@ class PinnedMaps:
 
     def items(self, name: str) -> Iterator[tuple[bytes, bytes]]:
         return bpfsys.iterate(self.fd(name))
+
+    def read_all(self, name: str) -> tuple[bytes, bytes]:
+        """Every key and every value of a map, each laid end to end (no object per entry)."""
+        keys, values, _ = bpfsys.read_all(self.fd(name))
+        return keys, values
 
     def set_hash_policy(self, ipv4: int, ipv6: int) -> None:
         """ECMP hashing as net.ipv{4,6}.fib_multipath_hash_policy; the rest of fs_config
@@ -206,8 +214,7 @@ def read_routes(maps: MapSet, attempts: int = 5) -> list[dict[str, Any]]:
 
 
 def _read_routes_once(maps: MapSet) -> list[dict[str, Any]]:
-    table = RouteTable(maps)
-    return [table.doc(k) for k in sorted(table.routes, key=route_key_prefix)]  # type: ignore[misc]
+    return RouteTable(maps).docs()
 
 
 def route_key_prefix(key: bytes) -> tuple[int, bytes, int]:
@@ -217,30 +224,141 @@ def route_key_prefix(key: bytes) -> tuple[int, bytes, int]:
     return family, addr, plen
 
 
+class RouteMap:
+    """One route map read whole, as arrays sorted by prefix (address, then length):
+    row i is the key of ``prefix(i)`` with value ``values[i]`` (struct fs_route's bytes).
+
+    The keys are held as the columns they sort by (``_key_columns``). A full table is
+    a million rows: arrays hold them in ~20 MB, where a dict of bytes took ~200 MB
+    and seconds to fill. No key appears twice: where a read returned one twice
+    (``bpfsys.read_all``), the later copy is kept.
+    """
+
+    def __init__(self, family: int, keys: bytes, values: bytes) -> None:
+        self.family = family
+        columns = _key_columns(family, keys)
+        vals = np.frombuffer(values, np.uint8).reshape(-1, ROUTE.size)
+        if len(vals) != len(columns[0]):
+            raise FastPathError(f"{len(columns[0])} route keys but {len(vals)} values")
+        # stable: of two copies of a key the later stays last. A map read (the trie's
+        # postorder) or a writer's batch is nearly sorted already, which lexsort exploits.
+        order = np.lexsort(columns[::-1])
+        columns = [c[order] for c in columns]
+        if len(order) and (repeated := _same_as_next(columns)).any():
+            last = np.append(~repeated, True)
+            columns, order = [c[last] for c in columns], order[last]
+        self.columns = columns  # most significant first
+        self.values = vals[order]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def find(self, key: bytes) -> int | None:
+        """The row of a map key, None when the map lacks it."""
+        lo, hi = 0, len(self)
+        for column, wanted in zip(self.columns, _key_columns(self.family, key), strict=True):
+            part = column[lo:hi]
+            lo, hi = (lo + int(np.searchsorted(part, wanted[0], "left")),
+                      lo + int(np.searchsorted(part, wanted[0], "right")))
+        return lo if lo < hi else None
+
+    def prefix(self, row: int) -> tuple[bytes, int]:
+        """(address, length) of a row's key."""
+        words = [int(c[row]) for c in self.columns]
+        if self.family == AF_INET:
+            return (words[0] >> 32).to_bytes(4, "big"), words[0] & 0xFFFFFFFF
+        return words[0].to_bytes(8, "big") + words[1].to_bytes(8, "big"), words[2]
+
+
+def _key_columns(family: int, keys: bytes) -> list[np.ndarray[Any, Any]]:
+    """Route map keys laid end to end as the columns that order them by address, then
+    length: IPv4 one 64-bit word (address, length); IPv6 the address's two 64-bit
+    halves, then the length. Either holds the whole key."""
+    size = V4_KEY.size if family == AF_INET else V6_KEY.size
+    n = len(keys) // size
+
+    def field(dtype: str, offset: int) -> np.ndarray[Any, Any]:
+        # one field of every key, read in place (numpy copes with the misalignment)
+        if not n:
+            return np.zeros(0, np.uint64)
+        return np.ndarray((n,), dtype, keys, offset, (size,)).astype(np.uint64)
+
+    plen = field("=u4", 0)
+    if family == AF_INET:
+        words = field(">u4", 4)
+        words <<= np.uint64(32)
+        words |= plen
+        return [words]
+    return [field(">u8", 4), field(">u8", 12), plen]
+
+
+def _same_as_next(columns: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    """Of sorted rows, whether row i has the key of row i + 1 (one fewer than rows)."""
+    same = columns[0][1:] == columns[0][:-1]
+    for c in columns[1:]:
+        same &= c[1:] == c[:-1]
+    return same
+
+
+def matching_rows(a: RouteMap, b: RouteMap) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The rows of two route maps that hold the same key: (rows of a, rows of b)."""
+    if len(a) == len(b) and all(np.array_equal(x, y)
+                                for x, y in zip(a.columns, b.columns, strict=True)):
+        same = np.arange(len(a))  # the usual audit: the same prefixes on both sides
+        return same, same
+    both = [np.concatenate([x, y]) for x, y in zip(a.columns, b.columns, strict=True)]
+    order = np.lexsort(both[::-1])
+    # a key is in each map at most once: equal neighbours are a row of each, and the
+    # stable sort keeps a's (the lower index) first
+    first = np.flatnonzero(_same_as_next([c[order] for c in both]))
+    return order[first], order[first + 1] - len(a)
+
+
+def read_route_map(maps: MapSet, family: int) -> RouteMap:
+    """The route map of a family, from a map set that can read a map whole
+    (``PinnedMaps.read_all``) or entry by entry."""
+    name = ROUTE_MAPS[family]
+    read_all = getattr(maps, "read_all", None)
+    if read_all is not None:
+        return RouteMap(family, *read_all(name))
+    items = list(maps.items(name))
+    return RouteMap(family, b"".join(k for k, _ in items),
+                    b"".join(v[:ROUTE.size] for _, v in items))
+
+
 class RouteTable:
     """Both route maps read once, with the nexthops and groups their entries point to:
-    raw values by map key (the family by the key's size), described on demand.
+    raw values by prefix (``RouteMap``, one per family), described on demand.
 
     Nexthops and groups are read before the routes, as the writer writes them before
     the routes that use them; a route written meanwhile may point at one this read
-    missed (``missing: true``).
+    missed (``missing: true``). ``routes``: route maps read already (verify's kernel
+    side, encoded without a map in between).
     """
 
-    def __init__(self, maps: MapSet) -> None:
+    def __init__(self, maps: MapSet, routes: dict[int, RouteMap] | None = None) -> None:
         self.nexthops = _nexthops(maps)
         self.groups = _groups(maps)
         self.names = _ifnames()
-        self.routes: dict[bytes, bytes] = {}
-        for name in ("routes_v4", "routes_v6"):
-            self.routes.update(maps.items(name))  # type: ignore[arg-type]
+        self.routes = routes if routes is not None else {
+            family: read_route_map(maps, family) for family in ROUTE_MAPS}
 
     def doc(self, key: bytes) -> dict[str, Any] | None:
         """What ``fibsync routes`` shows for this key, None if the maps lack it."""
-        value = self.routes.get(key)
-        if value is None:
-            return None
-        family, addr, plen = route_key_prefix(key)
-        return _route_doc(family, addr, plen, value, self.nexthops, self.groups, self.names)
+        family = AF_INET if len(key) == V4_KEY.size else AF_INET6
+        row = self.routes[family].find(key)
+        return None if row is None else self.doc_at(family, row)
+
+    def doc_at(self, family: int, row: int) -> dict[str, Any]:
+        """The document of one row of a family's route map."""
+        m = self.routes[family]
+        return _route_doc(family, *m.prefix(row), m.values[row].tobytes(), self.nexthops,
+                          self.groups, self.names)
+
+    def docs(self) -> list[dict[str, Any]]:
+        """Every row's document, by family, address and length."""
+        return [self.doc_at(family, row) for family in sorted(self.routes)
+                for row in range(len(self.routes[family]))]
 
 
 def _route_doc(family: int, addr: bytes, plen: int, value: bytes,

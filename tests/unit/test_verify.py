@@ -2,8 +2,35 @@
 
 from __future__ import annotations
 
-from fibsync.fastpath.maps import RouteTable
-from fibsync.fastpath.writer import MapWriter, MemoryMaps, route_key
+import os
+import random
+
+import pytest
+
+from fibsync.fastpath import abi, bpfsys
+from fibsync.fastpath.maps import (
+    RouteMap,
+    RouteTable,
+    _route_doc,
+    read_routes,
+    route_key_prefix,
+)
+from fibsync.fastpath.writer import (
+    GROUP,
+    GROUP_BUCKETS,
+    GROUP_MEMBERS,
+    NEXTHOP,
+    NH_CONNECTED,
+    NH_RESOLVED,
+    ROUTE,
+    ROUTE_GROUP,
+    U32,
+    V4_KEY,
+    V6_KEY,
+    MapWriter,
+    MemoryMaps,
+    route_key,
+)
 from fibsync.model import (
     AF_INET,
     AF_INET6,
@@ -19,7 +46,7 @@ from fibsync.model import (
     Snapshot,
 )
 from fibsync.rib import Filter, Rib
-from fibsync.verify import Entries, InFlight, Side, entry_of, expected_table
+from fibsync.verify import Entries, Entry, InFlight, Side, entry_of, expected_table
 
 GW4 = bytes([192, 0, 2, 2])
 GW6 = bytes.fromhex("20010db8000000000000000000000002")
@@ -154,3 +181,179 @@ def test_the_maps_side_reads_what_the_writer_wrote() -> None:
                                    Filter())
     s = Side(Entries(expected), Entries(RouteTable(memory)), InFlight(), rib)
     assert s.differing()[0].keys() == {Prefix.parse("203.0.113.0/24")}
+
+
+# ------------------------------------------------------------ the comparison at numpy speed
+
+
+def _random_maps(rng: random.Random, keys: list[bytes], ids: range) -> MemoryMaps:
+    """Map contents as a writer (or a bug) could leave them: nexthops and groups under
+    arbitrary ids, routes over a random part of ``keys`` pointing at them or at
+    nothing, with every action."""
+    memory = MemoryMaps()
+    nexthops = []
+    for i in ids:
+        if rng.random() < 0.8:
+            gw = bytes([192, 0, 2, rng.randrange(1, 4)])
+            flags = rng.choice([0, NH_RESOLVED, NH_CONNECTED, NH_RESOLVED | NH_CONNECTED])
+            memory.update("nexthops", [(U32.pack(i), NEXTHOP.pack(
+                rng.choice([3, 4]), rng.choice([1500, 9000]), flags, AF_INET, bytes(6),
+                bytes([2, 0, 0, 0, 0, rng.randrange(1, 3)]), gw.ljust(16, b"\0")))])
+            nexthops.append(i)
+    for i in ids:
+        if nexthops and rng.random() < 0.3:
+            members = rng.sample(nexthops, min(len(nexthops), rng.randrange(1, 3)))
+            weights = [rng.randrange(1, 3) for _ in members]
+            pad = [0] * (GROUP_MEMBERS - len(members))
+            memory.update("groups", [(U32.pack(i), GROUP.pack(
+                GROUP_BUCKETS, *[0] * GROUP_BUCKETS, len(members), *members, *pad,
+                *weights, *pad))])
+    for key in keys:
+        if rng.random() < 0.7:
+            name = "routes_v4" if len(key) == V4_KEY.size else "routes_v6"
+            action = rng.choice([0, 0, 0, 1, 2, 3])
+            reason = rng.choice([abi.Reason.PASS_LOCAL, abi.Reason.PASS_UNREACHABLE])
+            value = ROUTE.pack(rng.choice(ids), action, rng.choice([0, ROUTE_GROUP]),
+                               reason if action == 2 else 0, U32.unpack_from(key)[0])
+            memory.update(name, [(key, value)])
+    return memory
+
+
+def _random_keys(rng: random.Random) -> list[bytes]:
+    keys = set()
+    for _ in range(300):
+        plen = rng.choice([8, 16, 24, 32])
+        keys.add(V4_KEY.pack(plen, bytes([10, rng.randrange(4), rng.randrange(4), 0])))
+        plen = rng.choice([32, 48, 64, 128])
+        keys.add(V6_KEY.pack(plen, bytes.fromhex("20010db8") + bytes([rng.randrange(4)])
+                             + bytes(10) + bytes([rng.randrange(2)])))
+    return sorted(keys)
+
+
+def _naive(kernel: MemoryMaps, maps: MemoryMaps) -> dict[Prefix, tuple[Entry | None,
+                                                                       Entry | None]]:
+    """Every key of both sides described and compared one by one."""
+    sides = []
+    for memory in (kernel, maps):
+        table = RouteTable(memory)
+        routes = {k: v for name in ("routes_v4", "routes_v6") for k, v in memory.items(name)}
+        sides.append({k: entry_of(_route_doc(*route_key_prefix(k), v, table.nexthops,
+                                             table.groups, table.names))
+                      for k, v in routes.items()})
+    out = {}
+    for key in sides[0].keys() | sides[1].keys():
+        ke, me = sides[0].get(key), sides[1].get(key)
+        if ke != me:
+            out[Prefix(*route_key_prefix(key))] = (ke, me)
+    return out
+
+
+def _renumbered(memory: MemoryMaps, by: int) -> MemoryMaps:
+    """The same fast path under other nexthop and group ids (as another writer's)."""
+    out = MemoryMaps()
+    for k, v in memory.items("nexthops"):
+        out.update("nexthops", [(U32.pack(U32.unpack(k)[0] + by), v)])
+    for k, v in memory.items("groups"):
+        fields = list(GROUP.unpack(v))
+        n = fields[GROUP_BUCKETS + 1]
+        for i in range(GROUP_BUCKETS + 2, GROUP_BUCKETS + 2 + n):
+            fields[i] += by
+        out.update("groups", [(U32.pack(U32.unpack(k)[0] + by), GROUP.pack(*fields))])
+    for name in ("routes_v4", "routes_v6"):
+        for k, v in memory.items(name):
+            nh_id, *rest = ROUTE.unpack(v)
+            out.update(name, [(k, ROUTE.pack(nh_id + by, *rest))])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_comparison_finds_what_a_naive_one_finds(seed: int) -> None:
+    """On random map contents (other nexthop ids, missing nexthops and groups, every
+    action, prefixes on one side only) the vectorised comparison reports exactly the
+    prefixes, and the entries, that describing each key one by one does."""
+    rng = random.Random(seed)
+    keys = _random_keys(rng)
+    kernel = _random_maps(rng, keys, range(1, 8))
+    if seed % 3 == 0:  # the kernel's maps under other ids, a few keys gone or changed
+        maps = _renumbered(kernel, 50)
+        for key in rng.sample(keys, 8):
+            name = "routes_v4" if len(key) == V4_KEY.size else "routes_v6"
+            if rng.random() < 0.5:
+                maps.maps[name].pop(key, None)
+            else:
+                maps.update(name, [(key, ROUTE.pack(rng.randrange(48, 60), 0, 0, 0, 0))])
+    elif seed % 3 == 1:  # the same maps, a next hop changed
+        maps = MemoryMaps(maps={name: dict(entries) for name, entries in kernel.maps.items()})
+        if maps.maps.get("nexthops"):
+            key = rng.choice(sorted(maps.maps["nexthops"]))
+            ifindex, mtu, *rest = NEXTHOP.unpack(maps.maps["nexthops"][key])
+            maps.maps["nexthops"][key] = NEXTHOP.pack(ifindex, mtu + 1, *rest)
+    else:  # unrelated contents
+        maps = _random_maps(rng, keys, range(50, 58))
+    s = Side(Entries(RouteTable(kernel)), Entries(RouteTable(maps)), InFlight(),
+             Rib(Filter()))
+    found, unjudged = s.differing()
+    assert (found, unjudged) == (_naive(kernel, maps), 0)
+    union = {k for m in (kernel, maps) for n in ("routes_v4", "routes_v6")
+             for k in m.maps.get(n, {})}
+    assert s.checked() == len(union)
+
+
+def test_a_route_map_keeps_the_later_copy_of_a_key_read_twice() -> None:
+    """An LPM trie's walk starts again from its first key when the current one is
+    deleted meanwhile: the read then holds keys twice, the later copy the fresher."""
+    a, b = V4_KEY.pack(24, bytes([10, 0, 0, 0])), V4_KEY.pack(16, bytes([10, 0, 0, 0]))
+    old, new = ROUTE.pack(1, 0, 0, 0, 24), ROUTE.pack(2, 0, 0, 0, 24)
+    rows = RouteMap(AF_INET, a + b + a, old + ROUTE.pack(1, 0, 0, 0, 16) + new)
+    assert len(rows) == 2
+    row = rows.find(a)
+    assert row is not None and rows.values[row].tobytes() == new
+    assert rows.prefix(row) == (bytes([10, 0, 0, 0]), 24)
+    assert rows.find(V4_KEY.pack(8, bytes([10, 0, 0, 0]))) is None
+
+
+def test_a_route_map_finds_every_key_and_sorts_by_prefix() -> None:
+    rng = random.Random(7)
+    keys = _random_keys(rng)
+    for family, size in ((AF_INET, V4_KEY.size), (AF_INET6, V6_KEY.size)):
+        mine = [k for k in keys if len(k) == size]
+        rng.shuffle(mine)
+        rows = RouteMap(family, b"".join(mine), b"".join(ROUTE.pack(i, 0, 0, 0, 0)
+                                                         for i in range(len(mine))))
+        assert [rows.find(k) for k in mine] == [
+            sorted(mine, key=route_key_prefix).index(k) for k in mine]
+        for i, k in enumerate(mine):
+            row = rows.find(k)
+            assert row is not None and U32.unpack(rows.values[row][:4].tobytes())[0] == i
+            assert Prefix(family, *rows.prefix(row)) == Prefix(*route_key_prefix(k))
+    empty = RouteMap(AF_INET6, b"", b"")
+    assert len(empty) == 0 and empty.find(V6_KEY.pack(0, bytes(16))) is None
+
+
+def test_routes_lists_every_entry_by_prefix() -> None:
+    """``fibsync routes`` (read_routes): one document per key, by family, address, length."""
+    rng = random.Random(3)
+    memory = _random_maps(rng, _random_keys(rng), range(1, 8))
+    table = RouteTable(memory)
+    routes = {k: v for name in ("routes_v4", "routes_v6") for k, v in memory.items(name)}
+    assert read_routes(memory) == [
+        _route_doc(*route_key_prefix(k), routes[k], table.nexthops, table.groups, table.names)
+        for k in sorted(routes, key=route_key_prefix)]
+
+
+@pytest.mark.privileged
+def test_a_whole_lpm_map_read_at_once_is_what_iterate_reads() -> None:
+    fd = bpfsys.map_create(abi.MAP_LPM_TRIE, V4_KEY.size, ROUTE.size, 10000,
+                           flags=abi.BPF_F_NO_PREALLOC, name="t_read_all")
+    try:
+        entries = [(V4_KEY.pack(24, i.to_bytes(3, "big") + b"\0"), ROUTE.pack(i, 0, 0, 0, 24))
+                   for i in range(5000)]
+        bpfsys.update_batch(fd, b"".join(k for k, _ in entries),
+                            b"".join(v for _, v in entries), len(entries))
+        keys, values, count = bpfsys.read_all(fd, batch=1000)
+        listed = list(bpfsys.iterate(fd))
+        assert count == len(listed) == 5000
+        assert (keys, values) == (b"".join(k for k, _ in listed), b"".join(v for _, v in listed))
+        assert sorted(listed) == sorted(entries)
+    finally:
+        os.close(fd)
