@@ -6,9 +6,10 @@
 Each loop (tests/netns/stress.py) builds a fresh namespace with ~36k IPv4 and
 IPv6 routes over links, nexthop objects and groups, starts fibsync there,
 applies ``--changes`` seeded random changes in bursts and lulls, and compares
-fibsync's maps with the kernel until equal (or ``--timeout`` seconds after the
-last change). One line per loop: seed, compat mode, receive buffer, changes,
-overruns, resyncs, differences by family, time to equal; then a summary.
+fibsync's maps with the kernel until equal (or until the differences left
+have not changed for ``--timeout`` seconds). One line per loop: seed, compat mode,
+receive buffer, changes, overruns, resyncs, differences by family, time to
+equal; then a summary.
 Exit status 1 when any loop ended with differences (or a dead daemon).
 
 A seed decides the whole loop, including its compat mode and receive buffer
@@ -78,7 +79,8 @@ def main() -> int:
                     help="--netlink-rcvbuf in bytes (4096, 64k, 1MiB) or 'default' "
                          "(default: drawn from the seed)")
     ap.add_argument("--timeout", type=float, default=SETTLE_TIMEOUT,
-                    help="seconds after the last change for the maps to equal the kernel")
+                    help="seconds the differences left must stay the same to count "
+                         "(while they change, the daemon is still catching up)")
     ap.add_argument("--v4", type=int, default=24_000, help="IPv4 prefix pool")
     ap.add_argument("--v6", type=int, default=24_000, help="IPv6 prefix pool")
     ap.add_argument("--fibsync-tree", type=Path, default=None,
@@ -103,9 +105,12 @@ def main() -> int:
         loop = loop_for(seed, args)
         name = f"fsb{uuid.uuid4().hex[:5]}"
         print(f"[{i + 1}/{args.loops}] ", end="", flush=True)
-        with scratch(name) as (ns, rundir):
-            outcome = run_loop(ns, rundir, name, loop, timeout=args.timeout,
-                               keep_log=args.logs / f"{seed}.log", v4=args.v4, v6=args.v6)
+        try:
+            with scratch(name) as (ns, rundir):
+                outcome = run_loop(ns, rundir, name, loop, timeout=args.timeout,
+                                   keep_log=args.logs / f"{seed}.log", v4=args.v4, v6=args.v6)
+        except Exception as exc:  # noqa: BLE001 - a loop that broke is a failed loop, go on
+            outcome = Outcome(loop, problem=f"{type(exc).__name__}: {exc}")
         outcomes.append(outcome)
         print(("ok   " if outcome.ok else "FAIL ") + outcome.summary(), flush=True)
         if not outcome.ok:

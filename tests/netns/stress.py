@@ -45,7 +45,8 @@ from .kernel_view import View, differences, fibsync_view, kernel_view
 from .test_mirror import batch
 
 DEFAULT_CHANGES = 200_000
-SETTLE_TIMEOUT = 60.0
+SETTLE_TIMEOUT = 60.0  # seconds the differences stay the same before they are final
+MAX_SETTLE = 600.0  # seconds after the last change, whatever the differences do
 SMALL_RCVBUFS = (4096, 16384, 65536)
 DEFAULT_RCVBUF = 64 << 20  # the daemon's (fibsync/config.py)
 # what the kernel charges a receive buffer for one route notification (measured: a
@@ -255,9 +256,11 @@ def churn_and_compare(ns: Netns, daemon: RouterDaemon, rundir: Path, churn: Stre
                       outcome: Outcome, timeout: float = SETTLE_TIMEOUT) -> Outcome:
     """Apply ``outcome.loop.changes`` of ``churn`` while ``daemon`` runs, then compare.
 
-    Polls until fibsync's view equals the kernel's or ``timeout`` seconds after the
-    batch's end; the kernel is quiet by then (the batch is over), so what is left
-    at the deadline is what the mirror got wrong.
+    Polls until fibsync's view equals the kernel's, or until the differences left
+    have not changed for ``timeout`` seconds (while they shrink, the daemon is
+    still working through a backlog: a storm can leave it a minute behind); the
+    kernel is quiet by then (the batch is over), so what is left at the
+    deadline is what the mirror got wrong.
     """
     outcome.segments = schedule(outcome.loop.seed, outcome.loop.changes, outcome.loop.rcvbuf)
     chunks = [churn.steps(seg.lines, lull=seg.rate is not None) for seg in outcome.segments]
@@ -272,17 +275,24 @@ def churn_and_compare(ns: Netns, daemon: RouterDaemon, rundir: Path, churn: Stre
     done = time.monotonic()
     outcome.batch_seconds = done - started
     deadline = done + timeout
+    progress: tuple[Any, ...] = ()
     while True:
         if daemon.pid is None:
             outcome.problem = f"fibsync is gone: {daemon.log_tail(5)}"
             break
         equal = compare(kernel_view(ns.ip_json), fibsync_view(daemon.routes()), outcome)
+        now = time.monotonic()
         if equal:
-            outcome.seconds_to_equal = time.monotonic() - done
+            outcome.seconds_to_equal = now - done
             break
-        if time.monotonic() > deadline:
+        seen = (sorted(outcome.missing.items()), sorted(outcome.extra.items()),
+                sorted(outcome.wrong.items()))
+        if seen != progress:
+            progress = seen
+            deadline = min(max(deadline, now + timeout), done + MAX_SETTLE)
+        if now > deadline:
             break
-        time.sleep(0.5)
+        time.sleep(1.0)
     status = daemon.status()
     netlink: dict[str, Any] = status.get("netlink", {})
     outcome.overruns = netlink.get("overruns", 0)
