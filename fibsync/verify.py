@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import os
 import socket
@@ -457,6 +458,9 @@ def audit_child() -> None:
     a JSON object (pin_dir, table, protocols, exclude); the report goes to stdout as JSON."""
     with contextlib.suppress(OSError):  # a sandbox may refuse; the audit runs all the same
         os.nice(10)  # behind the daemon, which writes the maps
+    # a process of a few seconds that leaves no cycles worth collecting: the collector
+    # would only rescan the fresh RIB's objects (~0.1 s of ~5 at 1.25M routes, measured)
+    gc.disable()
     args = json.loads(sys.argv[1])
     protocols = frozenset(args["protocols"]) or None
     exclude = [Prefix.parse(p) for p in args.get("exclude", ())]
