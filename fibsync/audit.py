@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -53,9 +54,11 @@ class AuditStats:
 
 async def run_child(args: dict[str, Any]) -> dict[str, Any]:
     """Run one ``fibsync verify`` pass pair in a child process; its JSON report."""
+    # one thread: numpy's OpenBLAS would start one per core, for nothing verify needs
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fibsync.verify", json.dumps(args),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     try:
         out, err = await proc.communicate()
     except asyncio.CancelledError:
