@@ -203,8 +203,11 @@ class Outcome:
                 f"wrong={fam(self.wrong)} equal_after={equal} batch={self.batch_seconds:.1f}s"
                 + (f" last_resync_queued={self.last_resync_queued}"
                    if self.last_resync_queued is not None else "")
-                + (f" audit_divergences={self.audit['divergences']}"
-                   if "divergences" in self.audit else "")
+                + (f" audit(runs={self.audit.get('runs')} divergences="
+                   f"{self.audit.get('divergences')} repairs={self.audit.get('repairs')} "
+                   f"last={self.audit.get('last_result') or '-'}"
+                   f"{' pending' if self.audit.get('pending') else ''})"
+                   if self.audit else "")
                 + (f" PROBLEM: {self.problem}" if self.problem else ""))
 
     def report(self) -> str:
