@@ -15,10 +15,9 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    from fibsync.netlink.columns import RouteColumns
+import numpy as np
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -49,6 +48,10 @@ class RouteType(IntEnum):
     THROW = 9
     NAT = 10
     XRESOLVE = 11
+
+
+# RouteType by its number: a tuple index, cheaper than the enum's call on a dump's hot path
+ROUTE_TYPES = tuple(RouteType(t) for t in range(len(RouteType)))
 
 
 class Op(IntEnum):
@@ -148,6 +151,69 @@ class Route:
     def key(self) -> tuple[int, Prefix, int, int]:
         """The kernel's identity of a route within a table (prefix, tos, metric)."""
         return (self.table, self.prefix, self.tos, self.metric)
+
+
+@dataclass(slots=True)
+class RouteColumns:
+    """Routes of one family as columns, one row each: the common form of a full
+    table (routes over nexthop objects), as netlink/columns.py reads a dump.
+
+    ``ordinal`` is each route's message number in the dump: rows are grouped
+    by layout, not in dump order, and routes decoded one by one
+    (``Snapshot.route_ordinals``) go back among them by it.
+    """
+
+    family: int
+    ordinal: np.ndarray[Any, Any]  # int64
+    dst: np.ndarray[Any, Any]  # uint8 (n, 4 | 16), network order
+    dst_len: np.ndarray[Any, Any]  # uint8
+    tos: np.ndarray[Any, Any]  # uint8
+    table: np.ndarray[Any, Any]  # uint32: RTA_TABLE, else rtm_table
+    protocol: np.ndarray[Any, Any]  # uint8
+    scope: np.ndarray[Any, Any]  # uint8
+    type: np.ndarray[Any, Any]  # uint8 (RTN_*)
+    flags: np.ndarray[Any, Any]  # uint32 (rtm_flags)
+    metric: np.ndarray[Any, Any]  # uint32
+    nhid: np.ndarray[Any, Any]  # uint32
+
+    FIELDS = ("ordinal", "dst", "dst_len", "tos", "table", "protocol", "scope", "type",
+              "flags", "metric", "nhid")
+
+    def __len__(self) -> int:
+        return len(self.ordinal)
+
+    def route(self, i: int) -> Route:
+        """Row ``i`` as the model object decode() makes (without the inline paths)."""
+        rtype = int(self.type[i])
+        return Route(
+            Prefix(self.family, self.dst[i].tobytes(), int(self.dst_len[i])),
+            int(self.table[i]),
+            ROUTE_TYPES[rtype] if rtype < len(ROUTE_TYPES) else RouteType.UNSPEC,
+            int(self.protocol[i]),
+            int(self.scope[i]),
+            int(self.metric[i]),
+            int(self.tos[i]),
+            (),
+            int(self.nhid[i]),
+            0,
+            int(self.flags[i]),
+        )
+
+    @classmethod
+    def empty(cls, family: int) -> RouteColumns:
+        z8 = np.zeros(0, np.uint8)
+        z32 = np.zeros(0, np.uint32)
+        return cls(family, np.zeros(0, np.int64), np.zeros((0, ADDR_LEN[family]), np.uint8),
+                   z8, z8, z32, z8, z8, z8, z32, z32, z32)
+
+    @classmethod
+    def concat(cls, family: int, parts: list[RouteColumns]) -> RouteColumns:
+        if not parts:
+            return cls.empty(family)
+        if len(parts) == 1:
+            return parts[0]
+        return cls(family, *(np.concatenate([getattr(p, f) for p in parts])
+                             for f in cls.FIELDS))
 
 
 @dataclass(slots=True, unsafe_hash=True)

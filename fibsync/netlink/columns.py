@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fibsync.errors import DecodeError
-from fibsync.model import AF_INET, AF_INET6, Prefix, Route, RouteType
+from fibsync.model import AF_INET, AF_INET6, RouteColumns
 from fibsync.netlink.decode import decode as _decode
 
 RTM_NEWROUTE = 24
@@ -51,76 +51,11 @@ _PLAIN: dict[int, int | None] = {
     23: None,  # RTA_EXPIRES (IPv6)
 }
 _MAX_LAYOUTS = 16  # layouts tried per message length and batch before the rest goes to decode()
-_ROUTE_TYPES = tuple(RouteType(t) for t in range(len(RouteType)))
 _HDR = struct.Struct("=IH")
 _ATTR = struct.Struct("=HH")
 _U16 = struct.Struct("=H")
 
 Unclaimed = list[tuple[int, bytes]]
-
-
-@dataclass(slots=True)
-class RouteColumns:
-    """Routes of one family, one row each.
-
-    ``ordinal`` is each route's message number in the dump: rows are grouped
-    by layout, not in dump order, and routes decoded one by one
-    (``Snapshot.route_ordinals``) go back among them by it.
-    """
-
-    family: int
-    ordinal: np.ndarray[Any, Any]  # int64
-    dst: np.ndarray[Any, Any]  # uint8 (n, 4 | 16), network order
-    dst_len: np.ndarray[Any, Any]  # uint8
-    tos: np.ndarray[Any, Any]  # uint8
-    table: np.ndarray[Any, Any]  # uint32: RTA_TABLE, else rtm_table
-    protocol: np.ndarray[Any, Any]  # uint8
-    scope: np.ndarray[Any, Any]  # uint8
-    type: np.ndarray[Any, Any]  # uint8 (RTN_*)
-    flags: np.ndarray[Any, Any]  # uint32 (rtm_flags)
-    metric: np.ndarray[Any, Any]  # uint32
-    nhid: np.ndarray[Any, Any]  # uint32
-
-    def __len__(self) -> int:
-        return len(self.ordinal)
-
-    def route(self, i: int) -> Route:
-        """Row ``i`` as the model object decode() makes (without the inline paths)."""
-        rtype = int(self.type[i])
-        return Route(
-            Prefix(self.family, self.dst[i].tobytes(), int(self.dst_len[i])),
-            int(self.table[i]),
-            _ROUTE_TYPES[rtype] if rtype < len(_ROUTE_TYPES) else RouteType.UNSPEC,
-            int(self.protocol[i]),
-            int(self.scope[i]),
-            int(self.metric[i]),
-            int(self.tos[i]),
-            (),
-            int(self.nhid[i]),
-            0,
-            int(self.flags[i]),
-        )
-
-    @classmethod
-    def concat(cls, family: int, parts: list[RouteColumns]) -> RouteColumns:
-        if not parts:
-            alen = 4 if family == AF_INET else 16
-            parts = [_empty(family, alen)]
-        if len(parts) == 1:
-            return parts[0]
-        return cls(family, *(np.concatenate([getattr(p, f) for p in parts])
-                             for f in _FIELDS))
-
-
-_FIELDS = ("ordinal", "dst", "dst_len", "tos", "table", "protocol", "scope", "type", "flags",
-           "metric", "nhid")
-
-
-def _empty(family: int, alen: int) -> RouteColumns:
-    z8 = np.zeros(0, np.uint8)
-    z32 = np.zeros(0, np.uint32)
-    return RouteColumns(family, np.zeros(0, np.int64), np.zeros((0, alen), np.uint8), z8, z8,
-                        z32, z8, z8, z8, z32, z32, z32)
 
 
 @dataclass(slots=True)

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from fibsync.errors import DecodeError
-from fibsync.model import AF_INET, AF_INET6, Change, Op, Route
-from fibsync.netlink.columns import RouteColumns, RouteDump
+from fibsync.model import AF_INET, AF_INET6, Change, Op, Route, RouteColumns
+from fibsync.netlink.columns import RouteDump
 from fibsync.netlink.decode import decode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netlink"

@@ -26,10 +26,10 @@ from fibsync.model import (
     Op,
     Prefix,
     Route,
+    RouteColumns,
     RouteType,
     Snapshot,
 )
-from fibsync.netlink.columns import RouteColumns
 from fibsync.rib import Filter
 
 from .test_rib import DOWN, UP, Mirror, addr, link, neigh, nh_obj, route
