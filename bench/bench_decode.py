@@ -28,9 +28,10 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from fibsync.model import AF_INET, AF_INET6, Change, Route
-from fibsync.netlink import decode as nl
+from fibsync.netlink import rtnl as nl
 from fibsync.netlink.decode import decode
-from fibsync.netlink.source import NetlinkSource, dump_raw, open_socket, request
+from fibsync.netlink.rtnl import open_socket, request
+from fibsync.netlink.source import NetlinkSource, dump_raw
 
 
 def sh(*args: str, stdin: str | None = None) -> None:

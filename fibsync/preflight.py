@@ -24,6 +24,7 @@ from typing import Literal
 
 from .config import Settings, split_listen
 from .errors import FibsyncError, MapError
+from .netlink import rtnl
 
 Severity = Literal["ok", "warning", "error"]
 
@@ -208,13 +209,22 @@ def driver(ifname: str) -> str:
     link = Path("/sys/class/net", ifname, "device", "driver")
     if link.exists():
         return os.path.basename(os.readlink(link))
-    from pyroute2 import IPRoute
+    return _link_kind(ifname) or "virtual device"
 
-    with IPRoute() as ipr:
-        links = ipr.get_links(ifname=ifname)
-    info = links[0].get_attr("IFLA_LINKINFO") if links else None
-    kind = info.get_attr("IFLA_INFO_KIND") if info else None
-    return str(kind) if kind else "virtual device"
+
+def _link_kind(ifname: str) -> str:
+    """IFLA_INFO_KIND of the link ("" when it has none, or is gone)."""
+    try:
+        body = rtnl.IFINFOMSG.pack(rtnl.AF_UNSPEC, 0, socket.if_nametoindex(ifname), 0, 0)
+        with rtnl.Rtnl() as nl:
+            for _mtype, payload in nl.ask(rtnl.RTM_GETLINK, body):
+                for kind, value in rtnl.attrs(payload, rtnl.IFINFOMSG.size):
+                    if kind == rtnl.IFLA_LINKINFO:
+                        info = dict(rtnl.attrs(value))
+                        return info.get(rtnl.IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
+    except OSError:
+        pass
+    return ""
 
 
 def xdp_features() -> dict[int, int] | None:

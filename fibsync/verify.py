@@ -80,7 +80,7 @@ from .model import (
     Route,
     Snapshot,
 )
-from .netlink import source
+from .netlink import rtnl, source
 from .netlink.decode import decode
 from .rib import Filter, Rib
 
@@ -176,10 +176,10 @@ class EventWatch:
     """An rtnetlink subscription that feeds an ``InFlight``."""
 
     def __init__(self, netns: str | None = None) -> None:
-        self.sock = source.open_socket(netns=netns, rcvbuf=EVENT_RCVBUF,
-                                       groups=source.EVENT_GROUPS)
+        self.sock = rtnl.open_socket(netns=netns, rcvbuf=EVENT_RCVBUF,
+                                     groups=source.EVENT_GROUPS)
         self.inflight = InFlight()
-        self._buf = bytearray(source.RECV_BUFFER)
+        self._buf = bytearray(rtnl.RECV_BUFFER)
 
     def drain(self) -> InFlight:
         """Read every announcement queued so far."""

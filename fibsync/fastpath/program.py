@@ -7,8 +7,9 @@ maps the still-attached program reads (a hitless restart), and so that a map
 whose type or sizes no longer match is replaced instead of reused. bcc then
 compiles ``bpf/fibsync.c`` against the pinned maps.
 
-XDP is attached through rtnetlink, as ``ip link set dev X xdp`` does, so the
-program keeps forwarding after the daemon exits; ``remove()`` takes it off.
+XDP is attached through rtnetlink (netlink/rtnl.py), as ``ip link set dev X xdp``
+does, so the program keeps forwarding after the daemon exits; ``remove()``
+takes it off.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fibsync.errors import ConfigError, FastPathError, InterfaceError, MapError
 from fibsync.fastpath import abi, bpfsys
+from fibsync.netlink import rtnl as nl
 
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "fibsync"
@@ -553,39 +554,12 @@ def _load_cached(path: Path, map_fds: dict[str, int]) -> int | None:
         return None  # compile instead (and rewrite the file)
 
 
-# ---------------------------------------------------------------- rtnetlink (XDP)
+# ---------------------------------------------------------------- XDP over rtnetlink
 
-_RTM_NEWLINK = 16
-_RTM_GETLINK = 18
-_RTM_SETLINK = 19
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_NLM_F_REQUEST = 0x1
-_NLM_F_ACK = 0x4
-_NLM_F_DUMP = 0x300
-_NLM_F_ACK_TLVS = 0x200
-_NLMSGERR_ATTR_MSG = 1
-_SOL_NETLINK = 270
-_NETLINK_CAP_ACK = 10
-_NETLINK_EXT_ACK = 11
-_NLA_F_NESTED = 0x8000
-
-_IFLA_IFNAME = 3
-_IFLA_XDP = 43
-_IFLA_XDP_FD = 1
-_IFLA_XDP_FLAGS = 3
-_IFLA_XDP_DRV_PROG_ID = 5
-_IFLA_XDP_SKB_PROG_ID = 6
-_IFLA_XDP_HW_PROG_ID = 7
-_IFLA_XDP_EXPECTED_FD = 8
-
-_XDP_FLAGS_UPDATE_IF_NOEXIST = 1
-_XDP_FLAGS_REPLACE = 16
-_MODE_FLAGS = {"generic": 2, "native": 4, "offload": 8}
-_PROG_ID_ATTR = {_IFLA_XDP_DRV_PROG_ID: "native", _IFLA_XDP_SKB_PROG_ID: "generic",
-                 _IFLA_XDP_HW_PROG_ID: "offload"}
-
-_IFINFOMSG = struct.Struct("=BxHiII")
+_MODE_FLAGS = {"generic": nl.XDP_FLAGS_SKB_MODE, "native": nl.XDP_FLAGS_DRV_MODE,
+               "offload": nl.XDP_FLAGS_HW_MODE}
+_PROG_ID_ATTR = {nl.IFLA_XDP_DRV_PROG_ID: "native", nl.IFLA_XDP_SKB_PROG_ID: "generic",
+                 nl.IFLA_XDP_HW_PROG_ID: "offload"}
 
 
 def _ifindex(ifname: str) -> int:
@@ -595,78 +569,15 @@ def _ifindex(ifname: str) -> int:
         raise InterfaceError(f"interface {ifname!r} does not exist") from None
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
-
-
-def _attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & ~_NLA_F_NESTED, data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-
-
-class _Rtnl:
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
-        self.sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
-        self.sock.bind((0, 0))
-        self.seq = 0
-
-    def __enter__(self) -> _Rtnl:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def request(self, kind: int, flags: int, body: bytes) -> Iterator[tuple[int, bytes]]:
-        """Send one request; yield (type, payload) of the answers until done.
-
-        Raises OSError (with the kernel's extack message) on a netlink error.
-        """
-        self.seq += 1
-        msg = struct.pack("=IHHII", 16 + len(body), kind, flags | _NLM_F_REQUEST,
-                          self.seq, 0) + body
-        self.sock.send(msg)
-        while True:
-            data = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, mtype, mflags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-                payload = data[offset + 16:offset + length]
-                offset += (length + 3) & ~3
-                if seq != self.seq:
-                    continue
-                if mtype == _NLMSG_DONE:
-                    return
-                if mtype == _NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", payload)[0]
-                    if err == 0:
-                        return
-                    text = os.strerror(err)
-                    if mflags & _NLM_F_ACK_TLVS:
-                        for akind, aval in _attrs(payload, 4 + 16):
-                            if akind == _NLMSGERR_ATTR_MSG:
-                                text = aval.rstrip(b"\0").decode(errors="replace")
-                    raise OSError(err, text)
-                yield mtype, payload
-                if not flags & _NLM_F_DUMP:
-                    return
-
-
 def _link_xdp(payload: bytes) -> tuple[int, str, dict[str, int]]:
-    _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(payload)
+    _family, _type, index, _flags, _change = nl.IFINFOMSG.unpack_from(payload)
     name = ""
     progs: dict[str, int] = {}
-    for kind, value in _attrs(payload, _IFINFOMSG.size):
-        if kind == _IFLA_IFNAME:
+    for kind, value in nl.attrs(payload, nl.IFINFOMSG.size):
+        if kind == nl.IFLA_IFNAME:
             name = value.rstrip(b"\0").decode(errors="replace")
-        elif kind == _IFLA_XDP:
-            for xkind, xval in _attrs(value):
+        elif kind == nl.IFLA_XDP:
+            for xkind, xval in nl.attrs(value):
                 if xkind in _PROG_ID_ATTR:
                     progs[_PROG_ID_ATTR[xkind]] = struct.unpack("=I", xval[:4])[0]
     return index, name, progs
@@ -674,11 +585,11 @@ def _link_xdp(payload: bytes) -> tuple[int, str, dict[str, int]]:
 
 def _xdp_progs(ifindex: int) -> dict[str, int]:
     """mode -> program id of what runs on the interface now."""
-    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    body = nl.IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0)
     try:
-        with _Rtnl() as nl:
-            for mtype, payload in nl.request(_RTM_GETLINK, 0, body):
-                if mtype == _RTM_NEWLINK:
+        with nl.Rtnl() as rtnl:
+            for mtype, payload in rtnl.ask(nl.RTM_GETLINK, body):
+                if mtype == nl.RTM_NEWLINK:
                     return _link_xdp(payload)[2]
     except OSError as exc:
         raise InterfaceError(f"cannot read interface {ifindex}: {exc.strerror}") from exc
@@ -687,10 +598,10 @@ def _xdp_progs(ifindex: int) -> dict[str, int]:
 
 def _all_xdp() -> list[Attachment]:
     found = []
-    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-    with _Rtnl() as nl:
-        for mtype, payload in nl.request(_RTM_GETLINK, _NLM_F_DUMP, body):
-            if mtype != _RTM_NEWLINK:
+    body = nl.IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    with nl.Rtnl() as rtnl:
+        for mtype, payload in rtnl.ask(nl.RTM_GETLINK, body, nl.NLM_F_DUMP):
+            if mtype != nl.RTM_NEWLINK:
                 continue
             index, name, progs = _link_xdp(payload)
             found += [Attachment(name, index, mode, pid) for mode, pid in progs.items()]
@@ -708,18 +619,18 @@ def _xdp_set(ifindex: int, prog_fd: int, mode_flags: int, *, expected_id: int | 
             expected_fd = -1
     try:
         flags = mode_flags
-        xdp = _nla(_IFLA_XDP_FD, struct.pack("=i", prog_fd))
+        xdp = nl.attr(nl.IFLA_XDP_FD, struct.pack("=i", prog_fd))
         if expected_fd >= 0:
-            flags |= _XDP_FLAGS_REPLACE
-            xdp += _nla(_IFLA_XDP_EXPECTED_FD, struct.pack("=i", expected_fd))
+            flags |= nl.XDP_FLAGS_REPLACE
+            xdp += nl.attr(nl.IFLA_XDP_EXPECTED_FD, struct.pack("=i", expected_fd))
         elif prog_fd >= 0:
-            flags |= _XDP_FLAGS_UPDATE_IF_NOEXIST
-        xdp += _nla(_IFLA_XDP_FLAGS, struct.pack("=I", flags))
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0) + _nla(
-            _IFLA_XDP | _NLA_F_NESTED, xdp)
+            flags |= nl.XDP_FLAGS_UPDATE_IF_NOEXIST
+        xdp += nl.attr_u32(nl.IFLA_XDP_FLAGS, flags)
+        body = nl.IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0) + nl.attr(
+            nl.IFLA_XDP | nl.NLA_F_NESTED, xdp)
         try:
-            with _Rtnl() as nl:
-                for _ in nl.request(_RTM_SETLINK, _NLM_F_ACK, body):
+            with nl.Rtnl() as rtnl:
+                for _ in rtnl.ask(nl.RTM_SETLINK, body, nl.NLM_F_ACK):
                     pass
         except OSError as exc:
             what = "attach" if prog_fd >= 0 else "detach"

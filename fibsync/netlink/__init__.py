@@ -1,5 +1,7 @@
 """rtnetlink in, model objects out.
 
+- ``rtnl`` (rtnl.py): the one rtnetlink core: constants, header layouts,
+  attributes, sockets, and ``Rtnl`` for blocking requests (XDP attach).
 - ``NetlinkSource`` (source.py): subscribe, dump, stream, resync on overrun;
   feeds a ``Sink`` with one ``Snapshot`` per (re)dump and ordered change batches.
 - ``decode.decode`` (decode.py): the struct-based decoder the source uses. It

@@ -29,30 +29,44 @@ import numpy as np
 from fibsync.errors import DecodeError
 from fibsync.model import AF_INET, AF_INET6, RouteColumns
 from fibsync.netlink.decode import decode as _decode
+from fibsync.netlink.rtnl import (
+    NLATTR,
+    NLM_F_DUMP_INTR,
+    NLMSGHDR,
+    RTA_CACHEINFO,
+    RTA_DST,
+    RTA_EXPIRES,
+    RTA_GATEWAY,
+    RTA_MULTIPATH,
+    RTA_NH_ID,
+    RTA_OIF,
+    RTA_PREF,
+    RTA_PREFSRC,
+    RTA_PRIORITY,
+    RTA_TABLE,
+    RTM_F_CLONED,
+    RTM_NEWROUTE,
+    RTMSG,
+)
 
-RTM_NEWROUTE = 24
-NLM_F_DUMP_INTR = 0x10
-RTM_F_CLONED = 0x200
-RTMSG_END = 28  # nlmsghdr (16) + rtmsg (12)
+RTMSG_END = NLMSGHDR.size + RTMSG.size
 
 # attribute type -> the length it must have (None: any; it is not read)
-_DST, _TABLE, _PRIORITY, _NH_ID, _MULTIPATH = 1, 15, 6, 30, 9
 _PLAIN: dict[int, int | None] = {
-    _TABLE: 8,
-    _DST: -1,  # the family's address
-    _PRIORITY: 8,
-    _NH_ID: 8,
-    4: 8,  # RTA_OIF (compat mode)
-    5: -1,  # RTA_GATEWAY (compat mode)
-    9: None,  # RTA_MULTIPATH (compat mode, groups)
-    7: None,  # RTA_PREFSRC
-    12: None,  # RTA_CACHEINFO (IPv6)
-    20: None,  # RTA_PREF (IPv6)
-    23: None,  # RTA_EXPIRES (IPv6)
+    RTA_TABLE: 8,
+    RTA_DST: -1,  # the family's address
+    RTA_PRIORITY: 8,
+    RTA_NH_ID: 8,
+    RTA_OIF: 8,  # compat mode
+    RTA_GATEWAY: -1,  # compat mode
+    RTA_MULTIPATH: None,  # compat mode, groups
+    RTA_PREFSRC: None,
+    RTA_CACHEINFO: None,  # IPv6
+    RTA_PREF: None,  # IPv6
+    RTA_EXPIRES: None,  # IPv6
 }
 _MAX_LAYOUTS = 16  # layouts tried per message length and batch before the rest goes to decode()
-_HDR = struct.Struct("=IH")
-_ATTR = struct.Struct("=HH")
+_HDR = struct.Struct("=IH")  # nlmsghdr's length and type
 _U16 = struct.Struct("=H")
 
 Unclaimed = list[tuple[int, bytes]]
@@ -89,26 +103,26 @@ def _layout(msg: bytes) -> _Layout | None:
     """
     length = len(msg)
     cols = [4, 5, 16]  # nlmsg_type and rtm_family
-    at = {_DST: -1, _TABLE: -1, _PRIORITY: -1, _NH_ID: -1}
+    at = {RTA_DST: -1, RTA_TABLE: -1, RTA_PRIORITY: -1, RTA_NH_ID: -1}
     claim = length >= RTMSG_END and msg[16] in (AF_INET, AF_INET6)
     addr_len = 4 if msg[16] == AF_INET else 16
     pos = RTMSG_END
     while pos < length:
         if length - pos < 4:
             return None
-        alen, atype = _ATTR.unpack_from(msg, pos)
+        alen, atype = NLATTR.unpack_from(msg, pos)
         if alen < 4 or pos + alen > length:
             return None
         cols.extend(range(pos, pos + 4))
         rule = _PLAIN.get(atype, 0)  # a set NLA_F_* bit makes it unknown too
         fits = rule != 0 and (rule is None or alen == (4 + addr_len if rule < 0 else rule))
-        if not fits or (atype == _MULTIPATH and not _paths_layout(msg, pos + 4, pos + alen,
-                                                                  cols)):
+        if not fits or (atype == RTA_MULTIPATH
+                        and not _paths_layout(msg, pos + 4, pos + alen, cols)):
             claim = False
         if atype in at:
             at[atype] = pos + 4
         pos += (alen + 3) & ~3
-    if claim and at[_NH_ID] < 0:
+    if claim and at[RTA_NH_ID] < 0:
         claim = False
     if claim:
         try:
@@ -119,8 +133,8 @@ def _layout(msg: bytes) -> _Layout | None:
     want = np.frombuffer(msg, np.uint8)[cols_a].copy()
     if not claim:
         return _Layout(cols_a, want, False)
-    return _Layout(cols_a, want, True, msg[16], addr_len, at[_DST], at[_TABLE], at[_PRIORITY],
-                   at[_NH_ID])
+    return _Layout(cols_a, want, True, msg[16], addr_len, at[RTA_DST], at[RTA_TABLE],
+                   at[RTA_PRIORITY], at[RTA_NH_ID])
 
 
 def _paths_layout(msg: bytes, pos: int, end: int, cols: list[int]) -> bool:
@@ -133,7 +147,7 @@ def _paths_layout(msg: bytes, pos: int, end: int, cols: list[int]) -> bool:
             return True  # decode_one() refuses it
         apos, nh_end = pos + 8, pos + rtnh_len
         while apos + 4 <= nh_end:
-            alen, atype = _ATTR.unpack_from(msg, apos)
+            alen, atype = NLATTR.unpack_from(msg, apos)
             cols.extend(range(apos, apos + 4))
             if atype & 0x3FFF == 18:  # RTA_VIA
                 return False

@@ -21,8 +21,7 @@ header ends the buffer (the next header cannot be found); a broken message
 body is raised too, unless ``on_error`` is given, in which case it is handed
 the error and decoding continues with the next message.
 
-Constants are the kernel's UAPI values (include/uapi/linux/rtnetlink.h,
-netlink.h, nexthop.h, neighbour.h, if_link.h, if_addr.h, lwtunnel.h).
+Constants and header layouts come from rtnl.py, the one rtnetlink core.
 """
 
 from __future__ import annotations
@@ -32,8 +31,10 @@ from collections.abc import Callable, Iterator
 
 from fibsync.errors import DecodeError
 from fibsync.model import (
+    ADDR_LEN,
     AF_INET,
     AF_INET6,
+    ROUTE_TYPES,
     Address,
     Change,
     Link,
@@ -45,41 +46,57 @@ from fibsync.model import (
     Route,
     RouteType,
 )
-
-# netlink.h
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSG_OVERRUN = 4
-NLM_F_REQUEST = 0x01
-NLM_F_MULTI = 0x02
-NLM_F_ACK = 0x04
-NLM_F_DUMP_INTR = 0x10
-NLM_F_ROOT = 0x100
-NLM_F_MATCH = 0x200
-NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
-NLM_F_REPLACE = 0x100
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-NLM_F_APPEND = 0x800
-NLA_TYPE_MASK = 0x3FFF  # clears NLA_F_NESTED and NLA_F_NET_BYTEORDER
-
-# rtnetlink.h message types
-RTM_NEWLINK = 16
-RTM_DELLINK = 17
-RTM_GETLINK = 18
-RTM_NEWADDR = 20
-RTM_DELADDR = 21
-RTM_GETADDR = 22
-RTM_NEWROUTE = 24
-RTM_DELROUTE = 25
-RTM_GETROUTE = 26
-RTM_NEWNEIGH = 28
-RTM_DELNEIGH = 29
-RTM_GETNEIGH = 30
-RTM_NEWNEXTHOP = 104
-RTM_DELNEXTHOP = 105
-RTM_GETNEXTHOP = 106
+from fibsync.netlink.rtnl import (
+    AF_UNSPEC,
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFADDRMSG,
+    IFINFOMSG,
+    IFLA_ADDRESS,
+    IFLA_IFNAME,
+    IFLA_INFO_DATA,
+    IFLA_INFO_KIND,
+    IFLA_LINK,
+    IFLA_LINKINFO,
+    IFLA_MTU,
+    IFLA_VLAN_ID,
+    NDA_DST,
+    NDA_LLADDR,
+    NDMSG,
+    NEXTHOP_GRP,
+    NHA_BLACKHOLE,
+    NHA_ENCAP_TYPE,
+    NHA_FDB,
+    NHA_GATEWAY,
+    NHA_GROUP,
+    NHA_ID,
+    NHA_OIF,
+    NHMSG,
+    NLA_TYPE_MASK,
+    NLATTR,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    NTF_PROXY,
+    RTA_ENCAP_TYPE,
+    RTA_GATEWAY,
+    RTA_VIA,
+    RTAX_MTU,
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_DELNEXTHOP,
+    RTM_DELROUTE,
+    RTM_F_CLONED,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWNEXTHOP,
+    RTM_NEWROUTE,
+    RTMSG,
+    RTNEXTHOP,
+    RTNH_F_MASK,
+)
 
 HANDLED_TYPES = frozenset(
     {
@@ -96,78 +113,12 @@ HANDLED_TYPES = frozenset(
     }
 )
 
-# multicast groups (enum rtnetlink_groups)
-RTNLGRP_LINK = 1
-RTNLGRP_NEIGH = 3
-RTNLGRP_IPV4_IFADDR = 5
-RTNLGRP_IPV4_ROUTE = 7
-RTNLGRP_IPV6_IFADDR = 9
-RTNLGRP_IPV6_ROUTE = 11
-RTNLGRP_NEXTHOP = 32
-
-# route attributes and flags
-RTA_DST = 1
-RTA_OIF = 4
-RTA_GATEWAY = 5
-RTA_PRIORITY = 6
-RTA_METRICS = 8
-RTA_MULTIPATH = 9
-RTA_TABLE = 15
-RTA_VIA = 18
-RTA_ENCAP_TYPE = 21
-RTA_NH_ID = 30
-RTAX_MTU = 2
-RTM_F_CLONED = 0x200
-RTNH_F_MASK = 0xFF  # rtm_flags' low byte carries a single path's RTNH_F_* flags
-
-# nexthop.h
-NHA_ID = 1
-NHA_GROUP = 2
-NHA_BLACKHOLE = 4
-NHA_OIF = 5
-NHA_GATEWAY = 6
-NHA_ENCAP_TYPE = 7
-NHA_FDB = 11
-
-# neighbour.h
-NDA_DST = 1
-NDA_LLADDR = 2
-NTF_USE = 0x01
-NTF_PROXY = 0x08
-
-# if_link.h
-IFLA_ADDRESS = 1
-IFLA_IFNAME = 3
-IFLA_MTU = 4
-IFLA_LINK = 5
-IFLA_LINKINFO = 18
-IFLA_INFO_KIND = 1
-IFLA_INFO_DATA = 2
-IFLA_VLAN_ID = 1
-
-# if_addr.h
-IFA_ADDRESS = 1
-IFA_LOCAL = 2
-
-AF_UNSPEC = 0
-
-_HDR = struct.Struct("=IHHII")  # struct nlmsghdr
-_RTMSG = struct.Struct("=BBBBBBBBI")  # struct rtmsg
-_NHMSG = struct.Struct("=BBBBI")  # struct nhmsg
-_NDMSG = struct.Struct("=BxxxiHBB")  # struct ndmsg
-_IFINFOMSG = struct.Struct("=BxHiII")  # struct ifinfomsg
-_IFADDRMSG = struct.Struct("=BBBBI")  # struct ifaddrmsg
-_RTNH = struct.Struct("=HBBi")  # struct rtnexthop
-_NH_GRP = struct.Struct("=IBBH")  # struct nexthop_grp
-_ATTR = struct.Struct("=HH")  # struct nlattr
 _ATTR_U32 = struct.Struct("=HHI")  # struct nlattr and a u32 payload
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
 
-_ADDR_LEN: dict[int, int] = {AF_INET: 4, AF_INET6: 16}
 _ZERO: dict[int, bytes] = {AF_INET: bytes(4), AF_INET6: bytes(16)}
-_ROUTE_TYPES = tuple(RouteType(t) for t in range(len(RouteType)))
 
 Message = tuple[int, int, int, "Change | int | None"]
 
@@ -187,7 +138,7 @@ def decode(
         buf = bytes(buf)
     size = len(buf)
     pos = 0
-    unpack_hdr = _HDR.unpack_from
+    unpack_hdr = NLMSGHDR.unpack_from
     while pos < size:
         if size - pos < 16:
             raise DecodeError(f"{size - pos} trailing bytes are too short for a netlink header")
@@ -247,7 +198,7 @@ def _bad_attr(pos: int, alen: int, end: int) -> DecodeError:
 def _route(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | None:
     if end - pos < 12:
         raise DecodeError("route message shorter than struct rtmsg")
-    family, dst_len, _src_len, tos, table, protocol, scope, rtype, rflags = _RTMSG.unpack_from(
+    family, dst_len, _src_len, tos, table, protocol, scope, rtype, rflags = RTMSG.unpack_from(
         buf, pos
     )
     if rflags & RTM_F_CLONED:
@@ -260,7 +211,7 @@ def _route(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change |
         return None  # MPLS, multicast routing tables: not ours
     if dst_len > addr_len * 8:
         raise DecodeError(f"route prefix length {dst_len} exceeds the address family")
-    unpack_attr = _ATTR.unpack_from
+    unpack_attr = NLATTR.unpack_from
     unpack_attr_u32 = _ATTR_U32.unpack_from
     dst = None
     oif = 0
@@ -339,7 +290,7 @@ def _route(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change |
     route = Route(
         Prefix(family, dst if dst is not None else _ZERO[family], dst_len),
         table,
-        _ROUTE_TYPES[rtype] if rtype < len(_ROUTE_TYPES) else RouteType.UNSPEC,
+        ROUTE_TYPES[rtype] if rtype < len(ROUTE_TYPES) else RouteType.UNSPEC,
         protocol,
         scope,
         metric,
@@ -357,7 +308,7 @@ def _via(buf: bytes, pos: int, end: int) -> tuple[int, bytes]:
     if end - pos < 2:
         raise DecodeError("RTA_VIA too short")
     family = _U16.unpack_from(buf, pos)[0]
-    addr_len = _ADDR_LEN.get(family)
+    addr_len = ADDR_LEN.get(family)
     if addr_len is None or end - pos - 2 != addr_len:
         raise DecodeError(f"RTA_VIA family {family} with {end - pos - 2} address bytes")
     return family, buf[pos + 2 : end]
@@ -366,7 +317,7 @@ def _via(buf: bytes, pos: int, end: int) -> tuple[int, bytes]:
 def _mtu(buf: bytes, pos: int, end: int) -> int:
     mtu = 0
     while pos + 4 <= end:
-        alen, atype = _ATTR.unpack_from(buf, pos)
+        alen, atype = NLATTR.unpack_from(buf, pos)
         if alen < 4 or pos + alen > end:
             raise _bad_attr(pos, alen, end)
         if atype & NLA_TYPE_MASK == RTAX_MTU:
@@ -378,10 +329,10 @@ def _mtu(buf: bytes, pos: int, end: int) -> int:
 
 
 def _multipath(buf: bytes, pos: int, end: int, family: int) -> tuple[Nexthop, ...]:
-    addr_len = _ADDR_LEN[family]
+    addr_len = ADDR_LEN[family]
     paths = []
     while pos + 8 <= end:
-        rtnh_len, rtnh_flags, hops, ifindex = _RTNH.unpack_from(buf, pos)
+        rtnh_len, rtnh_flags, hops, ifindex = RTNEXTHOP.unpack_from(buf, pos)
         if rtnh_len < 8 or pos + rtnh_len > end:
             raise DecodeError(f"rtnexthop of length {rtnh_len}, {end - pos} bytes remain")
         gateway = None
@@ -390,7 +341,7 @@ def _multipath(buf: bytes, pos: int, end: int, family: int) -> tuple[Nexthop, ..
         apos = pos + 8
         nh_end = pos + rtnh_len
         while apos + 4 <= nh_end:
-            alen, atype = _ATTR.unpack_from(buf, apos)
+            alen, atype = NLATTR.unpack_from(buf, apos)
             if alen < 4 or apos + alen > nh_end:
                 raise _bad_attr(apos, alen, nh_end)
             atype &= NLA_TYPE_MASK
@@ -414,7 +365,7 @@ def _multipath(buf: bytes, pos: int, end: int, family: int) -> tuple[Nexthop, ..
 def _nexthop(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | None:
     if end - pos < 8:
         raise DecodeError("nexthop message shorter than struct nhmsg")
-    family, _scope, protocol, _resvd, nh_flags = _NHMSG.unpack_from(buf, pos)
+    family, _scope, protocol, _resvd, nh_flags = NHMSG.unpack_from(buf, pos)
     nh_id = 0
     ifindex = 0
     gateway = None
@@ -423,7 +374,7 @@ def _nexthop(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change
     group: tuple[tuple[int, int], ...] = ()
     pos += 8
     while pos + 4 <= end:
-        alen, atype = _ATTR.unpack_from(buf, pos)
+        alen, atype = NLATTR.unpack_from(buf, pos)
         if alen < 4 or pos + alen > end:
             raise _bad_attr(pos, alen, end)
         atype &= NLA_TYPE_MASK
@@ -437,7 +388,7 @@ def _nexthop(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change
                 raise DecodeError(f"NHA_GROUP of {alen - 4} bytes is no array of nexthop_grp")
             group = tuple(
                 (member, ((high << 8) | low) + 1)
-                for member, low, high, _ in _NH_GRP.iter_unpack(buf[data : pos + alen])
+                for member, low, high, _ in NEXTHOP_GRP.iter_unpack(buf[data : pos + alen])
             )
         elif atype == NHA_OIF:
             if alen < 8:
@@ -458,7 +409,7 @@ def _nexthop(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change
         pos += (alen + 3) & ~3
     if not nh_id:
         raise DecodeError("nexthop message without NHA_ID")
-    if gateway is not None and len(gateway) != _ADDR_LEN.get(family):
+    if gateway is not None and len(gateway) != ADDR_LEN.get(family):
         raise DecodeError(f"NHA_GATEWAY of {len(gateway)} bytes in a family {family} nexthop")
     obj = NexthopObject(
         nh_id, family, ifindex, gateway, blackhole, group, nh_flags, protocol, encap
@@ -469,15 +420,15 @@ def _nexthop(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change
 def _neighbour(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | None:
     if end - pos < 12:
         raise DecodeError("neighbour message shorter than struct ndmsg")
-    family, ifindex, state, flags, _ntype = _NDMSG.unpack_from(buf, pos)
-    addr_len = _ADDR_LEN.get(family)
+    family, ifindex, state, flags, _ntype = NDMSG.unpack_from(buf, pos)
+    addr_len = ADDR_LEN.get(family)
     if addr_len is None or flags & NTF_PROXY:
         return None  # bridge FDB entries and proxy-ARP/NDP entries are no next hops
     dst = None
     lladdr = None
     pos += 12
     while pos + 4 <= end:
-        alen, atype = _ATTR.unpack_from(buf, pos)
+        alen, atype = NLATTR.unpack_from(buf, pos)
         if alen < 4 or pos + alen > end:
             raise _bad_attr(pos, alen, end)
         atype &= NLA_TYPE_MASK
@@ -503,7 +454,7 @@ def _cstring(buf: bytes, pos: int, end: int) -> str:
 def _link(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | None:
     if end - pos < 16:
         raise DecodeError("link message shorter than struct ifinfomsg")
-    family, _arphrd, ifindex, flags, _change = _IFINFOMSG.unpack_from(buf, pos)
+    family, _arphrd, ifindex, flags, _change = IFINFOMSG.unpack_from(buf, pos)
     if family != AF_UNSPEC:
         # AF_BRIDGE messages describe bridge ports (a DELLINK there only
         # removes the port), AF_INET6 ones IPv6 per-device state
@@ -516,7 +467,7 @@ def _link(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | 
     vlan_id = 0
     pos += 16
     while pos + 4 <= end:
-        alen, atype = _ATTR.unpack_from(buf, pos)
+        alen, atype = NLATTR.unpack_from(buf, pos)
         if alen < 4 or pos + alen > end:
             raise _bad_attr(pos, alen, end)
         atype &= NLA_TYPE_MASK
@@ -544,7 +495,7 @@ def _linkinfo(buf: bytes, pos: int, end: int) -> tuple[str, int]:
     kind = ""
     data_pos = data_end = 0
     while pos + 4 <= end:
-        alen, atype = _ATTR.unpack_from(buf, pos)
+        alen, atype = NLATTR.unpack_from(buf, pos)
         if alen < 4 or pos + alen > end:
             raise _bad_attr(pos, alen, end)
         atype &= NLA_TYPE_MASK
@@ -558,7 +509,7 @@ def _linkinfo(buf: bytes, pos: int, end: int) -> tuple[str, int]:
         # IFLA_INFO_DATA's layout belongs to the link kind: read it only for vlan
         pos = data_pos
         while pos + 4 <= data_end:
-            alen, atype = _ATTR.unpack_from(buf, pos)
+            alen, atype = NLATTR.unpack_from(buf, pos)
             if alen < 4 or pos + alen > data_end:
                 raise _bad_attr(pos, alen, data_end)
             if atype & NLA_TYPE_MASK == IFLA_VLAN_ID:
@@ -572,8 +523,8 @@ def _linkinfo(buf: bytes, pos: int, end: int) -> tuple[str, int]:
 def _address(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | None:
     if end - pos < 8:
         raise DecodeError("address message shorter than struct ifaddrmsg")
-    family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(buf, pos)
-    addr_len = _ADDR_LEN.get(family)
+    family, prefixlen, _flags, _scope, ifindex = IFADDRMSG.unpack_from(buf, pos)
+    addr_len = ADDR_LEN.get(family)
     if addr_len is None:
         return None
     if prefixlen > addr_len * 8:
@@ -582,7 +533,7 @@ def _address(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change
     address = None
     pos += 8
     while pos + 4 <= end:
-        alen, atype = _ATTR.unpack_from(buf, pos)
+        alen, atype = NLATTR.unpack_from(buf, pos)
         if alen < 4 or pos + alen > end:
             raise _bad_attr(pos, alen, end)
         atype &= NLA_TYPE_MASK

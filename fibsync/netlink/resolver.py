@@ -28,7 +28,6 @@ import asyncio
 import errno
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -38,22 +37,21 @@ import structlog
 
 from fibsync.errors import DecodeError
 from fibsync.model import (
-    AF_INET,
-    AF_INET6,
+    ADDR_LEN,
     NUD_DELAY,
     NUD_NOARP,
     NUD_PERMANENT,
     NUD_PROBE,
     NUD_REACHABLE,
 )
-from fibsync.netlink import decode as nl
-from fibsync.netlink.source import open_socket, request
+from fibsync.netlink import rtnl as nl
+from fibsync.netlink.decode import decode
+from fibsync.netlink.rtnl import open_socket, request, seq_of
 
 # entries the kernel is already confirming, or must not be touched
 _LEAVE_ALONE = NUD_PERMANENT | NUD_NOARP
 _IN_PROGRESS = NUD_REACHABLE | NUD_DELAY | NUD_PROBE
 _RATE_TABLE_MAX = 65536
-_ADDR_LEN: dict[int, int] = {AF_INET: 4, AF_INET6: 16}
 
 
 class Outcome(Enum):
@@ -103,7 +101,7 @@ class NeighbourResolver:
         task.add_done_callback(self._tasks.discard)
 
     async def resolve(self, ifindex: int, family: int, address: bytes) -> Outcome:
-        if _ADDR_LEN.get(family) != len(address):
+        if ADDR_LEN.get(family) != len(address):
             return self._error(f"family {family} with a {len(address)}-byte address")
         key = (ifindex, family, address)
         now = time.monotonic()
@@ -118,9 +116,8 @@ class NeighbourResolver:
             self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
         self._last[key] = now
         try:
-            ndmsg = struct.pack("=BxxxiHBB", family, ifindex, 0, 0, 0)
-            dst = struct.pack("=HH", 4 + len(address), nl.NDA_DST) + address
-            dst += bytes(-len(dst) % 4)
+            ndmsg = nl.NDMSG.pack(family, ifindex, 0, 0, 0)
+            dst = nl.attr(nl.NDA_DST, address)
             kind, payload = await self._ask(request(nl.RTM_GETNEIGH, ndmsg + dst, nl.NLM_F_REQUEST))
             if kind == nl.RTM_NEWNEIGH and payload is not None:
                 state = payload.obj.state
@@ -129,7 +126,7 @@ class NeighbourResolver:
                     return Outcome.STATIC if state & _LEAVE_ALONE else Outcome.IN_PROGRESS
             elif kind == nl.NLMSG_ERROR and payload != errno.ENOENT:
                 return self._error(f"RTM_GETNEIGH: {os.strerror(payload)}")
-            use = struct.pack("=BxxxiHBB", family, ifindex, 0, nl.NTF_USE, 0)
+            use = nl.NDMSG.pack(family, ifindex, 0, nl.NTF_USE, 0)
             kind, payload = await self._ask(
                 request(
                     nl.RTM_NEWNEIGH,
@@ -176,7 +173,7 @@ class NeighbourResolver:
             self._sock = open_socket(netns=self.netns)
             self._loop = loop
             loop.add_reader(self._sock.fileno(), self._on_readable)
-        seq = struct.unpack_from("=I", req, 8)[0]
+        seq = seq_of(req)
         future: asyncio.Future[tuple[int, Any]] = loop.create_future()
         self._waiting[seq] = future
         try:
@@ -196,7 +193,7 @@ class NeighbourResolver:
                 self._error(f"resolver socket: {exc}")
                 return
             try:
-                for mtype, _flags, seq, payload in nl.decode(data):
+                for mtype, _flags, seq, payload in decode(data):
                     future = self._waiting.get(seq)
                     if future is not None and not future.done():
                         future.set_result((mtype, payload))

@@ -18,15 +18,11 @@ deliberately not set: a silent drop would leave the fast path wrong.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
-import itertools
 import os
 import socket
-import struct
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,16 +30,10 @@ import structlog
 
 from fibsync.errors import DecodeError, NetlinkError, NetlinkOverrun
 from fibsync.model import AF_INET, AF_INET6, Change, Snapshot
-from fibsync.netlink import decode as nl
+from fibsync.netlink import rtnl as nl
 from fibsync.netlink.columns import RouteDump
 from fibsync.netlink.decode import HANDLED_TYPES, decode
-
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-SO_RCVBUFFORCE = 33
-CLONE_NEWNET = 0x40000000
-IFLA_EXT_MASK = 29
-RTEXT_FILTER_SKIP_STATS = 1 << 3
+from fibsync.netlink.rtnl import RECV_BUFFER, open_socket, request, seq_of
 
 EVENT_GROUPS = (
     nl.RTNLGRP_LINK,
@@ -55,9 +45,6 @@ EVENT_GROUPS = (
     nl.RTNLGRP_NEXTHOP,
 )
 
-# A dump skb never exceeds 32 KiB, an event is one message; 1 MiB leaves room
-# for the odd huge link message (VF lists) without MSG_TRUNC.
-RECV_BUFFER = 1 << 20
 DUMP_RCVBUF = 4 << 20
 
 
@@ -83,97 +70,22 @@ class SourceStats:
     rcvbuf: int = 0  # the event socket's receive buffer as the kernel granted it
 
 
-def _enter_netns(netns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(os.path.join("/run/netns", netns), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def open_socket(
-    *, netns: str | None = None, rcvbuf: int = 0, groups: Iterable[int] = ()
-) -> socket.socket:
-    """A non-blocking NETLINK_ROUTE socket, in ``netns`` if given, joined to ``groups``.
-
-    A socket belongs to the namespace it was created in for its whole life,
-    so for another namespace it is created by a short-lived thread that
-    entered it; the rest of the process stays where it is.
-    """
-
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        try:
-            if rcvbuf:
-                try:
-                    # FORCE passes net.core.rmem_max (needs CAP_NET_ADMIN)
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.bind((0, 0))
-            for group in groups:
-                # ADD_MEMBERSHIP, not bind()'s 32-bit mask: RTNLGRP_NEXTHOP is 32
-                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    if netns is None:
-        return make()
-    result: list[socket.socket | BaseException] = []
-
-    def in_netns() -> None:
-        try:
-            _enter_netns(netns)
-            result.append(make())
-        except BaseException as exc:  # handed to the caller's thread below
-            result.append(exc)
-
-    thread = threading.Thread(target=in_netns, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
-
-
-_seq = itertools.count(int(time.time()) & 0xFFFF)
-
-
-def request(mtype: int, body: bytes, flags: int = nl.NLM_F_REQUEST | nl.NLM_F_DUMP) -> bytes:
-    """One netlink request message; the sequence number is its bytes 8..12."""
-    seq = next(_seq) & 0xFFFFFFFF
-    return struct.pack("=IHHII", 16 + len(body), mtype, flags, seq, 0) + body
-
-
 def dump_requests() -> list[tuple[str, bytes]]:
     """The snapshot's dumps, in the order the sink expects them."""
-    link = struct.pack("=BxHiII", 0, 0, 0, 0, 0) + struct.pack(
-        "=HHI", 8, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS
-    )
+    link = nl.IFINFOMSG.pack(0, 0, 0, 0, 0) + nl.attr_u32(
+        nl.IFLA_EXT_MASK, nl.RTEXT_FILTER_SKIP_STATS)
     out = [("links", request(nl.RTM_GETLINK, link))]
     for family in (AF_INET, AF_INET6):
-        out.append(
-            ("addresses", request(nl.RTM_GETADDR, struct.pack("=BBBBI", family, 0, 0, 0, 0)))
-        )
+        out.append(("addresses", request(nl.RTM_GETADDR, nl.IFADDRMSG.pack(family, 0, 0, 0, 0))))
     for family in (AF_INET, AF_INET6):
         # per family: AF_UNSPEC would also dump the bridge FDB
-        out.append(
-            ("neighbours", request(nl.RTM_GETNEIGH, struct.pack("=BxxxiHBB", family, 0, 0, 0, 0)))
-        )
-    out.append(("nexthops", request(nl.RTM_GETNEXTHOP, struct.pack("=BBBBI", 0, 0, 0, 0, 0))))
+        out.append(("neighbours", request(nl.RTM_GETNEIGH, nl.NDMSG.pack(family, 0, 0, 0, 0))))
+    out.append(("nexthops", request(nl.RTM_GETNEXTHOP, nl.NHMSG.pack(0, 0, 0, 0, 0))))
     for family in (AF_INET, AF_INET6):
         # rtm_table 0 dumps every table; AF_UNSPEC would add MPLS and mroute
-        out.append(
-            ("routes", request(nl.RTM_GETROUTE, struct.pack("=BBBBBBBBI", family, *[0] * 8)))
-        )
+        out.append(("routes", request(nl.RTM_GETROUTE, nl.RTMSG.pack(family, *[0] * 8))))
     return out
+
 
 
 async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -393,7 +305,7 @@ class NetlinkSource:
             for what, req in dump_requests():
                 if what == "routes":
                     # the bulk of a full table is read as columns (netlink/columns.py)
-                    seq = struct.unpack_from("=I", req, 8)[0]
+                    seq = seq_of(req)
                     cols = RouteDump(seq, first_ordinal=len(routes) << 40)
                     routes.append(_Dump(self, what, req, cols))
                     continue
@@ -439,7 +351,7 @@ class _Dump:
         self.source = source
         self.what = what
         self.req = req
-        self.seq = struct.unpack_from("=I", req, 8)[0]
+        self.seq = seq_of(req)
         self.columns = columns
         self.objects: list[Any] = []
         self.ordinals: list[int] = []  # with columns: each object's place in the dump

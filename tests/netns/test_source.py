@@ -34,7 +34,7 @@ from fibsync.model import (
     RouteType,
     Snapshot,
 )
-from fibsync.netlink import decode as nl
+from fibsync.netlink import rtnl as nl
 from fibsync.netlink import source as source_module
 from fibsync.netlink.source import NetlinkSource
 

@@ -21,7 +21,9 @@ import pytest
 
 from fibsync.demo import RouterDaemon, fibsync_argv
 from fibsync.lab import Netns
-from fibsync.netlink import source
+from fibsync.model import Change
+from fibsync.netlink import rtnl
+from fibsync.netlink.decode import decode
 
 from .churn import Churn, World
 from .test_mirror import batch, start
@@ -156,20 +158,19 @@ def test_the_kernel_ipv6_dump_skips_live_routes(netns_factory: Callable[[str], N
     batch(ns, ["link add d0 type veth peer name d1", "link set d0 up", "link set d1 up"]
           + [f"route add 2001:db8:{i >> 8:x}:{i & 255:x}::/64 dev d0" for i in range(n)],
           lab_rundir)
-    sock = source.open_socket(netns=ns.name, rcvbuf=1 << 20)
+    sock = rtnl.open_socket(netns=ns.name, rcvbuf=1 << 20)
     sock.setblocking(True)
     seen: set[bytes] = set()
-    sock.send(source.request(source.nl.RTM_GETROUTE,
-                             struct.pack("=BBBBBBBBI", socket.AF_INET6, *[0] * 8)))
+    sock.send(rtnl.request(rtnl.RTM_GETROUTE, rtnl.RTMSG.pack(socket.AF_INET6, *[0] * 8)))
     chunks = 0
     done = False
     while not done:
         data = sock.recv(1 << 20)
         chunks += 1
-        for mtype, _flags, _seq, payload in source.decode(data):
-            if mtype == source.nl.NLMSG_DONE:
+        for mtype, _flags, _seq, payload in decode(data):
+            if mtype == rtnl.NLMSG_DONE:
                 done = True
-            elif payload.__class__ is source.Change and payload.obj.prefix.length == 64:
+            elif payload.__class__ is Change and payload.obj.prefix.length == 64:
                 seen.add(payload.obj.prefix.addr)
         if chunks == 3:
             # between two reads of the dump: delete routes it gave already, add one

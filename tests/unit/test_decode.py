@@ -28,7 +28,7 @@ from fibsync.model import (
     Route,
     RouteType,
 )
-from fibsync.netlink import decode as nl
+from fibsync.netlink import rtnl as nl
 from fibsync.netlink.decode import HANDLED_TYPES, decode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netlink"

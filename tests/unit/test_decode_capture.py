@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 
 from fibsync.model import AF_INET6, Change, Prefix
-from fibsync.netlink import decode as nl
+from fibsync.netlink import rtnl as nl
 from fibsync.netlink.decode import decode
-from fibsync.netlink.source import EVENT_GROUPS, open_socket, request
+from fibsync.netlink.rtnl import open_socket, request
+from fibsync.netlink.source import EVENT_GROUPS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netlink"
 AF_BRIDGE = 7
