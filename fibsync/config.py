@@ -39,8 +39,8 @@ V4_TABLES = ("dir24", "lpm")
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS_PORT = 9477
-# bpffs refuses some characters in pin names
-_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+# bpffs refuses some characters in pin names (dots among them)
+INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
 # upper bounds that catch typos (an extra zero) before the kernel is asked for the memory
 _MAX_ROUTES = 1 << 26
@@ -232,7 +232,7 @@ def instance_for(flag: str | None, file: str | None = None) -> Settings:
 def validate(values: dict[str, Any], config_file: str = "") -> Settings:
     v = dict(values)
     instance = _str(v, "instance", "default")
-    if not _INSTANCE_RE.match(instance):
+    if not INSTANCE_RE.fullmatch(instance):
         raise _err("instance", f"{instance!r}: use up to 32 letters, digits, '_' or '-', "
                    "starting with a letter or digit")
     return Settings(

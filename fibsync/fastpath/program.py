@@ -19,7 +19,6 @@ import ctypes
 import hashlib
 import json
 import os
-import re
 import socket
 import struct
 import subprocess
@@ -28,20 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fibsync.config import INSTANCE_RE, PIN_ROOT
 from fibsync.errors import ConfigError, FastPathError, InterfaceError, MapError
 from fibsync.fastpath import abi, bpfsys
 from fibsync.netlink import rtnl as nl
 
-BPFFS = Path("/sys/fs/bpf")
-PIN_ROOT = BPFFS / "fibsync"
+BPFFS = PIN_ROOT.parent
 PROG_PIN = "prog"
 PROG_NAME = "xdp_fibsync"
 
 Mode = Literal["auto", "native", "generic"]
 MapOrigin = Literal["adopted", "created", "replaced"]
-
-# bpffs refuses names with dots
-_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +69,7 @@ def bpf_source_dir() -> Path:
 
 
 def pin_dir(instance: str) -> Path:
-    if not _INSTANCE_RE.fullmatch(instance):
+    if not INSTANCE_RE.fullmatch(instance):
         raise ConfigError(
             "instance",
             f"{instance!r} is not a valid instance name "
