@@ -7,110 +7,39 @@ the XDP program would see.
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fibsync.fastpath.maps import read_routes
-from fibsync.fastpath.writer import MapWriter, MemoryMaps
+from fibsync.fastpath.writer import MemoryMaps
 from fibsync.model import (
     AF_INET,
-    AF_INET6,
     NUD_FAILED,
-    NUD_REACHABLE,
-    Address,
     Change,
-    Link,
-    Neighbour,
-    Nexthop,
-    NexthopObject,
     Op,
     Prefix,
-    Route,
     RouteType,
     Snapshot,
 )
-from fibsync.rib import GROUP_BUCKETS, Filter, Rib, weighted_buckets
+from fibsync.rib import GROUP_BUCKETS, Filter, weighted_buckets
+
+from .mirror import (
+    DOWN,
+    MAC1,
+    MAC2,
+    NO_CARRIER,
+    Mirror,
+    addr,
+    ip,
+    link,
+    neigh,
+    nh_obj,
+    route,
+)
 
 NLM_F_REPLACE, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x400, 0x800
-UP = 0x1 | 0x40 | 0x10000  # IFF_UP | IFF_RUNNING | IFF_LOWER_UP
-NO_CARRIER = 0x1  # administratively up, no carrier (the peer went down)
-DOWN = 0x0
-MAC1 = bytes.fromhex("020000000001")
-MAC2 = bytes.fromhex("020000000002")
-
-
-def ip(text: str) -> bytes:
-    return socket.inet_pton(AF_INET6 if ":" in text else AF_INET, text)
-
-
-def addr(ifindex: int, text: str) -> Address:
-    address, length = text.split("/")
-    return Address(AF_INET6 if ":" in address else AF_INET, ifindex, ip(address), int(length))
-
-
-def link(ifindex: int, flags: int = UP) -> Link:
-    return Link(ifindex, f"eth{ifindex}", bytes([2, 0, 0, 0, 0, ifindex]), 1500, flags)
-
-
-def neigh(ifindex: int, addr: str, mac: bytes = MAC1, state: int = NUD_REACHABLE) -> Neighbour:
-    return Neighbour(AF_INET6 if ":" in addr else AF_INET, ifindex, ip(addr), mac, state)
-
-
-def route(prefix: str, *paths: tuple[str | None, int, int], nhid: int = 0,
-          type: RouteType = RouteType.UNICAST, table: int = 254, metric: int = 0,
-          protocol: int = 186, dead: tuple[int, ...] = ()) -> Route:
-    hops = tuple(Nexthop(ifindex, ip(gw) if gw else None,
-                         (AF_INET6 if gw and ":" in gw else AF_INET) if gw else 0, weight,
-                         0x1 if i in dead else 0)  # RTNH_F_DEAD
-                 for i, (gw, ifindex, weight) in enumerate(paths))
-    return Route(Prefix.parse(prefix), table, type, protocol, 0, metric, 0, hops, nhid)
-
-
-def nh_obj(id: int, gw: str | None = None, ifindex: int = 0,
-           group: tuple[tuple[int, int], ...] = (), blackhole: bool = False) -> NexthopObject:
-    family = AF_INET6 if gw and ":" in gw else AF_INET
-    return NexthopObject(id, family, ifindex, ip(gw) if gw else None, blackhole, group)
-
-
-class Mirror:
-    """RIB + writer + in-memory maps, the way the daemon wires them."""
-
-    def __init__(self, filter: Filter | None = None, maps: MemoryMaps | None = None,
-                 first_id: int = 1) -> None:
-        self.rib = Rib(filter, first_id=first_id)
-        self.maps = maps or MemoryMaps()
-        self.writer = MapWriter(self.maps)
-        self.writes: list[int] = []
-
-    def sync(self, **kw: list) -> None:  # type: ignore[type-arg]
-        self.rib.resync(Snapshot(**kw))
-        self._flush()
-
-    def apply(self, *changes: Change) -> None:
-        self.rib.apply(changes)
-        self._flush()
-
-    def add(self, *objs: object) -> None:
-        self.apply(*(Change(Op.ADD, o) for o in objs))  # type: ignore[arg-type]
-
-    def delete(self, *objs: object) -> None:
-        self.apply(*(Change(Op.DEL, o) for o in objs))  # type: ignore[arg-type]
-
-    def _flush(self) -> None:
-        diff = self.rib.take_diff()
-        self.writes.append(len(diff))
-        self.writer.write(diff)
-
-    def routes(self) -> dict[str, dict]:  # type: ignore[type-arg]
-        return {e["prefix"]: e for e in read_routes(self.maps)}
-
-    def paths(self, prefix: str) -> set[tuple[str | None, int, int, bool]]:
-        e = self.routes()[prefix]
-        return {(h["gateway"], h["ifindex"], h["weight"], h["resolved"]) for h in e["nexthops"]}
 
 
 @pytest.fixture

@@ -1,0 +1,233 @@
+"""The kernel mirror: what the kernel holds, and the fast-path entry for each prefix.
+
+The RIB takes decoded netlink state (a full ``Snapshot`` after a dump, then
+ordered ``Change`` batches) and keeps a copy of the kernel's routes, nexthop
+objects, neighbours, links and addresses. From that copy it derives the
+fast-path state the XDP program reads, and records what changed in a
+``FastPathDiff`` for the map writer. It never touches a socket or a map.
+
+``Rib`` is a thin front over small parts, one job each:
+
+- ``kernel.py``: the kernel side (``KernelState``) and the rules the kernel
+  applies without telling anyone; ``routes.py``: how the kernel keeps the
+  routes of one prefix;
+- ``compact.py``: the compact store of a full table's common routes;
+- ``choice.py``: the choice of a prefix's fast-path entry, a pure function of
+  its routes;
+- ``entries.py``: fast-path ids, interned paths and entries (``FpTable``),
+  which own the diff;
+- ``types.py``: what the writer imports (``Action``, the ``Fp*`` entries,
+  ``FastPathDiff``, ``RouteRows``) and the route ``Filter``.
+
+Changes flow one way: the front hands each change to the kernel side, which
+reports what it changed to the ``FpTable`` (its ``KernelWatcher``), which
+chooses the entries and records the diff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+from ..model import (
+    AF_INET,
+    AF_INET6,
+    Address,
+    Change,
+    KernelObject,
+    Link,
+    Neighbour,
+    NexthopObject,
+    Op,
+    Prefix,
+    Route,
+    Snapshot,
+)
+from .entries import FpTable, weighted_buckets
+from .kernel import KernelState
+from .types import (
+    GROUP_BUCKETS,
+    Action,
+    FastPathDiff,
+    Filter,
+    FpGroup,
+    FpNexthop,
+    FpRoute,
+    RouteRows,
+)
+
+
+class FibView(Mapping[Prefix, FpRoute]):
+    """Every prefix's fast-path entry, the general and the compact ones alike."""
+
+    def __init__(self, rib: Rib) -> None:
+        self._rib = rib
+
+    def __getitem__(self, prefix: Prefix) -> FpRoute:
+        table = self._rib.table
+        entry = table.entries.get(prefix)
+        if entry is None:
+            nhid = self._rib.kernel.compact.nhid(prefix)
+            if nhid is None:
+                raise KeyError(prefix)
+            entry = table.nhid_entry(nhid)
+        return entry
+
+    def __iter__(self) -> Iterator[Prefix]:
+        yield from self._rib.table.entries
+        yield from self._rib.kernel.compact
+
+    def __len__(self) -> int:
+        return len(self._rib.table.entries) + len(self._rib.kernel.compact)
+
+
+class Rib:
+    def __init__(self, filter: Filter | None = None, first_id: int = 1) -> None:
+        self.filter = filter or Filter()
+        # ids below first_id belong to entries a previous run left in the maps
+        self.first_id = first_id
+        self.stats = {"changes": 0, "ignored": 0, "resyncs": 0}
+        self.kernel, self.table = self._fresh()
+
+    def _fresh(self) -> tuple[KernelState, FpTable]:
+        kernel = KernelState()
+        table = FpTable(kernel, self.first_id)
+        kernel.watcher = table
+        return kernel, table
+
+    # the kernel side, as the rest of fibsync reads it
+    @property
+    def routes(self) -> dict[Prefix, list[Route]]:
+        return self.kernel.routes
+
+    @property
+    def links(self) -> dict[int, Link]:
+        return self.kernel.links
+
+    @property
+    def addresses(self) -> dict[tuple[int, int, bytes, int], Address]:
+        return self.kernel.addresses
+
+    @property
+    def neighbours(self) -> dict[tuple[int, int, bytes], Neighbour]:
+        return self.kernel.neighbours
+
+    @property
+    def nh_objects(self) -> dict[int, NexthopObject]:
+        return self.kernel.nh_objects
+
+    @property
+    def fib(self) -> FibView:
+        """Prefix -> fast-path entry, for every prefix the fast path holds."""
+        return FibView(self)
+
+    # ------------------------------------------------------------------ input
+
+    def resync(self, snapshot: Snapshot) -> None:
+        """Replace the whole mirror by a fresh dump: mark and sweep.
+
+        The fast-path entries that are still right keep their ids and are not
+        rewritten; only what differs reaches the diff, so the maps never lose a
+        valid entry during a resync.
+        """
+        self.stats["resyncs"] += 1
+        old = self.table
+        self.kernel, self.table = self._fresh()
+        self.table.take_over(old, snapshot)
+        self.kernel.load(snapshot)
+        rows = self._add_routes(snapshot)
+        self.table.drop_unused_inline()
+        self.table.diff_from(old, rows)
+
+    def _add_routes(self, snapshot: Snapshot) -> list[RouteRows]:
+        """A dump's routes: the compact ones at once, the others one by one in dump
+        order. Returns the compact rows, for the diff."""
+        if not snapshot.route_columns:
+            for route in snapshot.routes:
+                self._add_route(route, 0)
+            return []
+        general, rows, ignored = self.kernel.compact.load(snapshot, self.filter,
+                                                          self.table.nhid_entry)
+        self.stats["ignored"] += ignored
+        for route in general:
+            self._add_route(route, 0)
+        return rows
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        kernel = self.kernel
+        for change in changes:
+            self.stats["changes"] += 1
+            obj: KernelObject = change.obj
+            if isinstance(obj, Route):
+                if change.op is Op.ADD:
+                    self._add_route(obj, change.nlflags)
+                elif self.filter.follows(obj):
+                    # (one not followed matches nothing held, and a compact route stays)
+                    kernel.del_route(obj)
+            elif isinstance(obj, Neighbour):
+                kernel.set_neighbour(obj, change.op)
+            elif isinstance(obj, NexthopObject):
+                if change.op is Op.ADD:
+                    kernel.set_nh_object(obj)
+                else:
+                    kernel.del_nh_object(obj.id)
+            elif isinstance(obj, Link):
+                kernel.set_link(obj, change.op)
+            elif isinstance(obj, Address):
+                kernel.set_address(obj, change.op)
+            else:
+                self.stats["ignored"] += 1
+        self.table.drop_unused_inline()
+
+    def _add_route(self, route: Route, nlflags: int) -> None:
+        if not self.filter.follows(route):
+            self.stats["ignored"] += 1
+            return
+        self.kernel.add_route(route, nlflags)
+
+    def take_diff(self) -> FastPathDiff:
+        return self.table.take_diff()
+
+    # -------------------------------------------------------------- queries
+
+    def fast_path_keys(self) -> tuple[set[int], set[int], set[tuple[int, int, bytes]]]:
+        """The nexthop, group and neighbour keys the maps must hold, and nothing else
+        (prefixes: ``holds_prefix``)."""
+        return (set(self.table.nexthops), set(self.table.groups),
+                {k for k, n in self.kernel.neighbours.items() if n.valid})
+
+    def holds_prefix(self, family: int, addr: bytes, length: int) -> bool:
+        """Whether the fast path must hold this prefix (the sweep asks, map key by map key)."""
+        if self.kernel.compact.holds(family, addr, length):
+            return True
+        return Prefix(family, addr, length) in self.table.entries
+
+    def rewrite(self, prefix: Prefix) -> None:
+        """Put the prefix's entry, and the next hops and group it uses, in the diff
+        again, whatever the maps are believed to hold (a repair after an audit)."""
+        self.table.rewrite(prefix, self.fib.get(prefix))
+
+    def nhids_of(self, prefix: Prefix) -> set[int]:
+        """The kernel nexthop objects the followed routes of ``prefix`` use."""
+        return self.kernel.nhids_of(prefix)
+
+    def objects_using(self, nhids: Iterable[int]) -> set[int]:
+        """These nexthop objects and the groups that hold any of them."""
+        return self.kernel.objects_using(nhids)
+
+    def counts(self) -> dict[str, int]:
+        entries = self.table.entries
+        compact = self.kernel.compact
+        v4 = sum(1 for p in entries if p.family == AF_INET)
+        return {
+            "routes_v4": v4 + compact.count(AF_INET),
+            "routes_v6": len(entries) - v4 + compact.count(AF_INET6),
+            "nexthops": len(self.table.nexthops),
+            "groups": len(self.table.groups),
+            "neighbours": sum(1 for n in self.kernel.neighbours.values() if n.valid),
+            "links": len(self.kernel.links),
+            "nexthop_objects": len(self.kernel.nh_objects),
+        }
+
+
+__all__ = ["GROUP_BUCKETS", "Action", "FastPathDiff", "FibView", "Filter", "FpGroup",
+           "FpNexthop", "FpRoute", "Rib", "RouteRows", "weighted_buckets"]
