@@ -4,13 +4,23 @@ Every struct here has the exact size and field offsets of its C original;
 ``tests/bpf/test_abi.py`` parses the header and fails on any difference. Map
 keys and values are built as these ctypes structs and written with
 ``bytes(struct)``; addresses are packed bytes (``model.Prefix.addr``).
+
+This is the only place in fibsync's Python that says how map bytes are laid
+out: the hot paths (the writer, the map readers, the DIR-24-8 table, the
+neigh_miss reader) encode and decode with the ``struct.Struct`` and numpy
+twins of ``LAYOUTS`` below, which ``tests/unit/test_abi_layouts.py`` checks
+field by field against the ctypes structs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
+
+import numpy as np
 
 from fibsync.model import AF_INET, AF_INET6, Prefix
 
@@ -189,6 +199,52 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_heartbeat": FsHeartbeat,
     "fs_miss": FsMiss,
 }
+
+# struct.Struct twins of the structs above, for the hot paths that encode or
+# decode many entries at once; same field order, fixed-size byte arrays as "s".
+V4_KEY = struct.Struct("=I4s")
+V6_KEY = struct.Struct("=I16s")
+ROUTE = struct.Struct("=IBBBB")
+NEXTHOP = struct.Struct("=IHBB6s6s16s")
+GROUP = struct.Struct(f"=I{FS_GROUP_BUCKETS}II{FS_GROUP_MEMBERS}I{FS_GROUP_MEMBERS}I")
+NEIGH_KEY = struct.Struct("=II16s")
+NEIGH = struct.Struct("=6sH")
+COUNTER = struct.Struct("=QQ")
+CONFIG = struct.Struct("=IIII")
+HEARTBEAT = struct.Struct("=Q")
+MISS = struct.Struct("=II16s")
+# the key of the maps keyed by an index or an id (nexthops, groups, config, ...)
+U32 = struct.Struct("=I")
+
+# C struct name -> struct.Struct twin (what tests/unit/test_abi_layouts.py compares).
+LAYOUTS: dict[str, struct.Struct] = {
+    "fs_v4_key": V4_KEY,
+    "fs_v6_key": V6_KEY,
+    "fs_route": ROUTE,
+    "fs_nexthop": NEXTHOP,
+    "fs_group": GROUP,
+    "fs_neigh_key": NEIGH_KEY,
+    "fs_neigh": NEIGH,
+    "fs_counter": COUNTER,
+    "fs_config": CONFIG,
+    "fs_heartbeat": HEARTBEAT,
+    "fs_miss": MISS,
+}
+
+# numpy twins, for encoding and reading whole route tables as arrays
+ROUTE_DTYPE = np.dtype([("nh_id", "=u4"), ("action", "u1"), ("flags", "u1"),
+                        ("reason", "u1"), ("plen", "u1")])
+
+
+def route_key_dtype(addr_len: int) -> np.dtype[Any]:
+    """fs_v4_key (``addr_len`` 4) or fs_v6_key (16) as a numpy record."""
+    return np.dtype([("plen", "=u4"), ("addr", "u1", (addr_len,))])
+
+
+def array_stride(value_size: int) -> int:
+    """Where the values of a BPF array map sit apart: value_size rounded up to 8."""
+    return (value_size + 7) & ~7
+
 
 # BPF_MAP_TYPE_* values (stable UAPI) of the maps below.
 MAP_HASH = 1
