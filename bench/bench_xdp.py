@@ -221,12 +221,14 @@ def fixed_choice_program(instance: str) -> FastPath:
     adopting the maps of ``instance``."""
     src = bpf_source_dir()
     tmp = Path(tempfile.mkdtemp(prefix="fsbench"))
-    for name in ("fibsync.c", "fibsync.h", "parse.h"):
-        shutil.copy(src / name, tmp / name)
-    text = (tmp / "fibsync.c").read_text()
-    switch = "if (cfg && cfg->v4_table == FS_V4_DIR24) {"
+    for path in src.iterdir():
+        if path.suffix in (".c", ".h"):
+            shutil.copy(path, tmp / path.name)
+    choice = tmp / "fibsync.c"  # fs_v4_route, the table choice
+    text = choice.read_text()
+    switch = "if (cfg->v4_table == FS_V4_DIR24)"
     assert switch in text, "the table switch moved: update bench_xdp.py"
-    (tmp / "fibsync.c").write_text(text.replace(switch, "if (1) {"))
+    choice.write_text(text.replace(switch, "if (1)"))
     os.environ["FIBSYNC_BPF_DIR"] = str(tmp)
     try:
         return FastPath.load(instance)
