@@ -18,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from ..model import AF_INET, AF_INET6, RT_TABLE_LOCAL, Prefix, Route, RouteType, Snapshot
+from ..model import (
+    AF_INET,
+    AF_INET6,
+    ROUTE_TYPES,
+    RT_TABLE_LOCAL,
+    Prefix,
+    Route,
+    RouteType,
+    Snapshot,
+)
 from .types import Filter, FpRoute, RouteRows
 
 # A compact route: (table, type, protocol, scope, metric, tos, nhid, flags), shared
@@ -26,7 +35,6 @@ from .types import Filter, FpRoute, RouteRows
 Compact = tuple[int, int, int, int, int, int, int, int]
 NHID = 6
 _FIELDS = ("table", "type", "protocol", "scope", "metric", "tos", "nhid", "flags")
-_ROUTE_TYPES = tuple(RouteType(t) for t in range(len(RouteType)))
 
 
 def key_of(prefix: Prefix) -> int:
@@ -107,7 +115,7 @@ class CompactRoutes:
             return None
         rtype, protocol, scope, metric, tos, nhid, flags = attrs[1:]
         self._forget_user(nhid)
-        return Route(prefix, attrs[0], _ROUTE_TYPES[rtype], protocol, scope, metric, tos, (),
+        return Route(prefix, attrs[0], ROUTE_TYPES[rtype], protocol, scope, metric, tos, (),
                      nhid, 0, flags)
 
     def via(self, nhids: set[int]) -> list[tuple[Prefix, int]]:
