@@ -24,7 +24,6 @@ import platform
 import random
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fulltable import install, router, v4_prefixes  # noqa: E402
 
 from fibsync.fastpath import bpfsys  # noqa: E402
-
-V4_KEY = struct.Struct("=I4s")
+from fibsync.fastpath.abi import V4_KEY  # noqa: E402
 
 
 def in_map(fd: int, prefix: str) -> bool:

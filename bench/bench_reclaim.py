@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fibsync.fastpath import dir24  # noqa: E402
-from fibsync.fastpath.writer import ROUTE  # noqa: E402
+from fibsync.fastpath.abi import ROUTE  # noqa: E402
 
 
 def run(groups: int, changes: int, background: bool) -> dict[str, float]:

@@ -57,9 +57,9 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
+from .fastpath.abi import ROUTE
 from .fastpath.maps import PinnedMaps, RouteMap, RouteTable, matching_rows
 from .fastpath.writer import (
-    ROUTE,
     ROUTE_MAPS,
     MapSet,
     MapWriter,

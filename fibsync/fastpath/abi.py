@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -239,6 +240,25 @@ ROUTE_DTYPE = np.dtype([("nh_id", "=u4"), ("action", "u1"), ("flags", "u1"),
 def route_key_dtype(addr_len: int) -> np.dtype[Any]:
     """fs_v4_key (``addr_len`` 4) or fs_v6_key (16) as a numpy record."""
     return np.dtype([("plen", "=u4"), ("addr", "u1", (addr_len,))])
+
+
+def pack_group(buckets: Sequence[int], members: Sequence[tuple[int, int]]) -> bytes:
+    """struct fs_group: the buckets (nexthop ids), then the first FS_GROUP_MEMBERS
+    (nexthop id, weight) members."""
+    members = members[:FS_GROUP_MEMBERS]
+    pad = [0] * (FS_GROUP_MEMBERS - len(members))
+    return GROUP.pack(len(buckets), *buckets, *[0] * (FS_GROUP_BUCKETS - len(buckets)),
+                      len(members), *[m for m, _ in members], *pad,
+                      *[w for _, w in members], *pad)
+
+
+def group_members(value: bytes) -> list[tuple[int, int]]:
+    """The (nexthop id, weight) members of a struct fs_group."""
+    fields = GROUP.unpack(value[:GROUP.size])
+    n = fields[FS_GROUP_BUCKETS + 1]
+    ids = fields[FS_GROUP_BUCKETS + 2:FS_GROUP_BUCKETS + 2 + n]
+    base = FS_GROUP_BUCKETS + 2 + FS_GROUP_MEMBERS
+    return list(zip(ids, fields[base:base + n], strict=True))
 
 
 def array_stride(value_size: int) -> int:

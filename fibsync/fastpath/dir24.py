@@ -44,7 +44,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,10 +61,9 @@ DEPTH = abi.FS_DIR_DEPTH_MASK
 PINNED = abi.FS_DIR_PINNED
 TBL24 = abi.FS_DIR24_ENTRIES
 TBL8 = abi.FS_TBL8_ENTRIES
-ROUTE = struct.Struct("=IBBBB")  # struct fs_route
-NH_SIZE = 36  # struct fs_nexthop
-NH_STRIDE = 40  # array values sit at an 8-byte stride
-FIB_SLOT_VALUE = ROUTE.pack(0, abi.FS_ACT_FIB, 0, 0, 0)
+NH_SIZE = abi.NEXTHOP.size
+NH_STRIDE = abi.array_stride(NH_SIZE)
+FIB_SLOT_VALUE = abi.ROUTE.pack(0, abi.FS_ACT_FIB, 0, 0, 0)
 
 # A route value is struct fs_route's 8 bytes (plen ignored); cover(addr, depth)
 # gives (prefix length, value) of the longest route covering addr that is
@@ -228,7 +226,7 @@ class Dir24Table:
         self._cover = cover
         self._grace = grace
         self.groups = Pool(self._t8.size // TBL8, grace)
-        self.slots = Pool(len(self._slots) // ROUTE.size, grace)
+        self.slots = Pool(len(self._slots) // abi.ROUTE.size, grace)
         self._slot_of: dict[bytes, int] = {}
         self._value_of: dict[int, bytes] = {}
         # nexthop copies: which copy a slot names, the slots of each nexthop, and
@@ -284,7 +282,7 @@ class Dir24Table:
     def _with_copy(self, slot: int, value: bytes) -> bytes:
         """What the slot stores: the value, or for a FORWARD route to one nexthop
         whose bytes are known, the value naming a fresh copy of that nexthop."""
-        nh_id, action, flags, reason, _ = ROUTE.unpack(value)
+        nh_id, action, flags, reason, _ = abi.ROUTE.unpack(value)
         if self._nh is None or action != abi.FS_ACT_FORWARD or flags & abi.FS_ROUTE_GROUP \
                 or 2 * slot + 1 >= len(self._nh) // NH_STRIDE:
             return value
@@ -295,7 +293,7 @@ class Dir24Table:
         self._nh[2 * slot * NH_STRIDE:2 * slot * NH_STRIDE + NH_SIZE] = nhb
         self._copy[slot] = 0
         self._slots_of_nh.setdefault(nh_id, set()).add(slot)
-        return ROUTE.pack(2 * slot, action, flags | abi.FS_ROUTE_NH_COPY, reason, 0)
+        return abi.ROUTE.pack(2 * slot, action, flags | abi.FS_ROUTE_NH_COPY, reason, 0)
 
     def begin_reclaim(self) -> Reclaim:
         return Reclaim([self.groups, self.slots])
@@ -333,7 +331,7 @@ class Dir24Table:
                 del self._slot_of[value]
                 del self._value_of[slot]
                 if self._copy.pop(slot, None) is not None:
-                    self._slots_of_nh[ROUTE.unpack(value)[0]].discard(slot)
+                    self._slots_of_nh[abi.ROUTE.unpack(value)[0]].discard(slot)
                     self._switched.pop(slot, None)
                 self.slots.retire(slot)
 
@@ -637,5 +635,5 @@ def memory_buffers(tbl8_groups: int = abi.FS_MAX_TBL8_GROUPS,
     nexthop copies; pages are only allocated when written), for tests and the
     in-memory map set."""
     return (mmap.mmap(-1, TBL24 * 4), mmap.mmap(-1, tbl8_groups * TBL8 * 4),
-            mmap.mmap(-1, slots * ROUTE.size), mmap.mmap(-1, 2 * slots * NH_STRIDE))
+            mmap.mmap(-1, slots * abi.ROUTE.size), mmap.mmap(-1, 2 * slots * NH_STRIDE))
 

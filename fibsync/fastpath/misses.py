@@ -9,13 +9,11 @@ would otherwise never ARP for it). The ring protocol itself is
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from ..model import AF_INET6
+from .abi import MISS
 from .bpfsys import RingBuffer
-
-MISS = struct.Struct("=II16s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Diffs from the RIB -> map updates, batched and ordered.
 
-The writer never decides anything: it encodes the ``FastPathDiff`` into the
-layouts of bpf/fibsync.h and applies it in an order that never lets the XDP
-program see a reference to something that is not there yet:
+The writer never decides anything: it encodes the ``FastPathDiff`` with
+abi.py's layouts of bpf/fibsync.h and applies it in an order that never lets
+the XDP program see a reference to something that is not there yet:
 
     nexthops set -> groups set -> routes set (longest prefixes first)
     -> routes deleted -> groups deleted -> nexthops deleted -> neighbours
@@ -22,7 +22,6 @@ Every map write goes through a ``MapSet``: the pinned BPF maps in the daemon,
 from __future__ import annotations
 
 import concurrent.futures
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -31,48 +30,31 @@ import numpy as np
 
 from ..errors import MapError, MapFullError
 from ..model import AF_INET, AF_INET6, Prefix
-from ..rib import (
-    GROUP_BUCKETS,
-    Action,
-    FastPathDiff,
-    FpGroup,
-    FpNexthop,
-    FpRoute,
-    Rib,
-    RouteRows,
-)
+from ..rib import Rib
+from ..rib.types import Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
 from . import abi, bpfsys, dir24
-
-# layouts of bpf/fibsync.h (checked against abi's ctypes twins by tests/unit/test_writer.py)
-V4_KEY = struct.Struct("=I4s")
-V6_KEY = struct.Struct("=I16s")
-ROUTE = struct.Struct("=IBBBB")
-NEXTHOP = struct.Struct("=IHBB6s6s16s")
-GROUP_MEMBERS = 64
-GROUP = struct.Struct(f"=I{GROUP_BUCKETS}II{GROUP_MEMBERS}I{GROUP_MEMBERS}I")
-NEIGH_KEY = struct.Struct("=II16s")
-NEIGH = struct.Struct("=6sH")
-CONFIG = struct.Struct("=IIII")
-U32 = struct.Struct("=I")
-
-NH_RESOLVED = 0x1
-NH_CONNECTED = 0x2
-ROUTE_GROUP = 0x1
+from .abi import (  # noqa: F401  re-exported for maps.py and bench_xdp.py, until they import abi
+    CONFIG,
+    GROUP,
+    NEIGH,
+    NEIGH_KEY,
+    NEXTHOP,
+    ROUTE,
+    U32,
+    V4_KEY,
+    V6_KEY,
+)
+from .abi import FS_GROUP_BUCKETS as GROUP_BUCKETS  # noqa: F401
+from .abi import FS_GROUP_MEMBERS as GROUP_MEMBERS  # noqa: F401
+from .abi import FS_NH_CONNECTED as NH_CONNECTED  # noqa: F401
+from .abi import FS_NH_RESOLVED as NH_RESOLVED  # noqa: F401
+from .abi import FS_ROUTE_GROUP as ROUTE_GROUP  # noqa: F401
 
 ROUTE_MAPS = {AF_INET: "routes_v4", AF_INET6: "routes_v6"}
 DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
 V4Table = Literal["dir24", "lpm"]
 # routes per family above which both families' maps are written side by side
 _PARALLEL_ROUTES = 20000
-
-# numpy twins of the route keys and values, for encoding a whole table at once
-_ROUTE_DTYPE = np.dtype([("nh_id", "=u4"), ("action", "u1"), ("flags", "u1"),
-                         ("reason", "u1"), ("plen", "u1")])
-
-
-def _key_dtype(addr_len: int) -> np.dtype[Any]:
-    return np.dtype([("plen", "=u4"), ("addr", "u1", (addr_len,))])
-
 
 class MapSet(Protocol):
     """Where the writer's bytes go: one named BPF map each."""
@@ -127,11 +109,11 @@ class MemoryMaps:
     def match(self, name: str, key: bytes) -> bytes | None:
         """Longest-prefix match on an LPM map, as a lookup in the kernel's trie."""
         m = self.maps.get(name, {})
-        plen, addr = V4_KEY.unpack(key)
+        plen, addr = abi.V4_KEY.unpack(key)
         n = int.from_bytes(addr, "big")
         for length in range(plen, -1, -1):
             masked = (n >> (32 - length) << (32 - length)) if length else 0
-            value = m.get(V4_KEY.pack(length, masked.to_bytes(4, "big")))
+            value = m.get(abi.V4_KEY.pack(length, masked.to_bytes(4, "big")))
             if value is not None:
                 return value
         return None
@@ -145,33 +127,30 @@ def _partial(name: str, done: int) -> MapFullError:
 
 def route_key(prefix: Prefix) -> bytes:
     if prefix.family == AF_INET:
-        return V4_KEY.pack(prefix.length, prefix.addr)
-    return V6_KEY.pack(prefix.length, prefix.addr)
+        return abi.V4_KEY.pack(prefix.length, prefix.addr)
+    return abi.V6_KEY.pack(prefix.length, prefix.addr)
 
 
 def encode_route(entry: FpRoute, plen: int = 0) -> bytes:
     """struct fs_route; ``plen`` is the prefix length of the key it is stored under."""
     reason = abi.Reason[entry.reason].value if entry.reason else 0
-    return ROUTE.pack(entry.nh_id, int(entry.action), ROUTE_GROUP if entry.group else 0,
-                      reason, plen)
+    return abi.ROUTE.pack(entry.nh_id, int(entry.action),
+                          abi.FS_ROUTE_GROUP if entry.group else 0, reason, plen)
 
 
 def encode_nexthop(nh: FpNexthop) -> bytes:
-    flags = (NH_RESOLVED if nh.resolved else 0) | (NH_CONNECTED if nh.connected else 0)
-    return NEXTHOP.pack(nh.ifindex, nh.mtu, flags, nh.family, nh.smac, nh.dmac, nh.gateway)
+    flags = (abi.FS_NH_RESOLVED if nh.resolved else 0) | \
+        (abi.FS_NH_CONNECTED if nh.connected else 0)
+    return abi.NEXTHOP.pack(nh.ifindex, nh.mtu, flags, nh.family, nh.smac, nh.dmac, nh.gateway)
 
 
 def encode_group(group: FpGroup) -> bytes:
-    buckets = list(group.buckets) + [0] * (GROUP_BUCKETS - len(group.buckets))
-    members = group.members[:GROUP_MEMBERS]
-    pad = [0] * (GROUP_MEMBERS - len(members))
-    return GROUP.pack(len(group.buckets), *buckets, len(members),
-                      *[m for m, _ in members], *pad, *[w for _, w in members], *pad)
+    return abi.pack_group(group.buckets, group.members)
 
 
 def neigh_key(key: tuple[int, int, bytes]) -> bytes:
     ifindex, family, addr = key
-    return NEIGH_KEY.pack(ifindex, family, addr)
+    return abi.NEIGH_KEY.pack(ifindex, family, addr)
 
 
 class RouteBatch:
@@ -218,11 +197,11 @@ class RouteBatch:
         by_addr = [words[:, i] for i in range(words.shape[1] - 1, -1, -1)]
         # np.lexsort sorts by its last key first
         self.order = np.lexsort((by_length, *by_addr) if by_address else (*by_addr, by_length))
-        keys = np.zeros(len(self.lens), _key_dtype(alen))
+        keys = np.zeros(len(self.lens), abi.route_key_dtype(alen))
         keys["plen"] = self.lens[self.order]
         keys["addr"] = self.addrs[self.order]
-        table = np.frombuffer(b"".join(self.values), _ROUTE_DTYPE) if self.values \
-            else np.zeros(0, _ROUTE_DTYPE)
+        table = np.frombuffer(b"".join(self.values), abi.ROUTE_DTYPE) if self.values \
+            else np.zeros(0, abi.ROUTE_DTYPE)
         values = table[self.ids[self.order]]
         values["plen"] = self.lens[self.order]
         self.keys = keys.tobytes()
@@ -286,11 +265,11 @@ class MapWriter:
 
     def write(self, diff: FastPathDiff) -> None:
         encoded = {i: encode_nexthop(nh) for i, nh in diff.nexthops.items() if nh}
-        self._update("nexthops", [(U32.pack(i), v) for i, v in encoded.items()])
+        self._update("nexthops", [(abi.U32.pack(i), v) for i, v in encoded.items()])
         if self.dir24 is not None:
             self._nexthops.update(encoded)
             self.dir24.nexthops_changed(encoded)
-        grp_set = [(U32.pack(i), encode_group(b)) for i, b in diff.groups.items() if b]
+        grp_set = [(abi.U32.pack(i), encode_group(b)) for i, b in diff.groups.items() if b]
         self._update("groups", grp_set)
 
         adds: dict[int, list[tuple[Prefix, FpRoute]]] = {AF_INET: [], AF_INET6: []}
@@ -314,12 +293,12 @@ class MapWriter:
             if family == AF_INET and self.dir24 is not None:
                 self._write_dir24(batch, written, dels[family])
 
-        self._delete("groups", [U32.pack(i) for i, b in diff.groups.items() if not b])
+        self._delete("groups", [abi.U32.pack(i) for i, b in diff.groups.items() if not b])
         gone = [i for i, nh in diff.nexthops.items() if not nh]
-        self._delete("nexthops", [U32.pack(i) for i in gone])
+        self._delete("nexthops", [abi.U32.pack(i) for i in gone])
         for i in gone:
             self._nexthops.pop(i, None)
-        self._update("neighbours", [(neigh_key(k), NEIGH.pack(mac[:6], 0))
+        self._update("neighbours", [(neigh_key(k), abi.NEIGH.pack(mac[:6], 0))
                                     for k, mac in diff.neighbours.items() if mac])
         self._delete("neighbours", [neigh_key(k) for k, mac in diff.neighbours.items()
                                     if not mac])
@@ -340,10 +319,10 @@ class MapWriter:
         # the route maps are asked key by key (a set of a full table's keys would
         # be ~1.25M objects more: 2.6 s against ~1 s, measured)
         want: dict[str, Callable[[], Callable[[bytes], bool]]] = {
-            "routes_v4": lambda: lambda k: holds(AF_INET, k[4:8], U32.unpack_from(k)[0]),
-            "routes_v6": lambda: lambda k: holds(AF_INET6, k[4:20], U32.unpack_from(k)[0]),
-            "groups": lambda: {U32.pack(i) for i in groups}.__contains__,
-            "nexthops": lambda: {U32.pack(i) for i in nexthops}.__contains__,
+            "routes_v4": lambda: lambda k: holds(AF_INET, k[4:8], abi.U32.unpack_from(k)[0]),
+            "routes_v6": lambda: lambda k: holds(AF_INET6, k[4:20], abi.U32.unpack_from(k)[0]),
+            "groups": lambda: {abi.U32.pack(i) for i in groups}.__contains__,
+            "nexthops": lambda: {abi.U32.pack(i) for i in nexthops}.__contains__,
             "neighbours": lambda: {neigh_key(k) for k in neighbours}.__contains__,
         }
         swept = 0
@@ -438,11 +417,11 @@ class MapWriter:
 
     def _select_v4_table(self) -> None:
         want = abi.FS_V4_DIR24 if self.v4_table == "dir24" else abi.FS_V4_LPM
-        key = U32.pack(0)
-        current = dict(self.maps.items("config")).get(key, CONFIG.pack(0, 0, 0, 0))
-        hash4, hash6, flags, table = CONFIG.unpack(current[:CONFIG.size])
+        key = abi.U32.pack(0)
+        current = dict(self.maps.items("config")).get(key, abi.CONFIG.pack(0, 0, 0, 0))
+        hash4, hash6, flags, table = abi.CONFIG.unpack(current[:abi.CONFIG.size])
         if table != want:
-            self._update("config", [(key, CONFIG.pack(hash4, hash6, flags, want))])
+            self._update("config", [(key, abi.CONFIG.pack(hash4, hash6, flags, want))])
 
     def _update(self, name: str, items: list[tuple[bytes, bytes]]) -> int:
         """Write items in batches; returns how many made it (all, unless a map is full)."""
@@ -511,13 +490,13 @@ def _v4_cover(maps: MapSet) -> dir24.Cover:
     if match is None:
         fd = _fd(maps, "routes_v4")
         assert fd is not None
-        lookup = bpfsys.Lookup(fd, V4_KEY.size, ROUTE.size)
+        lookup = bpfsys.Lookup(fd, abi.V4_KEY.size, abi.ROUTE.size)
 
         def match(_name: str, key: bytes) -> bytes | None:
             return lookup(key)
 
     def cover(addr: int, depth: int) -> tuple[int, bytes] | None:
-        value = match("routes_v4", V4_KEY.pack(depth - 1, addr.to_bytes(4, "big")))
+        value = match("routes_v4", abi.V4_KEY.pack(depth - 1, addr.to_bytes(4, "big")))
         if value is None:
             return None
         return value[7], value[:8]

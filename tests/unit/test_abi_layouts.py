@@ -73,3 +73,17 @@ def test_the_numpy_route_records_are_the_ctypes_structs() -> None:
 def test_array_values_sit_at_an_8_byte_stride() -> None:
     assert abi.array_stride(ctypes.sizeof(abi.FsNexthop)) == 40
     assert abi.array_stride(ctypes.sizeof(abi.FsRoute)) == 8
+
+
+def test_a_group_packs_as_the_ctypes_struct_reads_it() -> None:
+    buckets = tuple(range(1, 129))
+    members = [(1000 + i, i % 7 + 1) for i in range(70)]  # more than fit
+    value = abi.pack_group(buckets, members)
+    group = abi.FsGroup.from_buffer_copy(value)
+    assert (group.nbuckets, tuple(group.buckets)) == (128, buckets)
+    assert group.nmembers == abi.FS_GROUP_MEMBERS
+    assert list(zip(group.member_ids, group.member_weights, strict=True)) == members[:64]
+    assert abi.group_members(value) == members[:64]
+    short = abi.pack_group((7, 8), [(7, 1), (8, 3)])
+    assert abi.FsGroup.from_buffer_copy(short).nbuckets == 2
+    assert abi.group_members(short) == [(7, 1), (8, 3)]

@@ -5,7 +5,6 @@ ordering rules that keep concurrent readers right (no root needed)."""
 from __future__ import annotations
 
 import random
-import struct
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from fibsync.fastpath.dir24 import (
     EXT,
     FIB_SLOT_VALUE,
     INDEX,
-    ROUTE,
     TBL8,
     Dir24Table,
     Pool,
@@ -31,7 +29,7 @@ def ip(text: str) -> int:
 
 
 def value(nh: int, action: int = abi.FS_ACT_FORWARD) -> bytes:
-    return ROUTE.pack(nh, action, 0, 0, 0)
+    return abi.ROUTE.pack(nh, action, 0, 0, 0)
 
 
 class Reference:
@@ -191,7 +189,7 @@ def test_identical_values_share_one_slot_and_plen_does_not_split_them() -> None:
     ref = Reference()
     t = table(ref)
     add(t, ref, {(ip("10.1.0.0"), 16): value(5), (ip("10.2.0.0"), 24): value(5)})
-    t.add([(ip("10.3.0.0"), 24, ROUTE.pack(5, 0, 0, 0, 24))])
+    t.add([(ip("10.3.0.0"), 24, abi.ROUTE.pack(5, 0, 0, 0, 24))])
     slots = {t._m24[ip(a) >> 8] & INDEX for a in ("10.1.0.0", "10.2.0.0", "10.3.0.0")}
     assert len(slots) == 1
     assert t.slots.in_use == 1
@@ -333,8 +331,8 @@ def test_slots_no_entry_names_are_collected_and_reused() -> None:
 
 
 def nexthop(n: int) -> bytes:
-    return struct.pack("=IHBB6s6s16s", n, 1500, abi.FS_NH_RESOLVED, 2, bytes([2, 0, 0, 0, 0, n]),
-                       bytes([2, 0, 0, 0, 1, n]), bytes(16))
+    return abi.NEXTHOP.pack(n, 1500, abi.FS_NH_RESOLVED, 2, bytes([2, 0, 0, 0, 0, n]),
+                            bytes([2, 0, 0, 0, 1, n]), bytes(16))
 
 
 def test_a_forward_slot_names_a_copy_of_its_nexthop() -> None:
@@ -342,9 +340,10 @@ def test_a_forward_slot_names_a_copy_of_its_nexthop() -> None:
     nexthops = {1: nexthop(1)}
     t = table(ref, nexthops=nexthops)
     add(t, ref, {(ip("10.0.0.0"), 8): value(1), (ip("10.1.0.0"), 16): value(2),
-                 (ip("10.2.0.0"), 16): ROUTE.pack(1, abi.FS_ACT_FORWARD, abi.FS_ROUTE_GROUP, 0, 0)})
+                 (ip("10.2.0.0"), 16): abi.ROUTE.pack(1, abi.FS_ACT_FORWARD, abi.FS_ROUTE_GROUP,
+                                                      0, 0)})
     slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
-    nh_id, _, flags, _, _ = ROUTE.unpack(bytes(t._slots[slot * 8:slot * 8 + 8]))
+    nh_id, _, flags, _, _ = abi.ROUTE.unpack(bytes(t._slots[slot * 8:slot * 8 + 8]))
     assert flags == abi.FS_ROUTE_NH_COPY and nh_id == 2 * slot
     assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(1)
     assert t.lookup(ip("10.0.0.1")) == value(1)  # the value as the writer gave it
@@ -430,4 +429,4 @@ def test_a_table_loads_only_once() -> None:
 def test_entry_constants_agree_with_the_header() -> None:
     assert EXT == 1 << 31 and INDEX == (1 << 24) - 1
     assert abi.FS_DIR_PINNED > 32 and abi.FS_DIR_PINNED <= abi.FS_DIR_DEPTH_MASK
-    assert struct.calcsize("=IBBBB") == 8
+    assert abi.ROUTE.size == 8

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from fibsync.fastpath import abi, bpfsys
+from fibsync.fastpath.abi import GROUP, NEXTHOP, ROUTE, U32, V4_KEY, V6_KEY
 from fibsync.fastpath.maps import (
     RouteMap,
     RouteTable,
@@ -15,22 +16,7 @@ from fibsync.fastpath.maps import (
     read_routes,
     route_key_prefix,
 )
-from fibsync.fastpath.writer import (
-    GROUP,
-    GROUP_BUCKETS,
-    GROUP_MEMBERS,
-    NEXTHOP,
-    NH_CONNECTED,
-    NH_RESOLVED,
-    ROUTE,
-    ROUTE_GROUP,
-    U32,
-    V4_KEY,
-    V6_KEY,
-    MapWriter,
-    MemoryMaps,
-    route_key,
-)
+from fibsync.fastpath.writer import MapWriter, MemoryMaps, route_key
 from fibsync.model import (
     AF_INET,
     AF_INET6,
@@ -195,7 +181,8 @@ def _random_maps(rng: random.Random, keys: list[bytes], ids: range) -> MemoryMap
     for i in ids:
         if rng.random() < 0.8:
             gw = bytes([192, 0, 2, rng.randrange(1, 4)])
-            flags = rng.choice([0, NH_RESOLVED, NH_CONNECTED, NH_RESOLVED | NH_CONNECTED])
+            flags = rng.choice([0, abi.FS_NH_RESOLVED, abi.FS_NH_CONNECTED,
+                                abi.FS_NH_RESOLVED | abi.FS_NH_CONNECTED])
             memory.update("nexthops", [(U32.pack(i), NEXTHOP.pack(
                 rng.choice([3, 4]), rng.choice([1500, 9000]), flags, AF_INET, bytes(6),
                 bytes([2, 0, 0, 0, 0, rng.randrange(1, 3)]), gw.ljust(16, b"\0")))])
@@ -204,16 +191,16 @@ def _random_maps(rng: random.Random, keys: list[bytes], ids: range) -> MemoryMap
         if nexthops and rng.random() < 0.3:
             members = rng.sample(nexthops, min(len(nexthops), rng.randrange(1, 3)))
             weights = [rng.randrange(1, 3) for _ in members]
-            pad = [0] * (GROUP_MEMBERS - len(members))
+            pad = [0] * (abi.FS_GROUP_MEMBERS - len(members))
             memory.update("groups", [(U32.pack(i), GROUP.pack(
-                GROUP_BUCKETS, *[0] * GROUP_BUCKETS, len(members), *members, *pad,
+                abi.FS_GROUP_BUCKETS, *[0] * abi.FS_GROUP_BUCKETS, len(members), *members, *pad,
                 *weights, *pad))])
     for key in keys:
         if rng.random() < 0.7:
             name = "routes_v4" if len(key) == V4_KEY.size else "routes_v6"
             action = rng.choice([0, 0, 0, 1, 2, 3])
             reason = rng.choice([abi.Reason.PASS_LOCAL, abi.Reason.PASS_UNREACHABLE])
-            value = ROUTE.pack(rng.choice(ids), action, rng.choice([0, ROUTE_GROUP]),
+            value = ROUTE.pack(rng.choice(ids), action, rng.choice([0, abi.FS_ROUTE_GROUP]),
                                reason if action == 2 else 0, U32.unpack_from(key)[0])
             memory.update(name, [(key, value)])
     return memory
@@ -255,8 +242,8 @@ def _renumbered(memory: MemoryMaps, by: int) -> MemoryMaps:
         out.update("nexthops", [(U32.pack(U32.unpack(k)[0] + by), v)])
     for k, v in memory.items("groups"):
         fields = list(GROUP.unpack(v))
-        n = fields[GROUP_BUCKETS + 1]
-        for i in range(GROUP_BUCKETS + 2, GROUP_BUCKETS + 2 + n):
+        n = fields[abi.FS_GROUP_BUCKETS + 1]
+        for i in range(abi.FS_GROUP_BUCKETS + 2, abi.FS_GROUP_BUCKETS + 2 + n):
             fields[i] += by
         out.update("groups", [(U32.pack(U32.unpack(k)[0] + by), GROUP.pack(*fields))])
     for name in ("routes_v4", "routes_v6"):
