@@ -59,9 +59,10 @@ from profile_sync import dump, rss_mb  # noqa: E402
 
 from fibsync import netns  # noqa: E402
 from fibsync.fastpath import abi, bpfsys  # noqa: E402
+from fibsync.fastpath.abi import CONFIG, U32  # noqa: E402
 from fibsync.fastpath.maps import PinnedMaps  # noqa: E402
 from fibsync.fastpath.program import FastPath, bpf_source_dir, remove  # noqa: E402
-from fibsync.fastpath.writer import CONFIG, MapWriter  # noqa: E402
+from fibsync.fastpath.writer import MapWriter  # noqa: E402
 from fibsync.lab import Netns  # noqa: E402
 from fibsync.rib import Rib  # noqa: E402
 
@@ -93,7 +94,7 @@ def host_in(prefix: str, rng: random.Random) -> str:
 
 
 def set_v4_table(fp: FastPath, table: int) -> None:
-    fd, key = fp.map_fd("config"), struct.pack("=I", 0)
+    fd, key = fp.map_fd("config"), U32.pack(0)
     raw = bpfsys.lookup(fd, key)
     assert isinstance(raw, bytes)
     h4, h6, flags, _ = CONFIG.unpack(raw)
