@@ -482,7 +482,7 @@ class Daemon:
             self._attach_all()
             # what a previous run left in the pinned maps and the kernel no longer has; the
             # new program runs already, so the old one never meets a half-swept table
-            swept = self.writer.sweep(self.rib)
+            swept = self.writer.sweep(self.rib.holds_prefix, *self.rib.fast_path_keys())
             self.guard.retry()
             self._prune_tx_ports()
             self.state = "synced"

@@ -98,6 +98,10 @@ class Mirror:
         self.writes.append(len(diff))
         self.writer.write(diff)
 
+    def sweep(self) -> int:
+        """The daemon's sweep once synced: what the RIB does not want leaves the maps."""
+        return self.writer.sweep(self.rib.holds_prefix, *self.rib.fast_path_keys())
+
     def routes(self) -> dict[str, dict]:  # type: ignore[type-arg]
         return {e["prefix"]: e for e in read_routes(self.maps)}
 

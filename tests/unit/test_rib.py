@@ -415,7 +415,7 @@ def test_restart_adopts_maps_and_sweeps_leftovers() -> None:
     new.sync(links=[link(1)], neighbours=[neigh(1, "192.0.2.2")],
              routes=[route("203.0.113.0/24", ("192.0.2.2", 1, 1))])
     assert set(new.routes()) == {"203.0.113.0/24", "198.51.100.0/24"}  # not yet swept
-    swept = new.writer.sweep(new.rib)
+    swept = new.sweep()
     assert swept >= 2
     assert set(new.routes()) == {"203.0.113.0/24"}
     assert new.paths("203.0.113.0/24") == {("192.0.2.2", 1, 1, True)}

@@ -11,7 +11,8 @@ import pytest
 from fibsync.errors import MapError
 from fibsync.fastpath import abi
 from fibsync.fastpath.abi import CONFIG, NEXTHOP, ROUTE, V4_KEY
-from fibsync.fastpath.writer import MapWriter, MemoryMaps, route_key
+from fibsync.fastpath.maps import route_key_prefix
+from fibsync.fastpath.writer import MapWriter, MemoryMaps, neigh_key, route_key
 from fibsync.model import Prefix
 from fibsync.rib import Action, FastPathDiff, FpNexthop, FpRoute
 
@@ -97,6 +98,30 @@ def test_write_order_nexthops_then_longest_routes_then_deletes() -> None:
         < kinds.index(("del", "routes_v4")) < kinds.index(("del", "nexthops"))
     routes = next(keys for op, name, keys in maps.log if (op, name) == ("set", "routes_v4"))
     assert [V4_KEY.unpack(k)[0] for k in routes] == [24, 8]
+
+
+def test_sweep_keeps_what_its_key_tests_keep_and_deletes_routes_first() -> None:
+    maps = Recording()
+    writer = MapWriter(maps)
+    nh = FpNexthop(1, 1500, True, False, 2, b"\2" * 6, b"\4" * 6, bytes(16))
+    neighbour = (1, 2, bytes([192, 0, 2, 2]))
+    writer.write(FastPathDiff(
+        nexthops={5: nh, 6: nh},
+        routes={Prefix.parse(p): fwd(5) for p in ("10.0.0.0/8", "10.1.0.0/16", "2001:db8::/32")},
+        neighbours={neighbour: b"\2" * 6, (1, 2, bytes([192, 0, 2, 3])): b"\3" * 6}))
+    maps.log.clear()
+    kept = {Prefix.parse("10.1.0.0/16"), Prefix.parse("2001:db8::/32")}
+
+    def holds(family: int, addr: bytes, length: int) -> bool:
+        return Prefix(family, addr, length) in kept
+
+    assert writer.sweep(holds, {5}, set(), {neighbour}) == 3
+    assert {Prefix(*route_key_prefix(k)) for name in ("routes_v4", "routes_v6")
+            for k in maps.maps[name]} == kept
+    assert set(maps.maps["nexthops"]) == {abi.U32.pack(5)}
+    assert list(maps.maps["neighbours"]) == [neigh_key(neighbour)]
+    deleted = [name for op, name, keys in maps.log if op == "del" and keys]
+    assert deleted == ["routes_v4", "nexthops", "neighbours"]
 
 
 def test_dir24_is_loaded_on_the_first_write_then_selected() -> None:
