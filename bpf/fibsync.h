@@ -3,7 +3,7 @@
  * fibsync fast path ABI: the structs, constants and reason codes shared by the
  * XDP program (fibsync.c) and user space (fibsync/fastpath/abi.py).
  *
- * tests/bpf/test_abi.py parses this file and fails when abi.py disagrees, so
+ * tests/unit/test_abi.py parses this file and fails when abi.py disagrees, so
  * keep the syntax plain: one field per line, sizes as literal numbers or the
  * FS_* macros below. Structs only grow at the end: pinned maps outlive the
  * daemon that wrote them, and a restarted daemon adopts them when their
