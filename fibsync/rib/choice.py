@@ -13,7 +13,7 @@ import functools
 from collections.abc import Mapping
 
 from ..model import RT_TABLE_LOCAL, Nexthop, NexthopObject, Route, RouteType
-from .routes import RTNH_F_DEAD
+from ..netlink.rtnl import RTNH_F_DEAD
 from .types import Action, FpRoute
 
 _KERNEL_REASON = {

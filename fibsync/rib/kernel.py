@@ -34,12 +34,9 @@ from ..model import (
     Route,
     Snapshot,
 )
+from ..netlink.rtnl import IFF_LOWER_UP, IFF_RUNNING, IFF_UP
 from . import routes as rules
 from .compact import CompactRoutes
-
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
-IFF_LOWER_UP = 0x10000
 
 
 class KernelWatcher(Protocol):

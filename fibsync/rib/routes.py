@@ -12,11 +12,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from ..model import AF_INET, AF_INET6, Nexthop, Route, RouteType
-
-NLM_F_REPLACE = 0x100
-NLM_F_APPEND = 0x800
-RTPROT_RA = 9
-RTNH_F_DEAD = 0x1
+from ..netlink.rtnl import NLM_F_APPEND, NLM_F_REPLACE, RTNH_F_DEAD, RTPROT_RA
 
 
 def added(held: list[Route] | None, route: Route, nlflags: int) -> list[Route]:
