@@ -160,15 +160,15 @@ AF_UNSPEC = 0
 
 # ---------------------------------------------------------------- layouts
 
-NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
-NLATTR = struct.Struct("=HH")  # length, type
-RTMSG = struct.Struct("=BBBBBBBBI")
-NHMSG = struct.Struct("=BBBBI")
-NDMSG = struct.Struct("=BxxxiHBB")
-IFINFOMSG = struct.Struct("=BxHiII")
-IFADDRMSG = struct.Struct("=BBBBI")
-RTNEXTHOP = struct.Struct("=HBBi")
-NEXTHOP_GRP = struct.Struct("=IBBH")
+NLMSGHDR = struct.Struct("=IHHII")  # struct nlmsghdr: length, type, flags, seq, pid
+NLATTR = struct.Struct("=HH")  # struct nlattr: length, type
+RTMSG = struct.Struct("=BBBBBBBBI")  # struct rtmsg
+NHMSG = struct.Struct("=BBBBI")  # struct nhmsg
+NDMSG = struct.Struct("=BxxxiHBB")  # struct ndmsg
+IFINFOMSG = struct.Struct("=BxHiII")  # struct ifinfomsg
+IFADDRMSG = struct.Struct("=BBBBI")  # struct ifaddrmsg
+RTNEXTHOP = struct.Struct("=HBBi")  # struct rtnexthop (an RTA_MULTIPATH entry)
+NEXTHOP_GRP = struct.Struct("=IBBH")  # struct nexthop_grp (an NHA_GROUP entry)
 
 # A dump skb never exceeds 32 KiB, an event is one message; 1 MiB leaves room
 # for the odd huge link message (VF lists) without MSG_TRUNC.
