@@ -11,8 +11,12 @@ deadline passes. It reports the differences (by family: prefixes fibsync
 lacks, holds in excess, holds wrong), how long equality took, and the
 daemon's overrun and resync counts.
 
-Every loop is replayable from its seed: the seed alone decides the prefixes,
-the prefill and the changes. ``run_loop`` prints it before anything else.
+Every loop is replayable from its seed: with the compat mode and the buffer,
+the seed decides the prefixes, the prefill, the changes and their pacing
+(bursts with ``ip -force -batch``, lulls fed to ``ip -force -batch -`` at a
+set rate); whether a dump meets a change is still a race, so a replay makes
+the same storm, not always the same loss. ``run_loop`` prints the seed
+before anything else.
 
 Why it exists: the kernel's IPv6 route dump resumes after a change to the
 tree by skipping as many nodes as it had already dumped
