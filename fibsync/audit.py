@@ -73,13 +73,17 @@ async def run_child(args: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+async def _nothing_in_flight() -> InFlight:
+    return InFlight()
+
+
 class Auditor:
     def __init__(self, interval: float, args: Callable[[], dict[str, Any]],
                  exclude: Callable[[], Iterable[Prefix]], repair: Callable[[list[Prefix]], None],
                  last_change: Callable[[], float], log: Any,
                  child: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] = run_child,
-                 window: tuple[Callable[[], Any], Callable[[], InFlight]] = (
-                     lambda: None, InFlight)) -> None:
+                 window: tuple[Callable[[], Any], Callable[[], Awaitable[InFlight]]] = (
+                     lambda: None, _nothing_in_flight)) -> None:
         self.interval = interval
         self._args = args
         self._exclude = exclude
@@ -142,14 +146,14 @@ class Auditor:
         try:
             report = await self._child(args)
         except (RuntimeError, OSError, ValueError) as exc:
-            self._close()
+            await self._close()
             s.failures += 1
             s.last_result = "failed"
             self._ended = time.monotonic()
             self._retry = self.interval
             self.log.error("audit.error", error=str(exc))
             return None
-        self._judge(report, self._close())
+        self._judge(report, await self._close())
         s.runs += 1
         s.last_at = time.time()
         s.last_seconds = time.monotonic() - t0

@@ -155,6 +155,9 @@ class NetlinkSource:
         self._synced = False
         self._events: socket.socket | None = None  # the live session's event socket
         self._sink: Sink | None = None
+        # caught_up()'s requests by sequence number, and those whose reply was read
+        self._barriers: dict[int, asyncio.Future[bool]] = {}
+        self._reached: list[int] = []
 
     async def run(self, sink: Sink) -> None:
         """Mirror forever; cancel the task to stop."""
@@ -182,6 +185,7 @@ class NetlinkSource:
         started = time.monotonic()
         self.log.debug("resync.start", reason=reason)
         self._pending = []
+        self._reached = []
         self._overrun = None
         self._wake = asyncio.Event()
         events = open_socket(netns=self.netns, rcvbuf=self.rcvbuf, groups=EVENT_GROUPS)
@@ -208,16 +212,20 @@ class NetlinkSource:
             )
             del snapshot  # a full table's worth: not to be held for the session's life
             while True:
-                if not self._pending and self._overrun is None:
+                if not self._pending and not self._reached and self._overrun is None:
                     self._wake.clear()
                     await self._wake.wait()
                 self._check_overrun()
                 batch, self._pending = self._pending, []
+                reached, self._reached = self._reached, []
                 if batch:
                     self.stats.batches += 1
                     sink.apply(batch)
+                self._settle_barriers(reached, True)
         finally:
             self._events = None
+            self._settle_barriers([*self._reached, *self._barriers], False)
+            self._reached = []
             loop.remove_reader(fd)
             events.close()
 
@@ -227,20 +235,35 @@ class NetlinkSource:
         live, its resync done, and nothing was lost since."""
         return self._synced and self._overrun is None and self._events is not None
 
-    def catch_up(self) -> None:
-        """Read what the event socket holds now and hand it to the sink at once.
+    async def caught_up(self) -> bool:
+        """Wait until the sink has applied every change the kernel announced before this
+        call; False if the session is lost first (or is not in sync: a resync follows).
 
-        Afterwards the sink has applied every change the kernel announced
-        before this call (it queues them synchronously when it makes them),
-        unless the session is lost or not yet in sync (then its resync follows).
+        A barrier, not a drain: the socket may never be empty during a storm. The kernel
+        queues its notifications on the event socket when it makes each change, and the
+        acknowledgement of a request sent on the same socket (NLMSG_NOOP with NLM_F_ACK)
+        behind them: once it is read,
+        everything announced before the call has been read too, and it is applied with
+        the batch it belongs to.
         """
-        if self._events is None or not self._synced or self._sink is None:
-            return
-        self._drain(self._events, reads=1 << 30)  # until the socket is empty
-        if self._overrun is None and self._pending:
-            batch, self._pending = self._pending, []
-            self.stats.batches += 1
-            self._sink.apply(batch)
+        if not self.in_sync:
+            return False
+        assert self._events is not None
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        msg = request(nl.NLMSG_NOOP, b"", nl.NLM_F_REQUEST | nl.NLM_F_ACK)
+        self._barriers[seq_of(msg)] = done
+        try:
+            self._events.send(msg)
+        except OSError:
+            self._barriers.pop(seq_of(msg), None)
+            return False
+        return await done
+
+    def _settle_barriers(self, reached: list[int], result: bool) -> None:
+        for seq in reached:
+            done = self._barriers.pop(seq, None)
+            if done is not None and not done.done():
+                done.set_result(result)
 
     def _check_overrun(self) -> None:
         if self._overrun is not None:
@@ -250,15 +273,15 @@ class NetlinkSource:
         self.stats.undecodable += 1
         self.log.debug("netlink.undecodable", error=str(exc))
 
-    def _drain(self, sock: socket.socket, reads: int = 0) -> None:
-        """Reader callback: read what the event socket holds (at most ``reads``
-        buffers, ``max_reads`` by default), decode, queue."""
+    def _drain(self, sock: socket.socket) -> None:
+        """Reader callback: read what the event socket holds, decode, queue."""
         buf = self._buf
         view = memoryview(buf)
         pending = self._pending
         stats = self.stats
         on_error = self._undecodable
-        for _ in range(reads or self.max_reads):
+        reached, barriers = self._reached, self._barriers
+        for _ in range(self.max_reads):
             try:
                 n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
             except BlockingIOError:
@@ -275,7 +298,12 @@ class NetlinkSource:
                 self._lost(sock, f"a {n}-byte notification did not fit the receive buffer")
                 return
             try:
-                for mtype, _flags, _seq, payload in decode(view[:n], on_error):
+                for mtype, _flags, seq, payload in decode(view[:n], on_error):
+                    if mtype == nl.NLMSG_ERROR and seq in barriers:
+                        # a caught_up() barrier's acknowledgement (a notification is
+                        # never NLMSG_ERROR; it may carry the seq of whoever caused it)
+                        reached.append(seq)
+                        continue
                     stats.messages += 1
                     if payload.__class__ is Change:
                         pending.append(payload)
@@ -287,7 +315,7 @@ class NetlinkSource:
                 on_error(exc)
                 self._lost(sock, f"undecodable event buffer: {exc}")
                 return
-        if pending:
+        if pending or reached:
             self._wake.set()
 
     def _lost(self, sock: socket.socket, reason: str) -> None:

@@ -468,3 +468,33 @@ def test_interrupted_dump_is_counted_and_redone(
             assert "netlink.overrun" in m.events()
 
     run(scenario())
+
+
+def test_caught_up_returns_during_a_storm_with_what_came_before(
+        router: Namespace, tmp_path: Any) -> None:
+    """caught_up() is a barrier, not a drain: while the kernel keeps changing (the socket
+    is never empty) it returns, and the sink has every change announced before it."""
+    lines = tmp_path / "storm.batch"
+    lines.write_text("".join(f"route replace 198.51.100.{i % 200}/32 via 192.0.2.{2 + i % 50}\n"
+                             for i in range(400_000)))
+
+    async def go() -> None:
+        async with mirrored(router) as m:
+            while not m.source.in_sync:
+                await asyncio.sleep(0.02)
+                m.alive()
+            storm = await asyncio.create_subprocess_exec(
+                "ip", "-n", router.name, "-force", "-batch", str(lines),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await asyncio.sleep(0.5)  # the storm is on
+                await router.ip("route", "add", "203.0.113.0/24", "via", "192.0.2.9")
+                assert await asyncio.wait_for(m.source.caught_up(), 10)
+                assert storm.returncode is None, "the storm ended before the barrier returned"
+                assert any(k[1] == Prefix.parse("203.0.113.0/24") for k in m.sink.routes)
+            finally:
+                storm.kill()
+                await storm.wait()
+            m.alive()
+
+    run(go())

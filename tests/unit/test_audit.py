@@ -115,7 +115,7 @@ def test_what_the_daemon_applied_meanwhile_is_in_flight() -> None:
     fake = Fake(report(("198.51.100.0/24", "203.0.113.0/24")))
     window = InFlight()
 
-    def close() -> InFlight:
+    async def close() -> InFlight:
         window.note(Change(Op.DEL, Route(Prefix.parse("198.51.100.0/24"))))
         return window
 
