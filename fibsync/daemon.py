@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import ctypes
 import dataclasses
-import fcntl
 import grp
 import os
 import signal
@@ -48,6 +46,7 @@ from .fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps
 from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
 from .model import Change, Prefix, Snapshot
+from .process import InstanceLock, SdNotify, release_memory
 from .rib import Action, FastPathDiff, Filter, FpRoute, Rib
 from .verify import InFlight
 
@@ -66,82 +65,6 @@ def check_interfaces(names: tuple[str, ...]) -> list[int]:
                 f"interfaces: {name!r} does not exist in this network namespace "
                 f"(see `ip link`; run fibsync inside the router's namespace)") from None
     return out
-
-
-class SdNotify:
-    """Minimal sd_notify(3): one datagram per message to $NOTIFY_SOCKET."""
-
-    def __init__(self) -> None:
-        self.addr = os.environ.get("NOTIFY_SOCKET", "")
-        if self.addr.startswith("@"):
-            self.addr = "\0" + self.addr[1:]
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        pid = os.environ.get("WATCHDOG_PID", "")
-        enabled = usec.isdigit() and (not pid.isdigit() or int(pid) == os.getpid())
-        self.watchdog = int(usec) / 1e6 if enabled else 0.0
-        self._last_ping = 0.0
-        self._status = ""
-
-    def send(self, message: str) -> None:
-        """Never blocks: a receiver that does not read (its queue holds only
-        net.unix.max_dgram_qlen datagrams) must not stall the event loop."""
-        if not self.addr:
-            return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-            s.setblocking(False)
-            s.sendto(message.encode(), self.addr)
-
-    def status(self, text: str) -> None:
-        if text != self._status:
-            self._status = text
-            self.send(f"STATUS={text}")
-
-    def ping(self, force: bool = False) -> None:
-        """WATCHDOG=1, at a third of the watchdog interval (or now, when forced)."""
-        now = time.monotonic()
-        if self.watchdog and (force or now - self._last_ping >= self.watchdog / 3):
-            self.send("WATCHDOG=1")
-            self._last_ping = now
-
-
-class InstanceLock:
-    """One daemon per instance: an flock on /run/fibsync/<instance>.lock holding its pid."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.path = settings.lock_file
-        self.instance = settings.instance
-        self.fd = -1
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise DaemonError(f"instance {self.instance!r} already runs (pid {pid}); stop "
-                                  f"it first, or give this one another --instance") from None
-            # a daemon that stopped meanwhile unlinked the file we locked: lock the new one
-            try:
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        """Unlink while still holding the lock: whoever opened the file meanwhile sees it
-        gone after locking it, and starts over on a new one."""
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            os.close(self.fd)
-            self.fd = -1
 
 
 @dataclasses.dataclass
@@ -894,18 +817,6 @@ class Daemon:
             "config": {"file": s.config_file, "metrics": s.metrics_listen,
                        "socket_group": s.socket_group, "xdp_mode": s.xdp_mode},
         }
-
-
-def release_memory() -> None:
-    """Give the memory a sync freed back to the system.
-
-    A full table's dump and first write allocate and free ~150 MB of arrays;
-    glibc keeps freed memory in its arenas (one per thread that allocated),
-    so the daemon's RSS would stay that much higher for good. malloc_trim
-    returns it (~30 ms; 430 -> 290 MB measured after a full table).
-    """
-    with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def previous_max_id(pin_dir: Path) -> int:

@@ -88,8 +88,8 @@ def test_one_daemon_per_instance(tmp_path) -> None:  # type: ignore[no-untyped-d
     import os
 
     from fibsync.config import validate
-    from fibsync.daemon import InstanceLock
     from fibsync.errors import DaemonError
+    from fibsync.process import InstanceLock
 
     locks = [InstanceLock(validate({"instance": "edge1"})) for _ in range(3)]
     for lock in locks:
