@@ -1,6 +1,6 @@
-"""A full route map: nothing crashes, nothing is misrouted, status counts it.
+"""FullMapGuard: on a full route map nothing crashes and nothing is misrouted.
 
-The daemon's ``FullMapGuard`` sits between the RIB and the writer. These tests
+The guard (fastpath/guard.py) sits between the RIB and the writer. These tests
 drive it with in-memory maps of tiny capacity and read the maps back with the
 reader behind ``fibsync routes``: a prefix the map could not take must never
 be caught by a written less-specific prefix with a forwarding entry.
@@ -14,7 +14,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fibsync.daemon import FullMapGuard
+from fibsync.fastpath.guard import FullMapGuard
 from fibsync.fastpath.maps import read_routes
 from fibsync.fastpath.writer import MapWriter, MemoryMaps
 from fibsync.model import AF_INET, Change, Link, Nexthop, Op, Prefix, Route, RouteType, Snapshot
