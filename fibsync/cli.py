@@ -157,7 +157,7 @@ def run(
 def _checked(settings: config.Settings) -> config.Settings:
     import dataclasses
 
-    from . import daemon
+    from .fastpath.attach import check_interfaces
 
     if not settings.interfaces and not settings.config_file:
         raise UsageError(f"config: {config.DEFAULT_CONFIG} does not exist and no -i IF was "
@@ -165,7 +165,7 @@ def _checked(settings: config.Settings) -> config.Settings:
     if not settings.interfaces:
         raise UsageError("interfaces: no interface to attach to: give -i IF (repeatable) "
                          "or `interfaces = [...]` in the config file")
-    daemon.check_interfaces(settings.interfaces)
+    check_interfaces(settings.interfaces)
     if settings.metrics_listen:
         try:
             import prometheus_client  # noqa: F401

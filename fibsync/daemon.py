@@ -23,7 +23,6 @@ import dataclasses
 import grp
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from .errors import (
     InterfaceError,
     UsageError,
 )
+from .fastpath.attach import Attachments, check_interfaces
 from .fastpath.guard import FullMapGuard
 from .fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps
 from .fastpath.misses import MissReader
@@ -53,18 +53,6 @@ from .verify import InFlight
 # how often the housekeeping loop checks that every configured interface runs our program
 INTERFACE_CHECK_SECONDS = 2.0
 BEAT_SECONDS = 1.0  # heartbeats at least this often (more often for a short stale_after)
-
-
-def check_interfaces(names: tuple[str, ...]) -> list[int]:
-    out = []
-    for name in names:
-        try:
-            out.append(socket.if_nametoindex(name))
-        except OSError:
-            raise InterfaceError(
-                f"interfaces: {name!r} does not exist in this network namespace "
-                f"(see `ip link`; run fibsync inside the router's namespace)") from None
-    return out
 
 
 @dataclasses.dataclass
@@ -112,8 +100,8 @@ class Daemon:
         self.synced_at = 0.0
         self.notify = SdNotify()
         self.lock = InstanceLock(settings)
-        self.attachments: dict[str, Any] = {}
         self.fastpath: Any = None
+        self.xdp: Attachments | None = None  # once the program is loaded
         self.maps: PinnedMaps | None = None
         self.rib: Rib | None = None
         self.writer: MapWriter | None = None
@@ -132,7 +120,6 @@ class Daemon:
         self._first_id = 1
         self._last_interface_check = 0.0
         self._hash_policy: tuple[int, ...] = ()
-        self._attach_failed: dict[str, str] = {}
         self._reclaim: asyncio.Task[None] | None = None
         self.auditor: Auditor | None = None
         self._last_change = 0.0  # monotonic time of the last batch of kernel changes
@@ -183,6 +170,7 @@ class Daemon:
                 self._netlink_task.cancel()
                 await asyncio.gather(self._netlink_task, return_exceptions=True)
                 raise
+            self.xdp = Attachments(self.fastpath, s, self.log)
             self._log_load(time.monotonic() - t0)
             if self._pending_sync is not None:
                 self._finish_sync(self._pending_sync)
@@ -273,15 +261,16 @@ class Daemon:
 
     def _finish_sync(self, t0: float) -> None:
         assert self.rib is not None and self.writer is not None and self.guard is not None
+        assert self.xdp is not None
         self._pending_sync = None
         self._flush()
         if self.state != "synced":
-            self._attach_all()
+            self.xdp.attach_all()
             # what a previous run left in the pinned maps and the kernel no longer has; the
             # new program runs already, so the old one never meets a half-swept table
             swept = self.writer.sweep(self.rib.holds_prefix, *self.rib.fast_path_keys())
             self.guard.retry()
-            self._prune_tx_ports()
+            self.xdp.prune_tx_ports()
             self.state = "synced"
             self.synced_at = time.time()
             counts = self.rib.counts()
@@ -316,63 +305,6 @@ class Daemon:
         for ifindex, family, addr in diff.resolve:
             self.resolver.request(ifindex, family, addr)
 
-    # ---------------------------------------------------------- interfaces
-
-    def _attach_all(self) -> None:
-        for name in self.settings.interfaces:
-            self._attach(name)
-        configured = set(self.settings.interfaces)
-        for att in self.fastpath.attached():
-            if att.ifname not in configured:
-                # a previous run's program on an interface no longer configured
-                self.fastpath.detach(att.ifname)
-                self.log.info("xdp.detach", interface=att.ifname, reason="not configured")
-
-    def _attach(self, name: str) -> None:
-        att = self.fastpath.attach(name, mode=self.settings.xdp_mode,
-                                   replace=self.settings.replace_xdp)
-        self.attachments[name] = att
-        self.log.info("xdp.attach", interface=name, mode=att.mode, prog_id=att.prog_id)
-
-    def _detach(self, name: str, reason: str) -> None:
-        self.attachments.pop(name, None)
-        try:
-            self.fastpath.detach(name)
-        except InterfaceError as e:
-            # gone already: the kernel took the program with the interface
-            self.log.info("xdp.detach", interface=name, reason=reason, note=str(e))
-            return
-        self.log.info("xdp.detach", interface=name, reason=reason)
-
-    def _prune_tx_ports(self) -> None:
-        """Forget redirect targets a previous run allowed and this one does not."""
-        keep = {a.ifindex for a in self.attachments.values()}
-        for ifindex in self.fastpath.ports() - keep:
-            self.fastpath.forbid_port(ifindex)
-
-    def _check_interfaces(self) -> None:
-        """Re-attach where a configured interface came back (deleted and re-created)."""
-        current = {a.ifname: a for a in self.fastpath.attached()}
-        for name in self.settings.interfaces:
-            if name in current:
-                self.attachments[name] = current[name]
-                continue
-            try:
-                socket.if_nametoindex(name)
-            except OSError:
-                if self.attachments.pop(name, None) is not None:
-                    self.log.warning("interface.gone", interface=name)
-                continue
-            try:
-                self._attach(name)
-            except InterfaceError as e:
-                self.attachments.pop(name, None)
-                if self._attach_failed.get(name) != str(e):
-                    self.log.error("xdp.attach_failed", interface=name, error=str(e))
-                self._attach_failed[name] = str(e)
-            else:
-                self._attach_failed.pop(name, None)
-
     # -------------------------------------------------------------- reload
 
     def _request_reload(self) -> None:
@@ -406,17 +338,8 @@ class Daemon:
             self.auditor.set_interval(new.audit_interval)
         if new.socket_group != old.socket_group:
             self._set_socket_mode()
-        added = [n for n in new.interfaces if n not in old.interfaces]
-        removed = [n for n in old.interfaces if n not in new.interfaces]
-        for name in removed:
-            self._detach(name, reason="removed from the configuration")
-        mode_changed = (new.xdp_mode, new.replace_xdp) != (old.xdp_mode, old.replace_xdp)
-        for name in new.interfaces:
-            if name in added or mode_changed:
-                try:
-                    self._attach(name)
-                except InterfaceError as e:
-                    self.log.error("xdp.attach_failed", interface=name, error=str(e))
+        assert self.xdp is not None
+        added, removed = self.xdp.reload(new)
         resync = self._filter(new) != self.rib.filter
         if resync:
             self.rib.filter = self._filter(new)
@@ -484,7 +407,8 @@ class Daemon:
             self._beat(now)
             if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
                 self._last_interface_check = now
-                self._check_interfaces()
+                assert self.xdp is not None
+                self.xdp.check()
                 self._sync_hash_policy()
                 self._update_status_line()
 
@@ -544,11 +468,11 @@ class Daemon:
             self.resolver.request(miss.ifindex, miss.family, miss.addr)
 
     def _update_status_line(self) -> None:
-        if self.state != "synced" or self.rib is None:
+        if self.state != "synced" or self.rib is None or self.xdp is None:
             return
         c = self.rib.counts()
         text = (f"synced: {c['routes_v4']} IPv4 and {c['routes_v6']} IPv6 prefixes, "
-                f"{len(self.attachments)}/{len(self.settings.interfaces)} interfaces")
+                f"{len(self.xdp.current)}/{len(self.settings.interfaces)} interfaces")
         problems = self.problems()
         self.notify.status(text + (f"; {problems[0]}" if problems else ""))
 
@@ -632,7 +556,7 @@ class Daemon:
 
     def problems(self) -> list[str]:
         """What an operator must look at, one line each (status, STATUS=, metrics)."""
-        if self.rib is None or self.writer is None:
+        if self.rib is None or self.writer is None or self.xdp is None:
             return []
         out = []
         counts = self.rib.counts()
@@ -646,13 +570,13 @@ class Daemon:
             out.append(f"{n} prefix{'es are' if n != 1 else ' is'} not in the fast path; "
                        f"{m} covering prefix{'es use' if m != 1 else ' uses'} "
                        f"bpf_fib_lookup instead")
-        for name in self.settings.interfaces:
-            if name not in self.attachments:
-                out.append(f"interface {name} runs no fibsync program (missing?)")
+        for name in self.xdp.missing():
+            out.append(f"interface {name} runs no fibsync program (missing?)")
         return out
 
     def status(self) -> dict[str, Any]:
         assert self.rib is not None and self.writer is not None and self.maps is not None
+        assert self.xdp is not None
         counts = self.rib.counts()
         s = self.settings
         origins = self.fastpath.map_origin if self.fastpath is not None else {}
@@ -682,10 +606,7 @@ class Daemon:
             "audit": self.auditor.doc() if self.auditor is not None else {},
             "heartbeat": {"stale_after": s.stale_after,
                           "age_seconds": round(time.monotonic() - self._last_beat, 3)},
-            "interfaces": [
-                {"name": n, "ifindex": a.ifindex, "mode": a.mode, "prog_id": a.prog_id}
-                for n, a in self.attachments.items()
-            ],
+            "interfaces": self.xdp.doc(),
             "counters": self.maps.counters(),
             "filter": {"table": s.table, "protocols": list(s.protocols)},
             "config": {"file": s.config_file, "metrics": s.metrics_listen,
@@ -734,4 +655,4 @@ def main(settings: Settings, overrides: dict[str, Any],
     return 0
 
 
-__all__ = ["Daemon", "check_interfaces", "main"]
+__all__ = ["Daemon", "main"]
