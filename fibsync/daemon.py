@@ -18,9 +18,7 @@ while the daemon restarts (``fibsync detach`` removes everything).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import grp
 import os
 import signal
 import time
@@ -48,6 +46,7 @@ from .fastpath.writer import MapWriter
 from .model import Change, Prefix, Snapshot
 from .process import InstanceLock, SdNotify, release_memory
 from .rib import Filter, Rib
+from .status import StatusServer
 from .verify import InFlight
 
 # how often the housekeeping loop checks that every configured interface runs our program
@@ -100,6 +99,8 @@ class Daemon:
         self.synced_at = 0.0
         self.notify = SdNotify()
         self.lock = InstanceLock(settings)
+        self.status_server = StatusServer(settings.status_socket, self.status, self._audit_now,
+                                          self.log)
         self.fastpath: Any = None
         self.xdp: Attachments | None = None  # once the program is loaded
         self.maps: PinnedMaps | None = None
@@ -184,7 +185,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
 
-        server = await self._start_status_server()
+        await self.status_server.start(self.settings.socket_group)
         await self._start_metrics()
         assert self.misses is not None
         loop.add_reader(self.misses.fileno(), self._on_neigh_miss)
@@ -213,12 +214,10 @@ class Daemon:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            server.close()
+            self.status_server.close()
             loop.remove_reader(self.misses.fileno())
             if self.metrics is not None:
                 await self.metrics.stop()
-            with contextlib.suppress(OSError):
-                self.settings.status_socket.unlink()
             self.log.info("daemon.stop", note="XDP stays attached; `fibsync detach` removes it")
 
     def _log_load(self, seconds: float) -> None:
@@ -337,7 +336,7 @@ class Daemon:
         if self.auditor is not None and new.audit_interval != old.audit_interval:
             self.auditor.set_interval(new.audit_interval)
         if new.socket_group != old.socket_group:
-            self._set_socket_mode()
+            self.status_server.set_group(new.socket_group)
         assert self.xdp is not None
         added, removed = self.xdp.reload(new)
         resync = self._filter(new) != self.rib.filter
@@ -386,6 +385,14 @@ class Daemon:
         self._rewrite |= set(prefixes)
         self.log.info("resync.request", reason=f"audit: {len(prefixes)} divergences")
         self._restart_netlink()
+
+    async def _audit_now(self) -> dict[str, Any]:
+        """``audit`` on the status socket: a self-audit now, and its report."""
+        if self.state != "synced":
+            return {"error": "not synced yet"}
+        assert self.auditor is not None
+        return await self.auditor.audit_once() or {"error": "the audit could not run "
+                                                           "(see the log: audit.error)"}
 
     # ------------------------------------------------- housekeeping loop
 
@@ -502,57 +509,6 @@ class Daemon:
             self.log.error("metrics.error", error=str(e))
 
     # ------------------------------------------------------------ status
-
-    async def _start_status_server(self) -> asyncio.AbstractServer:
-        path = self.settings.status_socket
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        # created 0600 from the start: nobody outside may connect before the chmod below
-        old_umask = os.umask(0o177)
-        try:
-            server = await asyncio.start_unix_server(self._serve_status, path=str(path))
-        finally:
-            os.umask(old_umask)
-        self._set_socket_mode()
-        return server
-
-    def _set_socket_mode(self) -> None:
-        path = self.settings.status_socket
-        group = self.settings.socket_group
-        if group:
-            try:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
-            except (KeyError, OSError) as e:
-                self.log.error("status.error", group=group, error=str(e))
-                os.chmod(path, 0o600)
-                return
-            os.chmod(path, 0o660)
-        else:
-            os.chown(path, -1, os.getegid())
-            os.chmod(path, 0o600)
-
-    async def _serve_status(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
-        from .status import dumps
-        try:
-            line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
-            if line in ("", "status"):
-                doc = self.status()
-            elif line == "audit" and self.state == "synced":
-                assert self.auditor is not None
-                doc = await self.auditor.audit_once() or {"error": "the audit could not run "
-                                                                   "(see the log: audit.error)"}
-            else:
-                doc = {"error": f"unknown {line!r}" if line != "audit" else "not synced yet"}
-            writer.write(dumps(doc).encode())
-            await writer.drain()
-        except (TimeoutError, OSError, UnicodeDecodeError):
-            pass
-        except Exception:
-            self.log.exception("status.error")
-        finally:
-            writer.close()
 
     def problems(self) -> list[str]:
         """What an operator must look at, one line each (status, STATUS=, metrics)."""

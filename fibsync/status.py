@@ -1,20 +1,27 @@
-"""The status protocol and its rendering.
+"""The status protocol, both ends, and its rendering.
 
-Protocol: a client connects to ``/run/fibsync/<instance>.sock``, sends one
-line (``status``), and reads one JSON document until the daemon closes the
-connection. When no daemon answers, ``fibsync status`` builds the same
-document from the pinned maps alone (``offline_status``) and says the daemon
-is down.
+Protocol: a client (``query``) connects to ``/run/fibsync/<instance>.sock``,
+sends one line (``status``, or ``audit`` for a self-audit now), and reads one
+JSON document until the daemon (``StatusServer``) closes the connection. When
+no daemon answers, ``fibsync status`` builds the same document from the pinned
+maps alone (``offline_status``) and says the daemon is down.
 """
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import json
+import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import DaemonDown, DaemonError, DaemonSilent
+
+if TYPE_CHECKING:
+    import asyncio
 
 TIMEOUT = 5.0
 MAP_ORDER = ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours")
@@ -45,6 +52,78 @@ def query(sock_path: Path, command: str = "status", timeout: float = TIMEOUT) ->
     except ValueError as e:
         raise DaemonError(f"{sock_path}: the daemon sent no valid JSON") from e
     return doc
+
+
+class StatusServer:
+    """The daemon's end: one line in, one JSON document out, then the connection closes.
+
+    ``status`` answers the document, ``audit`` awaits ``audit`` (which answers with an
+    ``error`` key when it cannot run). The socket is created 0600 and then given to
+    ``socket_group`` (0660), so nobody outside may connect in between.
+    """
+
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]],
+                 audit: Callable[[], Awaitable[dict[str, Any]]], log: Any) -> None:
+        self.path = path
+        self.status = status
+        self.audit = audit
+        self.log = log
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, group: str) -> None:
+        # here, not at the top: the CLI's client need not pay for asyncio's import
+        import asyncio
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+        self.set_group(group)
+
+    def set_group(self, group: str) -> None:
+        """Who may talk to the daemon: root and ``group`` (none: root alone)."""
+        if group:
+            try:
+                os.chown(self.path, -1, grp.getgrnam(group).gr_gid)
+            except (KeyError, OSError) as e:
+                self.log.error("status.error", group=group, error=str(e))
+                os.chmod(self.path, 0o600)
+                return
+            os.chmod(self.path, 0o660)
+        else:
+            os.chown(self.path, -1, os.getegid())
+            os.chmod(self.path, 0o600)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
+        try:
+            line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+            if line in ("", "status"):
+                doc = self.status()
+            elif line == "audit":
+                doc = await self.audit()
+            else:
+                doc = {"error": f"unknown {line!r}"}
+            writer.write(dumps(doc).encode())
+            await writer.drain()
+        except (TimeoutError, OSError, UnicodeDecodeError):
+            pass
+        except Exception:
+            self.log.exception("status.error")
+        finally:
+            writer.close()
 
 
 def _fmt_count(n: int) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fibsync import status as st
@@ -91,6 +92,30 @@ def test_query_talks_the_protocol(tmp_path: Path) -> None:
         assert doc == {"daemon": "up"}
 
     asyncio.run(serve())
+
+
+def test_the_server_answers_status_audit_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "edge1.sock"
+    audits = []
+
+    async def audit() -> dict[str, Any]:
+        audits.append(1)
+        return {"result": "equal"}
+
+    async def serve() -> None:
+        server = st.StatusServer(path, lambda: {"daemon": "up"}, audit, structlog.get_logger())
+        await server.start(group="")
+        assert path.stat().st_mode & 0o777 == 0o600
+        try:
+            assert await asyncio.to_thread(st.query, path) == {"daemon": "up"}
+            assert await asyncio.to_thread(st.query, path, "audit") == {"result": "equal"}
+            assert await asyncio.to_thread(st.query, path, "flush") == {"error": "unknown 'flush'"}
+        finally:
+            server.close()
+        assert not path.exists()
+
+    asyncio.run(serve())
+    assert audits == [1]
 
 
 def test_query_says_down_or_denied(tmp_path: Path) -> None:
