@@ -58,7 +58,7 @@ BEAT_SECONDS = 1.0  # heartbeats at least this often (more often for a short sta
 class SyncLag:
     """Time from reading a batch of kernel changes to the maps holding it.
 
-    The cumulative histogram feeds the metrics (buckets in seconds)."""
+    The cumulative histogram (``buckets``, in seconds) feeds the metrics."""
 
     BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
     batches: int = 0
@@ -85,7 +85,9 @@ class SyncLag:
                 "max_seconds": round(self.max_seconds, 6),
                 "mean_seconds": round(self.sum_seconds / self.batches, 6) if self.batches else 0.0,
                 "batches": self.batches, "changes": self.changes,
-                "last_change_at": self.last_change_at}
+                "last_change_at": self.last_change_at,
+                "sum_seconds": self.sum_seconds,
+                "buckets": [[b, n] for b, n in zip(self.BUCKETS, self.counts, strict=True)]}
 
 
 class Daemon:
@@ -490,13 +492,9 @@ class Daemon:
             return
         from .metrics import MetricsServer
 
-        self.metrics = MetricsServer(self, self.settings.metrics_listen)
-        try:
-            await self.metrics.start()
-        except OSError as e:
-            self.metrics = None
-            raise DaemonError(f"metrics.listen: cannot listen on "
-                              f"{self.settings.metrics_listen}: {e.strerror}") from None
+        metrics = MetricsServer(self.status, self.settings.metrics_listen, self.log)
+        await metrics.start()
+        self.metrics = metrics
         self.log.info("metrics.listen", address=self.settings.metrics_listen)
 
     async def _restart_metrics(self) -> None:

@@ -2,7 +2,8 @@
 
 The figures are the daemon's status document, turned into metric families at
 scrape time by a custom collector: nothing is counted twice, and the metrics
-always agree with ``fibsync status``. The HTTP server is a few lines on the
+always agree with ``fibsync status``. The server knows only a function that
+returns that document, not the daemon. The HTTP server is a few lines on the
 daemon's own event loop, not prometheus_client's thread, so a scrape never
 reads the RIB while the loop changes it.
 """
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -24,9 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .config import split_listen
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .errors import DaemonError
 
 NETLINK_COUNTERS = {
     "messages": "netlink messages received on the event socket",
@@ -50,18 +49,15 @@ AUDIT_COUNTERS = {
 }
 
 
+Status = Callable[[], dict[str, Any]]  # the status document, as `fibsync status --json`
+
+
 class FibsyncCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, status: Status) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Any]:
-        d = self.daemon
-        if d.rib is None or d.writer is None:
-            g = GaugeMetricFamily("fibsync_synced", "1 once the first full sync is done")
-            g.add_metric([], 0)
-            yield g
-            return
-        doc = d.status()
+        doc = self.status()
         info = InfoMetricFamily("fibsync", "fibsync daemon", labels=["instance", "version"])
         info.add_metric([doc["instance"], doc["version"]], {})
         yield info
@@ -113,14 +109,14 @@ class FibsyncCollector(Collector):
         g.add_metric([], doc["writer"]["demoted"])
         yield g
 
-        lag = d.lag
+        lag = doc["sync"]
         h = HistogramMetricFamily("fibsync_sync_lag_seconds", "from reading a batch of kernel "
                                   "changes to the maps holding it")
-        buckets = [(str(b), n) for b, n in zip(lag.BUCKETS, lag.counts, strict=True)]
-        h.add_metric([], buckets + [("+Inf", lag.batches)], lag.sum_seconds)
+        buckets = [(str(b), n) for b, n in lag["buckets"]]
+        h.add_metric([], buckets + [("+Inf", lag["batches"])], lag["sum_seconds"])
         yield h
         c = CounterMetricFamily("fibsync_kernel_changes", "kernel changes applied")
-        c.add_metric([], lag.changes)
+        c.add_metric([], lag["changes"])
         yield c
 
         g = GaugeMetricFamily("fibsync_interface_attached", "1 where the XDP program runs",
@@ -142,16 +138,21 @@ class FibsyncCollector(Collector):
 class MetricsServer:
     """A minimal HTTP/1.0 server for ``GET /metrics`` on the event loop."""
 
-    def __init__(self, daemon: Daemon, listen: str) -> None:
+    def __init__(self, status: Status, listen: str, log: Any) -> None:
+        self.listen = listen
         self.host, self.port = split_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FibsyncCollector(daemon))
-        self.log = daemon.log
+        self.registry.register(FibsyncCollector(status))
+        self.log = log
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                  reuse_address=True)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                      reuse_address=True)
+        except OSError as e:
+            raise DaemonError(f"metrics.listen: cannot listen on {self.listen}: "
+                              f"{e.strerror}") from None
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -31,7 +31,8 @@ def doc_up() -> dict[str, Any]:
         "netlink": {"messages": 10, "overruns": 2, "resyncs": 3, "last_resync_seconds": 0.25,
                     "undecodable": 0, "dump_intr": 1},
         "sync": {"last_seconds": 0.0004, "max_seconds": 0.02, "mean_seconds": 0.001,
-                 "batches": 7, "changes": 30, "last_change_at": 2.0},
+                 "batches": 7, "changes": 30, "last_change_at": 2.0, "sum_seconds": 0.007,
+                 "buckets": [[b, 7 if b >= 0.001 else 0] for b in SyncLag.BUCKETS]},
         "writer": {"entries": 100, "batches": 9, "errors": 1, "full": 1, "unwritten": 2,
                    "demoted": 1},
         "reloads": {"done": 1, "rejected": 1, "last_error": "table: bad"},
@@ -133,21 +134,19 @@ def test_query_says_down_or_denied(tmp_path: Path) -> None:
             st.query(path)
 
 
-class StubDaemon:
-    def __init__(self) -> None:
-        self.rib = self.writer = object()
-        self.lag = SyncLag()
-        self.lag.observe(0.0003, 4)
-        self.lag.observe(0.2, 10)
-
-    def status(self) -> dict[str, Any]:
-        return doc_up()
+def scrape(doc: dict[str, Any]) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FibsyncCollector(lambda: doc))
+    return generate_latest(registry).decode()
 
 
 def test_metrics_come_from_the_status_document() -> None:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(FibsyncCollector(StubDaemon()))  # type: ignore[arg-type]
-    text = generate_latest(registry).decode()
+    lag = SyncLag()
+    lag.observe(0.0003, 4)
+    lag.observe(0.2, 10)
+    doc = doc_up()
+    doc["sync"] = lag.doc()
+    text = scrape(doc)
     assert 'fibsync_info{instance="edge1",version="0.1.0"} 1.0' in text
     assert "fibsync_synced 1.0" in text
     assert 'fibsync_packets_total{reason="FWD_FAST"} 123456.0' in text
@@ -157,7 +156,10 @@ def test_metrics_come_from_the_status_document() -> None:
     assert "fibsync_netlink_resyncs_total 3.0" in text
     assert "fibsync_unwritten_prefixes 2.0" in text
     assert 'fibsync_sync_lag_seconds_bucket{le="0.0005"} 1.0' in text
+    assert 'fibsync_sync_lag_seconds_bucket{le="0.1"} 1.0' in text
+    assert 'fibsync_sync_lag_seconds_bucket{le="0.25"} 2.0' in text
     assert 'fibsync_sync_lag_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "fibsync_sync_lag_seconds_sum 0.2003" in text
     assert "fibsync_kernel_changes_total 14.0" in text
     assert 'fibsync_interface_attached{interface="eth0",mode="native"} 1.0' in text
     assert 'fibsync_reloads_total{outcome="rejected"} 1.0' in text
@@ -166,8 +168,6 @@ def test_metrics_come_from_the_status_document() -> None:
 
 
 def test_metrics_before_the_first_sync() -> None:
-    stub = StubDaemon()
-    stub.rib = None  # type: ignore[assignment]
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(FibsyncCollector(stub))  # type: ignore[arg-type]
-    assert "fibsync_synced 0.0" in generate_latest(registry).decode()
+    doc = doc_up()
+    doc["state"] = "starting"
+    assert "fibsync_synced 0.0" in scrape(doc)
