@@ -40,54 +40,18 @@ from .errors import (
 )
 from .fastpath.attach import Attachments, check_interfaces
 from .fastpath.guard import FullMapGuard
-from .fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps
+from .fastpath.maps import PinnedMaps
 from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
-from .model import Change, Prefix, Snapshot
+from .model import Prefix
 from .process import InstanceLock, SdNotify, release_memory
 from .rib import Filter, Rib
 from .status import StatusServer
+from .sync import Heartbeat, SyncSink
 from .verify import InFlight
 
 # how often the housekeeping loop checks that every configured interface runs our program
 INTERFACE_CHECK_SECONDS = 2.0
-BEAT_SECONDS = 1.0  # heartbeats at least this often (more often for a short stale_after)
-
-
-@dataclasses.dataclass
-class SyncLag:
-    """Time from reading a batch of kernel changes to the maps holding it.
-
-    The cumulative histogram (``buckets``, in seconds) feeds the metrics."""
-
-    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-    batches: int = 0
-    changes: int = 0
-    last_seconds: float = 0.0
-    max_seconds: float = 0.0
-    sum_seconds: float = 0.0
-    last_change_at: float = 0.0
-    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * len(SyncLag.BUCKETS))
-
-    def observe(self, seconds: float, changes: int) -> None:
-        self.batches += 1
-        self.changes += changes
-        self.last_seconds = seconds
-        self.max_seconds = max(self.max_seconds, seconds)
-        self.sum_seconds += seconds
-        self.last_change_at = time.time()
-        for i, bound in enumerate(self.BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
-
-    def doc(self) -> dict[str, Any]:
-        return {"last_seconds": round(self.last_seconds, 6),
-                "max_seconds": round(self.max_seconds, 6),
-                "mean_seconds": round(self.sum_seconds / self.batches, 6) if self.batches else 0.0,
-                "batches": self.batches, "changes": self.changes,
-                "last_change_at": self.last_change_at,
-                "sum_seconds": self.sum_seconds,
-                "buckets": [[b, n] for b, n in zip(self.BUCKETS, self.counts, strict=True)]}
 
 
 class Daemon:
@@ -109,11 +73,12 @@ class Daemon:
         self.rib: Rib | None = None
         self.writer: MapWriter | None = None
         self.guard: FullMapGuard | None = None
+        self.sync: SyncSink | None = None
+        self.heartbeat: Heartbeat | None = None
         self.misses: MissReader | None = None
         self.source: Any = None
         self.resolver: Any = None
         self.metrics: Any = None
-        self.lag = SyncLag()
         self.reloads = {"done": 0, "rejected": 0, "last_error": ""}
         self.neigh_misses = 0
         self._stop = asyncio.Event()
@@ -125,10 +90,6 @@ class Daemon:
         self._hash_policy: tuple[int, ...] = ()
         self._reclaim: asyncio.Task[None] | None = None
         self.auditor: Auditor | None = None
-        self._last_change = 0.0  # monotonic time of the last batch of kernel changes
-        self._rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
-        self._audit_window: InFlight | None = None  # open while an audit reads
-        self._last_beat = 0.0  # monotonic time of the last heartbeat written
 
     # ----------------------------------------------------------- lifecycle
 
@@ -161,11 +122,14 @@ class Daemon:
             self.guard = FullMapGuard(self.rib, self.writer, self.log)
             self.misses = MissReader(self.maps.fd("neigh_miss"))
             self.resolver = NeighbourResolver()
+            sync = self.sync = SyncSink(self.rib, self.guard, self.resolver, self.notify,
+                                        self._on_resync)
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
+            self.heartbeat = Heartbeat(self.maps, self.source, s.stale_after)
             self.auditor = Auditor(s.audit_interval, self._audit_args, self._audit_exclude,
-                                   self._repair, lambda: self._last_change, self.log,
+                                   self._repair, lambda: sync.last_change, self.log,
                                    window=(self._open_audit_window, self._close_audit_window))
-            self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
+            self._netlink_task = asyncio.create_task(self.source.run(sync), name="netlink")
             self.notify.status("syncing: dumping the kernel's tables")
             try:
                 self.fastpath = await load
@@ -243,19 +207,9 @@ class Daemon:
 
     # ---------------------------------------------------- netlink -> maps
 
-    def resync(self, snapshot: Snapshot) -> None:
-        assert self.rib is not None
-        self.notify.ping(force=True)
-        t0 = time.monotonic()
-        if self._audit_window is not None:
-            self._audit_window.overrun = True  # everything may have changed
-        self.rib.resync(snapshot)
-        for prefix in self._rewrite:
-            self.rib.rewrite(prefix)
-        self._rewrite = set()
+    def _on_resync(self, t0: float) -> None:
         if self.fastpath is None:
-            # the program is still being built: fill the maps now, attach it once loaded
-            self._flush()
+            # the program is still being built: the maps are filled, attach it once loaded
             self._pending_sync = t0
             return
         self._finish_sync(t0)
@@ -264,7 +218,6 @@ class Daemon:
         assert self.rib is not None and self.writer is not None and self.guard is not None
         assert self.xdp is not None
         self._pending_sync = None
-        self._flush()
         if self.state != "synced":
             self.xdp.attach_all()
             # what a previous run left in the pinned maps and the kernel no longer has; the
@@ -285,26 +238,6 @@ class Daemon:
         self.auditor.request()
         # once the source has let go of the snapshot (before it next waits)
         asyncio.get_running_loop().call_soon(release_memory)
-
-    def apply(self, changes: list[Change]) -> None:
-        assert self.rib is not None
-        t0 = self._last_change = time.monotonic()
-        if self._audit_window is not None:
-            for change in changes:
-                self._audit_window.note(change)
-        self.rib.apply(changes)
-        if self.guard is None:
-            return  # written with the first sync, once the program is loaded
-        self._flush()
-        self.lag.observe(time.monotonic() - t0, len(changes))
-
-    def _flush(self) -> None:
-        assert self.rib is not None and self.guard is not None
-        diff = self.rib.take_diff()
-        if diff:
-            self.guard.write(diff)
-        for ifindex, family, addr in diff.resolve:
-            self.resolver.request(ifindex, family, addr)
 
     # -------------------------------------------------------------- reload
 
@@ -335,6 +268,8 @@ class Daemon:
         assert self.writer is not None and self.rib is not None
         self.writer.batch = new.map_batch
         self.source.rcvbuf = new.netlink_rcvbuf
+        assert self.heartbeat is not None
+        self.heartbeat.stale_after = new.stale_after
         if self.auditor is not None and new.audit_interval != old.audit_interval:
             self.auditor.set_interval(new.audit_interval)
         if new.socket_group != old.socket_group:
@@ -357,7 +292,7 @@ class Daemon:
         """A filter changed: dump again; the RIB's mark and sweep applies the difference."""
         assert self._netlink_task is not None
         self._netlink_task.cancel()
-        self._netlink_task = asyncio.create_task(self.source.run(self), name="netlink")
+        self._netlink_task = asyncio.create_task(self.source.run(self.sync), name="netlink")
 
     # ------------------------------------------------------------ audit
 
@@ -371,20 +306,22 @@ class Daemon:
         return self.writer.unwritten | self.guard.demoted
 
     def _open_audit_window(self) -> None:
-        self._audit_window = InFlight()
+        assert self.sync is not None
+        self.sync.audit_window = InFlight()
 
     def _close_audit_window(self) -> InFlight:
         """What this daemon applied since the window opened, its backlog included."""
-        assert self.rib is not None and self.source is not None
+        assert self.rib is not None and self.source is not None and self.sync is not None
         self.source.catch_up()
-        window, self._audit_window = self._audit_window or InFlight(), None
+        window, self.sync.audit_window = self.sync.audit_window or InFlight(), None
         window.nhids = self.rib.objects_using(window.nhids)
         return window
 
     def _repair(self, prefixes: list[Prefix]) -> None:
         """Dump again, and write these prefixes whatever the RIB believes the maps hold:
         the mark and sweep mends what the RIB got wrong, the rewrite what the maps did."""
-        self._rewrite |= set(prefixes)
+        assert self.sync is not None
+        self.sync.rewrite |= set(prefixes)
         self.log.info("resync.request", reason=f"audit: {len(prefixes)} divergences")
         self._restart_netlink()
 
@@ -413,36 +350,14 @@ class Daemon:
                 if reclaim:
                     self._reclaim = asyncio.create_task(self._wait_grace(reclaim))
             now = time.monotonic()
-            self._beat(now)
+            assert self.heartbeat is not None
+            self.heartbeat.beat(now)
             if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
                 self._last_interface_check = now
                 assert self.xdp is not None
                 self.xdp.check()
                 self._sync_hash_policy()
                 self._update_status_line()
-
-    def _beat(self, now: float) -> None:
-        """Promise the XDP program that its tables follow the kernel for ``stale_after``.
-
-        Only once every change the kernel announced is applied: a daemon that was
-        stopped applies its backlog first, one that lost changes resyncs first (no
-        promise while the source is out of sync). Without a fresh promise the
-        program forwards by bpf_fib_lookup alone (FWD_STALE).
-        """
-        assert self.maps is not None and self.source is not None
-        stale_after = self.settings.stale_after
-        if now - self._last_beat < min(BEAT_SECONDS, stale_after / 4):
-            return
-        self._last_beat = now
-        if not stale_after:
-            self.maps.set_heartbeat(0)
-            return
-        self.source.catch_up()
-        if not self.source.in_sync:
-            return
-        fresh_until = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + \
-            int(stale_after * 1e9)
-        self.maps.set_heartbeat(fresh_until)
 
     async def _wait_grace(self, reclaim: Any) -> None:
         """Wait for an RCU grace period in a thread, for the DIR-24-8 slots and groups
@@ -530,7 +445,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         assert self.rib is not None and self.writer is not None and self.maps is not None
-        assert self.xdp is not None
+        assert self.sync is not None and self.xdp is not None and self.heartbeat is not None
         counts = self.rib.counts()
         s = self.settings
         origins = self.fastpath.map_origin if self.fastpath is not None else {}
@@ -548,7 +463,7 @@ class Daemon:
                             "origin": origins.get(name, "")}
                      for name, cap in s.map_sizes.items()},
             "netlink": _public(self.source.stats),
-            "sync": self.lag.doc(),
+            "sync": self.sync.lag.doc(),
             "writer": {**_public(self.writer.stats), "v4_table": self.writer.v4_table,
                        "unwritten": len(self.writer.unwritten),
                        "demoted": len(self.guard.demoted) if self.guard else 0,
@@ -558,8 +473,7 @@ class Daemon:
                                    "misses": self.neigh_misses},
             "reloads": dict(self.reloads),
             "audit": self.auditor.doc() if self.auditor is not None else {},
-            "heartbeat": {"stale_after": s.stale_after,
-                          "age_seconds": round(time.monotonic() - self._last_beat, 3)},
+            "heartbeat": self.heartbeat.doc(),
             "interfaces": self.xdp.doc(),
             "counters": self.maps.counters(),
             "filter": {"table": s.table, "protocols": list(s.protocols)},

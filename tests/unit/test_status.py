@@ -14,9 +14,9 @@ import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fibsync import status as st
-from fibsync.daemon import SyncLag
 from fibsync.errors import DaemonDown, DaemonError
 from fibsync.metrics import FibsyncCollector
+from fibsync.sync import SyncLag
 
 
 def doc_up() -> dict[str, Any]:

@@ -1,0 +1,140 @@
+"""The sync sink: what the netlink source calls, the lag it measures, and the
+heartbeat that tells the XDP program the sink is in sync.
+
+The source hands over one ``Snapshot`` per (re)dump (``resync``) and then
+batches of changes (``apply``); each goes RIB -> FullMapGuard -> writer before
+the call returns, so the maps follow the kernel one batch behind at most.
+What a finished resync means for the daemon's life (attach, sweep, READY=1)
+is the daemon's business: the sink calls ``on_resync`` after writing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .fastpath.guard import FullMapGuard
+from .fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps
+from .model import Change, Prefix, Snapshot
+from .process import SdNotify
+from .rib import Rib
+from .verify import InFlight
+
+
+@dataclasses.dataclass
+class SyncLag:
+    """Time from reading a batch of kernel changes to the maps holding it.
+
+    The cumulative histogram (``buckets``, in seconds) feeds the metrics."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    batches: int = 0
+    changes: int = 0
+    last_seconds: float = 0.0
+    max_seconds: float = 0.0
+    sum_seconds: float = 0.0
+    last_change_at: float = 0.0
+    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * len(SyncLag.BUCKETS))
+
+    def observe(self, seconds: float, changes: int) -> None:
+        self.batches += 1
+        self.changes += changes
+        self.last_seconds = seconds
+        self.max_seconds = max(self.max_seconds, seconds)
+        self.sum_seconds += seconds
+        self.last_change_at = time.time()
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+    def doc(self) -> dict[str, Any]:
+        return {"last_seconds": round(self.last_seconds, 6),
+                "max_seconds": round(self.max_seconds, 6),
+                "mean_seconds": round(self.sum_seconds / self.batches, 6) if self.batches else 0.0,
+                "batches": self.batches, "changes": self.changes,
+                "last_change_at": self.last_change_at,
+                "sum_seconds": self.sum_seconds,
+                "buckets": [[b, n] for b, n in zip(self.BUCKETS, self.counts, strict=True)]}
+
+
+class SyncSink:
+    """Kernel state in, map writes out (the source's ``Sink``)."""
+
+    def __init__(self, rib: Rib, guard: FullMapGuard, resolver: Any, notify: SdNotify,
+                 on_resync: Callable[[float], None]) -> None:
+        self.rib = rib
+        self.guard = guard
+        self.resolver = resolver
+        self.notify = notify
+        self.on_resync = on_resync  # called with the resync's start (monotonic), once written
+        self.lag = SyncLag()
+        self.last_change = 0.0  # monotonic time of the last batch of kernel changes
+        self.rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
+        self.audit_window: InFlight | None = None  # open while an audit reads
+
+    def resync(self, snapshot: Snapshot) -> None:
+        self.notify.ping(force=True)
+        t0 = time.monotonic()
+        if self.audit_window is not None:
+            self.audit_window.overrun = True  # everything may have changed
+        self.rib.resync(snapshot)
+        for prefix in self.rewrite:
+            self.rib.rewrite(prefix)
+        self.rewrite = set()
+        self.flush()
+        self.on_resync(t0)
+
+    def apply(self, changes: list[Change]) -> None:
+        t0 = self.last_change = time.monotonic()
+        if self.audit_window is not None:
+            for change in changes:
+                self.audit_window.note(change)
+        self.rib.apply(changes)
+        self.flush()
+        self.lag.observe(time.monotonic() - t0, len(changes))
+
+    def flush(self) -> None:
+        diff = self.rib.take_diff()
+        if diff:
+            self.guard.write(diff)
+        for ifindex, family, addr in diff.resolve:
+            self.resolver.request(ifindex, family, addr)
+
+
+class Heartbeat:
+    """Promises the XDP program that its tables follow the kernel for ``stale_after``.
+
+    Only once every change the kernel announced is applied: a daemon that was
+    stopped applies its backlog first, one that lost changes resyncs first (no
+    promise while the source is out of sync). Without a fresh promise the
+    program forwards by bpf_fib_lookup alone (FWD_STALE).
+    """
+
+    EVERY = 1.0  # seconds between beats at most (fewer for a short stale_after)
+
+    def __init__(self, maps: PinnedMaps, source: Any, stale_after: float) -> None:
+        self.maps = maps
+        self.source = source
+        self.stale_after = stale_after  # a reload may change it
+        self.last = 0.0  # monotonic time of the last heartbeat written
+
+    def beat(self, now: float) -> None:
+        stale_after = self.stale_after
+        if now - self.last < min(self.EVERY, stale_after / 4):
+            return
+        self.last = now
+        if not stale_after:
+            self.maps.set_heartbeat(0)
+            return
+        self.source.catch_up()
+        if not self.source.in_sync:
+            return
+        fresh_until = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + \
+            int(stale_after * 1e9)
+        self.maps.set_heartbeat(fresh_until)
+
+    def doc(self) -> dict[str, Any]:
+        return {"stale_after": self.stale_after,
+                "age_seconds": round(time.monotonic() - self.last, 3)}
