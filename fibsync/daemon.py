@@ -33,14 +33,13 @@ from .config import Settings
 from .errors import (
     ConfigError,
     DaemonError,
-    FastPathError,
     FibsyncError,
     InterfaceError,
     UsageError,
 )
 from .fastpath.attach import Attachments, check_interfaces
 from .fastpath.guard import FullMapGuard
-from .fastpath.maps import PinnedMaps
+from .fastpath.maps import PinnedMaps, previous_max_id
 from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
 from .model import Prefix
@@ -114,7 +113,10 @@ class Daemon:
             # tables are dumped, mirrored and written to the maps on the other; only
             # attaching waits for it
             load = asyncio.get_running_loop().run_in_executor(None, maps.load_program)
-            self.maps = PinnedMaps(s.pin_dir)
+            # the same maps, not a second open by path; copies of the fds, so that the
+            # writer's stay valid whatever becomes of OpenMaps' (a failed build closes them)
+            self.maps = PinnedMaps(s.pin_dir, fds={name: os.dup(fd)
+                                                   for name, fd in maps.map_fds.items()})
             self.writer = MapWriter(self.maps, batch=s.map_batch,
                                     v4_table=s.v4_table,  # type: ignore[arg-type]
                                     fresh=[n for n, o in maps.origin.items() if o != "adopted"])
@@ -480,18 +482,6 @@ class Daemon:
             "config": {"file": s.config_file, "metrics": s.metrics_listen,
                        "socket_group": s.socket_group, "xdp_mode": s.xdp_mode},
         }
-
-
-def previous_max_id(pin_dir: Path) -> int:
-    """The highest fast-path id a previous run left in the pinned maps (0 if none)."""
-    try:
-        maps = PinnedMaps(pin_dir)
-    except FastPathError:
-        return 0
-    try:
-        return maps.max_nexthop_id()
-    finally:
-        maps.close()
 
 
 def _read_sysctl(name: str) -> int:

@@ -47,13 +47,15 @@ ACTIONS = {0: "unicast", 1: "blackhole", 2: "kernel", 3: "fib"}
 
 
 class PinnedMaps:
-    def __init__(self, pin_dir: Path) -> None:
+    def __init__(self, pin_dir: Path, fds: dict[str, int] | None = None) -> None:
+        """``fds``: maps open already (the daemon's, from ``program.OpenMaps``), which this
+        object then owns; any other map is opened by its pin when first used."""
         self.pin_dir = pin_dir
         if not (pin_dir / "routes_v4").exists():
             raise FastPathError(
                 f"no fast path pinned at {pin_dir}: start `fibsync run` for this instance "
                 f"(or name it with --instance)")
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, int] = dict(fds or {})
 
     def fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -179,6 +181,18 @@ class PinnedMaps:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def previous_max_id(pin_dir: Path) -> int:
+    """The highest fast-path id a previous run left in the pinned maps (0 if none)."""
+    try:
+        maps = PinnedMaps(pin_dir)
+    except FastPathError:
+        return 0
+    try:
+        return maps.max_nexthop_id()
+    finally:
+        maps.close()
 
 
 def _nexthops(maps: MapSet) -> dict[int, tuple[Any, ...]]:
