@@ -1,4 +1,10 @@
-"""The daemon: netlink source -> RIB -> map writer, plus status, signals and sd_notify.
+"""The daemon: wires netlink source -> sync sink (RIB -> guard -> writer), and lives.
+
+The parts are elsewhere: the sink in sync.py, the full-map write policy in
+fastpath/guard.py, attachments in fastpath/attach.py, the status socket in
+status.py, sd_notify and the instance lock in process.py. Here are the order
+they start in, the signals, the reload, the housekeeping loop (heartbeat,
+interface checks, ECMP hash policy) and the self-audit's wiring.
 
 Start-up order matters for correctness:
 1. take the instance lock and check the interfaces exist (a typo, or a second
