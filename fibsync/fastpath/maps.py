@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,29 +20,12 @@ import numpy as np
 from ..errors import FastPathError, MapFullError
 from ..model import AF_INET, AF_INET6
 from . import abi, bpfsys
-from .writer import (
-    GROUP,
-    GROUP_BUCKETS,
-    GROUP_MEMBERS,
-    NEIGH,
-    NEIGH_KEY,
-    NEXTHOP,
-    NH_CONNECTED,
-    NH_RESOLVED,
-    ROUTE,
-    ROUTE_GROUP,
-    ROUTE_MAPS,
-    U32,
-    V4_KEY,
-    V6_KEY,
-    MapSet,
-)
+from .abi import CONFIG, COUNTER, HEARTBEAT, NEXTHOP, ROUTE, U32, V4_KEY, V6_KEY
+from .writer import ROUTE_MAPS, MapSet
 
-COUNTER = struct.Struct("=QQ")
-CONFIG = struct.Struct("=IIII")
-HEARTBEAT = struct.Struct("=Q")
 CLOCK_MONOTONIC_COARSE = 6  # bpf_ktime_get_coarse_ns's clock
-ACTIONS = {0: "unicast", 1: "blackhole", 2: "kernel", 3: "fib"}
+ACTIONS = {abi.FS_ACT_FORWARD: "unicast", abi.FS_ACT_DROP: "blackhole",
+           abi.FS_ACT_KERNEL: "kernel", abi.FS_ACT_FIB: "fib"}
 
 
 class PinnedMaps:
@@ -201,15 +183,7 @@ def _nexthops(maps: MapSet) -> dict[int, tuple[Any, ...]]:
 
 def _groups(maps: MapSet) -> dict[int, list[tuple[int, int]]]:
     """group id -> [(member nexthop id, kernel weight)]"""
-    out = {}
-    for k, v in maps.items("groups"):
-        fields = GROUP.unpack(v[:GROUP.size])
-        n = fields[GROUP_BUCKETS + 1]
-        ids = fields[GROUP_BUCKETS + 2:GROUP_BUCKETS + 2 + n]
-        base = GROUP_BUCKETS + 2 + GROUP_MEMBERS
-        weights = fields[base:base + n]
-        out[U32.unpack(k)[0]] = list(zip(ids, weights, strict=True))
-    return out
+    return {U32.unpack(k)[0]: abi.group_members(v) for k, v in maps.items("groups")}
 
 
 def read_routes(maps: MapSet, attempts: int = 5) -> list[dict[str, Any]]:
@@ -388,7 +362,7 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
         doc["reason"] = abi.Reason(reason).name
     if action != 0:
         return doc
-    if flags & ROUTE_GROUP:
+    if flags & abi.FS_ROUTE_GROUP:
         doc["group"] = nh_id
         if nh_id not in groups:
             doc["nexthops"].append({"id": nh_id, "missing": True})
@@ -402,15 +376,15 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
             doc["nexthops"].append({"id": mid, "missing": True})
             continue
         ifindex, mtu, nflags, nfamily, _smac, dmac, gateway = nh
-        connected = bool(nflags & NH_CONNECTED)
+        connected = bool(nflags & abi.FS_NH_CONNECTED)
         glen = 16 if nfamily == AF_INET6 else 4
         doc["nexthops"].append({
             "gateway": None if connected else socket.inet_ntop(nfamily, gateway[:glen]),
             "ifname": names.get(ifindex),
             "ifindex": ifindex,
             "weight": weight,
-            "resolved": bool(nflags & NH_RESOLVED),
-            "mac": None if connected or not nflags & NH_RESOLVED else dmac.hex(":"),
+            "resolved": bool(nflags & abi.FS_NH_RESOLVED),
+            "mac": None if connected or not nflags & abi.FS_NH_RESOLVED else dmac.hex(":"),
             "mtu": mtu,
         })
     return doc
@@ -489,5 +463,4 @@ def offline_status(settings: Any) -> dict[str, Any]:
     return doc
 
 
-__all__ = ["NEIGH", "NEIGH_KEY", "PinnedMaps", "offline_status", "render_lookup",
-           "render_routes"]
+__all__ = ["PinnedMaps", "offline_status", "render_lookup", "render_routes"]

@@ -32,22 +32,6 @@ from ..errors import MapError, MapFullError
 from ..model import AF_INET, AF_INET6, Prefix
 from ..rib.types import Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
 from . import abi, bpfsys, dir24
-from .abi import (  # noqa: F401  re-exported for maps.py and bench_xdp.py, until they import abi
-    CONFIG,
-    GROUP,
-    NEIGH,
-    NEIGH_KEY,
-    NEXTHOP,
-    ROUTE,
-    U32,
-    V4_KEY,
-    V6_KEY,
-)
-from .abi import FS_GROUP_BUCKETS as GROUP_BUCKETS  # noqa: F401
-from .abi import FS_GROUP_MEMBERS as GROUP_MEMBERS  # noqa: F401
-from .abi import FS_NH_CONNECTED as NH_CONNECTED  # noqa: F401
-from .abi import FS_NH_RESOLVED as NH_RESOLVED  # noqa: F401
-from .abi import FS_ROUTE_GROUP as ROUTE_GROUP  # noqa: F401
 
 ROUTE_MAPS = {AF_INET: "routes_v4", AF_INET6: "routes_v6"}
 DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
