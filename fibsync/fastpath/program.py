@@ -255,20 +255,20 @@ class FastPath:
 
     def allow_port(self, ifindex: int) -> None:
         """Let the program redirect to ifindex: tx_ports, and tx_direct where it fits."""
-        key = struct.pack("=I", ifindex)
+        key = abi.U32.pack(ifindex)
         bpfsys.update(self.map_fd("tx_ports"), key, key)
         if ifindex < abi.FS_TX_DIRECT:
             bpfsys.update(self.map_fd("tx_direct"), key, key)
 
     def forbid_port(self, ifindex: int) -> None:
-        key = struct.pack("=I", ifindex)
+        key = abi.U32.pack(ifindex)
         if ifindex < abi.FS_TX_DIRECT:
             bpfsys.delete(self.map_fd("tx_direct"), key)
         bpfsys.delete(self.map_fd("tx_ports"), key)
 
     def ports(self) -> set[int]:
         """The ifindexes the program may redirect to."""
-        return {struct.unpack("=I", k)[0] for k, _ in bpfsys.iterate(self.map_fd("tx_ports"))}
+        return {abi.U32.unpack(k)[0] for k, _ in bpfsys.iterate(self.map_fd("tx_ports"))}
 
     def attached(self) -> list[Attachment]:
         """Interfaces of this network namespace that run this instance's program."""
