@@ -1,14 +1,18 @@
 """One scaffolding for the unit tests of the mirror: RIB -> writer -> in-memory maps.
 
 ``Mirror`` wires a ``Rib``, a ``MapWriter`` and ``MemoryMaps`` the way the
-daemon does, and reads the maps back with the reader ``fibsync routes`` uses;
-the functions below build the decoded kernel objects the tests feed it.
+daemon does (``guard=True``: through its ``FullMapGuard`` too), and reads the
+maps back with the reader ``fibsync routes`` uses; the functions below build
+the decoded kernel objects the tests feed it.
 """
 
 from __future__ import annotations
 
 import socket
 
+import structlog
+
+from fibsync.fastpath.guard import FullMapGuard
 from fibsync.fastpath.maps import read_routes
 from fibsync.fastpath.writer import MapWriter, MemoryMaps
 from fibsync.model import (
@@ -73,10 +77,12 @@ class Mirror:
     """RIB + writer + in-memory maps, the way the daemon wires them."""
 
     def __init__(self, filter: Filter | None = None, maps: MemoryMaps | None = None,
-                 first_id: int = 1) -> None:
+                 first_id: int = 1, guard: bool = False) -> None:
         self.rib = Rib(filter, first_id=first_id)
         self.maps = maps or MemoryMaps()
         self.writer = MapWriter(self.maps)
+        self.guard = FullMapGuard(self.rib, self.writer, structlog.get_logger()) if guard \
+            else None
         self.writes: list[int] = []
 
     def sync(self, **kw: list) -> None:  # type: ignore[type-arg]
@@ -96,7 +102,10 @@ class Mirror:
     def _flush(self) -> None:
         diff = self.rib.take_diff()
         self.writes.append(len(diff))
-        self.writer.write(diff)
+        if self.guard is not None:
+            self.guard.write(diff)
+        else:
+            self.writer.write(diff)
 
     def sweep(self) -> int:
         """The daemon's sweep once synced: what the RIB does not want leaves the maps."""

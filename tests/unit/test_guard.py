@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import socket
 
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibsync.fastpath.guard import FullMapGuard
-from fibsync.fastpath.maps import read_routes
-from fibsync.fastpath.writer import MapWriter, MemoryMaps
-from fibsync.model import AF_INET, Change, Link, Nexthop, Op, Prefix, Route, RouteType, Snapshot
-from fibsync.rib import Rib
+from fibsync.fastpath.writer import MemoryMaps
+from fibsync.model import AF_INET, Change, Nexthop, Op, Prefix, Route, RouteType
 
-UP = 0x1 | 0x10000
+from .mirror import Mirror, link
 
 
 def route(prefix: str, gw: str) -> Route:
@@ -28,24 +25,22 @@ def route(prefix: str, gw: str) -> Route:
     return Route(Prefix.parse(prefix), 254, RouteType.UNICAST, 186, 0, 0, 0, (hop,), 0)
 
 
-class Mirror:
-    def __init__(self, capacity: int) -> None:
-        self.rib = Rib()
-        self.maps = MemoryMaps(capacity={"routes_v4": capacity})
-        self.writer = MapWriter(self.maps)
-        self.guard = FullMapGuard(self.rib, self.writer, structlog.get_logger())
+class Guarded(Mirror):
+    """The unit tests' Mirror behind FullMapGuard, with room for ``capacity`` IPv4 routes."""
 
-    def sync(self, *routes: Route) -> None:
-        self.rib.resync(Snapshot(links=[Link(1, "eth1", b"\2\0\0\0\0\1", 1500, UP)],
-                                 routes=list(routes)))
-        self.guard.write(self.rib.take_diff())
+    guard: FullMapGuard
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(maps=MemoryMaps(capacity={"routes_v4": capacity}), guard=True)
+
+    def start(self, *routes: Route) -> None:
+        self.sync(links=[link(1)], routes=list(routes))
 
     def change(self, op: Op, r: Route) -> None:
-        self.rib.apply([Change(op, r)])
-        self.guard.write(self.rib.take_diff())
+        self.apply(Change(op, r))
 
     def types(self) -> dict[str, str]:
-        return {e["prefix"]: e["type"] for e in read_routes(self.maps)}
+        return {prefix: e["type"] for prefix, e in self.routes().items()}
 
     def assert_no_misroute(self) -> None:
         """No forwarding entry in the map covers a prefix the map is missing."""
@@ -63,8 +58,8 @@ def _net(text: str):  # type: ignore[no-untyped-def]
 
 
 def test_a_more_specific_that_does_not_fit_turns_its_cover_into_fib() -> None:
-    m = Mirror(capacity=2)
-    m.sync(route("10.0.0.0/8", "192.0.2.1"), route("172.16.0.0/12", "192.0.2.1"))
+    m = Guarded(capacity=2)
+    m.start(route("10.0.0.0/8", "192.0.2.1"), route("172.16.0.0/12", "192.0.2.1"))
     assert m.types() == {"10.0.0.0/8": "unicast", "172.16.0.0/12": "unicast"}
 
     m.change(Op.ADD, route("10.1.0.0/16", "192.0.2.2"))
@@ -82,8 +77,8 @@ def test_a_more_specific_that_does_not_fit_turns_its_cover_into_fib() -> None:
 
 
 def test_a_cover_added_later_is_written_as_fib() -> None:
-    m = Mirror(capacity=2)
-    m.sync(route("10.1.2.0/24", "192.0.2.1"), route("10.9.0.0/16", "192.0.2.1"))
+    m = Guarded(capacity=2)
+    m.start(route("10.1.2.0/24", "192.0.2.1"), route("10.9.0.0/16", "192.0.2.1"))
     m.change(Op.ADD, route("10.1.2.128/25", "192.0.2.2"))  # does not fit
     # a cover appears while the /25 is missing: it must not forward the /25's traffic
     m.change(Op.DEL, route("10.9.0.0/16", "192.0.2.1"))  # room for one: the /25 wins
@@ -93,8 +88,8 @@ def test_a_cover_added_later_is_written_as_fib() -> None:
 
 
 def test_a_deleted_cover_exposes_the_next_one_which_is_fib_already() -> None:
-    m = Mirror(capacity=3)
-    m.sync(route("10.0.0.0/8", "192.0.2.1"), route("10.1.0.0/16", "192.0.2.1"),
+    m = Guarded(capacity=3)
+    m.start(route("10.0.0.0/8", "192.0.2.1"), route("10.1.0.0/16", "192.0.2.1"),
            route("10.1.1.0/24", "192.0.2.1"))
     m.change(Op.ADD, route("10.1.1.1/32", "192.0.2.2"))
     assert m.types() == {"10.0.0.0/8": "fib", "10.1.0.0/16": "fib", "10.1.1.0/24": "fib"}
@@ -105,8 +100,8 @@ def test_a_deleted_cover_exposes_the_next_one_which_is_fib_already() -> None:
 
 
 def test_unrelated_prefixes_keep_the_fast_path() -> None:
-    m = Mirror(capacity=3)
-    m.sync(route("10.0.0.0/8", "192.0.2.1"), route("192.168.0.0/16", "192.0.2.1"),
+    m = Guarded(capacity=3)
+    m.start(route("10.0.0.0/8", "192.0.2.1"), route("192.168.0.0/16", "192.0.2.1"),
            route("0.0.0.0/0", "192.0.2.1"))
     m.change(Op.ADD, route("10.2.0.0/16", "192.0.2.2"))
     types = m.types()
@@ -119,8 +114,8 @@ def test_a_full_table_sync_into_a_small_map_never_misroutes() -> None:
     routes = [route(f"10.{a}.{b}.0/24", "192.0.2.1") for a in range(4) for b in range(8)]
     routes += [route(f"10.{a}.0.0/16", "192.0.2.2") for a in range(4)]
     routes += [route("10.0.0.0/8", "192.0.2.3"), route("0.0.0.0/0", "192.0.2.4")]
-    m = Mirror(capacity=20)
-    m.sync(*routes)
+    m = Guarded(capacity=20)
+    m.start(*routes)
     assert len(m.maps.maps["routes_v4"]) == 20
     assert m.writer.unwritten
     m.assert_no_misroute()
@@ -142,8 +137,8 @@ PREFIXES = ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.1.0/24", "10.1.1.128
        st.integers(1, 6))
 def test_any_churn_on_a_small_map_never_misroutes(ops: list[tuple[bool, str, int]],
                                                   capacity: int) -> None:
-    m = Mirror(capacity=capacity)
-    m.sync()
+    m = Guarded(capacity=capacity)
+    m.start()
     for add, prefix, gw in ops:
         m.change(Op.ADD if add else Op.DEL, route(prefix, f"192.0.2.{gw}"))
         m.assert_no_misroute()
