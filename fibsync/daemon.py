@@ -80,6 +80,7 @@ class Daemon:
         self.guard: FullMapGuard | None = None
         self.sync: SyncSink | None = None
         self.heartbeat: Heartbeat | None = None
+        self._beating: asyncio.Task[None] | None = None
         self.misses: MissReader | None = None
         self.source: Any = None
         self.resolver: Any = None
@@ -184,7 +185,7 @@ class Daemon:
             self.state = "stopping"
             self.notify.send("STOPPING=1")
             tasks = [stop, housekeeping, audit, self._netlink_task,
-                     *filter(None, [self._reclaim])]
+                     *filter(None, [self._reclaim, self._beating])]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -317,10 +318,12 @@ class Daemon:
         assert self.sync is not None
         self.sync.audit_window = InFlight()
 
-    def _close_audit_window(self) -> InFlight:
+    async def _close_audit_window(self) -> InFlight:
         """What this daemon applied since the window opened, its backlog included."""
         assert self.rib is not None and self.source is not None and self.sync is not None
-        self.source.catch_up()
+        if not await self.source.caught_up():
+            assert self.sync.audit_window is not None
+            self.sync.audit_window.overrun = True  # a resync: anything may have changed
         window, self.sync.audit_window = self.sync.audit_window or InFlight(), None
         window.nhids = self.rib.objects_using(window.nhids)
         return window
@@ -359,7 +362,8 @@ class Daemon:
                     self._reclaim = asyncio.create_task(self._wait_grace(reclaim))
             now = time.monotonic()
             assert self.heartbeat is not None
-            self.heartbeat.beat(now)
+            if self.heartbeat.due(now) and (self._beating is None or self._beating.done()):
+                self._beating = asyncio.create_task(self.heartbeat.beat(now), name="heartbeat")
             if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
                 self._last_interface_check = now
                 assert self.xdp is not None

@@ -120,20 +120,21 @@ class Heartbeat:
         self.stale_after = stale_after  # a reload may change it
         self.last = 0.0  # monotonic time of the last heartbeat written
 
-    def beat(self, now: float) -> None:
-        stale_after = self.stale_after
-        if now - self.last < min(self.EVERY, stale_after / 4):
-            return
+    def due(self, now: float) -> bool:
+        return now - self.last >= min(self.EVERY, self.stale_after / 4)
+
+    async def beat(self, now: float) -> None:
+        """One beat; it waits while the sink applies a backlog (run it as a task of its
+        own, not in a loop that must stay prompt)."""
         self.last = now
+        stale_after = self.stale_after
         if not stale_after:
             self.maps.set_heartbeat(0)
             return
-        self.source.catch_up()
-        if not self.source.in_sync:
-            return
-        fresh_until = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + \
-            int(stale_after * 1e9)
-        self.maps.set_heartbeat(fresh_until)
+        # the promise runs from now: what the kernel announced up to now is applied then
+        asked = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+        if await self.source.caught_up():
+            self.maps.set_heartbeat(asked + int(stale_after * 1e9))
 
     def doc(self) -> dict[str, Any]:
         return {"stale_after": self.stale_after,
