@@ -59,6 +59,11 @@ def choose(routes: list[Route] | None) -> Choice:
     if chosen[0].tos or (len(routes) > 1 and any(r.tos for r in routes)):
         # the fast path does not match on TOS: let the kernel's lookup decide
         return FIB
+    if len(chosen) > 1 and len(kernel := {KERNEL_ENTRY.get(r.type) for r in chosen}) == 1 \
+            and None not in kernel:
+        # aliases the kernel answers alike (unreachable beside prohibit): whichever it
+        # uses, the packet goes to it with the same reason
+        return kernel.pop()
     if len(chosen) > 1 and (len({r.type for r in chosen}) > 1
                             or chosen[0].type == RouteType.UNICAST):
         # IPv6 entries or IPv4 aliases side by side: the kernel picks one per

@@ -287,6 +287,20 @@ def test_a_route_renotified_with_replace_is_that_route_not_the_first_alias(m: Mi
         assert m.routes()[prefix]["type"] == "blackhole"
 
 
+def test_unreachable_beside_prohibit_is_one_behaviour_not_a_lookup(m: Mirror) -> None:
+    """Aliases the kernel answers alike: whichever it uses, the packet is the kernel's,
+    for the same reason (a stress loop's kernel view found the FIB entry odd)."""
+    unreachable = route("203.0.113.0/24", type=RouteType.UNREACHABLE)
+    m.add(unreachable)
+    m.apply(Change(Op.ADD, route("203.0.113.0/24", type=RouteType.PROHIBIT),
+                   NLM_F_CREATE | NLM_F_APPEND))
+    assert (m.routes()["203.0.113.0/24"]["type"],
+            m.routes()["203.0.113.0/24"]["reason"]) == ("kernel", "PASS_UNREACHABLE")
+    m.apply(Change(Op.ADD, route("203.0.113.0/24", type=RouteType.BLACKHOLE),
+                   NLM_F_CREATE | NLM_F_APPEND))
+    assert m.routes()["203.0.113.0/24"]["type"] == "fib"  # a drop beside them: the kernel picks
+
+
 # --- IPv6 keeps several routes under one (table, prefix, metric)
 
 def test_ipv6_routes_side_by_side_go_to_the_kernel_lookup(m: Mirror) -> None:
