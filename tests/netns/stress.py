@@ -264,10 +264,11 @@ def churn_and_compare(ns: Netns, daemon: RouterDaemon, rundir: Path, churn: Stre
     """Apply ``outcome.loop.changes`` of ``churn`` while ``daemon`` runs, then compare.
 
     Polls until fibsync's view equals the kernel's, or until the differences left
-    have not changed for ``timeout`` seconds (while they shrink, the daemon is
-    still working through a backlog: a storm can leave it a minute behind); the
-    kernel is quiet by then (the batch is over), so what is left at the
-    deadline is what the mirror got wrong.
+    have not changed for ``timeout`` seconds while the daemon answered its status
+    (while they change, or it is too busy to answer, it is still working through
+    a backlog: a storm can leave it minutes behind), ``MAX_SETTLE`` at most. The
+    kernel is quiet by then (the batch is over), so what is left at the deadline
+    is what the mirror got wrong.
     """
     outcome.segments = schedule(outcome.loop.seed, outcome.loop.changes, outcome.loop.rcvbuf)
     chunks = [churn.steps(seg.lines, lull=seg.rate is not None) for seg in outcome.segments]
@@ -294,7 +295,10 @@ def churn_and_compare(ns: Netns, daemon: RouterDaemon, rundir: Path, churn: Stre
             break
         seen = (sorted(outcome.missing.items()), sorted(outcome.extra.items()),
                 sorted(outcome.wrong.items()))
-        if seen != progress:
+        # a daemon too busy to answer its status socket is still working through
+        # the storm (minutes, after some compat-1 storms)
+        busy = not daemon.status()
+        if seen != progress or busy:
             progress = seen
             deadline = min(max(deadline, now + timeout), done + MAX_SETTLE)
         if now > deadline:
