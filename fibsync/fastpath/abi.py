@@ -1,7 +1,7 @@
 """User-space twin of ``bpf/fibsync.h``: constants, reason codes, map structs.
 
 Every struct here has the exact size and field offsets of its C original;
-``tests/bpf/test_abi.py`` parses the header and fails on any difference. Map
+``tests/unit/test_abi.py`` parses the header and fails on any difference. Map
 keys and values are built as these ctypes structs and written with
 ``bytes(struct)``; addresses are packed bytes (``model.Prefix.addr``).
 
