@@ -46,6 +46,7 @@ import errno
 import gc
 import json
 import os
+import select
 import socket
 import sys
 import time
@@ -88,6 +89,7 @@ from .rib import Filter, Rib
 # unless SO_RCVBUFFORCE is allowed)
 EVENT_RCVBUF = 256 << 20
 RECHECK_DELAY = 0.3  # seconds between the two passes
+DRAIN_TIMEOUT = 30.0  # seconds to read a pass's announcements up to its barrier
 
 Entry = tuple[Any, ...]
 ROUTE_IDENTITY = ROUTE.size - 1  # struct fs_route without its last byte, the prefix length
@@ -181,15 +183,30 @@ class EventWatch:
         self.inflight = InFlight()
         self._buf = bytearray(rtnl.RECV_BUFFER)
 
-    def drain(self) -> InFlight:
-        """Read every announcement queued so far."""
+    def drain(self, timeout: float = DRAIN_TIMEOUT) -> InFlight:
+        """Read the announcements queued up to now.
+
+        Up to a barrier, not until the socket is empty, which during a storm it
+        never is: the kernel queues the acknowledgement of a request sent now behind
+        every notification already queued (as NetlinkSource.caught_up does). An
+        overrun may drop the acknowledgement too: past ``timeout`` the pass is
+        marked overrun, which judges nothing.
+        """
         inflight = self.inflight
         view = memoryview(self._buf)
+        msg = rtnl.request(rtnl.NLMSG_NOOP, b"", rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK)
+        barrier = rtnl.seq_of(msg)
+        self.sock.send(msg)
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 n = self.sock.recv_into(self._buf, 0, socket.MSG_TRUNC)
             except BlockingIOError:
-                return inflight
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    inflight.overrun = True
+                    return inflight
+                continue
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
                     raise
@@ -199,7 +216,9 @@ class EventWatch:
                 inflight.overrun = True
                 continue
             try:
-                for _mtype, _flags, _seq, payload in decode(view[:n], lambda _e: None):
+                for mtype, _flags, seq, payload in decode(view[:n], lambda _e: None):
+                    if mtype == rtnl.NLMSG_ERROR and seq == barrier:
+                        return inflight
                     if payload.__class__ is Change:
                         inflight.note(payload)  # type: ignore[arg-type]
             except DecodeError:
