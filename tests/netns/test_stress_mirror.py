@@ -35,7 +35,7 @@ from fibsync.lab import Netns
 from .churn import StressChurn
 from .stress import Loop, run_loop, schedule
 
-CHANGES = int(os.environ.get("FIBSYNC_STRESS_CHANGES", "100000"))
+CHANGES = int(os.environ.get("FIBSYNC_STRESS_CHANGES", "200000"))  # the issue: loops of >= 200k
 
 
 def fresh_seed() -> int:
