@@ -586,9 +586,26 @@ class StressChurn(Churn):
             return self._neigh(self.rng.random() < 0.5)
         return self.follow(self._object())
 
-    def steps(self, count: int, lull: bool = False) -> list[str]:
-        """About ``count`` lines of changes (without ``closing()``); ``lull``: of a lull."""
-        step = self.lull_step if lull else self.step
+    def tree_step(self) -> list[str]:
+        """An IPv6 prefix of the large pool deleted (three times in four) or added: a
+        change to the tree an IPv6 dump walks, nothing else.
+
+        The kernel's IPv6 dump resumes after a change by skipping as many nodes as
+        it had dumped: each node deleted before its cursor makes it skip a live
+        one, each one added there makes it repeat one; deletes outnumber adds so
+        that skips do not cancel out, and the adds keep the tree changing."""
+        live, dead = self.live[6], self.dead[6]
+        if dead and (not live or self.rng.random() < 0.25):
+            return [self._install(6, dead.choice(self.rng), "")]
+        prefix = live.choice(self.rng)
+        key = self.key[prefix]
+        self._forget(6, prefix)
+        return [f"route del {prefix}{key}"]
+
+    def steps(self, count: int, lull: bool = False, tree: bool = False) -> list[str]:
+        """About ``count`` lines of changes (without ``closing()``); ``lull``: of a lull;
+        ``tree``: only IPv6 adds and deletes (``tree_step``)."""
+        step = self.tree_step if tree else self.lull_step if lull else self.step
         out: list[str] = []
         while len(out) < count:
             out += step()

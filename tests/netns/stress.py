@@ -36,7 +36,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ DEFAULT_RCVBUF = 64 << 20  # the daemon's (fibsync/config.py)
 # buffer of N bytes, doubled by the kernel, holds 2N / 1280 of them)
 NOTIFICATION_BYTES = 1280
 RESYNC_SECONDS = 4.0  # a resync of the prefilled table blocks the daemon about this long
+LAST_LULL_MAX = 45.0  # seconds the last lull may go on waiting for the daemon's resync
+LAST_LULL_RATE = 300.0  # changes per second in the last lull at most
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,18 @@ def lull_rate(rcvbuf: int | None) -> float:
 
 
 def schedule(seed: int, changes: int, rcvbuf: int | None, lull_seconds: float = 3.0,
-             last_lull_seconds: float = 8.0) -> list[Segment]:
+             last_lull_seconds: float = 12.0) -> list[Segment]:
     """Bursts at full speed with lulls between them, ending in a longer lull.
 
     A burst overruns small receive buffers (and, with nexthop_compat_mode 1,
     larger ones); the daemon then resyncs. The resync whose dump the mirror
     keeps is one that runs while the kernel still changes, slowly enough for
     the buffer to carry the session through (``lull_rate``): the lulls go at
-    a quarter to twice that rate. The last lull is longer than the daemon's
-    back-off between failed resyncs (5 s) plus a resync, so that one can
-    complete while changes still come in.
+    a quarter to twice that rate. The last lull, at a rate the buffer carries
+    with room to spare, lasts at least ``last_lull_seconds`` and, while the
+    loop runs, goes on until the daemon has completed a resync after its last
+    overrun (``ResyncWatch``): the resync the mirror ends with is then one
+    whose dump ran while the kernel changed.
     """
     rng = random.Random(seed * 31 + 7)
     base = lull_rate(rcvbuf)
@@ -95,7 +99,8 @@ def schedule(seed: int, changes: int, rcvbuf: int | None, lull_seconds: float = 
     for _ in range(rng.randint(3, 5)):
         rate = base * rng.choice((0.25, 0.5, 1.0, 2.0))
         lulls.append(Segment(max(1, int(rate * lull_seconds)), rate))
-    rate = base * rng.choice((0.5, 1.0))
+    # mostly IPv6 deletes (StressChurn.tree_step): at most 300/s, so that the pool lasts
+    rate = min(LAST_LULL_RATE, base * rng.choice((0.5, 0.75)))
     last = Segment(max(1, int(rate * last_lull_seconds)), rate)
     left = changes - sum(s.lines for s in [*lulls, last])
     if left <= len(lulls):
@@ -108,16 +113,23 @@ def schedule(seed: int, changes: int, rcvbuf: int | None, lull_seconds: float = 
     return out
 
 
-def paced(ns: Netns, lines: list[str], rundir: Path, rate: float) -> None:
+def paced(ns: Netns, lines: list[str], rundir: Path, rate: float,
+          more: Callable[[], list[str]] | None = None,
+          until: Callable[[], bool] | None = None) -> int:
     """Apply ``lines`` at about ``rate`` per second through one ``ip -force -batch -``.
 
-    Ends with churn's marker and recovers from iproute2 exiting mid-stream the
-    way test_mirror's ``batch()`` does: from just after the last line it
-    reported failing; a stream that never reaches its marker fails the test.
+    With ``more`` and ``until``: once the lines run out, ``until()`` says whether
+    to stop, and if not, ``more()`` gives the next lines. Ends with churn's
+    marker and recovers from iproute2 exiting mid-stream the way test_mirror's
+    ``batch()`` does: from just after the last line it reported failing; a
+    stream that never reaches its marker fails the test. Returns the number
+    of lines streamed (the marker and lines sent again not counted).
     """
     err_path = rundir / "paced.err"
     ns.run(["ip", "route", "flush", "table", str(MARKER_TABLE)], check=False)
-    todo = [*lines, f"route replace {MARKER} dev lo table {MARKER_TABLE}"]
+    marker = f"route replace {MARKER} dev lo table {MARKER_TABLE}"
+    todo = list(lines)
+    total = len(todo)
     stderr = ""
     for _ in range(20):
         with open(err_path, "w") as err:
@@ -125,23 +137,78 @@ def paced(ns: Netns, lines: list[str], rundir: Path, rate: float) -> None:
                             stdout=subprocess.DEVNULL, stderr=err, text=True)
         assert proc.stdin is not None
         start = time.monotonic()
+        sent = 0
         try:
-            for i, line in enumerate(todo):
-                proc.stdin.write(line + "\n")
+            while True:
+                if sent == len(todo):
+                    if more is None or until is None or until():
+                        break
+                    extra = more()
+                    todo += extra
+                    total += len(extra)
+                proc.stdin.write(todo[sent] + "\n")
                 proc.stdin.flush()
-                ahead = start + (i + 1) / rate - time.monotonic()
+                sent += 1
+                ahead = start + sent / rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
+            proc.stdin.write(marker + "\n")
             proc.stdin.close()
         except BrokenPipeError:
             pass
         proc.wait(timeout=120)
         stderr = err_path.read_text()
         if has_marker(ns):
-            return
+            return total
         failed = [int(n) for n in re.findall(r"Command failed -:(\d+)", stderr)]
         todo = todo[max(failed, default=0):]
     raise AssertionError(f"the paced stream never reached its end: {stderr[-500:]}")
+
+
+class ResyncWatch:
+    """Whether the daemon, since the watch began, completed a resync after its last
+    overrun and kept that session ``hold`` seconds (``fibsync status --json``)."""
+
+    def __init__(self, daemon: RouterDaemon, hold: float = 3.0) -> None:
+        self.daemon = daemon
+        self.hold = hold
+        self.counts = self._counts()
+        self.overrun_at: float | None = None
+        self.resync_at: float | None = None
+
+    def _counts(self) -> tuple[int, int] | None:
+        netlink = self.daemon.status().get("netlink") or {}
+        if "overruns" not in netlink:
+            return None  # too busy to answer
+        return netlink["overruns"], netlink["resyncs"]
+
+    def settled(self) -> bool:
+        counts, now = self._counts(), time.monotonic()
+        if counts is not None:
+            if self.counts is not None and counts[0] > self.counts[0]:
+                self.overrun_at = now
+            if self.counts is not None and counts[1] > self.counts[1]:
+                self.resync_at = now
+            self.counts = counts
+        if self.overrun_at is None:
+            return True
+        return (self.resync_at is not None and self.resync_at >= self.overrun_at
+                and now - self.resync_at >= self.hold)
+
+
+def last_lull(ns: Netns, rundir: Path, churn: StressChurn, lines: list[str], rate: float,
+              watch: ResyncWatch) -> int:
+    """``lines`` paced, then more, until the resync the mirror ends with has run in the
+    lull (or ``LAST_LULL_MAX`` seconds); returns the number of lines."""
+    start = time.monotonic()
+
+    def more() -> list[str]:
+        return churn.steps(max(1, int(2 * rate)), tree=True)
+
+    def until() -> bool:
+        return time.monotonic() - start >= LAST_LULL_MAX or watch.settled()
+
+    return paced(ns, lines, rundir, rate, more, until)
 
 
 def has_marker(ns: Netns) -> bool:
@@ -182,6 +249,7 @@ class Outcome:
     seconds_to_equal: float | None = None  # from the batch's end; None: never equal
     batch_seconds: float = 0.0  # applying the changes, bursts and lulls
     segments: list[Segment] = field(default_factory=list)
+    last_lull_seconds: float = 0.0  # how long the last lull waited for the daemon's resync
     setup_seconds: float = 0.0
     state: str = ""  # the daemon's state at the end
     audit: dict[str, Any] = field(default_factory=dict)  # status "audit", where the daemon has it
@@ -204,7 +272,8 @@ class Outcome:
         return (f"{self.loop} lines={self.lines} routes(v4/v6)={fam(self.routes)} "
                 f"overruns={self.overruns} resyncs={self.resyncs} dump_intr={self.dump_intr} "
                 f"missing(v4/v6)={fam(self.missing)} extra={fam(self.extra)} "
-                f"wrong={fam(self.wrong)} equal_after={equal} batch={self.batch_seconds:.1f}s"
+                f"wrong={fam(self.wrong)} equal_after={equal} batch={self.batch_seconds:.1f}s "
+                f"last_lull={self.last_lull_seconds:.1f}s"
                 + (f" last_resync_queued={self.last_resync_queued}"
                    if self.last_resync_queued is not None else "")
                 + (f" audit(runs={self.audit.get('runs')} divergences="
@@ -270,16 +339,30 @@ def churn_and_compare(ns: Netns, daemon: RouterDaemon, rundir: Path, churn: Stre
     kernel is quiet by then (the batch is over), so what is left at the deadline
     is what the mirror got wrong.
     """
-    outcome.segments = schedule(outcome.loop.seed, outcome.loop.changes, outcome.loop.rcvbuf)
-    chunks = [churn.steps(seg.lines, lull=seg.rate is not None) for seg in outcome.segments]
-    chunks[-1] += churn.closing()
-    outcome.lines = sum(len(c) for c in chunks)
+    segments = outcome.segments = schedule(outcome.loop.seed, outcome.loop.changes,
+                                           outcome.loop.rcvbuf)
+    # the last lull only deletes and adds IPv6 prefixes: every notification the
+    # buffer must carry through the resync is a change to the tree the dump walks
+    chunks = [churn.steps(seg.lines, lull=seg.rate is not None, tree=i == len(segments) - 1)
+              for i, seg in enumerate(segments)]
+    outcome.lines = 0
+    watch: ResyncWatch | None = None
     started = time.monotonic()
-    for seg, chunk in zip(outcome.segments, chunks, strict=True):
+    for i, (seg, chunk) in enumerate(zip(segments, chunks, strict=True)):
+        if i == len(segments) - 2:
+            watch = ResyncWatch(daemon)  # from the last burst on
         if seg.rate is None:
             batch(ns, chunk, rundir)
+            outcome.lines += len(chunk)
+        elif i < len(segments) - 1 or watch is None:
+            outcome.lines += paced(ns, chunk, rundir, seg.rate)
         else:
-            paced(ns, chunk[:-1] if chunk is chunks[-1] else chunk, rundir, seg.rate)
+            t = time.monotonic()
+            outcome.lines += last_lull(ns, rundir, churn, chunk, seg.rate, watch)
+            outcome.last_lull_seconds = time.monotonic() - t
+    closing = churn.closing()  # every link up with its addresses, then the marker
+    batch(ns, closing, rundir)
+    outcome.lines += len(closing)
     done = time.monotonic()
     outcome.batch_seconds = done - started
     deadline = done + timeout
