@@ -50,7 +50,7 @@ from .test_mirror import batch
 
 DEFAULT_CHANGES = 200_000
 SETTLE_TIMEOUT = 60.0  # seconds the differences stay the same before they are final
-MAX_SETTLE = 600.0  # seconds after the last change, whatever the differences do
+MAX_SETTLE = 300.0  # seconds after the last change, whatever the differences do
 SMALL_RCVBUFS = (4096, 16384, 65536)
 DEFAULT_RCVBUF = 64 << 20  # the daemon's (fibsync/config.py)
 # what the kernel charges a receive buffer for one route notification (measured: a
