@@ -10,8 +10,8 @@ which rewrites exactly what differs; the resync is audited in turn.
 An audit that could not judge everything (prefixes changing while it read, or
 announcements lost) is run again soon: once the kernel has been quiet for
 ``QUIET`` seconds, or after a delay that doubles up to the interval. Nothing
-runs sooner than twice the last audit's duration after it ended, so that
-audits never take more than a third of a core.
+runs sooner than twice the last child's run time after the audit ended, so
+that audits never take more than a third of a core.
 
 Why this is needed, besides catching bugs: a kernel dump taken while the
 tables change may skip live routes (fibsync/verify.py says how), and the
@@ -99,6 +99,7 @@ class Auditor:
         self._wake = asyncio.Event()
         self._retry: float | None = None  # delay of the pending re-audit
         self._ended = 0.0  # monotonic end of the last audit
+        self._child_seconds = 0.0  # how long the last audit's child ran
 
     def request(self) -> None:
         """Audit as soon as the rules allow (after a resync)."""
@@ -122,7 +123,10 @@ class Auditor:
             if not self.interval:
                 pass  # off: only a reload that sets an interval wakes it
             elif self._retry is not None:
-                earliest = self._ended + 2 * self.stats.last_seconds
+                # the child's time, not the wait for the daemon's own backlog after it:
+                # an audit overlapping a storm would otherwise hold the next one off
+                # for twice the storm
+                earliest = self._ended + 2 * self._child_seconds
                 quiet = now - self._last_change() >= QUIET
                 due = self._ended + self._retry <= now
                 if now >= earliest and (quiet or due):
@@ -145,6 +149,7 @@ class Auditor:
         self._open()
         try:
             report = await self._child(args)
+            self._child_seconds = time.monotonic() - t0
         except (RuntimeError, OSError, ValueError) as exc:
             await self._close()
             s.failures += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import structlog
@@ -125,3 +126,27 @@ def test_what_the_daemon_applied_meanwhile_is_in_flight() -> None:
     assert doc is not None and doc["in_flight"] == 1
     assert [d["prefix"] for d in doc["differences"]] == ["203.0.113.0/24"]
     assert fake.repaired == [[Prefix.parse("203.0.113.0/24")]]
+
+
+def test_waiting_for_the_daemons_backlog_does_not_hold_the_next_audit_off() -> None:
+    """An audit whose window closes only after the daemon applied a storm's backlog lasted
+    minutes, and the next one waited twice that: the duty cycle counts the child alone."""
+    fake = Fake(report(in_flight=1), report())
+
+    async def slow_close() -> InFlight:
+        await asyncio.sleep(0.6)  # the daemon's backlog being applied
+        return InFlight()
+
+    auditor = Auditor(300, dict, set, fake.repaired.append, lambda: 0.0,
+                      structlog.get_logger(), child=fake.child, window=(lambda: None, slow_close))
+
+    async def go() -> float:
+        await auditor.audit_once()  # inconclusive: another one is due soon
+        started = time.monotonic()
+        task = asyncio.create_task(auditor.run())
+        while auditor.stats.runs < 2:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        return time.monotonic() - started
+
+    assert asyncio.run(go()) < 1.2  # its own 0.6 s, not 2 x 0.6 s of waiting first
