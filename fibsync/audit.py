@@ -8,10 +8,10 @@ Prometheus ``fibsync_audit_divergences_total``) and repaired by a resync,
 which rewrites exactly what differs; the resync is audited in turn.
 
 An audit that could not judge everything (prefixes changing while it read, or
-announcements lost) is run again soon: once the kernel has been quiet for
-``QUIET`` seconds, or after a delay that doubles up to the interval. Nothing
-runs sooner than twice the last child's run time after the audit ended, so
-that audits never take more than a third of a core.
+announcements lost) is run again soon: as soon as the kernel has been quiet
+for ``QUIET`` seconds, or, while changes go on, after a delay that doubles up
+to the interval and no sooner than twice the last child's run time after it
+ended, so that audits during churn take at most a third of a core.
 
 Why this is needed, besides catching bugs: a kernel dump taken while the
 tables change may skip live routes (fibsync/verify.py says how), and the
@@ -123,13 +123,15 @@ class Auditor:
             if not self.interval:
                 pass  # off: only a reload that sets an interval wakes it
             elif self._retry is not None:
-                # the child's time, not the wait for the daemon's own backlog after it:
-                # an audit overlapping a storm would otherwise hold the next one off
-                # for twice the storm
-                earliest = self._ended + 2 * self._child_seconds
+                # A quiet kernel starts it at once: the audit then competes with no
+                # change, and sees a static kernel. While changes go on, it waits for
+                # its retry delay and for twice the last child's run time (a child
+                # that ran during a storm, niced behind the daemon and the changes,
+                # may have been slow for lack of CPU, not for work).
                 quiet = now - self._last_change() >= QUIET
+                earliest = self._ended + 2 * self._child_seconds
                 due = self._ended + self._retry <= now
-                if now >= earliest and (quiet or due):
+                if quiet or (due and now >= earliest):
                     return
             elif now >= deadline:
                 return
