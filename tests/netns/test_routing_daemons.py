@@ -25,6 +25,7 @@ from fibsync.lab import (
     BgpNeighbor,
     Bird,
     Frr,
+    LabError,
     Netns,
     bgpd_config,
     subnets,
@@ -57,7 +58,13 @@ def kernel_prefixes(ns: Netns, table: str = "main", proto: str | None = None) ->
     filt = ["proto", proto] if proto else []
     out = set()
     for family, host in (("-4", "/32"), ("-6", "/128")):
-        for r in ns.ip_json(family, "route", "show", "table", table, *filt):
+        try:
+            routes = ns.ip_json(family, "route", "show", "table", table, *filt)
+        except LabError as e:
+            if "FIB table does not exist" not in str(e):
+                raise
+            routes = []  # the daemon has not installed its first route there yet
+        for r in routes:
             out.add(r["dst"] if "/" in r["dst"] else r["dst"] + host)
     return out
 
