@@ -194,16 +194,19 @@ class Reclaim:
     single route change would otherwise wait once a pool has run out of
     never-used numbers)."""
 
-    def __init__(self, pools: list[Pool]) -> None:
+    def __init__(self, pools: list[Pool], switches: Callable[[], None] | None = None) -> None:
         self._tokens = [(p, t) for p in pools if (t := p.begin_reclaim()) is not None]
+        self._switches = switches  # nexthop copies switched before now: free after it
 
     def __bool__(self) -> bool:
-        return bool(self._tokens)
+        return bool(self._tokens) or self._switches is not None
 
     def done(self) -> None:
         """Call once a grace period that began after this object was made is over."""
         for pool, token in self._tokens:
             pool.end_reclaim(token)
+        if self._switches is not None:
+            self._switches()
 
 
 class Dir24Table:
@@ -236,7 +239,9 @@ class Dir24Table:
         self._copy: dict[int, int] = {}
         self._slots_of_nh: dict[int, set[int]] = {}
         self._switched: dict[int, int] = {}
-        self._epoch = 0
+        self._epoch = 0  # switches made now belong to this epoch
+        self._settled = -1  # a grace period has passed since every switch of epochs <= this
+        self._switches_pending = False  # switches in this epoch, no grace period begun since
         self._held: set[int] = set()  # slots interned by the operation under way
         self.stats = Dir24Stats()
         self._adopt()
@@ -296,18 +301,38 @@ class Dir24Table:
         return abi.ROUTE.pack(2 * slot, action, flags | abi.FS_ROUTE_NH_COPY, reason, 0)
 
     def begin_reclaim(self) -> Reclaim:
-        return Reclaim([self.groups, self.slots])
+        """What a grace period starting now frees: retired groups and slots, and the
+        other copy of every slot switched so far (``nexthops_changed``)."""
+        switches = None
+        if self._switches_pending:
+            epoch = self._epoch
+            self._epoch += 1
+            self._switches_pending = False
+
+            def switches() -> None:
+                self._settled = max(self._settled, epoch)
+        return Reclaim([self.groups, self.slots], switches)
 
     def nexthops_changed(self, changed: dict[int, bytes]) -> None:
         """Nexthops (id -> struct fs_nexthop bytes) got new contents: every slot
-        naming a copy of one switches to its other copy, written first."""
+        naming a copy of one switches to its other copy, written first.
+
+        A slot switched again before a grace period has passed since its last
+        switch waits for one here (its other copy may still be read); the daemon
+        runs grace periods off the write path (``begin_reclaim``), so that only
+        a nexthop changing twice within a few milliseconds waits. Contents equal
+        to what the slot's copy holds (a re-announcement) switch nothing."""
         if self._nh is None:
             return
         for nh_id, nhb in changed.items():
             for slot in self._slots_of_nh.get(nh_id, ()):
-                if self._switched.get(slot) == self._epoch:
+                at = (2 * slot + self._copy[slot]) * NH_STRIDE
+                if self._nh[at:at + NH_SIZE] == nhb:
+                    continue
+                if self._switched.get(slot, -1) > self._settled:
                     # its other copy may still be read through the last switch
                     self._grace()
+                    self._settled = self._epoch
                     self._epoch += 1
                 other = 1 - self._copy[slot]
                 at = (2 * slot + other) * NH_STRIDE
@@ -315,6 +340,7 @@ class Dir24Table:
                 self._slot_words[2 * slot] = 2 * slot + other
                 self._copy[slot] = other
                 self._switched[slot] = self._epoch
+                self._switches_pending = True
 
     def _collect_slots(self) -> None:
         """Retire the slots no entry names any more (values no route uses now).

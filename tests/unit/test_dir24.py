@@ -374,6 +374,48 @@ def test_a_changed_nexthop_switches_copies_after_writing_the_other() -> None:
     assert graces.count == 1
 
 
+def test_a_nexthop_announced_again_unchanged_switches_nothing() -> None:
+    # a route deleted and added again re-announces its nexthop with the same bytes:
+    # it must not cost a switch, let alone a grace period on the write path
+    ref = Reference()
+    nexthops = {1: nexthop(1)}
+    t = table(ref, nexthops=nexthops)
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
+    slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
+    for _ in range(3):
+        t.nexthops_changed({1: nexthop(1)})
+    graces = t._grace
+    assert isinstance(graces, Graces) and graces.count == 0
+    assert t._slot_words[2 * slot] == 2 * slot  # still the first copy
+    assert not t.begin_reclaim()  # nothing switched: no grace period to run either
+
+
+def test_a_grace_period_run_elsewhere_frees_the_other_copy() -> None:
+    ref = Reference()
+    nexthops = {1: nexthop(1)}
+    t = table(ref, nexthops=nexthops)
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
+    graces = t._grace
+    assert isinstance(graces, Graces)
+    t.nexthops_changed({1: nexthop(7)})
+    reclaim = t.begin_reclaim()  # the daemon's thread: a grace period begins after the switch
+    assert reclaim
+    t.nexthops_changed({1: nexthop(8)})  # before it ended: this switch has to wait here
+    assert graces.count == 1
+    reclaim = t.begin_reclaim()
+    reclaim.done()
+    t.nexthops_changed({1: nexthop(9)})  # after one ended: no wait
+    assert graces.count == 1 and t.nexthop_copy(ip("10.0.0.1")) == nexthop(9)
+    t.begin_reclaim().done()
+    # a grace period that began before a switch does not free that switch's copy
+    early = t.begin_reclaim()
+    t.nexthops_changed({1: nexthop(10)})
+    early.done()
+    assert graces.count == 1
+    t.nexthops_changed({1: nexthop(11)})
+    assert graces.count == 2 and t.nexthop_copy(ip("10.0.0.1")) == nexthop(11)
+
+
 def test_slots_collected_forget_their_copies() -> None:
     ref = Reference()
     nexthops = {n: nexthop(n) for n in range(1, 10)}
