@@ -52,6 +52,37 @@ static __always_inline void fs_fib_params_v6(struct fs_pkt *p, struct ipv6hdr *i
  * The kernel's own route and neighbour for *fib: true with *eg filled (the
  * MTU already checked against tot_len), false with *v the kernel's refusal.
  */
+#ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
+#define BPF_FIB_LOOKUP_SKIP_NEIGH (1U << 2) /* Linux 6.3; the build may use older headers */
+#endif
+
+/*
+ * Under policy rules, the source as fib_validate_source() checks it then (a
+ * "full check"): its route, found through the rules, must be unicast; under
+ * strict rp_filter, via the ingress interface. bpf_fib_lookup finds it (the
+ * kernel's check looks up from lo, this one from the ingress interface: the
+ * daemon hands rules with an iif selector to the kernel instead).
+ */
+static __always_inline bool fs_fib_source_v4(struct fs_pkt *p, struct iphdr *iph, __u32 *reason)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET;
+	fib.tos = iph->tos;
+	fib.tot_len = p->l3_len;
+	fib.ifindex = p->ctx->ingress_ifindex;
+	fib.ipv4_src = iph->daddr;
+	fib.ipv4_dst = iph->saddr;
+	rc = bpf_fib_lookup(p->ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS &&
+	    (!(p->ifc.flags & FS_IF_RPF_STRICT) || fib.ifindex == p->ctx->ingress_ifindex))
+		return true;
+	/* local (NOT_FWDED), blackhole, unreachable, no route: the kernel decides */
+	*reason = FS_REASON_PASS_RP_FILTER;
+	return false;
+}
+
 static __always_inline bool fs_fib_lookup(struct fs_pkt *p, struct bpf_fib_lookup *fib,
 					  struct fs_egress *eg, struct fs_verdict *v)
 {

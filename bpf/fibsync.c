@@ -84,6 +84,7 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct fs_counter, counters, FS_REASON_M
 		 FS_PIN(counters));
 BPF_TABLE_PINNED("array", __u32, struct fs_config, config, 1, FS_PIN(config));
 BPF_TABLE_PINNED("array", __u32, struct fs_heartbeat, heartbeat, 1, FS_PIN(heartbeat));
+BPF_TABLE_PINNED("array", __u32, struct fs_iface, ifaces, FS_MAX_IFACES, FS_PIN(ifaces));
 BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl24, FS_DIR24_ENTRIES / 2,
 		 FS_PIN(v4_tbl24), BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl8,
@@ -112,19 +113,6 @@ __attribute__((section("maps/devmap:" FS_PIN(tx_ports))))
 struct tx_ports_table_t tx_ports = { .max_entries = FS_MAX_TX_PORTS };
 __attribute__((section("maps/devmap:" FS_PIN(tx_direct))))
 struct tx_ports_table_t tx_direct = { .max_entries = FS_TX_DIRECT };
-
-/* bcc's BPF_RINGBUF_OUTPUT, pinned. */
-struct neigh_miss_table_t {
-	int key;
-	__u32 leaf;
-	int (*ringbuf_output)(void *, u64, u64);
-	void *(*ringbuf_reserve)(u64);
-	void (*ringbuf_discard)(void *, u64);
-	void (*ringbuf_submit)(void *, u64);
-	__u32 max_entries;
-};
-__attribute__((section("maps/ringbuf:" FS_PIN(neigh_miss))))
-struct neigh_miss_table_t neigh_miss = { .max_entries = FS_NEIGH_MISS_BYTES };
 
 /* ---------------------------------------------------------------- state */
 
@@ -169,19 +157,6 @@ static __always_inline void fs_count(__u32 reason, __u64 bytes)
  * trie), then its egress through an ECMP group, a nexthop and, for a
  * connected route, the neighbour. Nothing here touches the frame.
  */
-
-/* Ask the daemon to have the kernel resolve this neighbour (ring buffer). */
-static __always_inline void fs_neigh_miss(__u32 ifindex, __u32 family, const void *addr)
-{
-	struct fs_miss *m = neigh_miss.ringbuf_reserve(sizeof(*m));
-
-	if (!m)
-		return;
-	m->ifindex = ifindex;
-	m->family = family;
-	__builtin_memcpy(m->addr, addr, sizeof(m->addr));
-	neigh_miss.ringbuf_submit(m, 0);
-}
 
 /*
  * DIR-24-8: one array read for prefixes up to /24, a second for longer ones,
@@ -236,8 +211,11 @@ static __always_inline struct fs_route *fs_v6_route(const __u8 *daddr)
 
 /*
  * A FORWARD route's egress: true with *eg filled, false when the fast path's
- * tables cannot say (missing entry, unresolved neighbour: the daemon is asked
- * to resolve it) and bpf_fib_lookup must.
+ * tables cannot say (missing entry, unresolved neighbour) and bpf_fib_lookup
+ * must. An unresolved neighbour is never probed from here: bpf_fib_lookup
+ * answers NO_NEIGH, the packet goes to the kernel, and the kernel resolves
+ * it exactly when and as it would have (a FAILED path skipped under
+ * fib_multipath_use_neigh stays skipped).
  */
 static __always_inline bool fs_nexthop_egress(struct fs_pkt *p, void *l3, const void *daddr,
 					      const struct fs_route *r, struct fs_egress *eg)
@@ -280,15 +258,12 @@ static __always_inline bool fs_nexthop_egress(struct fs_pkt *p, void *l3, const 
 		else
 			__builtin_memcpy(nk.addr, daddr, 16);
 		ne = neighbours.lookup(&nk);
-		if (!ne) {
-			fs_neigh_miss(nk.ifindex, nk.family, nk.addr);
+		if (!ne)
 			return false;
-		}
 		eg->dmac = ne->mac;
 	} else if (nh->flags & FS_NH_RESOLVED) {
 		eg->dmac = nh->dmac;
 	} else {
-		fs_neigh_miss(nh->ifindex, nh->family, nh->gateway);
 		return false;
 	}
 	eg->ifindex = nh->ifindex;
@@ -338,10 +313,20 @@ static __always_inline struct fs_verdict fs_redirect(struct fs_pkt *p, void *l3,
 {
 	long sent;
 
+	__u32 out = eg->ifindex;
+	struct fs_iface *e;
+
 	if (eg->mtu && p->l3_len > eg->mtu)
 		return FS_PASS(PASS_MTU);
 	if (p->hops <= 1)
 		return FS_PASS(PASS_TTL);
+	if (out == p->ctx->ingress_ifindex)
+		return FS_PASS(PASS_HAIRPIN);
+	e = ifaces.lookup(&out);
+	if (!e)
+		return FS_PASS(PASS_IFACE_UNKNOWN);
+	if (e->egress)
+		return fs_pass(e->egress);
 	/* With XDP_PASS as the fallback action, a port missing from tx_ports
 	 * returns the frame untouched to the kernel. */
 	if (eg->ifindex < FS_TX_DIRECT) {
@@ -424,6 +409,66 @@ static __always_inline struct fs_verdict fs_fib_v6(struct fs_pkt *p, struct ipv6
 	return fs_fib_forward(p, ip6h, &fib, reason);
 }
 
+/* ---------------------------------------------------------------- conditions */
+
+/*
+ * Kernel behaviour our tables do not hold (fs_iface, from fibsync/fidelity.py):
+ * the ingress interface's entry says whether this family's packets go to the
+ * kernel (forwarding off, VRF, tc ingress, netfilter, IPsec, unsupported
+ * rules), whether TCP/UDP may carry partial checksums, and how to check the
+ * source. The common case, no condition, costs one inlined array read here,
+ * one more in fs_redirect, and the source lookup of fs_ipv4_source.
+ */
+static __always_inline bool fs_ingress_ok(const struct fs_pkt *p, __u8 pass, __u32 *reason)
+{
+	if (pass) {
+		*reason = pass;
+		return false;
+	}
+	if ((p->ifc.flags & FS_IF_CHECKSUM) &&
+	    (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)) {
+		*reason = FS_REASON_PASS_CHECKSUM;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * The source, as ip_route_input_slow() and fib_validate_source() check a
+ * forwarded packet's: an address of this host is a martian (accept_local
+ * aside, which we leave to the kernel); under rp_filter the source needs a
+ * unicast route (loose), and one whose nexthop is the ingress interface
+ * (strict). Our own table answers where it can; what it cannot confirm (no
+ * route, an ECMP route under strict) goes to the kernel, which decides.
+ */
+static __always_inline bool fs_ipv4_source(struct fs_pkt *p, struct iphdr *iph, __u32 *reason)
+{
+	struct fs_route *r = fs_v4_route(&p->cfg, iph->saddr);
+	__u8 rpf = p->ifc.flags & (FS_IF_RPF_LOOSE | FS_IF_RPF_STRICT);
+	struct fs_nexthop *nh;
+	__u32 nh_id;
+
+	if (r && r->action == FS_ACT_KERNEL && r->reason == FS_REASON_PASS_LOCAL) {
+		*reason = FS_REASON_PASS_MARTIAN_SOURCE;
+		return false;
+	}
+	if (!rpf)
+		return true;
+	*reason = FS_REASON_PASS_RP_FILTER;
+	if (!r || r->action != FS_ACT_FORWARD)
+		return false;
+	if (!(rpf & FS_IF_RPF_STRICT))
+		return true;
+	if (r->flags & FS_ROUTE_GROUP)
+		return false;
+	nh_id = r->nh_id;
+	if (r->flags & FS_ROUTE_NH_COPY)
+		nh = v4_nh.lookup(&nh_id);
+	else
+		nh = nexthops.lookup(&nh_id);
+	return nh && nh->ifindex == p->ctx->ingress_ifindex;
+}
+
 /* The fragment policy: fragments go to the kernel when fs_config says so. */
 static __always_inline bool fs_fragment_to_kernel(const struct fs_pkt *p)
 {
@@ -498,6 +543,16 @@ static __always_inline struct fs_verdict fs_ipv4(struct fs_pkt *p, struct fs_cur
 		return fs_pass(reason);
 	if (fs_fragment_to_kernel(p))
 		return FS_PASS(PASS_FRAGMENT);
+	if (!fs_ingress_ok(p, p->ifc.pass_v4, &reason))
+		return fs_pass(reason);
+	if (p->ifc.flags & FS_IF_RULES_V4) {
+		/* policy rules: bpf_fib_lookup applies them, to the source too */
+		if (!fs_fib_source_v4(p, iph, &reason))
+			return fs_pass(reason);
+		return fs_fib_v4(p, iph, FS_REASON_FWD_RULES);
+	}
+	if (!fs_ipv4_source(p, iph, &reason))
+		return fs_pass(reason);
 	if (fs_stale())
 		return fs_fib_v4(p, iph, FS_REASON_FWD_STALE);
 	r = fs_v4_route(&p->cfg, iph->daddr);
@@ -580,6 +635,10 @@ static __always_inline struct fs_verdict fs_ipv6(struct fs_pkt *p, struct fs_cur
 	p->is_frag = ip6h->nexthdr == IPPROTO_FRAGMENT;
 	if (fs_fragment_to_kernel(p))
 		return FS_PASS(PASS_FRAGMENT);
+	if (!fs_ingress_ok(p, p->ifc.pass_v6, &reason))
+		return fs_pass(reason);
+	if (p->ifc.flags & FS_IF_RULES_V6)
+		return fs_fib_v6(p, ip6h, FS_REASON_FWD_RULES);
 	if (fs_stale())
 		return fs_fib_v6(p, ip6h, FS_REASON_FWD_STALE);
 	r = fs_v6_route(ip6h->daddr.s6_addr);
@@ -595,6 +654,8 @@ static __always_inline struct fs_verdict fs_process(struct xdp_md *ctx, void *da
 {
 	struct fs_cursor c = { .pos = data, .end = data_end };
 	struct fs_pkt p = { .ctx = ctx, .end = data_end };
+	__u32 ingress = ctx->ingress_ifindex;
+	struct fs_iface *ifc;
 	__be16 proto;
 
 	p.eth = fs_parse_eth(&c);
@@ -619,6 +680,10 @@ static __always_inline struct fs_verdict fs_process(struct xdp_md *ctx, void *da
 	}
 	if (p.eth->h_dest[0] & 1)
 		return FS_PASS(PASS_MULTICAST);
+	ifc = ifaces.lookup(&ingress);
+	if (!ifc)
+		return FS_PASS(PASS_IFACE_UNKNOWN);
+	p.ifc = *ifc;
 	fs_config_read(&p.cfg);
 	if (p.family == AF_INET)
 		return fs_ipv4(&p, &c);

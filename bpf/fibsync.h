@@ -121,6 +121,24 @@
 #define FS_CFG_PASS_FRAGMENTS 0x1
 
 /*
+ * `ifaces`, an array indexed by ifindex: what the fast path may do with a
+ * packet arriving on an interface, and with one routed out of it. The daemon
+ * folds the conditions that hold for every interface (netfilter, IPsec,
+ * policy rules) into each entry, so that a packet reads one entry where it
+ * comes in and one where it goes out. An all-zero entry: no condition.
+ */
+#ifndef FS_MAX_IFACES
+#define FS_MAX_IFACES 65536
+#endif
+
+/* fs_iface.flags */
+#define FS_IF_RPF_LOOSE 0x1  /* IPv4 rp_filter 2: the source needs a unicast route */
+#define FS_IF_RPF_STRICT 0x2 /* rp_filter 1: ... one whose nexthop is this interface */
+#define FS_IF_CHECKSUM 0x4   /* TCP/UDP arriving here may carry partial checksums */
+#define FS_IF_RULES_V4 0x8   /* policy rules: IPv4 by bpf_fib_lookup, source by it too */
+#define FS_IF_RULES_V6 0x10  /* policy rules: IPv6 by bpf_fib_lookup */
+
+/*
  * Why a packet left the fast path the way it did: the index into `counters`.
  * Codes are stable (a restarted daemon adopts the pinned counters), so new
  * reasons are appended before FS_REASON_MAX, never inserted.
@@ -144,12 +162,25 @@
 	X(PASS_MALFORMED, 15, "truncated or invalid header, or martian address")    \
 	X(DROP_BLACKHOLE, 16, "dropped by a blackhole route")                       \
 	X(PASS_KERNEL_ROUTE, 17, "route says: kernel, with an unknown reason code")  \
-	X(FWD_STALE, 18, "forwarded using bpf_fib_lookup alone: the daemon's tables are stale")
+	X(FWD_STALE, 18, "forwarded using bpf_fib_lookup alone: the daemon's tables are stale") \
+	X(PASS_FORWARDING_OFF, 19, "forwarding is off (IPv4: the ingress interface's; IPv6: all)") \
+	X(PASS_RULES, 20, "policy rules the fast path cannot evaluate (fwmark, uid, ports, l3mdev, action)") \
+	X(FWD_RULES, 21, "forwarded using bpf_fib_lookup, which applies the policy rules in place") \
+	X(PASS_VRF, 22, "ingress interface is enslaved to a VRF (l3mdev)")                    \
+	X(PASS_RP_FILTER, 23, "rp_filter or a custom rule set: the kernel validates the source") \
+	X(PASS_NETFILTER, 24, "netfilter rules may act on this family's forwarded traffic")   \
+	X(PASS_XFRM, 25, "IPsec (XFRM) policies may cover this family's forwarded traffic")   \
+	X(PASS_TC_INGRESS, 26, "tc or tcx ingress on the ingress interface: it runs before routing") \
+	X(PASS_EGRESS_QDISC, 27, "egress interface has its own qdisc or tc/tcx egress")       \
+	X(PASS_CHECKSUM, 28, "TCP/UDP from a veth whose peer leaves checksums to offload")    \
+	X(PASS_HAIRPIN, 29, "egress is the ingress interface: the kernel may send a redirect") \
+	X(PASS_MARTIAN_SOURCE, 30, "source is an address of this host: the kernel drops it") \
+	X(PASS_IFACE_UNKNOWN, 31, "interface without fast path state (ifindex beyond FS_MAX_IFACES)")
 
 #define FS_REASON_ENUM(name, value, desc) FS_REASON_##name = value,
 enum fs_reason {
 	FS_REASONS(FS_REASON_ENUM)
-	FS_REASON_MAX = 19
+	FS_REASON_MAX = 32
 };
 #undef FS_REASON_ENUM
 
@@ -210,6 +241,14 @@ struct fs_neigh {
 struct fs_counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* ingress and egress conditions of one interface; reasons are enum fs_reason, 0 none */
+struct fs_iface {
+	__u8 pass_v4; /* hand every IPv4 packet arriving here to the kernel, counted so */
+	__u8 pass_v6;
+	__u8 flags;   /* FS_IF_* */
+	__u8 egress;  /* hand every packet routed out of here to the kernel, counted so */
 };
 
 struct fs_config {

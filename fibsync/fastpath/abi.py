@@ -68,6 +68,13 @@ FS_HASH_L4 = 1
 
 FS_CFG_PASS_FRAGMENTS = 0x1
 
+FS_MAX_IFACES = 65536
+FS_IF_RPF_LOOSE = 0x1
+FS_IF_RPF_STRICT = 0x2
+FS_IF_CHECKSUM = 0x4
+FS_IF_RULES_V4 = 0x8
+FS_IF_RULES_V6 = 0x10
+
 
 class Reason(IntEnum):
     """Why a packet left the fast path as it did; the index into ``counters``."""
@@ -99,9 +106,23 @@ class Reason(IntEnum):
     DROP_BLACKHOLE = 16, "dropped by a blackhole route"
     PASS_KERNEL_ROUTE = 17, "route says: kernel, with an unknown reason code"
     FWD_STALE = 18, "forwarded using bpf_fib_lookup alone: the daemon's tables are stale"
+    PASS_FORWARDING_OFF = 19, "forwarding is off (IPv4: the ingress interface's; IPv6: all)"
+    PASS_RULES = 20, ("policy rules the fast path cannot evaluate (fwmark, uid, ports, "
+                      "l3mdev, action)")
+    FWD_RULES = 21, "forwarded using bpf_fib_lookup, which applies the policy rules in place"
+    PASS_VRF = 22, "ingress interface is enslaved to a VRF (l3mdev)"
+    PASS_RP_FILTER = 23, "rp_filter or a custom rule set: the kernel validates the source"
+    PASS_NETFILTER = 24, "netfilter rules may act on this family's forwarded traffic"
+    PASS_XFRM = 25, "IPsec (XFRM) policies may cover this family's forwarded traffic"
+    PASS_TC_INGRESS = 26, "tc or tcx ingress on the ingress interface: it runs before routing"
+    PASS_EGRESS_QDISC = 27, "egress interface has its own qdisc or tc/tcx egress"
+    PASS_CHECKSUM = 28, "TCP/UDP from a veth whose peer leaves checksums to offload"
+    PASS_HAIRPIN = 29, "egress is the ingress interface: the kernel may send a redirect"
+    PASS_MARTIAN_SOURCE = 30, "source is an address of this host: the kernel drops it"
+    PASS_IFACE_UNKNOWN = 31, "interface without fast path state (ifindex beyond FS_MAX_IFACES)"
 
 
-FS_REASON_MAX = 19
+FS_REASON_MAX = 32
 
 
 class FsV4Key(ctypes.Structure):
@@ -164,6 +185,15 @@ class FsCounter(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
+class FsIface(ctypes.Structure):
+    _fields_ = [
+        ("pass_v4", ctypes.c_uint8),
+        ("pass_v6", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("egress", ctypes.c_uint8),
+    ]
+
+
 class FsConfig(ctypes.Structure):
     _fields_ = [
         ("hash_policy_v4", ctypes.c_uint32),
@@ -199,6 +229,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_config": FsConfig,
     "fs_heartbeat": FsHeartbeat,
     "fs_miss": FsMiss,
+    "fs_iface": FsIface,
 }
 
 # struct.Struct twins of the structs above, for the hot paths that encode or
@@ -212,6 +243,7 @@ NEIGH_KEY = struct.Struct("=II16s")
 NEIGH = struct.Struct("=6sH")
 COUNTER = struct.Struct("=QQ")
 CONFIG = struct.Struct("=IIII")
+IFACE = struct.Struct("=BBBB")
 HEARTBEAT = struct.Struct("=Q")
 MISS = struct.Struct("=II16s")
 # the key of the maps keyed by an index or an id (nexthops, groups, config, ...)
@@ -230,6 +262,7 @@ LAYOUTS: dict[str, struct.Struct] = {
     "fs_config": CONFIG,
     "fs_heartbeat": HEARTBEAT,
     "fs_miss": MISS,
+    "fs_iface": IFACE,
 }
 
 # numpy twins, for encoding and reading whole route tables as arrays
@@ -350,6 +383,7 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("counters", MAP_PERCPU_ARRAY, 4, s(FsCounter), FS_REASON_MAX),
         MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
         MapSpec("heartbeat", MAP_ARRAY, 4, s(FsHeartbeat), 1),
+        MapSpec("ifaces", MAP_ARRAY, 4, s(FsIface), FS_MAX_IFACES),
         MapSpec("neigh_miss", MAP_RINGBUF, 0, 0, sizes.neigh_miss_bytes),
         MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE),
         MapSpec("v4_tbl8", MAP_ARRAY, 4, s(FsDirPair),

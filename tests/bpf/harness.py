@@ -29,6 +29,7 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 ACTION_NAMES = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 CLONE_NEWNET = 0x40000000
+INGRESS = 4000  # ifindex of the test namespace's fsin0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # The tiny sizes keep map creation cheap; the layout is what matters.
@@ -68,6 +69,11 @@ def netns(name: str) -> Iterator[str]:
     sh("ip", "netns", "add", name)
     try:
         sh("ip", "-n", name, "link", "set", "lo", "up")
+        # where test frames arrive unless a test says otherwise: an interface no
+        # test routes to (a frame sent back out of its ingress is a hairpin)
+        sh("ip", "-n", name, "link", "add", "fsin0", "index", str(INGRESS), "type", "veth", "peer",
+           "name", "fsin1", "index", str(INGRESS + 1))
+        sh("ip", "-n", name, "link", "set", "fsin0", "up")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
@@ -221,7 +227,7 @@ class Lab:
                 for e in events]
 
     def run(self, frame: bytes, *, repeat: int = 1, ingress: int = 0) -> tuple[int, bytes]:
-        ctx = bpfsys.xdp_md(len(frame), ingress) if ingress else None
+        ctx = bpfsys.xdp_md(len(frame), ingress or INGRESS)
         with in_netns(self.ns):
             retval, out, _ = bpfsys.prog_test_run(self.fp.prog_fd, frame, repeat, ctx=ctx)
         return retval, out

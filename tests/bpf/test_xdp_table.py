@@ -316,7 +316,8 @@ def test_repeat_decrements_ttl_until_the_kernel_takes_over(lab: Lab) -> None:
     assert lab.counters()[Reason.PASS_TTL][0] == 6
 
 
-@pytest.mark.parametrize("ifindex", [abi.FS_TX_DIRECT - 1, abi.FS_TX_DIRECT, 70000])
+@pytest.mark.parametrize("ifindex", [abi.FS_TX_DIRECT - 1, abi.FS_TX_DIRECT,
+                                     abi.FS_MAX_IFACES - 1])
 def test_any_ifindex_is_a_redirect_target(lab: Lab, ifindex: int) -> None:
     """Below FS_TX_DIRECT the program redirects through tx_direct (an array), from there
     on through tx_ports (a hash): both forward, and both refuse a port not allowed."""
@@ -337,5 +338,23 @@ def test_any_ifindex_is_a_redirect_target(lab: Lab, ifindex: int) -> None:
         assert lab.run(frame)[0] == XDP_PASS
         assert lab.counters() == {Reason.PASS_EGRESS: (2, 2 * len(frame)),
                                   Reason.FWD_FAST: (1, len(frame))}
+    finally:
+        sh("ip", "-n", lab.ns, "link", "del", "big0")
+
+
+def test_an_interface_beyond_the_conditions_map_is_left_to_the_kernel(lab: Lab) -> None:
+    """`ifaces` has FS_MAX_IFACES entries: past it the program cannot know an
+    interface's conditions (qdisc, tc, netfilter), so it never redirects there."""
+    ifindex = abi.FS_MAX_IFACES + 4464
+    sh("ip", "-n", lab.ns, "link", "add", "name", "big0", "index", str(ifindex), "type",
+       "veth", "peer", "name", "big1")
+    try:
+        sh("ip", "-n", lab.ns, "link", "set", "big0", "up")
+        lab.nexthop(1, ifindex, NH_SMAC, NH_DMAC)
+        lab.route("10.0.0.0/8", 1)
+        lab.tx_port(ifindex)
+        frame = bytes(v4())
+        assert lab.run(frame)[0] == XDP_PASS
+        assert lab.counters() == {Reason.PASS_IFACE_UNKNOWN: (1, len(frame))}
     finally:
         sh("ip", "-n", lab.ns, "link", "del", "big0")
