@@ -114,6 +114,9 @@ def run(
     stale_after: Annotated[str | None, typer.Option(
         "--stale-after", help="Seconds without a heartbeat after which XDP forwards by "
         "bpf_fib_lookup alone; 0 never.", metavar="SECONDS")] = None,
+    netfilter: Annotated[str | None, typer.Option(
+        "--netfilter", help="respect (netfilter rules send their family to the kernel) "
+        "or bypass.")] = None,
     map_batch: Annotated[int | None, typer.Option(
         "--map-batch", help="Entries per bpf(2) batch call.")] = None,
     max_routes_v4: Annotated[int | None, typer.Option(
@@ -143,7 +146,7 @@ def run(
         "instance": instance, "interfaces": interface, "table": table, "protocols": protocol,
         "xdp_mode": xdp_mode, "replace_xdp": replace_xdp, "v4_table": v4_table,
         "netlink_rcvbuf": netlink_rcvbuf, "audit_interval": audit_interval,
-        "stale_after": stale_after,
+        "stale_after": stale_after, "netfilter": netfilter,
         "map_batch": map_batch, "max_routes_v4": max_routes_v4, "max_routes_v6": max_routes_v6,
         "max_nexthops": max_nexthops, "max_groups": max_groups, "max_neighbours": max_neighbours,
         "socket_group": socket_group, "metrics_listen": metrics_listen,

@@ -38,6 +38,7 @@ XDP_MODES = ("auto", "native", "generic")
 V4_TABLES = ("dir24", "lpm")
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NETFILTER_MODES = ("respect", "bypass")
 METRICS_PORT = 9477
 # bpffs refuses some characters in pin names (dots among them)
 INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
@@ -59,6 +60,7 @@ class Settings:
     netlink_rcvbuf: int = 64 << 20
     audit_interval: float = 300.0
     stale_after: float = 5.0
+    netfilter: str = "respect"
     map_batch: int = 65536
     max_routes_v4: int = 2097152
     max_routes_v6: int = 524288
@@ -131,6 +133,10 @@ KEYS: tuple[Key, ...] = (
     Key("stale_after", "stale_after", "--stale-after", "5",
         "seconds without the daemon's heartbeat after which the XDP program stops using "
         "its tables and forwards by bpf_fib_lookup alone (exact, slower); 0: never"),
+    Key("netfilter", "netfilter", "--netfilter", '"respect"',
+        "respect: while a netfilter rule may act on a family's forwarded traffic, that "
+        "family goes to the kernel; bypass: forward past netfilter (its rules then miss "
+        "what the fast path forwards: docs/operations.md)"),
     Key("maps.batch", "map_batch", "--map-batch", "65536",
         "entries per bpf(2) batch call"),
     Key("maps.routes_v4", "max_routes_v4", "--max-routes-v4", "2097152",
@@ -246,6 +252,7 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
         netlink_rcvbuf=_size(v, "netlink_rcvbuf", 64 << 20, 4096, 1 << 31),
         audit_interval=_seconds(v, "audit_interval", 300.0),
         stale_after=_seconds(v, "stale_after", 5.0),
+        netfilter=_choice(v, "netfilter", NETFILTER_MODES, "respect"),
         map_batch=_int(v, "map_batch", 65536, 1, 1 << 20),
         max_routes_v4=_int(v, "max_routes_v4", 2097152, 1, _MAX_ROUTES),
         max_routes_v6=_int(v, "max_routes_v6", 524288, 1, _MAX_ROUTES),

@@ -1,0 +1,279 @@
+"""Fidelity: what the kernel would do differently from our tables, and what the fast path does about it.
+
+The route tables say where the kernel would send a packet. Other kernel state
+decides whether, and how, it forwards at all: policy rules, VRFs, the
+forwarding and rp_filter sysctls, netfilter, IPsec, qdiscs and tc, veth
+checksum offload. The watchers of fibsync/watch follow that state live and
+report it as ``Condition``s; ``Fidelity`` folds them, per interface, into the
+``ifaces`` map the XDP program reads (struct fs_iface in bpf/fibsync.h), so
+that for each condition the program either does what the kernel does or
+hands the packet to the kernel under a reason of its own. There is never a
+third answer.
+
+``entries`` is the pure part: conditions in, one fs_iface per interface out.
+A condition of every interface (ifindex 0: netfilter, IPsec, rules, IPv6
+forwarding) is folded into each interface's entry, so that a packet reads
+one entry where it arrives and one where it leaves. A watcher that has not
+finished its first dump, or that failed, counts as its most careful
+condition (its family's packets go to the kernel) until it reports again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from .fastpath import abi
+from .fastpath.abi import Reason
+from .model import AF_INET, AF_INET6
+from .watch import KINDS, Condition
+
+# kind -> (what the ingress entry hands over with, per family); first match wins
+PASS_KINDS: tuple[tuple[str, Reason], ...] = (
+    ("forwarding", Reason.PASS_FORWARDING_OFF),
+    ("vrf", Reason.PASS_VRF),
+    ("tc_ingress", Reason.PASS_TC_INGRESS),
+    ("netfilter", Reason.PASS_NETFILTER),
+    ("xfrm", Reason.PASS_XFRM),
+    ("rules_kernel", Reason.PASS_RULES),
+    ("rp_filter_kernel", Reason.PASS_RP_FILTER),
+)
+EGRESS_KINDS: tuple[tuple[str, Reason], ...] = (
+    ("egress_qdisc", Reason.PASS_EGRESS_QDISC),
+    ("netfilter_egress", Reason.PASS_NETFILTER),
+)
+# kind -> flag, and the families it applies to
+FLAG_KINDS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "rules_lookup": (0, (AF_INET, AF_INET6)),  # the flag depends on the family: below
+    "rp_filter_loose": (abi.FS_IF_RPF_LOOSE, (AF_INET,)),
+    "rp_filter_strict": (abi.FS_IF_RPF_STRICT, (AF_INET,)),
+    "checksum": (abi.FS_IF_CHECKSUM, (AF_INET, AF_INET6)),
+}
+RULES_FLAG = {AF_INET: abi.FS_IF_RULES_V4, AF_INET6: abi.FS_IF_RULES_V6}
+# what the fast path does, in words, for the status document and the log
+ACTIONS: dict[str, str] = {
+    **{kind: f"to the kernel ({reason.name})" for kind, reason in PASS_KINDS},
+    **{kind: f"packets routed out of it to the kernel ({reason.name})"
+       for kind, reason in EGRESS_KINDS},
+    "rules_lookup": "forwarded by bpf_fib_lookup, which applies the rules (FWD_RULES)",
+    "rp_filter_loose": "source checked in the fast path's table; unconfirmed to the kernel "
+                       "(PASS_RP_FILTER)",
+    "rp_filter_strict": "source checked in the fast path's table; unconfirmed to the kernel "
+                        "(PASS_RP_FILTER)",
+    "checksum": "TCP/UDP from it to the kernel (PASS_CHECKSUM)",
+}
+# NETFILTER kinds that `netfilter = "bypass"` ignores
+NETFILTER = frozenset({"netfilter", "netfilter_egress"})
+FAMILIES = (AF_INET, AF_INET6)
+
+
+def entry(conditions: Iterable[Condition], ifindex: int) -> bytes:
+    """struct fs_iface of one interface, from the conditions that hold on it or on all."""
+    here = [c for c in conditions if c.ifindex in (0, ifindex)]
+    kinds = {(c.kind, fam) for c in here for fam in (FAMILIES if c.family == 0 else (c.family,))}
+    passes = []
+    for family in FAMILIES:
+        reason = next((r for k, r in PASS_KINDS if (k, family) in kinds
+                       and not (k == "rp_filter_kernel" and family == AF_INET6)), None)
+        passes.append(int(reason) if reason is not None else 0)
+    flags = 0
+    for kind, family in kinds:
+        if kind == "rules_lookup":
+            flags |= RULES_FLAG[family]
+        elif kind in FLAG_KINDS and family in FLAG_KINDS[kind][1]:
+            flags |= FLAG_KINDS[kind][0]
+    if flags & abi.FS_IF_RPF_STRICT:
+        flags &= ~abi.FS_IF_RPF_LOOSE  # the kernel's max(all, interface)
+    egress = next((int(r) for k, r in EGRESS_KINDS
+                   if any(c.kind == k and c.ifindex == ifindex for c in here)), 0)
+    return abi.IFACE.pack(passes[0], passes[1], flags, egress)
+
+
+def entries(conditions: Iterable[Condition], ifindexes: Iterable[int]) -> dict[int, bytes]:
+    """fs_iface for each interface (and each one a condition names); ifindexes the
+    map cannot hold are left out (the program hands their packets over anyway)."""
+    conds = list(conditions)
+    wanted = set(ifindexes) | {c.ifindex for c in conds if c.ifindex}
+    return {i: entry(conds, i) for i in sorted(wanted) if 0 < i < abi.FS_MAX_IFACES}
+
+
+class Watcher(Protocol):
+    ready: asyncio.Event
+    stats: dict[str, Any]
+
+    async def run(self) -> None: ...
+
+    def conditions(self) -> list[Condition]: ...
+
+
+# the careful stand-in for a watcher that cannot say (not ready, failed), by watcher name
+CAREFUL: dict[str, Condition] = {
+    "netfilter": Condition("netfilter", 0, 0, "the netfilter watcher has not reported yet"),
+    "xfrm": Condition("xfrm", 0, 0, "the IPsec watcher has not reported yet"),
+    "routing": Condition("rules_kernel", 0, 0, "the rules/sysctl watcher has not reported yet"),
+    "interfaces": Condition("tc_ingress", 0, 0, "the tc/qdisc watcher has not reported yet"),
+}
+
+
+def default_watchers(on_change: Callable[[], None]) -> dict[str, Watcher]:
+    from .watch.interfaces import InterfaceWatch
+    from .watch.netfilter import NetfilterWatch
+    from .watch.routing import RoutingWatch
+    from .watch.xfrm import XfrmWatch
+
+    return {"netfilter": NetfilterWatch(None, on_change), "xfrm": XfrmWatch(None, on_change),
+            "routing": RoutingWatch(None, on_change),
+            "interfaces": InterfaceWatch(None, on_change)}
+
+
+class Fidelity:
+    """Runs the watchers and keeps ``ifaces`` equal to what their conditions say."""
+
+    READY_TIMEOUT = 10.0  # seconds the first attach waits for the watchers' first dumps
+    RETRY_SECONDS = 1.0  # after a watcher failed
+
+    def __init__(self, update: Callable[[list[tuple[bytes, bytes]]], None], log: Any,
+                 netfilter: str = "respect",
+                 watchers: Callable[[Callable[[], None]], dict[str, Watcher]] = default_watchers,
+                 ifindexes: Callable[[], Iterable[int]] | None = None) -> None:
+        self.update = update  # writes (key, value) pairs into `ifaces`
+        self.log = log
+        self.netfilter = netfilter
+        self.watchers = watchers(self.changed)
+        self.ifindexes = ifindexes or _links
+        self.failed: dict[str, str] = {}
+        self.written: dict[int, bytes] = {}
+        self.active: list[Condition] = []
+        self.writes = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._scheduled = False
+
+    async def start(self) -> None:
+        """Start the watchers; return once each has dumped (or READY_TIMEOUT passed:
+        those not ready yet count as their careful condition) with ``ifaces`` written."""
+        self._tasks = [asyncio.create_task(self._supervise(name, w), name=f"watch-{name}")
+                       for name, w in self.watchers.items()]
+        waits = [asyncio.create_task(w.ready.wait()) for w in self.watchers.values()]
+        _, pending = await asyncio.wait(waits, timeout=self.READY_TIMEOUT)
+        for t in pending:
+            t.cancel()
+        late = [n for n, w in self.watchers.items() if not w.ready.is_set()]
+        if late:
+            self.log.error("fidelity.not_ready", watchers=late,
+                           note="their families go to the kernel until they report")
+        self.write()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return self._tasks
+
+    async def _supervise(self, name: str, watcher: Watcher) -> None:
+        """A watcher that fails is logged, stands for its careful condition until it has
+        dumped again, and starts again."""
+        while True:
+            waiter = asyncio.create_task(self._rewrite_when_ready(watcher))
+            try:
+                await watcher.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a watcher's bug must not stop the daemon
+                self.failed[name] = f"{type(e).__name__}: {e}"
+                self.log.error("fidelity.watcher_failed", watcher=name, error=self.failed[name],
+                               note="its family's packets go to the kernel until it recovers")
+                watcher.ready.clear()
+                self.changed()
+                await asyncio.sleep(self.RETRY_SECONDS)
+            finally:
+                waiter.cancel()
+
+    async def _rewrite_when_ready(self, watcher: Watcher) -> None:
+        await watcher.ready.wait()
+        self.changed()
+
+    def changed(self) -> None:
+        """A watcher's conditions changed: rewrite `ifaces` once this loop turn is over."""
+        if self._scheduled:
+            return
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._write_scheduled)
+
+    def _write_scheduled(self) -> None:
+        self._scheduled = False
+        self.write()
+
+    def conditions(self) -> list[Condition]:
+        out: list[Condition] = []
+        for name, w in self.watchers.items():
+            out.extend(w.conditions() if w.ready.is_set() else [CAREFUL[name]])
+        if self.netfilter == "bypass":
+            out = [c for c in out if c.kind not in NETFILTER]
+        return sorted(set(out))
+
+    def write(self) -> None:
+        """Make `ifaces` say what the conditions say now (only entries that change)."""
+        conds = self.conditions()
+        want = entries(conds, self.ifindexes())
+        zero = abi.IFACE.pack(0, 0, 0, 0)
+        items = [(abi.U32.pack(i), v) for i, v in want.items() if self.written.get(i) != v]
+        items += [(abi.U32.pack(i), zero) for i in self.written if i not in want]
+        if items:
+            self.update(items)
+            self.writes += 1
+        self.written = {i: v for i, v in want.items() if v != zero}
+        self._log_changes(conds)
+
+    def _log_changes(self, conds: list[Condition]) -> None:
+        old, new = set(self.active), set(conds)
+        for c in sorted(new - old):
+            self.log.info("fidelity.condition", kind=c.kind, family=_family(c.family),
+                          interface=_ifname(c.ifindex), detail=c.detail, action=ACTIONS[c.kind])
+        for c in sorted(old - new):
+            self.log.info("fidelity.condition_gone", kind=c.kind, family=_family(c.family),
+                          interface=_ifname(c.ifindex), detail=c.detail,
+                          note="back to the fast path")
+        self.active = conds
+
+    def set_netfilter(self, mode: str) -> None:
+        if mode != self.netfilter:
+            self.netfilter = mode
+            self.write()
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "netfilter": self.netfilter,
+            "conditions": [{"kind": c.kind, "family": _family(c.family),
+                            "interface": _ifname(c.ifindex), "detail": c.detail,
+                            "action": ACTIONS[c.kind], "means": KINDS[c.kind]}
+                           for c in self.active],
+            "watchers": {name: {"ready": w.ready.is_set(), "last_error": self.failed.get(name, ""),
+                                **{k: v for k, v in w.stats.items()
+                                   if isinstance(v, int | float | str)}}
+                         for name, w in self.watchers.items()},
+            "entries": len(self.written),
+            "writes": self.writes,
+        }
+
+
+def _links() -> list[int]:
+    return [i for i, _ in socket.if_nameindex()]
+
+
+def _family(family: int) -> str:
+    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(family, "all")
+
+
+def _ifname(ifindex: int) -> str:
+    if not ifindex:
+        return "all"
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return f"#{ifindex}"
