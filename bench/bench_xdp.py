@@ -217,25 +217,39 @@ def empty_program() -> tuple[Any, int]:
     return bpf, bpf.load_func(b"xdp_empty", BPF.XDP).fd
 
 
-def fixed_choice_program(instance: str) -> FastPath:
-    """fibsync's program with the IPv4 table choice compiled in (DIR-24-8),
+def patched_program(instance: str, patches: dict[str, str]) -> FastPath:
+    """fibsync's program with bpf/fibsync.c's text patched (each ``old`` must occur),
     adopting the maps of ``instance``."""
     src = bpf_source_dir()
     tmp = Path(tempfile.mkdtemp(prefix="fsbench"))
     for path in src.iterdir():
         if path.suffix in (".c", ".h"):
             shutil.copy(path, tmp / path.name)
-    choice = tmp / "fibsync.c"  # fs_v4_route, the table choice
-    text = choice.read_text()
-    switch = "if (cfg->v4_table == FS_V4_DIR24)"
-    assert switch in text, "the table switch moved: update bench_xdp.py"
-    choice.write_text(text.replace(switch, "if (1)"))
+    main = tmp / "fibsync.c"
+    text = main.read_text()
+    for old, new in patches.items():
+        assert old in text, f"{old!r} moved: update bench_xdp.py"
+        text = text.replace(old, new)
+    main.write_text(text)
     os.environ["FIBSYNC_BPF_DIR"] = str(tmp)
     try:
         return FastPath.load(instance)
     finally:
         del os.environ["FIBSYNC_BPF_DIR"]
         shutil.rmtree(tmp)
+
+
+# fs_v4_route with the table choice compiled in (DIR-24-8): the cost of reading fs_config
+FIXED_CHOICE = {"if (cfg->v4_table == FS_V4_DIR24)": "if (1)"}
+# the program without the fidelity checks (issue 12): no `ifaces` reads at ingress and
+# egress, no source lookup; fs_pkt.ifc stays zero, so the compiler drops the rest
+NO_FIDELITY = {
+    "\tifc = ifaces.lookup(&ingress);\n\tif (!ifc)\n\t\treturn FS_PASS(PASS_IFACE_UNKNOWN);\n"
+    "\tp.ifc = *ifc;\n": "",
+    "\tif (!fs_ipv4_source(p, iph, &reason))\n\t\treturn fs_pass(reason);\n": "",
+    "\te = ifaces.lookup(&out);\n\tif (!e)\n\t\treturn FS_PASS(PASS_IFACE_UNKNOWN);\n"
+    "\tif (e->egress)\n\t\treturn fs_pass(e->egress);\n": "",
+}
 
 
 def timed_write(fp: FastPath, diff: Any, v4_table: str) -> dict[str, Any]:
@@ -280,8 +294,12 @@ def main() -> None:
         # bpf_fib_lookup honours the forwarding sysctls, as the kernel does
         ns.sysctl("net.ipv4.conf.all.forwarding", 1)
         ns.sysctl("net.ipv6.conf.all.forwarding", 1)
+        # frames arrive on an interface no route leaves by (else: hairpins, PASS_HAIRPIN)
+        ns.run(["ip", "link", "add", "bin0", "type", "veth", "peer", "name", "bin1"])
+        ns.run(["ip", "link", "set", "bin0", "up"])
         netns.enter(name)
         ifindex = {f"b{i}": socket.if_nametoindex(f"b{i}") for i in range(4)}
+        ingress = socket.if_nametoindex("bin0")
         fast = FastPath.load(f"{name}f")
         loaded.append((fast, f"{name}f"))
         fib = FastPath.load(f"{name}b")
@@ -294,8 +312,10 @@ def main() -> None:
         writes = {"LPM trie + DIR-24-8": timed_write(fast, diff, "dir24"),
                   "LPM trie only": timed_write(lpm_only, diff, "lpm")}
         del diff, rib
-        fixed = fixed_choice_program(f"{name}f")
+        fixed = patched_program(f"{name}f", FIXED_CHOICE)
         loaded.append((fixed, ""))
+        unchecked = patched_program(f"{name}f", NO_FIDELITY)
+        loaded.append((unchecked, ""))
         bcc_empty, empty_fd = empty_program()
         empty = bcc_empty
         forwarder, forwarder_fd = fib_forwarder(list(ifindex.values()))
@@ -318,11 +338,14 @@ def main() -> None:
                 programs["fast path, DIR-24-8"] = (
                     fast.prog_fd, lambda: set_v4_table(fast, abi.FS_V4_DIR24))
                 programs["DIR-24-8, choice fixed at build"] = (fixed.prog_fd, None)
+                programs["DIR-24-8, no fidelity checks"] = (
+                    unchecked.prog_fd, lambda: set_v4_table(fast, abi.FS_V4_DIR24))
             else:
                 programs["fast path, LPM trie"] = (fast.prog_fd, None)
+                programs["LPM trie, no fidelity checks"] = (unchecked.prog_fd, None)
             programs["bpf_fib_lookup"] = (fib.prog_fd, None)
             programs["bpf_fib_lookup forwarder"] = (forwarder_fd, None)
-            rows = measure(programs, frames, ifindex["b0"])
+            rows = measure(programs, frames, ingress)
             for label, row in rows.items():
                 # a forwarding program that did not forward measured another path
                 if label != "empty XDP program" and set(row["actions"]) != {"REDIRECT"}:
