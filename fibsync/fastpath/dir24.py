@@ -37,6 +37,10 @@ A miss is always safe (the program asks ``bpf_fib_lookup``); a wrong answer
 never is. When no tbl8 group is left for a /25../32 route, its /24 is
 *pinned* to a slot that asks ``bpf_fib_lookup`` (the kernel answers for the
 whole /24) and the route is reported as not written.
+
+Longer than our ~500-line mark on purpose: the rules above hold only if every
+writer of the four buffers keeps them, so the pools, the slots, the copies and
+the entry writes stay in one module where one reader can check them together.
 """
 
 from __future__ import annotations
