@@ -4,7 +4,7 @@ The parts are elsewhere: the sink in sync.py, the full-map write policy in
 fastpath/guard.py, attachments in fastpath/attach.py, the status socket in
 status.py, sd_notify and the instance lock in process.py. Here are the order
 they start in, the signals, the reload, the housekeeping loop (heartbeat,
-interface checks, ECMP hash policy) and the self-audit's wiring.
+interface checks, the ECMP sysctls) and the self-audit's wiring.
 
 Start-up order matters for correctness:
 1. take the instance lock and check the interfaces exist (a typo, or a second
@@ -46,7 +46,6 @@ from .errors import (
 from .fastpath.attach import Attachments, check_interfaces
 from .fastpath.guard import FullMapGuard
 from .fastpath.maps import PinnedMaps, previous_max_id
-from .fastpath.misses import MissReader
 from .fastpath.writer import MapWriter
 from .model import Prefix
 from .process import InstanceLock, SdNotify, release_memory
@@ -81,12 +80,9 @@ class Daemon:
         self.sync: SyncSink | None = None
         self.heartbeat: Heartbeat | None = None
         self._beating: asyncio.Task[None] | None = None
-        self.misses: MissReader | None = None
         self.source: Any = None
-        self.resolver: Any = None
         self.metrics: Any = None
         self.reloads = {"done": 0, "rejected": 0, "last_error": ""}
-        self.neigh_misses = 0
         self._stop = asyncio.Event()
         self._reload = False
         self._netlink_task: asyncio.Task[None] | None = None
@@ -102,7 +98,6 @@ class Daemon:
     async def run(self) -> None:
         from .fastpath import abi
         from .fastpath.program import OpenMaps
-        from .netlink.resolver import NeighbourResolver
         from .netlink.source import NetlinkSource
 
         s = self.settings
@@ -128,11 +123,9 @@ class Daemon:
                                     v4_table=s.v4_table,  # type: ignore[arg-type]
                                     fresh=[n for n, o in maps.origin.items() if o != "adopted"])
             self.rib = Rib(self._filter(s), first_id=self._first_id)
+            self.rib.set_multipath_use_neigh(_read_use_neigh())
             self.guard = FullMapGuard(self.rib, self.writer, self.log)
-            self.misses = MissReader(self.maps.fd("neigh_miss"))
-            self.resolver = NeighbourResolver()
-            sync = self.sync = SyncSink(self.rib, self.guard, self.resolver, self.notify,
-                                        self._on_resync)
+            sync = self.sync = SyncSink(self.rib, self.guard, self.notify, self._on_resync)
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
             self.heartbeat = Heartbeat(self.maps, self.source, s.stale_after)
             self.auditor = Auditor(s.audit_interval, self._audit_args, self._audit_exclude,
@@ -162,8 +155,6 @@ class Daemon:
 
         await self.status_server.start(self.settings.socket_group)
         await self._start_metrics()
-        assert self.misses is not None
-        loop.add_reader(self.misses.fileno(), self._on_neigh_miss)
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         assert self.auditor is not None
         audit = asyncio.create_task(self.auditor.run(), name="audit")
@@ -190,7 +181,6 @@ class Daemon:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.status_server.close()
-            loop.remove_reader(self.misses.fileno())
             if self.metrics is not None:
                 await self.metrics.stop()
             self.log.info("daemon.stop", note="XDP stays attached; `fibsync detach` removes it")
@@ -369,6 +359,7 @@ class Daemon:
                 assert self.xdp is not None
                 self.xdp.check()
                 self._sync_hash_policy()
+                self._sync_use_neigh()
                 self._update_status_line()
 
     async def _wait_grace(self, reclaim: Any) -> None:
@@ -393,15 +384,15 @@ class Daemon:
             self._hash_policy = policy
             self.log.info("ecmp.hash_policy", ipv4=policy[0], ipv6=policy[1])
 
-    def _on_neigh_miss(self) -> None:
-        """The program met next hops it could not resolve: ask the kernel to resolve them."""
-        assert self.misses is not None
-        misses = self.misses.drain()
-        if self.state != "synced":
-            return  # the first sync resolves what the maps need
-        self.neigh_misses += len(misses)
-        for miss in misses:
-            self.resolver.request(miss.ifindex, miss.family, miss.addr)
+    def _sync_use_neigh(self) -> None:
+        """Under fib_multipath_use_neigh the kernel's ECMP skips a path whose neighbour
+        failed, and the fast path must then leave such a route's choice to the kernel
+        (Rib.set_multipath_use_neigh); no netlink event announces the sysctl either."""
+        assert self.rib is not None and self.sync is not None
+        use_neigh = _read_use_neigh()
+        if self.rib.set_multipath_use_neigh(use_neigh):
+            self.log.info("ecmp.use_neigh", ipv4=int(use_neigh))
+            self.sync.flush()
 
     def _update_status_line(self) -> None:
         if self.state != "synced" or self.rib is None or self.xdp is None:
@@ -481,8 +472,6 @@ class Daemon:
                        "demoted": len(self.guard.demoted) if self.guard else 0,
                        "full_episodes": self.guard.episodes if self.guard else 0},
             "rib": dict(self.rib.stats),
-            "neighbour_resolver": {**_public(self.resolver.stats),
-                                   "misses": self.neigh_misses},
             "reloads": dict(self.reloads),
             "audit": self.auditor.doc() if self.auditor is not None else {},
             "heartbeat": self.heartbeat.doc(),
@@ -499,6 +488,11 @@ def _read_sysctl(name: str) -> int:
         return int(Path("/proc/sys", name).read_text())
     except (OSError, ValueError):
         return 0
+
+
+def _read_use_neigh() -> bool:
+    # IPv4's sysctl; IPv6 has none (Rib.set_multipath_use_neigh says where it applies)
+    return bool(_read_sysctl("net/ipv4/fib_multipath_use_neigh"))
 
 
 def _public(obj: Any) -> dict[str, Any]:

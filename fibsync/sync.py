@@ -62,11 +62,10 @@ class SyncLag:
 class SyncSink:
     """Kernel state in, map writes out (the source's ``Sink``)."""
 
-    def __init__(self, rib: Rib, guard: FullMapGuard, resolver: Any, notify: SdNotify,
+    def __init__(self, rib: Rib, guard: FullMapGuard, notify: SdNotify,
                  on_resync: Callable[[float], None]) -> None:
         self.rib = rib
         self.guard = guard
-        self.resolver = resolver
         self.notify = notify
         self.on_resync = on_resync  # called with the resync's start (monotonic), once written
         self.lag = SyncLag()
@@ -99,8 +98,6 @@ class SyncSink:
         diff = self.rib.take_diff()
         if diff:
             self.guard.write(diff)
-        for ifindex, family, addr in diff.resolve:
-            self.resolver.request(ifindex, family, addr)
 
 
 class Heartbeat:

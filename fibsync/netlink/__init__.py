@@ -6,17 +6,12 @@
   feeds a ``Sink`` with one ``Snapshot`` per (re)dump and ordered change batches.
 - ``decode.decode`` (decode.py): the struct-based decoder the source uses. It
   is not re-exported here: the name would shadow the ``decode`` module.
-- ``NeighbourResolver`` (resolver.py): asks the kernel to ARP/ND for a next hop.
 """
 
-from fibsync.netlink.resolver import NeighbourResolver, Outcome, ResolverStats
 from fibsync.netlink.source import NetlinkSource, Sink, SourceStats
 
 __all__ = [
-    "NeighbourResolver",
     "NetlinkSource",
-    "Outcome",
-    "ResolverStats",
     "Sink",
     "SourceStats",
 ]

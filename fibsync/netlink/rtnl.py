@@ -1,7 +1,7 @@
 """The rtnetlink core: every NETLINK_ROUTE constant, layout, socket and request of fibsync.
 
-One place for what pyroute2 keeps in its netlink core, so that the source,
-the resolver and the XDP attachment speak to the kernel alike:
+One place for what pyroute2 keeps in its netlink core, so that the source
+and the XDP attachment speak to the kernel alike:
 
 - constants: the kernel's UAPI values (include/uapi/linux/netlink.h,
   rtnetlink.h, nexthop.h, neighbour.h, if_link.h, if_addr.h, lwtunnel.h),
@@ -10,7 +10,7 @@ the resolver and the XDP attachment speak to the kernel alike:
 - ``attr`` builds one attribute, ``attrs`` walks a chain of them (decode.py
   keeps its own inlined walk: it is the hot path of a full-table dump);
 - ``request`` frames a request message under the process's one sequence;
-- ``open_socket``: the non-blocking sockets of the source and the resolver,
+- ``open_socket``: the non-blocking sockets of the source and the audit,
   in another network namespace if asked;
 - ``Rtnl``: a blocking socket that sends one request and yields its answers,
   raising the kernel's error with its extended-ack text (XDP attach and link
@@ -121,7 +121,6 @@ NHA_FDB = 11
 
 NDA_DST = 1
 NDA_LLADDR = 2
-NTF_USE = 0x01
 NTF_PROXY = 0x08
 
 # ---------------------------------------------------------------- if_link.h, if.h
@@ -336,3 +335,75 @@ class Rtnl:
                 yield kind, payload
                 if not flags & NLM_F_DUMP:
                     return
+
+
+# ---------------------------------------------------------------- policy rules, netconf
+# (fib_rules.h, netconf.h, rtnetlink.h, if_link.h, ipv6.h, rtnetlink.h's rt_class_t:
+# what fibsync/watch/routing.py and rules.py read)
+
+RTM_NEWRULE = 32
+RTM_DELRULE = 33
+RTM_GETRULE = 34
+RTM_NEWNETCONF = 80
+RTM_DELNETCONF = 81
+RTM_GETNETCONF = 82
+RTNLGRP_IPV4_RULE = 8
+RTNLGRP_IPV6_RULE = 19
+RTNLGRP_IPV4_NETCONF = 24
+RTNLGRP_IPV6_NETCONF = 25
+RTPROT_KERNEL = 2
+RT_TABLE_DEFAULT = 253
+
+FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")  # struct fib_rule_hdr
+FIB_RULE_PERMANENT = 0x01
+FIB_RULE_INVERT = 0x02
+FIB_RULE_UNRESOLVED = 0x04
+FIB_RULE_IIF_DETACHED = 0x08
+FIB_RULE_OIF_DETACHED = 0x10
+FIB_RULE_FIND_SADDR = 0x10000
+FRA_DST = 1
+FRA_SRC = 2
+FRA_IIFNAME = 3
+FRA_GOTO = 4
+FRA_PRIORITY = 6
+FRA_FWMARK = 10
+FRA_FLOW = 11
+FRA_TUN_ID = 12
+FRA_SUPPRESS_IFGROUP = 13
+FRA_SUPPRESS_PREFIXLEN = 14
+FRA_TABLE = 15
+FRA_FWMASK = 16
+FRA_OIFNAME = 17
+FRA_PAD = 18
+FRA_L3MDEV = 19
+FRA_UID_RANGE = 20
+FRA_PROTOCOL = 21
+FRA_IP_PROTO = 22
+FRA_SPORT_RANGE = 23
+FRA_DPORT_RANGE = 24
+FRA_DSCP = 25
+FRA_FLOWLABEL = 26
+FRA_FLOWLABEL_MASK = 27
+FRA_SPORT_MASK = 28
+FRA_DPORT_MASK = 29
+FRA_DSCP_MASK = 30
+FR_ACT_TO_TBL = 1
+FR_ACT_GOTO = 2
+FR_ACT_NOP = 3
+FR_ACT_BLACKHOLE = 6
+FR_ACT_UNREACHABLE = 7
+FR_ACT_PROHIBIT = 8
+
+NETCONFMSG = struct.Struct("=Bxxx")  # struct netconfmsg, padded to NLMSG_ALIGNTO
+NETCONFA_IFINDEX = 1
+NETCONFA_FORWARDING = 2
+NETCONFA_RP_FILTER = 3
+NETCONFA_FORCE_FORWARDING = 9  # announced with no value (6.18 fills only the ifindex)
+NETCONFA_IFINDEX_ALL = -1
+NETCONFA_IFINDEX_DEFAULT = -2
+
+IFLA_MASTER = 10
+IFLA_AF_SPEC = 26
+IFLA_INFO_SLAVE_KIND = 4
+IFLA_INET6_CONF = 2  # in IFLA_AF_SPEC/AF_INET6: s32[DEVCONF_MAX], index DEVCONF_*
+DEVCONF_FORCE_FORWARDING = 59  # 6.17+; older kernels send a shorter array

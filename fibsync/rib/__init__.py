@@ -184,6 +184,11 @@ class Rib:
             return
         self.kernel.add_route(route, nlflags)
 
+    def set_multipath_use_neigh(self, on: bool) -> bool:
+        """Follow net.ipv4.fib_multipath_use_neigh (no netlink event announces it);
+        True when it changed."""
+        return self.table.set_use_neigh(on)
+
     def take_diff(self) -> FastPathDiff:
         return self.table.take_diff()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
-from ..model import AF_INET, NUD_FAILED, Nexthop, NexthopObject, Prefix, Snapshot
+from ..model import AF_INET, Nexthop, NexthopObject, Prefix, Snapshot
 from .choice import Choice, PathKey, choose, forward, object_entry
 from .compact import unwritten_rows
 from .kernel import KernelState, unindex
@@ -42,6 +42,8 @@ class FpTable:
         self.groups: dict[int, FpGroup] = {}
         self.members: dict[int, tuple[tuple[int, int], ...]] = {}
         self.diff = FastPathDiff()
+        # net.ipv4.fib_multipath_use_neigh
+        self.use_neigh = False
         # the entry of a route via each nexthop object: shared by all its prefixes
         # (one FpRoute object, not one per prefix), dropped when any object changes
         self._obj_entry: dict[int, FpRoute] = {}
@@ -102,6 +104,12 @@ class FpTable:
     def link_changed(self, ifindex: int) -> None:
         for fid in list(self._nh_by_link.get(ifindex, ())):
             self._render_nexthop(fid)
+
+    def set_use_neigh(self, on: bool) -> bool:
+        if on == self.use_neigh:
+            return False
+        self.use_neigh = on
+        return True
 
     # ---------------------------------------------------------------- entries
 
@@ -250,11 +258,6 @@ class FpTable:
             if resolved:
                 assert n is not None and n.lladdr is not None
                 dmac = n.lladdr[:6].ljust(6, b"\0")
-            elif usable and (n is None or not n.state & NUD_FAILED):
-                # not while FAILED: the kernel gave up (it asks again when a packet
-                # or the neigh_miss ring wants it), or it is deleting the entry,
-                # which it reports as FAILED first: ask once it is gone
-                self.diff.resolve.add((ifindex, family, gateway))
         nh = FpNexthop(ifindex, mtu, resolved, connected, family or AF_INET, smac, dmac,
                        (gateway or b"").ljust(16, b"\0"))
         if self.nexthops.get(fid) != nh:
@@ -312,7 +315,6 @@ class FpTable:
         carried over are deleted by this resync's diff, and not handed to
         anything new before.
         """
-        self.diff.resolve = old.diff.resolve
         stale = set(old.nexthops) | set(old.groups)
         alive = {o.id: o for o in snapshot.nexthops}
         used: set[int] = set()

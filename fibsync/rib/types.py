@@ -86,7 +86,6 @@ class FastPathDiff:
     groups: dict[int, FpGroup | None] = field(default_factory=dict)
     routes: dict[Prefix, FpRoute | None] = field(default_factory=dict)
     neighbours: dict[tuple[int, int, bytes], bytes | None] = field(default_factory=dict)
-    resolve: set[tuple[int, int, bytes]] = field(default_factory=set)
     # more routes to set, as arrays (a resync's compact routes)
     bulk: list[RouteRows] = field(default_factory=list)
 
