@@ -40,10 +40,6 @@
 #ifndef FS_MAX_SLOTS
 #define FS_MAX_SLOTS 65536
 #endif
-/* ring buffer size in bytes: a power of two, a multiple of the page size */
-#ifndef FS_NEIGH_MISS_BYTES
-#define FS_NEIGH_MISS_BYTES 262144
-#endif
 
 /*
  * Not overridable: it fixes the layout of struct fs_group, which user space
@@ -268,13 +264,6 @@ struct fs_config {
  */
 struct fs_heartbeat {
 	__u64 fresh_until;
-};
-
-/* neigh_miss event: the daemon asks the kernel to resolve this address. */
-struct fs_miss {
-	__u32 ifindex;
-	__u32 family;
-	__u8 addr[16];
 };
 
 #endif /* FIBSYNC_H */

@@ -6,8 +6,8 @@ keys and values are built as these ctypes structs and written with
 ``bytes(struct)``; addresses are packed bytes (``model.Prefix.addr``).
 
 This is the only place in fibsync's Python that says how map bytes are laid
-out: the hot paths (the writer, the map readers, the DIR-24-8 table, the
-neigh_miss reader) encode and decode with the ``struct.Struct`` and numpy
+out: the hot paths (the writer, the map readers, the DIR-24-8 table) encode
+and decode with the ``struct.Struct`` and numpy
 twins of ``LAYOUTS`` below, which ``tests/unit/test_abi_layouts.py`` checks
 field by field against the ctypes structs.
 """
@@ -33,7 +33,6 @@ FS_MAX_GROUPS = 16384
 FS_MAX_NEIGH = 65536
 FS_MAX_TX_PORTS = 1024
 FS_TX_DIRECT = 4096
-FS_NEIGH_MISS_BYTES = 262144
 FS_MAX_TBL8_GROUPS = 16384
 FS_MAX_SLOTS = 65536
 
@@ -207,14 +206,6 @@ class FsHeartbeat(ctypes.Structure):
     _fields_ = [("fresh_until", ctypes.c_uint64)]
 
 
-class FsMiss(ctypes.Structure):
-    _fields_ = [
-        ("ifindex", ctypes.c_uint32),
-        ("family", ctypes.c_uint32),
-        ("addr", ctypes.c_uint8 * 16),
-    ]
-
-
 # C struct name -> ctypes twin (what the ABI test compares).
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_v4_key": FsV4Key,
@@ -228,7 +219,6 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_counter": FsCounter,
     "fs_config": FsConfig,
     "fs_heartbeat": FsHeartbeat,
-    "fs_miss": FsMiss,
     "fs_iface": FsIface,
 }
 
@@ -245,7 +235,6 @@ COUNTER = struct.Struct("=QQ")
 CONFIG = struct.Struct("=IIII")
 IFACE = struct.Struct("=BBBB")
 HEARTBEAT = struct.Struct("=Q")
-MISS = struct.Struct("=II16s")
 # the key of the maps keyed by an index or an id (nexthops, groups, config, ...)
 U32 = struct.Struct("=I")
 
@@ -261,7 +250,6 @@ LAYOUTS: dict[str, struct.Struct] = {
     "fs_counter": COUNTER,
     "fs_config": CONFIG,
     "fs_heartbeat": HEARTBEAT,
-    "fs_miss": MISS,
     "fs_iface": IFACE,
 }
 
@@ -306,7 +294,6 @@ MAP_PERCPU_ARRAY = 6
 MAP_LPM_TRIE = 11
 MAP_DEVMAP = 14
 MAP_DEVMAP_HASH = 25
-MAP_RINGBUF = 27
 
 BPF_F_NO_PREALLOC = 0x1
 BPF_F_MMAPABLE = 0x400
@@ -323,7 +310,6 @@ class Sizes:
     groups: int = FS_MAX_GROUPS
     neighbours: int = FS_MAX_NEIGH
     tx_ports: int = FS_MAX_TX_PORTS
-    neigh_miss_bytes: int = FS_NEIGH_MISS_BYTES
     tbl8_groups: int = FS_MAX_TBL8_GROUPS
     slots: int = FS_MAX_SLOTS
 
@@ -336,7 +322,6 @@ class Sizes:
             f"-DFS_MAX_GROUPS={self.groups}",
             f"-DFS_MAX_NEIGH={self.neighbours}",
             f"-DFS_MAX_TX_PORTS={self.tx_ports}",
-            f"-DFS_NEIGH_MISS_BYTES={self.neigh_miss_bytes}",
             f"-DFS_MAX_TBL8_GROUPS={self.tbl8_groups}",
             f"-DFS_MAX_SLOTS={self.slots}",
         ]
@@ -384,7 +369,6 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
         MapSpec("heartbeat", MAP_ARRAY, 4, s(FsHeartbeat), 1),
         MapSpec("ifaces", MAP_ARRAY, 4, s(FsIface), FS_MAX_IFACES),
-        MapSpec("neigh_miss", MAP_RINGBUF, 0, 0, sizes.neigh_miss_bytes),
         MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE),
         MapSpec("v4_tbl8", MAP_ARRAY, 4, s(FsDirPair),
                 sizes.tbl8_groups * FS_TBL8_ENTRIES // 2, BPF_F_MMAPABLE),
@@ -394,6 +378,9 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
 
 
 MAP_NAMES = tuple(spec.name for spec in map_specs(Sizes()))
+# Maps an earlier version pinned and this one has not: a start over its pins removes
+# them (the old program keeps its own reference until the new one replaces it).
+RETIRED_MAPS = ("neigh_miss",)
 
 
 def _addr(family: int, addr: bytes) -> bytes:

@@ -4,8 +4,9 @@ Everything an instance owns lives under ``/sys/fs/bpf/fibsync/<instance>/``:
 one pin file per map (the names of ``abi.MAP_NAMES``) and ``prog``. Maps are
 created here, not by bcc, so that a restarted daemon can adopt the pinned
 maps the still-attached program reads (a hitless restart), and so that a map
-whose type or sizes no longer match is replaced instead of reused. bcc then
-compiles ``bpf/fibsync.c`` against the pinned maps.
+whose type or sizes no longer match is replaced instead of reused; the pin
+of a map this version no longer has (``abi.RETIRED_MAPS``) is removed. bcc
+then compiles ``bpf/fibsync.c`` against the pinned maps.
 
 XDP is attached through rtnetlink (netlink/rtnl.py), as ``ip link set dev X xdp``
 does, so the program keeps forwarding after the daemon exits; ``remove()``
@@ -126,6 +127,9 @@ class OpenMaps:
         mounted = ensure_bpffs()
         directory.mkdir(parents=True, exist_ok=True)
         previous = _pinned_prog_id(directory)
+        for name in abi.RETIRED_MAPS:
+            with contextlib.suppress(FileNotFoundError):
+                (directory / name).unlink()
         map_fds: dict[str, int] = {}
         origin: dict[str, MapOrigin] = {}
         try:

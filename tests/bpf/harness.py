@@ -34,8 +34,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # The tiny sizes keep map creation cheap; the layout is what matters.
 TEST_SIZES = abi.Sizes(routes_v4=16384, routes_v6=4096, nexthops=1024, groups=256,
-                       neighbours=1024, tx_ports=64, neigh_miss_bytes=4096 * 16,
-                       tbl8_groups=1024, slots=4096)
+                       neighbours=1024, tx_ports=64, tbl8_groups=1024, slots=4096)
 
 
 def sh(*args: str) -> str:
@@ -196,7 +195,6 @@ class Lab:
         if self.memory is not None:
             self.memory.clear()
         self.config()
-        self.misses()
 
     def clear_counters(self) -> None:
         zero = bytes(ctypes.sizeof(abi.FsCounter))
@@ -218,13 +216,6 @@ class Lab:
             if pkts or nbytes:
                 out[reason] = (pkts, nbytes)
         return out
-
-    def misses(self) -> list[tuple[int, int, bytes]]:
-        """Drained neigh_miss events as (ifindex, family, address bytes)."""
-        with bpfsys.RingBuffer(self.fp.map_fd("neigh_miss")) as ring:
-            events = [abi.FsMiss.from_buffer_copy(r) for r in ring.drain()]
-        return [(e.ifindex, e.family, bytes(e.addr)[:4 if e.family == AF_INET else 16])
-                for e in events]
 
     def run(self, frame: bytes, *, repeat: int = 1, ingress: int = 0) -> tuple[int, bytes]:
         ctx = bpfsys.xdp_md(len(frame), ingress or INGRESS)

@@ -21,7 +21,6 @@ from scapy.packet import Packet, Raw
 from fibsync.fastpath import abi
 from fibsync.fastpath.abi import Reason
 from fibsync.fastpath.program import FastPath
-from fibsync.model import AF_INET
 from tests.bpf.harness import ACTION_NAMES, XDP_DROP, XDP_PASS, XDP_REDIRECT, Lab, netns, sh
 
 pytestmark = pytest.mark.privileged
@@ -149,15 +148,26 @@ def test_route_action_fib_uses_the_kernel_fib(net: FibNet) -> None:
     assert net.lab.counters() == {Reason.FWD_FIB: (1, len(pkt))}
 
 
-def test_unresolved_nexthop_reports_and_falls_back(net: FibNet) -> None:
-    """The fast path's own entry is unresolved: it asks the daemon to resolve
-    the gateway and still forwards this packet through the kernel's FIB."""
+def test_unresolved_nexthop_falls_back_to_the_fib(net: FibNet) -> None:
+    """The fast path's own entry is unresolved, the kernel's neighbour is not:
+    the kernel's FIB forwards the packet."""
     net.lab.nexthop(1, net.out_ifindex, OUT_MAC, None, gateway="10.2.0.2")
     net.lab.route("192.0.2.0/24", 1)
     pkt = v4("192.0.2.9")
     assert net.run(pkt) == (XDP_REDIRECT, via_gateway(pkt))
     assert net.lab.counters() == {Reason.FWD_FIB: (1, len(pkt))}
-    assert net.lab.misses() == [(net.out_ifindex, AF_INET, bytes([10, 2, 0, 2]))]
+
+
+def test_unresolved_everywhere_goes_to_the_kernel_untouched(net: FibNet, fib_ns: str) -> None:
+    """Neither the fast path nor the kernel knows the gateway's MAC: bpf_fib_lookup
+    answers NO_NEIGH and the packet goes to the kernel, which resolves the gateway
+    when and as it would have; the program itself asks the kernel for nothing."""
+    net.lab.nexthop(1, net.out_ifindex, OUT_MAC, None, gateway="10.2.0.3")
+    net.lab.route("198.51.100.0/24", 1)
+    pkt = v4("198.51.100.1")
+    assert net.run(pkt) == (XDP_PASS, bytes(pkt))
+    assert net.lab.counters() == {Reason.PASS_NO_NEIGH: (1, len(pkt))}
+    assert sh("ip", "-n", fib_ns, "neigh", "show", "10.2.0.3").strip() == ""
 
 
 def test_resolved_nexthop_beats_the_fib(net: FibNet) -> None:

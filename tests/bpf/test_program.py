@@ -20,6 +20,8 @@ from tests.bpf.harness import TEST_SIZES, in_netns, netns, sh
 
 pytestmark = pytest.mark.privileged
 
+RINGBUF = 27  # BPF_MAP_TYPE_RINGBUF: what earlier versions pinned as neigh_miss
+
 
 @pytest.fixture
 def instance(unique_prefix: str) -> Iterator[str]:
@@ -106,6 +108,20 @@ def test_a_foreign_pinned_object_is_replaced(instance: str) -> None:
     with program.FastPath.load(instance, sizes=TEST_SIZES) as fp:
         assert fp.map_origin["nexthops"] == "replaced"
         assert bpfsys.map_info(fp.map_fd("nexthops")).value_size == 36
+
+
+def test_the_pin_of_a_retired_map_is_removed(instance: str) -> None:
+    """Pins an earlier version left (its neigh_miss ring buffer) do not stop a start."""
+    with program.FastPath.load(instance, sizes=TEST_SIZES):
+        pass
+    directory = program.pin_dir(instance)
+    fd = bpfsys.map_create(RINGBUF, 0, 0, 1 << 16, name="fs1_neigh_miss")
+    bpfsys.obj_pin(fd, str(directory / "neigh_miss"))
+    os.close(fd)
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp:
+        assert set(fp.map_origin.values()) == {"adopted"}
+        assert not (directory / "neigh_miss").exists()
+    assert {p.name for p in directory.iterdir()} == {*abi.MAP_NAMES, "prog"}
 
 
 def test_attach_detach(instance: str, veth_ns: str) -> None:

@@ -103,10 +103,10 @@ def test_default_sizes_match_header() -> None:
     consts = header_constants()
     sizes = abi.Sizes()
     assert (sizes.routes_v4, sizes.routes_v6, sizes.nexthops, sizes.groups, sizes.neighbours,
-            sizes.tx_ports, sizes.neigh_miss_bytes, sizes.tbl8_groups, sizes.slots) == (
+            sizes.tx_ports, sizes.tbl8_groups, sizes.slots) == (
         consts["FS_MAX_ROUTES_V4"], consts["FS_MAX_ROUTES_V6"], consts["FS_MAX_NEXTHOPS"],
         consts["FS_MAX_GROUPS"], consts["FS_MAX_NEIGH"], consts["FS_MAX_TX_PORTS"],
-        consts["FS_NEIGH_MISS_BYTES"], consts["FS_MAX_TBL8_GROUPS"], consts["FS_MAX_SLOTS"])
+        consts["FS_MAX_TBL8_GROUPS"], consts["FS_MAX_SLOTS"])
 
 
 def test_every_struct_has_a_twin() -> None:
@@ -171,8 +171,8 @@ def test_map_specs_use_the_struct_sizes() -> None:
     specs = {s.name: s for s in abi.map_specs(abi.Sizes())}
     assert tuple(specs) == abi.MAP_NAMES == (
         "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "tx_direct",
-        "counters", "config", "heartbeat", "ifaces", "neigh_miss", "v4_tbl24", "v4_tbl8", "v4_slots",
-        "v4_nh")
+        "counters", "config", "heartbeat", "ifaces", "v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
+    assert not set(abi.RETIRED_MAPS) & set(abi.MAP_NAMES)
     assert (specs["heartbeat"].type, specs["heartbeat"].value_size,
             specs["heartbeat"].max_entries) == (abi.MAP_ARRAY, 8, 1)
     assert (specs["tx_direct"].type, specs["tx_direct"].max_entries) == (

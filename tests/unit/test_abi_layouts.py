@@ -1,8 +1,8 @@
 """abi's struct.Struct and numpy layouts read and write exactly its ctypes structs.
 
 The ctypes structs are checked against bpf/fibsync.h (tests/unit/test_abi.py);
-these tests carry that to the layouts the writer, the map readers, the
-DIR-24-8 table and the neigh_miss reader use: same size, and every field at
+these tests carry that to the layouts the writer, the map readers and the
+DIR-24-8 table use: same size, and every field at
 its place (a struct filled with a distinct value per field reads back as
 those values, in order).
 """
