@@ -143,7 +143,6 @@ CONTRACT = {
     "fs_heartbeat": [("fresh_until", 0, 8)],
     "fs_config": [("hash_policy_v4", 0, 4), ("hash_policy_v6", 4, 4), ("flags", 8, 4),
                   ("v4_table", 12, 4)],
-    "fs_miss": [("ifindex", 0, 4), ("family", 4, 4), ("addr", 8, 16)],
 }
 # Keys are exact: a longer key changes what a lookup matches on.
 EXACT_SIZES = {"fs_v4_key": 8, "fs_v6_key": 20, "fs_neigh_key": 24,
