@@ -47,6 +47,7 @@ from .fastpath.attach import Attachments, check_interfaces
 from .fastpath.guard import FullMapGuard
 from .fastpath.maps import PinnedMaps, previous_max_id
 from .fastpath.writer import MapWriter
+from .fidelity import Fidelity
 from .model import Prefix
 from .process import InstanceLock, SdNotify, release_memory
 from .rib import Filter, Rib
@@ -92,6 +93,7 @@ class Daemon:
         self._hash_policy: tuple[int, ...] = ()
         self._reclaim: asyncio.Task[None] | None = None
         self.auditor: Auditor | None = None
+        self.fidelity: Fidelity | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -133,11 +135,22 @@ class Daemon:
                                    window=(self._open_audit_window, self._close_audit_window))
             self._netlink_task = asyncio.create_task(self.source.run(sync), name="netlink")
             self.notify.status("syncing: dumping the kernel's tables")
+            # what the kernel does beyond its routes (rules, sysctls, netfilter, IPsec,
+            # qdiscs): known and in `ifaces` before the program is first attached
+            maps_ = self.maps
+            self.fidelity = Fidelity(lambda items: maps_.update("ifaces", items), self.log,
+                                     s.netfilter)
+            keys, values = self.maps.read_all("ifaces")
+            self.fidelity.adopt(zip([keys[i:i + 4] for i in range(0, len(keys), 4)],
+                                    [values[i:i + 4] for i in range(0, len(values), 4)],
+                                    strict=True))
+            await self.fidelity.start()
             try:
                 self.fastpath = await load
             except BaseException:
                 self._netlink_task.cancel()
                 await asyncio.gather(self._netlink_task, return_exceptions=True)
+                await self.fidelity.stop()
                 raise
             self.xdp = Attachments(self.fastpath, s, self.log)
             self._log_load(time.monotonic() - t0)
@@ -180,6 +193,8 @@ class Daemon:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.fidelity is not None:
+                await self.fidelity.stop()
             self.status_server.close()
             if self.metrics is not None:
                 await self.metrics.stop()
@@ -271,6 +286,8 @@ class Daemon:
         self.heartbeat.stale_after = new.stale_after
         if self.auditor is not None and new.audit_interval != old.audit_interval:
             self.auditor.set_interval(new.audit_interval)
+        assert self.fidelity is not None
+        self.fidelity.set_netfilter(new.netfilter)
         if new.socket_group != old.socket_group:
             self.status_server.set_group(new.socket_group)
         assert self.xdp is not None
@@ -360,6 +377,8 @@ class Daemon:
                 self.xdp.check()
                 self._sync_hash_policy()
                 self._sync_use_neigh()
+                assert self.fidelity is not None
+                self.fidelity.write()  # interfaces that appeared get their entries
                 self._update_status_line()
 
     async def _wait_grace(self, reclaim: Any) -> None:
@@ -475,6 +494,7 @@ class Daemon:
             "reloads": dict(self.reloads),
             "audit": self.auditor.doc() if self.auditor is not None else {},
             "heartbeat": self.heartbeat.doc(),
+            "fidelity": self.fidelity.doc() if self.fidelity is not None else {},
             "interfaces": self.xdp.doc(),
             "counters": self.maps.counters(),
             "filter": {"table": s.table, "protocols": list(s.protocols)},

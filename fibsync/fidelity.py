@@ -117,15 +117,36 @@ CAREFUL: dict[str, Condition] = {
 }
 
 
-def default_watchers(on_change: Callable[[], None]) -> dict[str, Watcher]:
-    from .watch.interfaces import InterfaceWatch
-    from .watch.netfilter import NetfilterWatch
-    from .watch.routing import RoutingWatch
-    from .watch.xfrm import XfrmWatch
+class Unavailable:
+    """A watcher whose module failed to import: never ready, so it stands for its
+    careful condition for good (and says why in the status document)."""
 
-    return {"netfilter": NetfilterWatch(None, on_change), "xfrm": XfrmWatch(None, on_change),
-            "routing": RoutingWatch(None, on_change),
-            "interfaces": InterfaceWatch(None, on_change)}
+    def __init__(self, error: str) -> None:
+        self.ready = asyncio.Event()
+        self.stats: dict[str, Any] = {"error": error}
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    def conditions(self) -> list[Condition]:
+        return []
+
+
+WATCHERS = {"netfilter": ("netfilter", "NetfilterWatch"), "xfrm": ("xfrm", "XfrmWatch"),
+            "routing": ("routing", "RoutingWatch"), "interfaces": ("interfaces", "InterfaceWatch")}
+
+
+def default_watchers(on_change: Callable[[], None]) -> dict[str, Watcher]:
+    import importlib
+
+    out: dict[str, Watcher] = {}
+    for name, (module, cls) in WATCHERS.items():
+        try:
+            out[name] = getattr(importlib.import_module(f".watch.{module}", __package__),
+                                cls)(None, on_change)
+        except Exception as e:  # noqa: BLE001 - the careful condition covers it
+            out[name] = Unavailable(f"{type(e).__name__}: {e}")
+    return out
 
 
 class Fidelity:
@@ -149,6 +170,12 @@ class Fidelity:
         self.writes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduled = False
+
+    def adopt(self, existing: Iterable[tuple[bytes, bytes]]) -> None:
+        """The entries a previous run left (pinned maps adopted): the first write clears
+        those no condition asks for any more."""
+        zero = abi.IFACE.pack(0, 0, 0, 0)
+        self.written = {abi.U32.unpack(k)[0]: v for k, v in existing if v != zero}
 
     async def start(self) -> None:
         """Start the watchers; return once each has dumped (or READY_TIMEOUT passed:

@@ -129,6 +129,12 @@ class FibsyncCollector(Collector):
             c = CounterMetricFamily(f"fibsync_audit_{key}", text)
             c.add_metric([], audit[key])
             yield c
+        g = GaugeMetricFamily("fibsync_fidelity_conditions", "kernel conditions the fast "
+                              "path honours (docs/architecture.md, Fidelity)",
+                              labels=["kind", "family", "interface"])
+        for cond in doc.get("fidelity", {}).get("conditions", []):
+            g.add_metric([cond["kind"], cond["family"], cond["interface"]], 1)
+        yield g
         c = CounterMetricFamily("fibsync_reloads", "SIGHUP reloads", labels=["outcome"])
         c.add_metric(["done"], doc["reloads"]["done"])
         c.add_metric(["rejected"], doc["reloads"]["rejected"])

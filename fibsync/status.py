@@ -230,6 +230,21 @@ def render(doc: dict[str, Any]) -> str:
                 + f"  runs {au.get('runs', 0)}  divergences {au.get('divergences', 0)}"
                 f"  repairs {au.get('repairs', 0)}"
                 + (f"  failures {au['failures']}" if au.get("failures") else ""))
+    fi = doc.get("fidelity")
+    if fi:
+        conds = fi.get("conditions", [])
+        lines.append(f"fidelity   netfilter {fi.get('netfilter', '?')}; "
+                     + (f"{len(conds)} kernel condition{'s' if len(conds) != 1 else ''} "
+                        "the fast path honours" if conds else
+                        "no condition: the fast path forwards everything it can"))
+        for c in conds:
+            lines.append(f"  {c['kind']:<17} {c['family']:<4} {c['interface']:<12} "
+                         f"{c['detail']}  -> {c['action']}")
+        for name, w in sorted(fi.get("watchers", {}).items()):
+            if not w.get("ready") or w.get("last_error"):
+                lines.append(f"  watcher {name}: "
+                             + ("not ready" if not w.get("ready") else "restarted")
+                             + (f" ({w['last_error']})" if w.get("last_error") else ""))
     rl = doc.get("reloads")
     if rl:
         lines.append(f"reloads    {rl.get('done', 0)} done, {rl.get('rejected', 0)} rejected"
