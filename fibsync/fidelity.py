@@ -1,4 +1,4 @@
-"""Fidelity: what the kernel would do differently from our tables, and what the fast path does about it.
+"""Fidelity: what the kernel would do beyond our tables, and what the fast path does then.
 
 The route tables say where the kernel would send a packet. Other kernel state
 decides whether, and how, it forwards at all: policy rules, VRFs, the
