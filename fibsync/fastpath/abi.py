@@ -273,6 +273,11 @@ def pack_group(buckets: Sequence[int], members: Sequence[tuple[int, int]]) -> by
                       *[w for _, w in members], *pad)
 
 
+def group_buckets(value: bytes) -> int:
+    """nbuckets of a struct fs_group (0: every packet asks bpf_fib_lookup)."""
+    return int(U32.unpack_from(value)[0])
+
+
 def group_members(value: bytes) -> list[tuple[int, int]]:
     """The (nexthop id, weight) members of a struct fs_group."""
     fields = GROUP.unpack(value[:GROUP.size])

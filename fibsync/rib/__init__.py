@@ -86,11 +86,12 @@ class Rib:
         # ids below first_id belong to entries a previous run left in the maps
         self.first_id = first_id
         self.stats = {"changes": 0, "ignored": 0, "resyncs": 0}
+        self.use_neigh = False  # net.ipv4.fib_multipath_use_neigh
         self.kernel, self.table = self._fresh()
 
     def _fresh(self) -> tuple[KernelState, FpTable]:
         kernel = KernelState()
-        table = FpTable(kernel, self.first_id)
+        table = FpTable(kernel, self.first_id, self.use_neigh)
         kernel.watcher = table
         return kernel, table
 
@@ -186,7 +187,8 @@ class Rib:
 
     def set_multipath_use_neigh(self, on: bool) -> bool:
         """Follow net.ipv4.fib_multipath_use_neigh (no netlink event announces it);
-        True when it changed."""
+        True when it changed, and the groups it decides for are in the diff."""
+        self.use_neigh = on
         return self.table.set_use_neigh(on)
 
     def take_diff(self) -> FastPathDiff:
@@ -228,6 +230,8 @@ class Rib:
             "routes_v6": len(entries) - v4 + compact.count(AF_INET6),
             "nexthops": len(self.table.nexthops),
             "groups": len(self.table.groups),
+            # groups whose path the kernel picks while it may skip one of them
+            "groups_by_kernel": sum(1 for g in self.table.groups.values() if g.by_kernel),
             "neighbours": sum(1 for n in self.kernel.neighbours.values() if n.valid),
             "links": len(self.kernel.links),
             "nexthop_objects": len(self.kernel.nh_objects),

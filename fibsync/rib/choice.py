@@ -5,6 +5,10 @@ out. A choice is the entry itself when it needs no next hop (to the kernel,
 drop), a nexthop object's id when the entry is that object's, the inline
 paths when they are to be interned, or None when the fast path holds nothing
 for the prefix. Fast-path ids are given out elsewhere (``entries.py``).
+
+``kernel_picks_path`` decides, from the state of an ECMP group's paths,
+whether the group's own buckets may choose among them or only the kernel's
+selection can (see its docstring).
 """
 
 from __future__ import annotations
@@ -12,7 +16,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from ..model import RT_TABLE_LOCAL, Nexthop, NexthopObject, Route, RouteType
+from ..model import (
+    NUD_VALID,
+    RT_TABLE_LOCAL,
+    Link,
+    Neighbour,
+    Nexthop,
+    NexthopObject,
+    Route,
+    RouteType,
+)
 from ..netlink.rtnl import RTNH_F_DEAD
 from .types import Action, FpRoute
 
@@ -121,3 +134,38 @@ def _encap(obj: NexthopObject, objects: Mapping[int, NexthopObject]) -> bool:
     if obj.encap:
         return True
     return any(m in objects and objects[m].encap for m, _ in obj.group)
+
+
+def kernel_picks_path(paths: list[tuple[Link | None, Neighbour | None, bool]],
+                      object_group: bool, use_neigh: bool) -> bool:
+    """Whether an ECMP group must leave the choice of its path to the kernel: True
+    when the kernel's selection may pass over one of ``paths`` (each: its link, the
+    neighbour entry of its gateway, whether it has a gateway).
+
+    The kernel's hash-threshold selection skips a path whose gateway's neighbour
+    entry exists and is not NUD_VALID (INCOMPLETE, FAILED, NONE; no entry counts as
+    good): always in a nexthop-object group (``nexthop_select_path_hthr`` /
+    ``nexthop_is_good_nh``), in a route's own paths only under
+    net.ipv4.fib_multipath_use_neigh (``fib_select_multipath`` / ``fib_good_nh``,
+    which also judges the IPv6 gateways of IPv4 routes). IPv6 routes' own paths
+    ignore neighbours when forwarding, but inline paths are interned whatever the
+    route's family, so the sysctl applies to all of them: asking the kernel where
+    it was not needed costs time, never a wrong path. A path over a link without
+    carrier is skipped under ignore_routes_with_linkdown, one over a link down or
+    unknown is dead; neither sysctl is read: the kernel decides for both alike.
+
+    The group's buckets only approximate the kernel's hash, so they do not try to
+    skip what it skips: while any path may be skipped, every packet of the group
+    goes to bpf_fib_lookup, which runs the kernel's own path selection. A group of
+    one path has nothing to choose: the program's own fallback suffices.
+    """
+    if len(paths) < 2:
+        return False
+    check_neighbour = object_group or use_neigh
+    for link, neighbour, gateway in paths:
+        if link is None or not link.up:
+            return True
+        if check_neighbour and gateway and neighbour is not None \
+                and not neighbour.state & NUD_VALID:
+            return True
+    return False

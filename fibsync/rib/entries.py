@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
-from ..model import AF_INET, Nexthop, NexthopObject, Prefix, Snapshot
-from .choice import Choice, PathKey, choose, forward, object_entry
+from ..model import AF_INET, Link, Neighbour, Nexthop, NexthopObject, Prefix, Snapshot
+from .choice import Choice, PathKey, choose, forward, kernel_picks_path, object_entry
 from .compact import unwritten_rows
 from .kernel import KernelState, unindex
 from .types import GROUP_BUCKETS, Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
@@ -30,7 +30,7 @@ ZERO_MAC = b"\0" * 6
 class FpTable:
     """Implements ``kernel.KernelWatcher`` for the ``kernel`` it is built on."""
 
-    def __init__(self, kernel: KernelState, first_id: int) -> None:
+    def __init__(self, kernel: KernelState, first_id: int, use_neigh: bool = False) -> None:
         self.kernel = kernel
         # ids below first_id belong to entries a previous run left in the maps
         self.first_id = first_id
@@ -42,8 +42,11 @@ class FpTable:
         self.groups: dict[int, FpGroup] = {}
         self.members: dict[int, tuple[tuple[int, int], ...]] = {}
         self.diff = FastPathDiff()
-        # net.ipv4.fib_multipath_use_neigh
-        self.use_neigh = False
+        # net.ipv4.fib_multipath_use_neigh: whether the kernel's ECMP over a route's
+        # own paths skips those whose neighbour failed (choice.kernel_picks_path)
+        self.use_neigh = use_neigh
+        # the groups of nexthop objects (the others are interned inline paths)
+        self._object_groups: set[int] = set()
         # the entry of a route via each nexthop object: shared by all its prefixes
         # (one FpRoute object, not one per prefix), dropped when any object changes
         self._obj_entry: dict[int, FpRoute] = {}
@@ -84,6 +87,7 @@ class FpTable:
         if fid is None:
             fid = self._obj_fp[obj.id] = self._alloc_id()
         if obj.is_group:
+            self._object_groups.add(fid)
             members = tuple((self._obj_fp[m], w) for m, w in obj.group if m in self._obj_fp)
             self._set_group(fid, members)
         elif not obj.blackhole:
@@ -106,9 +110,13 @@ class FpTable:
             self._render_nexthop(fid)
 
     def set_use_neigh(self, on: bool) -> bool:
+        """Follow fib_multipath_use_neigh: the groups of inline paths are chosen
+        again (object groups skip failed neighbours whatever it says)."""
         if on == self.use_neigh:
             return False
         self.use_neigh = on
+        for gid in [g for g in self.members if g not in self._object_groups]:
+            self._render_group(gid)
         return True
 
     # ---------------------------------------------------------------- entries
@@ -217,6 +225,7 @@ class FpTable:
         if fid is None:
             return
         if old.is_group:
+            self._object_groups.discard(fid)
             self._del_group(fid)
         else:
             self._del_fp_nexthop(fid)
@@ -285,19 +294,27 @@ class FpTable:
 
     def _render_group(self, gid: int) -> None:
         members = self.members.get(gid, ())
-        # like the kernel, spread over the paths that can carry traffic
-        live = [(m, w) for m, w in members
-                if (nh := self.nexthops.get(m)) is not None and nh.resolved]
         known = [(m, w) for m, w in members if m in self.nexthops]
-        buckets = weighted_buckets(live or known)
-        if not buckets:
+        if not known:
             if self.groups.pop(gid, None) is not None:
                 self.diff.groups[gid] = None
             return
-        group = FpGroup(buckets, tuple(known))
+        # Buckets over every path, resolved or not: a bucket whose next hop is
+        # unresolved asks bpf_fib_lookup, and the kernel then forwards the packet
+        # (resolving the neighbour) or picks another path, as it would have. While
+        # the kernel may skip a path, no bucket: every packet asks bpf_fib_lookup.
+        by_kernel = kernel_picks_path([self._path_state(m) for m, _ in known],
+                                      gid in self._object_groups, self.use_neigh)
+        group = FpGroup(() if by_kernel else weighted_buckets(known), tuple(known))
         if self.groups.get(gid) != group:
             self.groups[gid] = group
             self.diff.groups[gid] = group
+
+    def _path_state(self, fid: int) -> tuple[Link | None, Neighbour | None, bool]:
+        ifindex, family, gateway = self._nh_source[fid]
+        neighbour = None if gateway is None else \
+            self.kernel.neighbours.get((ifindex, family, gateway))
+        return self.kernel.links.get(ifindex), neighbour, gateway is not None
 
     def _del_group(self, gid: int) -> None:
         for mid, _ in self.members.pop(gid, ()):

@@ -43,10 +43,17 @@ class FpNexthop:
 
 @dataclass(frozen=True, slots=True)
 class FpGroup:
-    """ECMP buckets (nexthop ids by weight) and the members with their kernel weights."""
+    """ECMP buckets (nexthop ids by weight) and the members with their kernel weights.
+
+    No bucket: the kernel picks the path (every packet asks bpf_fib_lookup), while
+    its selection may skip a member (``choice.kernel_picks_path``)."""
 
     buckets: tuple[int, ...]
     members: tuple[tuple[int, int], ...]
+
+    @property
+    def by_kernel(self) -> bool:
+        return not self.buckets
 
 
 @dataclass(frozen=True, slots=True)

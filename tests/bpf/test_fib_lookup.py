@@ -148,6 +148,17 @@ def test_route_action_fib_uses_the_kernel_fib(net: FibNet) -> None:
     assert net.lab.counters() == {Reason.FWD_FIB: (1, len(pkt))}
 
 
+def test_group_without_buckets_is_the_kernels_choice(net: FibNet) -> None:
+    """A group whose path the kernel may skip has no bucket: its resolved member
+    is not used, bpf_fib_lookup picks the path."""
+    net.lab.nexthop(1, net.out_ifindex, OUT_MAC, "02:00:00:00:03:03")
+    net.lab.group(5, [])
+    net.lab.route("192.0.2.0/24", 5, group=True)
+    pkt = v4("192.0.2.9")
+    assert net.run(pkt) == (XDP_REDIRECT, via_gateway(pkt))
+    assert net.lab.counters() == {Reason.FWD_FIB: (1, len(pkt))}
+
+
 def test_unresolved_nexthop_falls_back_to_the_fib(net: FibNet) -> None:
     """The fast path's own entry is unresolved, the kernel's neighbour is not:
     the kernel's FIB forwards the packet."""
