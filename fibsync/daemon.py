@@ -45,7 +45,7 @@ from .errors import (
 )
 from .fastpath.attach import Attachments, check_interfaces
 from .fastpath.guard import FullMapGuard
-from .fastpath.maps import PinnedMaps, previous_max_id
+from .fastpath.maps import PinnedMaps
 from .fastpath.writer import MapWriter
 from .fidelity import Fidelity
 from .model import Prefix
@@ -110,9 +110,8 @@ class Daemon:
                           config=s.config_file or None)
             self.notify.status("starting: compiling and loading the XDP program")
             t0 = time.monotonic()
-            # read before the maps are opened, which may replace them under our feet
-            self._first_id = previous_max_id(s.pin_dir) + 1
             maps = OpenMaps.open(s.instance, sizes=abi.Sizes(**s.map_sizes))
+            self._first_id = maps.previous_max_id + 1
             # the program builds in a child process on one core while the kernel's
             # tables are dumped, mirrored and written to the maps on the other; only
             # attaching waits for it

@@ -114,10 +114,6 @@ class PinnedMaps:
 
     # ------------------------------------------------------------ readers
 
-    def max_nexthop_id(self) -> int:
-        ids = [U32.unpack(k)[0] for name in ("nexthops", "groups") for k, _ in self.items(name)]
-        return max(ids, default=0)
-
     def counters(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         fd = self.fd("counters")
@@ -163,18 +159,6 @@ class PinnedMaps:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def previous_max_id(pin_dir: Path) -> int:
-    """The highest fast-path id a previous run left in the pinned maps (0 if none)."""
-    try:
-        maps = PinnedMaps(pin_dir)
-    except FastPathError:
-        return 0
-    try:
-        return maps.max_nexthop_id()
-    finally:
-        maps.close()
 
 
 def _nexthops(maps: MapSet) -> dict[int, tuple[Any, ...]]:

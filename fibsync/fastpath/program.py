@@ -106,16 +106,20 @@ class OpenMaps:
     """The pinned maps of an instance, created or adopted, before the program.
 
     The daemon opens them first, so that it can fill them while the program
-    compiles (seconds), then calls ``load_program``.
+    compiles (seconds), then calls ``load_program``. ``previous_max_id`` is the
+    highest nexthop or group id a previous run left pinned, read before any map
+    is replaced: the new run numbers above it, so that the old program's
+    entries stay valid while the new ones go in.
     """
 
     def __init__(self, instance: str, directory: Path, map_fds: dict[str, int],
                  origin: dict[str, MapOrigin], previous: int | None, mounted: bool,
-                 sizes: abi.Sizes) -> None:
+                 sizes: abi.Sizes, previous_max_id: int = 0) -> None:
         self.instance = instance
         self.pin_dir = directory
         self.map_fds = map_fds
         self.origin = origin
+        self.previous_max_id = previous_max_id
         self._previous = previous
         self._mounted = mounted
         self._sizes = sizes
@@ -127,6 +131,7 @@ class OpenMaps:
         mounted = ensure_bpffs()
         directory.mkdir(parents=True, exist_ok=True)
         previous = _pinned_prog_id(directory)
+        previous_max_id = _pinned_max_id(directory)
         for name in abi.RETIRED_MAPS:
             with contextlib.suppress(FileNotFoundError):
                 (directory / name).unlink()
@@ -139,7 +144,8 @@ class OpenMaps:
             for fd in map_fds.values():
                 os.close(fd)
             raise
-        return cls(instance, directory, map_fds, origin, previous, mounted, sizes)
+        return cls(instance, directory, map_fds, origin, previous, mounted, sizes,
+                   previous_max_id)
 
     def load_program(self) -> FastPath:
         """Compile and load the program against these maps and pin it; the
@@ -363,6 +369,23 @@ def _pin_replace(fd: int, path: Path) -> None:
         tmp.unlink()
     bpfsys.obj_pin(fd, str(tmp))
     os.replace(tmp, path)
+
+
+def _pinned_max_id(directory: Path) -> int:
+    """The highest key of the pinned nexthops and groups maps (0 if none)."""
+    ids = [0]
+    for name in ("nexthops", "groups"):
+        try:
+            fd = bpfsys.obj_get(str(directory / name))
+        except (MapError, FileNotFoundError):
+            continue
+        try:
+            ids += [abi.U32.unpack(k)[0] for k, _ in bpfsys.iterate(fd)]
+        except MapError:
+            pass
+        finally:
+            os.close(fd)
+    return max(ids)
 
 
 def _pinned_prog_id(directory: Path) -> int:
