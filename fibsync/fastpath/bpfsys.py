@@ -722,3 +722,45 @@ class RingBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- attachments
+
+BPF_PROG_QUERY = 16
+BPF_TCX_INGRESS = 46  # enum bpf_attach_type (6.6+)
+BPF_TCX_EGRESS = 47
+_MPROG_MAX = 64  # bpf_mprog_max(): programs one tcx hook holds at most
+
+
+class _QueryAttr(ctypes.Structure):
+    _fields_ = [
+        ("target", ctypes.c_uint32),  # target_fd, or target_ifindex for tcx
+        ("attach_type", ctypes.c_uint32),
+        ("query_flags", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("prog_ids", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),  # prog_cnt: room in, programs out
+        ("pad", ctypes.c_uint32),
+        ("prog_attach_flags", ctypes.c_uint64),
+        ("link_ids", ctypes.c_uint64),
+        ("link_attach_flags", ctypes.c_uint64),
+        ("revision", ctypes.c_uint64),
+    ]
+
+
+def prog_query(target: int, attach_type: int) -> list[int]:
+    """The ids of the programs attached at ``attach_type`` of ``target``.
+
+    For tcx (BPF_TCX_INGRESS/EGRESS) ``target`` is an ifindex, which the
+    kernel looks up in the calling thread's network namespace. A hook with
+    nothing attached answers [] (6.6 said ENOENT then; later kernels, count 0).
+    A kernel that does not know the attach type raises MapError with EINVAL.
+    """
+    ids = (ctypes.c_uint32 * _MPROG_MAX)()
+    attr = _QueryAttr(target=target, attach_type=attach_type, prog_ids=ctypes.addressof(ids),
+                      count=_MPROG_MAX)
+    ret = _bpf(BPF_PROG_QUERY, attr)
+    if ret == -E.ENOENT:
+        return []
+    _check(f"query attach type {attach_type} of {target}", ret)
+    return list(ids[:min(attr.count, _MPROG_MAX)])
