@@ -407,3 +407,25 @@ IFLA_AF_SPEC = 26
 IFLA_INFO_SLAVE_KIND = 4
 IFLA_INET6_CONF = 2  # in IFLA_AF_SPEC/AF_INET6: s32[DEVCONF_MAX], index DEVCONF_*
 DEVCONF_FORCE_FORWARDING = 59  # 6.17+; older kernels send a shorter array
+
+
+# ---------------------------------------------------------------- tc, netns ids
+# (rtnetlink.h tcmsg, pkt_sched.h, net_namespace.h, if_link.h: what
+# fibsync/watch/interfaces.py and veth.py read)
+
+RTM_GETQDISC = 38
+RTM_GETTFILTER = 46
+RTM_GETNSID = 90
+RTNLGRP_TC = 4
+
+TCMSG = struct.Struct("=BxxxiIII")  # struct tcmsg: family, ifindex, handle, parent, info
+TCA_KIND = 1
+TC_H_ROOT = 0xFFFFFFFF
+TC_H_INGRESS = 0xFFFFFFF1  # also TC_H_CLSACT: the parent of the ingress/clsact qdisc
+TC_H_MIN_INGRESS = 0xFFF2
+TC_H_MIN_EGRESS = 0xFFF3
+
+RTGENMSG = struct.Struct("=Bxxx")  # struct rtgenmsg, padded to NLMSG_ALIGNTO
+NETNSA_NSID = 1
+NETNSA_FD = 3
+IFLA_LINK_NETNSID = 37
