@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -165,9 +165,14 @@ def _nexthops(maps: MapSet) -> dict[int, tuple[Any, ...]]:
     return {U32.unpack(k)[0]: NEXTHOP.unpack(v[:NEXTHOP.size]) for k, v in maps.items("nexthops")}
 
 
-def _groups(maps: MapSet) -> dict[int, list[tuple[int, int]]]:
-    """group id -> [(member nexthop id, kernel weight)]"""
-    return {U32.unpack(k)[0]: abi.group_members(v) for k, v in maps.items("groups")}
+class Group(NamedTuple):
+    members: list[tuple[int, int]]  # (member nexthop id, kernel weight)
+    by_kernel: bool  # no bucket: the kernel picks the path (bpf_fib_lookup)
+
+
+def _groups(maps: MapSet) -> dict[int, Group]:
+    return {U32.unpack(k)[0]: Group(abi.group_members(v), abi.group_buckets(v) == 0)
+            for k, v in maps.items("groups")}
 
 
 def read_routes(maps: MapSet, attempts: int = 5) -> list[dict[str, Any]]:
@@ -334,7 +339,7 @@ class RouteTable:
 
 
 def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
-               nexthops: dict[int, tuple[Any, ...]], groups: dict[int, list[tuple[int, int]]],
+               nexthops: dict[int, tuple[Any, ...]], groups: dict[int, Group],
                names: dict[int, str]) -> dict[str, Any]:
     nh_id, action, flags, reason, _ = ROUTE.unpack(value[:ROUTE.size])
     doc: dict[str, Any] = {
@@ -351,7 +356,9 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
         if nh_id not in groups:
             doc["nexthops"].append({"id": nh_id, "missing": True})
             return doc
-        members = groups[nh_id]
+        members = groups[nh_id].members
+        if groups[nh_id].by_kernel:
+            doc["ecmp"] = "kernel"
     else:
         members = [(nh_id, 1)]
     for mid, weight in members:
@@ -388,6 +395,9 @@ def _explain(doc: dict[str, Any]) -> str:
     if not ready:
         return (f"{doc['prefix']} via {via}: next hop not resolved yet, so bpf_fib_lookup/the "
                 f"kernel forward and resolve it")
+    if doc.get("ecmp") == "kernel":
+        return (f"{doc['prefix']} via {via}: the kernel may skip one of these paths (its "
+                f"neighbour failed, or its link is down): bpf_fib_lookup picks the path")
     return f"{doc['prefix']} via {via}: forwarded by the fast path"
 
 
@@ -400,6 +410,9 @@ def render_routes(entries: list[dict[str, Any]]) -> str:
             continue
         for i, h in enumerate(e["nexthops"]):
             head = f"{e['prefix']:<24}" if i == 0 else " " * 24
+            if i == 0 and e.get("ecmp") == "kernel":
+                lines.append(f"{head} (ECMP by the kernel: bpf_fib_lookup picks the path)")
+                head = " " * 24
             if h.get("missing"):
                 lines.append(f"{head} nexthop {h['id']} missing from the maps")
                 continue
