@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import errno as E
-import mmap
 import os
 import platform
 import struct
@@ -661,67 +660,6 @@ def prog_test_run_live(prog_fd: int, data: bytes, count: int, *, ctx: bytes,
                         flags=BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=batch_size)
     _check("live-frames test run", _bpf(BPF_PROG_TEST_RUN, attr))
     return attr.duration
-
-
-# ---------------------------------------------------------------- ring buffer
-
-
-class RingBuffer:
-    """Consumer side of a BPF_MAP_TYPE_RINGBUF map, without libbpf.
-
-    ``fileno()`` becomes readable when records arrive (use it with
-    ``loop.add_reader``); ``drain()`` returns every record committed so far.
-    The instance keeps its own dup of the fd.
-    """
-
-    _BUSY = 1 << 31
-    _DISCARD = 1 << 30
-    _HDR = 8
-
-    def __init__(self, fd: int) -> None:
-        info = map_info(fd)
-        if info.type != 27:
-            raise MapError(f"map {info.name!r} is not a ring buffer (type {info.type})")
-        self._fd = os.dup(fd)
-        self._size = info.max_entries
-        self._mask = self._size - 1
-        page = mmap.PAGESIZE
-        self._consumer = mmap.mmap(self._fd, page, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        # producer page, then the data area mapped twice so records never wrap
-        self._producer = mmap.mmap(self._fd, page + 2 * self._size, mmap.MAP_SHARED,
-                                   mmap.PROT_READ, offset=page)
-        self._page = page
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def drain(self) -> list[bytes]:
-        records = []
-        cons = struct.unpack_from("=Q", self._consumer, 0)[0]
-        prod = struct.unpack_from("=Q", self._producer, 0)[0]
-        while cons < prod:
-            at = self._page + (cons & self._mask)
-            hdr = struct.unpack_from("=I", self._producer, at)[0]
-            if hdr & self._BUSY:
-                break
-            length = hdr & ~(self._BUSY | self._DISCARD)
-            if not hdr & self._DISCARD:
-                records.append(bytes(self._producer[at + self._HDR:at + self._HDR + length]))
-            cons += _round8(length + self._HDR)
-            struct.pack_into("=Q", self._consumer, 0, cons)
-        return records
-
-    def close(self) -> None:
-        self._consumer.close()
-        self._producer.close()
-        os.close(self._fd)
-
-    def __enter__(self) -> RingBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------- attachments
