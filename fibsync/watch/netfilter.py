@@ -70,6 +70,12 @@ two ruleset generations (nfgenmsg res_id) is taken again.
 
 ``DumpWatch``, the notification / debounce / dump machinery, serves
 fibsync/watch/xfrm.py as well.
+
+Longer than our ~500-line mark: nftables' constants, decoding and judgement
+are one vocabulary (some 600 lines, most of them the kernel's numbers and
+the table of what is harmless); the rest is ``DumpWatch`` and its blocking
+request helpers, which xfrm.py imports from here and which can move to a
+module of their own (watch/dump.py) without change.
 """
 
 from __future__ import annotations
