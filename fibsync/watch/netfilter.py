@@ -56,6 +56,11 @@ this module cannot decode makes the most careful condition (every packet of
 every interface to the kernel), an expression it cannot read makes its chain
 act; both count in ``stats['undecodable']``.
 
+A table with the owner flag (NFT_TABLE_F_OWNER) goes when its owner's
+netlink socket closes, and the kernel says nothing (nft_rcv_nl_event releases
+it without a notification): while such a table makes a condition, the
+once-a-second poll below also lists the tables, and re-dumps when it is gone.
+
 iptables-legacy: its x_tables rules are invisible to nfnetlink. Every table
 listed in /proc/net/ip_tables_names (ip6_tables_names) of the watched
 namespace makes a ``netfilter`` condition for AF_INET (AF_INET6), read on
@@ -157,6 +162,7 @@ NFTA_HOOK_DEVS = 4
 NFTA_DEVICE_NAME = 1
 NFTA_DEVICE_PREFIX = 2
 NFT_TABLE_F_DORMANT = 0x1
+NFT_TABLE_F_OWNER = 0x2
 NFTA_TABLE_NAME = 1
 NFTA_TABLE_FLAGS = 2
 NFTA_CHAIN_TABLE = 1
@@ -257,6 +263,7 @@ class Table:
     family: int
     name: str
     dormant: bool
+    owned: bool = False  # released with its owner's socket, with no message
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +330,8 @@ def decode_table(payload: bytes) -> Table:
     if NFTA_TABLE_NAME not in found:
         raise Undecodable("a table without a name")
     flags = _be32(found[NFTA_TABLE_FLAGS]) if NFTA_TABLE_FLAGS in found else 0
-    return Table(family, _string(found[NFTA_TABLE_NAME]), bool(flags & NFT_TABLE_F_DORMANT))
+    return Table(family, _string(found[NFTA_TABLE_NAME]), bool(flags & NFT_TABLE_F_DORMANT),
+                 bool(flags & NFT_TABLE_F_OWNER))
 
 
 def decode_chain(payload: bytes) -> Chain:
@@ -543,6 +551,11 @@ class Ruleset:
                 out.append((item, place, why))
         return out
 
+    def owned_tables(self) -> frozenset[tuple[int, str]]:
+        """(family, name) of the owned tables whose chains or flowtables may act."""
+        owned = {(t.family, t.name) for t in self.tables if t.owned}
+        return frozenset((item.family, item.table) for item, _, _ in self.acting()) & owned
+
     def names_devices(self) -> bool:
         """Whether a chain or flowtable that may act is bound to devices by name."""
         return any(place.on_devices for _, place, _ in self.acting())
@@ -709,6 +722,7 @@ class Snapshot:
     conditions: list[Condition]
     undecodable: int = 0
     retries: int = 0
+    dumped: bool = True  # False: a poll that took no dump
 
 
 class DumpWatch:
@@ -778,7 +792,7 @@ class DumpWatch:
                 await self._session(loop)
             except Unsupported:
                 self.stats["unsupported"] = 1
-                self._apply(Snapshot([]))
+                self._apply(Snapshot([], dumped=False))
                 await asyncio.Event().wait()
             except Exception as exc:  # the namespace gone, a socket error, a bug: be careful
                 self.stats["errors"] += 1
@@ -786,7 +800,8 @@ class DumpWatch:
                             retry_in=pause, exc_info=not isinstance(exc, OSError))
                 self._apply(Snapshot([Condition(
                     self.kind, 0, 0,
-                    f"{self.name} state unknown ({exc}): every packet goes to the kernel")]))
+                    f"{self.name} state unknown ({exc}): every packet goes to the kernel")],
+                    dumped=False))
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, self.RETRY_PAUSE_MAX)
                 continue
@@ -826,9 +841,7 @@ class DumpWatch:
                 self._wake.clear()
                 if self._failure is not None:
                     raise self._failure
-                snapshot = await loop.run_in_executor(worker, self._read)
-                self.stats["dumps"] += 1
-                self._apply(snapshot)
+                self._apply(await loop.run_in_executor(worker, self._read))
         finally:
             for sock in socks:
                 loop.remove_reader(sock.fileno())
@@ -861,6 +874,7 @@ class DumpWatch:
             self._wake.set()
 
     def _apply(self, snapshot: Snapshot) -> None:
+        self.stats["dumps"] += snapshot.dumped
         self.stats["undecodable"] += snapshot.undecodable
         self.stats["retries"] += snapshot.retries
         new = sorted(set(snapshot.conditions))
@@ -893,6 +907,7 @@ class NetfilterWatch(DumpWatch):
         self._nftables = True
         self._link_sock: socket.socket | None = None
         self._ruleset_conditions: list[Condition] = []
+        self._owned: frozenset[tuple[int, str]] = frozenset()
         self._legacy: dict[int, list[str]] = {}
         self._legacy_read = -math.inf
         # written by the worker, read by the event loop
@@ -948,12 +963,26 @@ class NetfilterWatch(DumpWatch):
             links = {name: index for index, name in socket.if_nameindex()} \
                 if self._names_devices else {}
             self._ruleset_conditions = ruleset.conditions(links)
+            self._owned = ruleset.owned_tables()
             undecodable = ruleset.undecodable
         return Snapshot(self._ruleset_conditions + legacy_conditions(self._legacy_tables()),
                         undecodable, retries)
 
+    def _tables(self) -> set[tuple[int, str]]:
+        body = NFGENMSG.pack(NFPROTO_UNSPEC, NFNETLINK_V0, 0)
+        with request_socket(NETLINK_NETFILTER) as sock:
+            (answer,), _ = retried(lambda: [exchange(sock, _nfnl_type(NFT_MSG_GETTABLE), body,
+                                                     nl.NLM_F_DUMP)])
+        return {(t.family, t.name) for t in
+                _decode_all((payload for _, payload in answer), decode_table, "table", [])}
+
     def _poll(self) -> Snapshot | None:
+        """The iptables-legacy tables; and whether an owned table that made a
+        condition is gone (the kernel releases it with its owner's socket and
+        says nothing): then a full dump."""
+        if self._owned and not self._owned <= self._tables():
+            return self._read()
         before = self._legacy
         if self._legacy_tables() == before:
             return None
-        return Snapshot(self._ruleset_conditions + legacy_conditions(self._legacy))
+        return Snapshot(self._ruleset_conditions + legacy_conditions(self._legacy), dumped=False)

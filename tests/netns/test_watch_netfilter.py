@@ -302,6 +302,34 @@ table netdev n {
     on_loop(scenario())
 
 
+def test_owned_table_released_without_a_message(ns: Netns) -> None:
+    """A table with the owner flag goes when nft -i, its owner, exits; the kernel
+    sends no notification, the watcher's poll of owned tables notices."""
+    async def scenario() -> None:
+        async with Watching(NetfilterWatch(ns.name, lambda: None), ns) as w:
+            owner = await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", ns.name, "nft", "-i", stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                assert owner.stdin is not None
+                owner.stdin.write(b"add table ip o { flags owner; }\n"
+                                  b"add chain ip o f { type filter hook forward priority 0; "
+                                  b"policy drop; }\n")
+                await owner.stdin.drain()
+                await w.until(lambda c: kinds(c) == {("netfilter", AF_INET, 0)})
+                notifications = w.watch.stats["notifications"]
+                owner.stdin.close()
+                await owner.wait()
+            finally:
+                if owner.returncode is None:
+                    owner.kill()
+                    await owner.wait()
+            await w.until(lambda c: c == [], within=1.5)
+            assert w.watch.stats["notifications"] == notifications
+
+    on_loop(scenario())
+
+
 @pytest.fixture
 def iptables_legacy() -> None:
     missing = [tool for tool in ("iptables-legacy", "ip6tables-legacy") if not shutil.which(tool)]

@@ -340,6 +340,15 @@ def test_undecodable_message_is_the_most_careful_condition() -> None:
     assert kinds_of(found.conditions(LINKS)) == {("netfilter", 0, 0)}
 
 
+def test_owned_tables_only_those_that_act() -> None:
+    found = ruleset(tables=(table(IP, "own", nf.NFT_TABLE_F_OWNER),
+                            table(IP, "quiet", nf.NFT_TABLE_F_OWNER), table(IP, "plain")),
+                    chains=(chain(IP, "own", "f", FWD, policy=nf.NF_DROP),
+                            chain(IP, "quiet", "f", FWD),
+                            chain(IP, "plain", "f", FWD, policy=nf.NF_DROP)))
+    assert found.owned_tables() == {(IP, "own")}
+
+
 def test_names_devices_only_for_chains_that_act() -> None:
     harmless = chain(NETDEV, "n", "in", nf.NF_NETDEV_INGRESS, devs=("eth0",))
     assert not ruleset(chains=(harmless,)).names_devices()
