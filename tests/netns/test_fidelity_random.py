@@ -1,0 +1,373 @@
+"""Fidelity (issue 12), randomised: what leaves r is the same, frame for frame, with fibsync or not.
+
+At least 10,000 random frames leave h1 for r (tests/netns/fidelity.py: the
+topology, sending and catching): once with r's kernel alone, once with fibsync
+attached. Every host's veth is watched; the multisets of (receiving host, frame
+bytes) must be equal, after the one normalisation ``fidelity.normalise``
+documents (the IPv4 identification and header checksum of packets r originates).
+
+The frames: destinations in r's table and around it (inside a route, just
+outside, unrouted, unreachable/blackhole/prohibit routes, r's own addresses,
+its hosts, link network and broadcast addresses, multicast, hairpins back to
+h1's side), sources mostly h1's but also spoofed, unrouted, r's own and
+martian; TTL or hop limit 1 to 3 (some 64); sizes around the 1400-byte MTU of
+r's link to h2, with and without DF; IPv4 options, IPv4 fragments and IPv6
+fragment headers, IPv6 extension headers; UDP, TCP, ICMP and other protocols,
+some with a wrong layer-4 checksum. The IPv4 timestamp option is left out: r
+writes its clock into it.
+
+r answers every packet it should: its ICMP rate limits are off (both runs must
+send every error), it sends no ICMP redirects (they are rate limited per
+destination over tens of seconds, so two runs would not send the same number),
+and its neighbours are permanent entries (no ARP or ND timers). No ECMP: the
+fast path's multipath hash is not the kernel's.
+
+``FIDELITY_SEED`` replays a run (the seed is printed, and named on a failure);
+``FIDELITY_FRAMES`` changes the number of frames.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .fidelity import (
+    LINKS,
+    Router,
+    Topology,
+    counter_delta,
+    describe,
+    exchange,
+    fast_path_carries,
+    multiset,
+)
+
+pytestmark = [pytest.mark.privileged, pytest.mark.slow]
+
+FRAMES = int(os.environ.get("FIDELITY_FRAMES", "10000"))
+
+ROUTER_SYSCTLS = {
+    # every ICMP error and echo reply the kernel would send, without rate limits
+    "net.ipv4.icmp_ratelimit": 0,
+    "net.ipv4.icmp_ratemask": 0,
+    "net.ipv4.icmp_msgs_per_sec": 1000000,
+    "net.ipv4.icmp_msgs_burst": 1000000,
+    "net.ipv6.icmp.ratelimit": 0,
+    "net.ipv6.icmp.ratemask": "",
+    # redirects are rate limited per peer over ~20 s: not reproducible between runs
+    **{f"net.ipv4.conf.{i}.send_redirects": 0
+       for i in ("all", "default", *(link.router_if for link in LINKS))},
+}
+
+
+# --- building frames ---------------------------------------------------------------
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071): 2^16 = 1 modulo 0xffff, so the one's complement
+    sum of the 16-bit words is the number modulo 0xffff."""
+    if len(data) % 2:
+        data += b"\0"
+    n = int.from_bytes(data, "big")
+    s = n % 0xFFFF
+    if s == 0 and n:
+        s = 0xFFFF
+    return ~s & 0xFFFF
+
+
+def _addr(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
+    if len(src) == 4:
+        return src + dst + struct.pack("!BBH", 0, proto, length)
+    return src + dst + struct.pack("!I3xB", length, proto)
+
+
+def l4(rng: random.Random, proto: int, src: bytes, dst: bytes, size: int) -> bytes:
+    """A layer-4 segment of ``size`` bytes (at least its header), checksummed; one in
+    twenty carries a wrong checksum (a router forwards it all the same)."""
+    if proto == 17:
+        body = rng.randbytes(max(0, size - 8))
+        sport, dport = rng.choice((53, 123, 5000, 5001, 33434)), rng.randrange(1, 65536)
+        seg = struct.pack("!HHHH", sport, dport, 8 + len(body), 0) + body
+        where = 6
+    elif proto == 6:
+        body = rng.randbytes(max(0, size - 20))
+        flags = rng.choice((0x02, 0x10, 0x18, 0x11, 0x04, 0x12, 0x29))
+        seg = struct.pack("!HHIIBBHHH", rng.randrange(1024, 65536), rng.choice((22, 80, 179, 443)),
+                          rng.getrandbits(32), rng.getrandbits(32), 5 << 4, flags,
+                          rng.randrange(1, 65536), 0, 0) + body
+        where = 16
+    elif proto in (1, 58):
+        body = rng.randbytes(max(0, size - 8))
+        kind = (8 if proto == 1 else 128) if rng.random() < 0.8 else \
+            rng.choice((0, 3, 11) if proto == 1 else (1, 129, 4))
+        seg = struct.pack("!BBHHH", kind, 0, 0, rng.getrandbits(16), rng.getrandbits(16)) + body
+        where = 2
+    else:
+        return rng.randbytes(size)
+    head = pseudo(src, dst, proto, len(seg)) if proto != 1 else b""
+    c = checksum(head + seg)
+    if proto == 17 and c == 0:
+        c = 0xFFFF
+    if rng.random() < 0.05:
+        c ^= 0x5A5A
+    return seg[:where] + struct.pack("!H", c) + seg[where + 2:]
+
+
+def fragment(rng: random.Random, seg: bytes, room: int) -> tuple[bytes, int, bool]:
+    """A piece of a datagram longer than ``seg`` (its first piece, or one further on),
+    at most ``room`` bytes: (piece, offset in bytes, more fragments)."""
+    seg += rng.randbytes(rng.randrange(0, 600))
+    off = rng.randrange(0, max(1, (len(seg) - 8) // 8)) * 8 if rng.random() < 0.6 else 0
+    piece = seg[off:off + max(8, room) // 8 * 8]
+    more = off + len(piece) < len(seg)
+    return piece, off, more
+
+
+V4_OPTIONS: tuple[bytes, ...] = (
+    b"\x01\x01\x01\x01",  # NOPs
+    b"\x07\x0b\x04" + bytes(8) + b"\x00",  # record route, room for two
+    b"\x07\x07\x08" + bytes(4) + b"\x00",  # record route, full: nothing to write
+    b"\x94\x04\x00\x00",  # router alert
+    b"\x83\x0b\x04" + _addr("203.0.113.10") + _addr("203.0.113.130") + b"\x00",  # LSRR
+    b"\x07\x02\x04\x00",  # record route of length 2: malformed, parameter problem
+    b"\x9e\x04\x00\x00",  # an unknown option
+    b"\x82\x0b" + bytes(9) + b"\x00",  # security (RFC 1108)
+)
+
+
+def ipv4(rng: random.Random, src: bytes, dst: bytes, proto: int, total: int,
+         ttl: int) -> bytes:
+    options = rng.choice(V4_OPTIONS) if rng.random() < 0.1 else b""
+    hlen = 20 + len(options)
+    seg = l4(rng, proto, src, dst, max(total - hlen, 8))
+    flags = 0x4000 if rng.random() < 0.5 else 0
+    if rng.random() < 0.08:
+        seg, off, more = fragment(rng, seg, total - hlen)
+        flags = (0x2000 if more else 0) | (off // 8) | (flags if rng.random() < 0.3 else 0)
+    tos = rng.choice((0, 0, 0x10, 0xB8, 0x01, 0x03))
+    header = struct.pack("!BBHHHBBH4s4s", 0x40 | (hlen // 4), tos, hlen + len(seg),
+                         rng.getrandbits(16), flags, ttl, proto, 0, src, dst) + options
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return header + seg
+
+
+def ipv6(rng: random.Random, src: bytes, dst: bytes, proto: int, total: int,
+         hops: int) -> bytes:
+    ext = b""
+    first = proto
+    pick = rng.random()
+    if pick < 0.06:  # hop-by-hop: PadN, or a router alert
+        first, ext = 0, bytes([proto, 0]) + rng.choice((b"\x01\x04\x00\x00\x00\x00",
+                                                        b"\x05\x02\x00\x00\x01\x00"))
+    elif pick < 0.11:  # destination options
+        first, ext = 60, bytes([proto, 0]) + b"\x01\x04\x00\x00\x00\x00"
+    elif pick < 0.14:  # a type 0 routing header, one segment left
+        first, ext = 43, bytes([proto, 2, 0, 1]) + bytes(4) + _addr("2001:db8:ee::9")
+    elif pick < 0.22:  # a fragment
+        first = 44
+    if first == 44:
+        seg, off, more = fragment(rng, l4(rng, proto, src, dst, max(total - 48, 8)), total - 48)
+        ext = struct.pack("!BBHI", proto, 0, off | int(more), rng.getrandbits(32))
+    else:
+        seg = l4(rng, proto, src, dst, max(total - 40 - len(ext), 8))
+    flow = (rng.choice((0, 0, 0x2E, 0xB8)) << 20) | rng.getrandbits(20)
+    header = struct.pack("!IHBB16s16s", (6 << 28) | flow, len(ext) + len(seg), first, hops,
+                         src, dst)
+    return header + ext + seg
+
+
+# --- choosing addresses ------------------------------------------------------------
+
+
+def _in(rng: random.Random, net: str) -> str:
+    n = ipaddress.ip_network(net)
+    return str(n[rng.randrange(n.num_addresses)])
+
+
+Choices = tuple[tuple[float, Callable[[random.Random], str]], ...]
+
+
+def weighted(rng: random.Random, table: Choices) -> tuple[str, int]:
+    """An address from the table, and the index of the row it came from."""
+    x = rng.random() * sum(w for w, _ in table)
+    for i, (w, pick) in enumerate(table):
+        x -= w
+        if x < 0:
+            return pick(rng), i
+    return table[-1][1](rng), len(table) - 1
+
+
+def one_of(*items: str) -> Callable[[random.Random], str]:
+    return lambda rng: rng.choice(items)
+
+
+def within(net: str) -> Callable[[random.Random], str]:
+    return lambda rng: _in(rng, net)
+
+
+V4_DESTINATIONS: Choices = (
+    (30, within("203.0.113.128/25")),  # via h2, MTU 1400
+    (20, within("203.0.113.0/26")),  # via h3
+    (4, one_of("203.0.113.128", "203.0.113.255", "203.0.113.0", "203.0.113.63")),  # edges
+    (3, within("203.0.113.112/28")),  # blackhole, 203.0.113.127 just outside the /25 among them
+    (4, one_of("192.0.2.1", "198.51.100.1", "198.51.100.5")),  # r itself
+    (4, one_of("198.51.100.2", "198.51.100.6")),  # h2, h3 themselves
+    (3, one_of("192.0.2.0", "192.0.2.3", "198.51.100.0", "198.51.100.3", "198.51.100.4",
+               "198.51.100.7")),  # link network and broadcast
+    (3, one_of("192.0.2.2", "192.0.2.70", "198.51.100.130")),  # back to h1's side: a hairpin
+    (2, one_of("224.0.0.1", "239.1.2.3", "255.255.255.255")),  # multicast, broadcast
+    # answered by ip_error(), below
+    (2, one_of("203.0.113.64", "192.0.2.4", "198.51.100.8", "198.51.100.127")),  # just outside
+    (2, within("203.0.113.64/28")),  # unrouted
+    (1.5, within("203.0.113.96/28")),  # unreachable
+    (1.5, within("203.0.113.80/28")),  # prohibit
+    (1, one_of("192.0.2.60", "198.51.100.100", "203.0.113.79")),  # unrouted elsewhere
+)
+# Rows from here on are routes ip_error() answers (no route, unreachable, prohibit). It
+# rate limits its ICMP per source address with a token bucket of its own (5 at once,
+# then 1 a second: net.ipv4.route.error_burst and error_cost, which exist in the
+# initial namespace only). Packets to them take their source from POOL_V4 in turn, so
+# that no source draws more than two of those errors in a run: both runs send them all.
+IP_ERROR_ROWS = 9
+POOL_V4 = [str(a) for net in ("192.0.2.64/26", "192.0.2.128/25", "198.51.100.128/25")
+           for a in ipaddress.ip_network(net)]
+V4_SOURCES: Choices = (
+    (70, one_of("192.0.2.2")),  # h1
+    (10, within("192.0.2.64/26")),  # h1's side, routed via h1
+    (5, one_of("203.0.113.200", "203.0.113.5", "198.51.100.2")),  # spoofed: r routes elsewhere
+    (4, one_of("192.0.2.200", "203.0.113.70")),  # r has no route back
+    (3, one_of("192.0.2.1", "198.51.100.1")),  # r's own: martian
+    (3, one_of("0.0.0.0", "127.0.0.1", "224.0.0.5", "255.255.255.255", "192.0.2.3")),
+)
+V6_DESTINATIONS: Choices = (
+    (30, within("2001:db8:ff::/48")),  # via h2, MTU 1400
+    (20, within("2001:db8:ee::/48")),  # via h3
+    (4, one_of("2001:db8:fe:ffff:ffff:ffff:ffff:ffff", "2001:db8:100::", "2001:db8:ef::1",
+               "2001:db8:ed:ffff:ffff:ffff:ffff:ffff")),  # just outside
+    (3, within("2001:db8:dd::/48")),  # unreachable
+    (3, within("2001:db8:cc::/48")),  # blackhole
+    (3, within("2001:db8:bb::/48")),  # prohibit
+    (3, one_of("2001:db8:99::1", "2001:db8:4::1")),  # unrouted
+    (4, one_of("2001:db8:1::1", "2001:db8:2::1", "2001:db8:3::1", "2001:db8:2::")),  # r
+    (4, one_of("2001:db8:2::2", "2001:db8:3::2")),  # h2, h3
+    (3, one_of("2001:db8:1::2", "2001:db8:10::7")),  # back to h1's side: a hairpin
+    (2, one_of("ff02::1", "ff0e::1", "ff05::2")),  # multicast
+)
+V6_SOURCES: Choices = (
+    (70, one_of("2001:db8:1::2")),
+    (10, within("2001:db8:10::/64")),
+    (5, one_of("2001:db8:ff::99", "2001:db8:2::2")),  # spoofed
+    (4, one_of("2001:db8:99::1",)),  # unrouted
+    (3, one_of("2001:db8:1::1", "2001:db8:3::1")),  # r's own
+    (3, one_of("::1", "::", "ff02::1", "::ffff:192.0.2.2")),  # martian
+)
+
+
+# IP packet sizes: small ones, and many around the MTU (1400) of r's link to h2
+SIZES = ((28, 300), (300, 1360), (1360, 1501), (1390, 1411))
+
+
+def random_frames(topo: Topology, rng: random.Random, count: int) -> list[bytes]:
+    """``count`` frames from h1 to r's MAC on their link."""
+    eth4 = topo.router_mac("h1") + topo.host_mac("h1") + b"\x08\x00"
+    eth6 = topo.router_mac("h1") + topo.host_mac("h1") + b"\x86\xdd"
+    h1_ll = str(topo.link_local["h1-r"])
+    r_ll = str(topo.link_local["r-h1"])
+    frames = []
+    pooled = 0
+    for _ in range(count):
+        six = rng.random() < 0.45
+        low, high = rng.choice(SIZES)
+        size = rng.randrange(max(low, 48 if six else 28), high)
+        hops = rng.choice((1, 2, 2, 3, 3, 64))
+        if six:
+            dst = r_ll if rng.random() < 0.01 else weighted(rng, V6_DESTINATIONS)[0]
+            src = h1_ll if rng.random() < 0.03 else weighted(rng, V6_SOURCES)[0]
+            proto = rng.choice((17, 17, 17, 6, 6, 58, 58, 59, 50, 132))
+            frames.append(eth6 + ipv6(rng, _addr(src), _addr(dst), proto, size, hops))
+        else:
+            dst, row = weighted(rng, V4_DESTINATIONS)
+            if row >= IP_ERROR_ROWS:
+                src, pooled = POOL_V4[pooled % len(POOL_V4)], pooled + 1
+            else:
+                src = weighted(rng, V4_SOURCES)[0]
+            proto = rng.choice((17, 17, 17, 6, 6, 1, 1, 47, 50, 132, 253))
+            frames.append(eth4 + ipv4(rng, _addr(src), _addr(dst), proto, size, hops))
+    return frames
+
+
+# --- the test --------------------------------------------------------------------
+
+
+@pytest.fixture
+def topo(unique_prefix: str) -> Iterator[Topology]:
+    t = Topology(unique_prefix).up()
+    try:
+        for key, value in ROUTER_SYSCTLS.items():
+            t.r.sysctl(key, value)
+        t.permanent_neighbours()
+        yield t
+    finally:
+        t.down()
+
+
+@pytest.fixture
+def router(topo: Topology) -> Iterator[Router]:
+    r = Router(topo)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def seed() -> int:
+    value = os.environ.get("FIDELITY_SEED")
+    return int(value) if value else random.SystemRandom().randrange(1 << 32)
+
+
+def test_random_frames_leave_r_as_with_the_kernel_alone(topo: Topology, router: Router) -> None:
+    chosen = seed()
+    print(f"\nfidelity random: FIDELITY_SEED={chosen} FIDELITY_FRAMES={FRAMES}")
+    started = time.monotonic()
+    frames = random_frames(topo, random.Random(chosen), FRAMES)
+    built = time.monotonic() - started
+
+    kernel = exchange(topo, frames)
+    router.start()
+    fast_path_carries(topo, router)
+    before = router.counters()
+    fibsync = exchange(topo, frames)
+    counted = counter_delta(before, router.counters())
+    print(f"built {len(frames)} frames in {built:.1f} s; kernel run {kernel.seconds:.1f} s "
+          f"({len(kernel.frames)} frames caught), fibsync run {fibsync.seconds:.1f} s "
+          f"({len(fibsync.frames)} caught); whole test {time.monotonic() - started:.1f} s")
+    print(f"fibsync's reasons: {dict(sorted(counted.items(), key=lambda kv: -kv[1]))}")
+
+    want, got = multiset(kernel, topo), multiset(fibsync, topo)
+    by_host = Counter(host for host, _ in want.elements())
+    print(f"caught per host (kernel run): {dict(sorted(by_host.items()))}")
+    if want != got:
+        missing, extra = want - got, got - want
+        lines = [f"seed {chosen}: {sum(missing.values())} frames only with the kernel alone, "
+                 f"{sum(extra.values())} only with fibsync (replay: FIDELITY_SEED={chosen})",
+                 f"fibsync's reason counters over the run: {counted}"]
+        for title, diff in (("only with the kernel alone", missing), ("only with fibsync", extra)):
+            lines.append(f"{title}:")
+            for (host, frame), n in list(diff.items())[:8]:
+                lines.append(f"  {n} x at {host}: {describe(frame)}")
+        pytest.fail("\n".join(lines))
+    # the comparison means something: the fast path carried a good share of the frames,
+    # and the kernel's own answers (ICMP errors, fragments) were part of both runs
+    assert counted.get("FWD_FAST", 0) >= FRAMES // 5, counted
+    assert by_host["h1"] >= FRAMES // 20 and by_host["h2"] and by_host["h3"], by_host
