@@ -9,6 +9,7 @@ forwarding, by itself, while the daemon was dead, restarting and resyncing.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -20,11 +21,14 @@ import pytest
 
 from fibsync.config import PIN_ROOT
 from fibsync.demo import RouterDaemon
+from fibsync.fastpath import bpfsys
 from fibsync.lab import Lab, wait_until
 
 from .kernel_view import differences, fibsync_view, kernel_view
 
 pytestmark = pytest.mark.privileged
+
+RINGBUF = 27  # BPF_MAP_TYPE_RINGBUF
 
 
 @pytest.fixture
@@ -162,12 +166,18 @@ def test_kill_9_and_restart_lose_nothing_and_the_maps_follow_the_kernel(
 
 
 def test_a_map_of_another_size_is_replaced_not_reused(lab: Lab, fibsync: RouterDaemon) -> None:
+    """A restart as after an upgrade: a map's size changed, and the pins hold a map
+    this version no longer has (earlier versions' neigh_miss ring buffer)."""
     fibsync.start()
     src, dst = str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip)
     warm_up(lab, src, dst)
     old_id = _map_id(fibsync.instance, "routes_v4")
     proof = XdpProof(lab, fibsync)
     fibsync.stop()
+    retired = PIN_ROOT / fibsync.instance / "neigh_miss"
+    fd = bpfsys.map_create(RINGBUF, 0, 0, 1 << 16, name="fs1_neigh_miss")
+    bpfsys.obj_pin(fd, str(retired))
+    os.close(fd)
     ping = Ping(lab, src, dst)
     started = time.monotonic()
     try:
@@ -187,6 +197,7 @@ def test_a_map_of_another_size_is_replaced_not_reused(lab: Lab, fibsync: RouterD
     assert {m["origin"] for n, m in doc["maps"].items() if n != "routes_v4"} == {"adopted"}
     assert _map_id(fibsync.instance, "routes_v4") != old_id
     assert any(e.get("event") == "map.replace" for e in fibsync.logs())
+    assert not retired.exists()
     diff = differences(kernel_view(lab.r.ip_json), fibsync_view(fibsync.routes()))
     assert not diff, "\n".join(diff)
 
