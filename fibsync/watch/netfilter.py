@@ -69,9 +69,14 @@ process's main thread, so the worker reads /proc/thread-self/net instead.
 
 How: a NETLINK_NETFILTER socket joined to NFNLGRP_NFTABLES (and a
 NETLINK_ROUTE socket joined to RTNLGRP_LINK); every notification or overrun
-schedules a full dump of tables, chains, rules and flowtables, debounced
-(``DumpWatch``). A dump interrupted (NLM_F_DUMP_INTR, EBUSY) or spread over
-two ruleset generations (nfgenmsg res_id) is taken again.
+schedules a full dump, debounced (``DumpWatch``): tables, chains and
+flowtables, then the rules of the candidate chains only (filter chains with
+policy accept at a hook that sees forwarded packets; the kernel filters a
+rule dump by table and chain), read up to each chain's first rule that may
+act. A dump interrupted (NLM_F_DUMP_INTR, EBUSY) or spread over two ruleset
+generations (nfgenmsg res_id) is taken again. Measured on this kernel, from
+a change to its condition: 0.1 s with 2000 harmless rules in a forward
+chain, 0.5 s with 20000 (the kernel's dump of them alone takes 0.25 s).
 
 ``DumpWatch``, the notification / debounce / dump machinery, serves
 fibsync/watch/xfrm.py as well.
@@ -236,7 +241,17 @@ class Undecodable(ValueError):
 
 
 def _string(payload: bytes) -> str:
-    return payload.split(b"\0", 1)[0].decode(errors="replace")
+    # surrogateescape: a name goes back to the kernel exactly (a rule dump
+    # filtered by table and chain); _text makes it printable for a detail
+    return payload.split(b"\0", 1)[0].decode(errors="surrogateescape")
+
+
+def _name(text: str) -> bytes:
+    return text.encode(errors="surrogateescape") + b"\0"
+
+
+def _text(text: str) -> str:
+    return text.encode(errors="surrogateescape").decode(errors="replace")
 
 
 def _be32(payload: bytes | None) -> int:
@@ -367,67 +382,109 @@ def verdict_name(code: int, chain: str = "") -> str:
     return f"{name} {chain}" if chain else name
 
 
+def _attr(data: bytes, wanted: int) -> bytes | None:
+    """The payload of the first attribute of type ``wanted`` (walked inline: the
+    judgement of a big rule dump reads tens of thousands of expressions)."""
+    offset, end = 0, len(data)
+    while offset + 4 <= end:
+        length, kind = nl.NLATTR.unpack_from(data, offset)
+        if length < 4:
+            raise Undecodable(f"an attribute of length {length}")
+        if kind & nl.NLA_TYPE_MASK == wanted:
+            return data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return None
+
+
 def judge_expression(name: str, data: bytes) -> str | None:
     """None when the expression cannot change a forwarding decision, else what
     it does in words ("'reject'", "verdict drop"). Raises Undecodable when an
     attribute the judgement needs is missing or malformed."""
     if name in PURE_EXPRESSIONS:
         return None
-    found = _found(data)
     if name == "immediate":
-        if _be32(found.get(NFTA_IMMEDIATE_DREG)) != NFT_REG_VERDICT:
+        if _be32(_attr(data, NFTA_IMMEDIATE_DREG)) != NFT_REG_VERDICT:
             return None  # a data load into a register
-        value = _found(found.get(NFTA_IMMEDIATE_DATA, b""))
-        if NFTA_DATA_VERDICT not in value:
+        value = _attr(data, NFTA_IMMEDIATE_DATA)
+        verdict = _attr(value, NFTA_DATA_VERDICT) if value is not None else None
+        if verdict is None:
             raise Undecodable("an immediate into the verdict register without a verdict")
-        verdict = _found(value[NFTA_DATA_VERDICT])
-        code: int = BE32S.unpack(BE32.pack(_be32(verdict.get(NFTA_VERDICT_CODE))))[0]
+        code: int = BE32S.unpack(BE32.pack(_be32(_attr(verdict, NFTA_VERDICT_CODE))))[0]
         if code in HARMLESS_VERDICTS:
             return None
-        return f"verdict {verdict_name(code, _string(verdict.get(NFTA_VERDICT_CHAIN, b'')))}"
+        target = _attr(verdict, NFTA_VERDICT_CHAIN)
+        return f"verdict {verdict_name(code, _string(target) if target else '')}"
     if name == "payload":
-        return "'payload' set" if NFTA_PAYLOAD_SREG in found else None
+        return "'payload' set" if _attr(data, NFTA_PAYLOAD_SREG) is not None else None
     if name == "meta":
-        return "'meta' set" if NFTA_META_SREG in found else None
+        return "'meta' set" if _attr(data, NFTA_META_SREG) is not None else None
     if name == "lookup":
-        if NFTA_LOOKUP_DREG in found and _be32(found[NFTA_LOOKUP_DREG]) == NFT_REG_VERDICT:
-            return f"'lookup' in verdict map @{_string(found.get(NFTA_LOOKUP_SET, b'?'))}"
+        dreg = _attr(data, NFTA_LOOKUP_DREG)
+        if dreg is not None and _be32(dreg) == NFT_REG_VERDICT:
+            return f"'lookup' in verdict map @{_string(_attr(data, NFTA_LOOKUP_SET) or b'?')}"
         return None
     if name == "ct":
-        return "'ct' set" if NFTA_CT_SREG in found else "'ct' (turns on connection tracking)"
+        return "'ct' set" if _attr(data, NFTA_CT_SREG) is not None \
+            else "'ct' (turns on connection tracking)"
     return f"'{name}'"
 
 
 def expressions(payload: bytes) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each expression of an NFTA_RULE_EXPRESSIONS list."""
-    for kind, elem in nl.attrs(payload):
-        if kind != NFTA_LIST_ELEM:
-            raise Undecodable(f"rule expression list attribute {kind}")
-        found = _found(elem)
-        if NFTA_EXPR_NAME not in found:
+    offset, end = 0, len(payload)
+    while offset + 4 <= end:
+        length, kind = nl.NLATTR.unpack_from(payload, offset)
+        if length < 4:
+            raise Undecodable(f"an attribute of length {length}")
+        if kind & nl.NLA_TYPE_MASK != NFTA_LIST_ELEM:
+            raise Undecodable(f"rule expression list attribute {kind & nl.NLA_TYPE_MASK}")
+        elem = payload[offset + 4:offset + length]
+        name = _attr(elem, NFTA_EXPR_NAME)
+        if name is None:
             raise Undecodable("an expression without a name")
-        yield _string(found[NFTA_EXPR_NAME]), found.get(NFTA_EXPR_DATA, b"")
+        yield _string(name), _attr(elem, NFTA_EXPR_DATA) or b""
+        offset += (length + 3) & ~3
 
 
-def decode_rule(payload: bytes) -> Rule:
-    """A rule and the first of its expressions that may act; an expression that
-    cannot be read may act. Raises Undecodable only for a rule it cannot place."""
-    family, _ = _family(payload)
-    found = _found(payload, NFGENMSG.size)
-    if NFTA_RULE_TABLE not in found or NFTA_RULE_CHAIN not in found:
-        raise Undecodable("a rule without table or chain")
-    raw_handle = found.get(NFTA_RULE_HANDLE, b"")
-    handle: int = BE64.unpack(raw_handle)[0] if len(raw_handle) == BE64.size else 0
-    table, chain = _string(found[NFTA_RULE_TABLE]), _string(found[NFTA_RULE_CHAIN])
+def judge_rule(payload: bytes) -> tuple[str | None, bool]:
+    """What the first expression of an NFTA_RULE_EXPRESSIONS list that may act
+    does (None: none may), and whether one could not be read (it may act)."""
     name = "?"
     try:
-        for name, data in expressions(found.get(NFTA_RULE_EXPRESSIONS, b"")):
+        for name, data in expressions(payload):
             acts = judge_expression(name, data)
             if acts is not None:
-                return Rule(family, table, chain, handle, acts)
+                return acts, False
+            name = "?"  # an expression list broken after it is not this one's fault
     except (Undecodable, struct.error) as exc:
-        return Rule(family, table, chain, handle, f"'{name}' undecodable ({exc})", True)
-    return Rule(family, table, chain, handle, None)
+        return f"'{name}' undecodable ({exc})", True
+    return None, False
+
+
+def rule_head(payload: bytes) -> tuple[int, str, str, int, bytes]:
+    """(family, table, chain, handle, expression list) of a rule message."""
+    family, _ = _family(payload)
+    table = chain = None
+    handle = 0
+    exprs = b""
+    offset, end = NFGENMSG.size, len(payload)
+    while offset + 4 <= end:
+        length, kind = nl.NLATTR.unpack_from(payload, offset)
+        if length < 4:
+            break
+        kind &= nl.NLA_TYPE_MASK
+        if kind == NFTA_RULE_TABLE:
+            table = payload[offset + 4:offset + length]
+        elif kind == NFTA_RULE_CHAIN:
+            chain = payload[offset + 4:offset + length]
+        elif kind == NFTA_RULE_HANDLE and length == 4 + BE64.size:
+            handle = BE64.unpack_from(payload, offset + 4)[0]
+        elif kind == NFTA_RULE_EXPRESSIONS:
+            exprs = payload[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    if table is None or chain is None:
+        raise Undecodable("a rule without table or chain")
+    return family, _string(table), _string(chain), handle, exprs
 
 
 # ---------------------------------------------------------------- judgement
@@ -492,31 +549,65 @@ def _decode_all(payloads: Iterable[bytes], decoder: Callable[[bytes], T], what: 
     return out
 
 
+ChainKey = tuple[int, str, str]  # (table family, table, chain)
+
+
 @dataclass
 class Ruleset:
     """One dump of nftables, judged (see the module docstring)."""
 
     tables: list[Table] = field(default_factory=list)
     chains: list[Chain] = field(default_factory=list)
-    rules: list[Rule] = field(default_factory=list)
     flowtables: list[Flowtable] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # messages that could not be placed
+    # of each candidate chain: its first rule that may act, and that rule's position
+    first_acting: dict[ChainKey, tuple[int, Rule]] = field(default_factory=dict)
+    undecodable_rules: int = 0
 
     @classmethod
     def decode(cls, tables: Iterable[bytes], chains: Iterable[bytes], rules: Iterable[bytes],
                flowtables: Iterable[bytes] = ()) -> Ruleset:
-        """From the payloads (nfgenmsg on) of NFT_MSG_NEW{TABLE,CHAIN,RULE,FLOWTABLE}."""
+        """From the payloads (nfgenmsg on) of NFT_MSG_NEW{TABLE,CHAIN,RULE,FLOWTABLE};
+        only the rules of ``candidates()`` are read, up to the first that may act."""
         unreadable: list[str] = []
-        return cls(_decode_all(tables, decode_table, "table", unreadable),
-                   _decode_all(chains, decode_chain, "chain", unreadable),
-                   _decode_all(rules, decode_rule, "rule", unreadable),
-                   _decode_all(flowtables, decode_flowtable, "flowtable", unreadable),
-                   unreadable)
+        out = cls(_decode_all(tables, decode_table, "table", unreadable),
+                  _decode_all(chains, decode_chain, "chain", unreadable),
+                  _decode_all(flowtables, decode_flowtable, "flowtable", unreadable),
+                  unreadable)
+        candidates = out.candidates()
+        positions: dict[ChainKey, int] = {}
+        for payload in rules:
+            try:
+                family, table, chain, handle, exprs = rule_head(payload)
+            except (Undecodable, struct.error) as exc:
+                unreadable.append(f"undecodable rule message ({exc})")
+                continue
+            key = (family, table, chain)
+            if key not in candidates or key in out.first_acting:
+                continue
+            positions[key] = position = positions.get(key, 0) + 1
+            acts, undecodable = judge_rule(exprs)
+            out.undecodable_rules += undecodable
+            if acts is not None:
+                out.first_acting[key] = (position,
+                                         Rule(family, table, chain, handle, acts, undecodable))
+        return out
+
+    def candidates(self) -> set[ChainKey]:
+        """The base chains of live tables that meet forwarded packets and whose
+        rules decide whether they may act: filter chains with policy accept."""
+        dormant = {(t.family, t.name) for t in self.tables if t.dormant}
+        return {
+            (c.family, c.table, c.name) for c in self.chains
+            if c.hook is not None and (c.family, c.table) not in dormant
+            and c.type == "filter" and c.policy == NF_ACCEPT
+            and hook_place(c.family, c.hook.number) is not None
+        }
 
     @property
     def undecodable(self) -> int:
         """Messages and expressions this module could not read."""
-        return len(self.unreadable) + sum(rule.undecodable for rule in self.rules)
+        return len(self.unreadable) + self.undecodable_rules
 
     def why(self, chain: Chain) -> str | None:
         """Why a base chain may act; None when it cannot."""
@@ -524,14 +615,11 @@ class Ruleset:
             return f"type {chain.type}"
         if chain.policy != NF_ACCEPT:
             return f"policy {verdict_name(chain.policy)}"
-        position = 0
-        for rule in self.rules:
-            if (rule.family, rule.table, rule.chain) != (chain.family, chain.table, chain.name):
-                continue
-            position += 1
-            if rule.acts is not None:
-                return f"rule {position} (handle {rule.handle}) {rule.acts}"
-        return None
+        found = self.first_acting.get((chain.family, chain.table, chain.name))
+        if found is None:
+            return None
+        position, rule = found
+        return f"rule {position} (handle {rule.handle}) {rule.acts}"
 
     def acting(self) -> list[tuple[Chain | Flowtable, Place, str]]:
         """The base chains and flowtables of live tables that may act on forwarded
@@ -583,7 +671,7 @@ class Ruleset:
                           f"{where} (hook {hook} on {name}{extra}): {why}")
                 for name, ifindex in _devices(item.hook, links)
             )
-        return sorted(set(out))
+        return sorted({Condition(c.kind, c.family, c.ifindex, _text(c.detail)) for c in out})
 
 
 # ---------------------------------------------------------------- iptables-legacy
@@ -929,21 +1017,32 @@ class NetfilterWatch(DumpWatch):
         return sock is not self._link_sock or self._names_devices
 
     def _dump_ruleset(self) -> tuple[Ruleset, int]:
-        body = NFGENMSG.pack(NFPROTO_UNSPEC, NFNETLINK_V0, 0)
+        """Tables, chains and flowtables, then the rules of the candidate chains
+        only (a rule dump filtered by table and chain): the rules of chains that
+        act whatever their rules say, or never meet forwarded packets, are not
+        worth their share of the dump. All answers must carry one generation."""
+        everything = NFGENMSG.pack(NFPROTO_UNSPEC, NFNETLINK_V0, 0)
         with request_socket(NETLINK_NETFILTER) as sock:
             def take() -> list[list[tuple[int, bytes]]]:
-                parts = [exchange(sock, _nfnl_type(m), body, nl.NLM_F_DUMP)
-                         for m in (NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE,
-                                   NFT_MSG_GETFLOWTABLE)]
+                parts = [exchange(sock, _nfnl_type(m), everything, nl.NLM_F_DUMP)
+                         for m in (NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETFLOWTABLE)]
+                skeleton = Ruleset.decode(*([p for _, p in part] for part in parts[:2]), ())
+                rules: list[tuple[int, bytes]] = []
+                for family, table, chain in sorted(skeleton.candidates()):
+                    only = NFGENMSG.pack(family, NFNETLINK_V0, 0) + \
+                        nl.attr(NFTA_RULE_TABLE, _name(table)) + \
+                        nl.attr(NFTA_RULE_CHAIN, _name(chain))
+                    rules += exchange(sock, _nfnl_type(NFT_MSG_GETRULE), only, nl.NLM_F_DUMP)
+                parts.append(rules)
                 generations = {payload[2:4] for part in parts for _, payload in part
                                if len(payload) >= NFGENMSG.size}
                 if len(generations) > 1:
                     raise DumpInterrupted("the ruleset changed between the dumps")
                 return parts
 
-            parts, retries = retried(take)
-        tables, chains, rules, flowtables = ([payload for _, payload in part] for part in parts)
-        return Ruleset.decode(tables, chains, rules, flowtables), retries
+            (tables, chains, flowtables, rules), retries = retried(take)
+        return Ruleset.decode([p for _, p in tables], [p for _, p in chains],
+                              [p for _, p in rules], [p for _, p in flowtables]), retries
 
     def _poll_delay(self) -> float | None:
         return max(0.0, self._legacy_read + LEGACY_INTERVAL - time.monotonic())

@@ -574,3 +574,22 @@ def test_a_base_chain_without_policy_or_type_is_not_harmless() -> None:
     assert found.undecodable == 1
     assert kinds_of(found.conditions(LINKS)) == {("netfilter", 0, 0)}
 
+
+
+def test_names_that_are_not_utf8_go_back_to_the_kernel_exactly() -> None:
+    raw = b"t\xff"
+    name = nf._string(raw + b"\0")
+    assert nf._name(name) == raw + b"\0"
+    found = ruleset(chains=(message(IP, nl.attr(nf.NFTA_CHAIN_TABLE, raw + b"\0"),
+                                    nl.attr(nf.NFTA_CHAIN_NAME, string("f")),
+                                    nest(nf.NFTA_CHAIN_HOOK, nl.attr(nf.NFTA_HOOK_HOOKNUM,
+                                                                     be32(FWD))),
+                                    nl.attr(nf.NFTA_CHAIN_POLICY, be32(nf.NF_ACCEPT)),
+                                    nl.attr(nf.NFTA_CHAIN_TYPE, string("filter"))),),
+                    rules=(message(IP, nl.attr(nf.NFTA_RULE_TABLE, raw + b"\0"),
+                                   nl.attr(nf.NFTA_RULE_CHAIN, string("f")),
+                                   nest(nf.NFTA_RULE_EXPRESSIONS, plain("reject"))),))
+    assert found.candidates() == {(IP, name, "f")}
+    (cond,) = found.conditions(LINKS)
+    assert cond.detail == "table ip t\ufffd, chain f (hook forward, policy accept): " \
+                          "rule 1 (handle 0) 'reject'"
