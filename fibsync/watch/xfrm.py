@@ -159,7 +159,8 @@ def decode_policy(payload: bytes) -> Policy:
                   priority, sub)
 
 
-def conditions(policies: Iterable[Policy], default: bytes | None) -> tuple[list[Condition], int]:
+def policy_conditions(policies: Iterable[Policy], default: bytes | None
+                      ) -> tuple[list[Condition], int]:
     """The conditions of a policy database and of the default policies (the
     body of the XFRM_MSG_GETDEFAULT answer, None without one); and how many
     policies had a family this module does not know (they count for both)."""
@@ -225,5 +226,5 @@ class XfrmWatch(DumpWatch):
                 unreadable.append(Condition(
                     "xfrm", 0, 0,
                     f"undecodable xfrm policy message ({exc}): every packet goes to the kernel"))
-        found, unknown = conditions(policies, default[0][1] if default else None)
+        found, unknown = policy_conditions(policies, default[0][1] if default else None)
         return Snapshot(found + unreadable, len(unreadable) + unknown, retries)

@@ -13,7 +13,7 @@ import pytest
 from fibsync.netlink import rtnl as nl
 from fibsync.watch import Condition
 from fibsync.watch import xfrm as x
-from fibsync.watch.xfrm import Undecodable, XfrmWatch, conditions, decode_policy
+from fibsync.watch.xfrm import Undecodable, XfrmWatch, decode_policy, policy_conditions
 
 AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
 IN, OUT, FWD = x.XFRM_POLICY_IN, x.XFRM_POLICY_OUT, x.XFRM_POLICY_FWD
@@ -67,13 +67,13 @@ CASES: list[tuple[str, bytes, list[tuple[int, str]]]] = [
 @pytest.mark.parametrize("raw,expected", [(r, e) for _, r, e in CASES],
                          ids=[name for name, _, _ in CASES])
 def test_policy_conditions(raw: bytes, expected: list[tuple[int, str]]) -> None:
-    found, unknown = conditions([decode_policy(raw)], None)
+    found, unknown = policy_conditions([decode_policy(raw)], None)
     assert found == sorted(Condition("xfrm", family, 0, detail) for family, detail in expected)
     assert unknown == 0
 
 
 def test_unknown_selector_family_counts_for_both() -> None:
-    found, unknown = conditions([decode_policy(policy(FWD, 99))], None)
+    found, unknown = policy_conditions([decode_policy(policy(FWD, 99))], None)
     assert [(c.kind, c.family, c.ifindex) for c in found] == [("xfrm", 0, 0)]
     assert unknown == 1
 
@@ -88,7 +88,7 @@ def test_unknown_selector_family_counts_for_both() -> None:
     (None, []),  # a kernel without default policies
 ], ids=["accept", "in-block", "fwd-block", "out-block", "all-block", "none"])
 def test_default_policies(default: bytes | None, expected: list[str]) -> None:
-    found, _ = conditions([], default)
+    found, _ = policy_conditions([], default)
     assert found == [Condition("xfrm", 0, 0, detail) for detail in expected]
 
 
