@@ -626,17 +626,17 @@ class Ruleset:
         packets, where they meet them, and why they may act."""
         dormant = {(t.family, t.name) for t in self.tables if t.dormant}
         out: list[tuple[Chain | Flowtable, Place, str]] = []
-        for item in (*self.chains, *self.flowtables):
-            if item.hook is None or (item.family, item.table) in dormant:
-                continue
-            if isinstance(item, Flowtable):
+        for flowtable in self.flowtables:
+            if (flowtable.family, flowtable.table) not in dormant:
                 # always the ingress hook of its devices, whatever the table's family
-                place = Place("netfilter", TABLE_AF.get(item.family, 0), True)
-                out.append((item, place, "flows offloaded to it are forwarded by netfilter"))
+                out.append((flowtable, Place("netfilter", TABLE_AF.get(flowtable.family, 0), True),
+                            "flows offloaded to it are forwarded by netfilter"))
+        for chain in self.chains:
+            if chain.hook is None or (chain.family, chain.table) in dormant:
                 continue
-            place = hook_place(item.family, item.hook.number)
-            if place is not None and (why := self.why(item)) is not None:
-                out.append((item, place, why))
+            place = hook_place(chain.family, chain.hook.number)
+            if place is not None and (why := self.why(chain)) is not None:
+                out.append((chain, place, why))
         return out
 
     def owned_tables(self) -> frozenset[tuple[int, str]]:
@@ -1026,7 +1026,7 @@ class NetfilterWatch(DumpWatch):
             def take() -> list[list[tuple[int, bytes]]]:
                 parts = [exchange(sock, _nfnl_type(m), everything, nl.NLM_F_DUMP)
                          for m in (NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETFLOWTABLE)]
-                skeleton = Ruleset.decode(*([p for _, p in part] for part in parts[:2]), ())
+                skeleton = Ruleset.decode([p for _, p in parts[0]], [p for _, p in parts[1]], ())
                 rules: list[tuple[int, bytes]] = []
                 for family, table, chain in sorted(skeleton.candidates()):
                     only = NFGENMSG.pack(family, NFNETLINK_V0, 0) + \

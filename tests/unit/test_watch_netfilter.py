@@ -428,7 +428,9 @@ def test_exchange_error_and_single_answer() -> None:
 
 
 def test_retried_takes_again_until_consistent() -> None:
-    attempts = iter([DumpInterrupted(), DumpInterrupted(), [[(1, b"x")]]])
+    steps: list[Exception | list[list[tuple[int, bytes]]]] = [
+        DumpInterrupted(), DumpInterrupted(), [[(1, b"x")]]]
+    attempts = iter(steps)
 
     def take() -> list[list[tuple[int, bytes]]]:
         step = next(attempts)
