@@ -56,11 +56,11 @@ class FullMapGuard:
         if not before:
             return
         self._reindex()
-        fib = self.rib.fib
-        diff = FastPathDiff(routes={p: fib[p] for p in before if p in fib})
+        entries = self.rib.entries
+        diff = FastPathDiff(routes={p: entries[p] for p in before if p in entries})
         self._shield(diff)
         self.writer.write(diff)
-        self.writer.unwritten.difference_update(p for p in before if p not in fib)
+        self.writer.unwritten.difference_update(p for p in before if p not in entries)
         if settle:
             self._settle(before)
 
@@ -77,12 +77,12 @@ class FullMapGuard:
     def _settle(self, before: frozenset[Prefix]) -> None:
         after = frozenset(self.writer.unwritten)
         self._reindex()
-        fib = self.rib.fib
+        entries = self.rib.entries
         demote: dict[Prefix, FpRoute | None] = {}
         for prefix in after - before:
             for up in _covering(prefix):
-                if up in fib and up not in after and up not in self.demoted:
-                    if fib[up].action != Action.FIB:
+                if up in entries and up not in after and up not in self.demoted:
+                    if entries[up].action != Action.FIB:
                         demote[up] = FpRoute(Action.FIB)
                     self.demoted.add(up)
         restore: dict[Prefix, FpRoute | None] = {}
@@ -93,8 +93,8 @@ class FullMapGuard:
         for up in candidates:
             if not self._covers_unwritten(up):
                 self.demoted.discard(up)
-                if up in fib:
-                    restore[up] = fib[up]
+                if up in entries:
+                    restore[up] = entries[up]
         if demote or restore:
             self.writer.write(FastPathDiff(routes={**demote, **restore}))
         if after and not before:

@@ -56,7 +56,7 @@ from .types import (
 )
 
 
-class FibView(Mapping[Prefix, FpRoute]):
+class EntryView(Mapping[Prefix, FpRoute]):
     """Every prefix's fast-path entry, the general and the compact ones alike."""
 
     def __init__(self, rib: Rib) -> None:
@@ -117,9 +117,9 @@ class Rib:
         return self.kernel.nh_objects
 
     @property
-    def fib(self) -> FibView:
+    def entries(self) -> EntryView:
         """Prefix -> fast-path entry, for every prefix the fast path holds."""
-        return FibView(self)
+        return EntryView(self)
 
     # ------------------------------------------------------------------ input
 
@@ -211,7 +211,7 @@ class Rib:
     def rewrite(self, prefix: Prefix) -> None:
         """Put the prefix's entry, and the next hops and group it uses, in the diff
         again, whatever the maps are believed to hold (a repair after an audit)."""
-        self.table.rewrite(prefix, self.fib.get(prefix))
+        self.table.rewrite(prefix, self.entries.get(prefix))
 
     def nhids_of(self, prefix: Prefix) -> set[int]:
         """The kernel nexthop objects the followed routes of ``prefix`` use."""
@@ -238,5 +238,5 @@ class Rib:
         }
 
 
-__all__ = ["GROUP_BUCKETS", "Action", "FastPathDiff", "FibView", "Filter", "FpGroup",
+__all__ = ["GROUP_BUCKETS", "Action", "FastPathDiff", "EntryView", "Filter", "FpGroup",
            "FpNexthop", "FpRoute", "Rib", "RouteRows", "weighted_buckets"]

@@ -211,7 +211,7 @@ class CompactRoutes:
         return [route for _, route in general], rows, ignored
 
 
-def unwritten_rows(rows: RouteRows, old: dict[int, Compact],
+def rows_to_write(rows: RouteRows, old: dict[int, Compact],
                    old_entry: Mapping[int, FpRoute]) -> RouteRows:
     """The rows whose entry the maps do not hold yet, when they held the ``old``
     compact routes with the entries ``old_entry`` of their objects (all rows on a

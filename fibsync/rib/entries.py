@@ -20,7 +20,7 @@ from collections import defaultdict
 
 from ..model import AF_INET, Link, Neighbour, Nexthop, NexthopObject, Prefix, Snapshot
 from .choice import Choice, PathKey, choose, forward, kernel_picks_path, object_entry
-from .compact import unwritten_rows
+from .compact import rows_to_write
 from .kernel import KernelState, unindex
 from .types import GROUP_BUCKETS, Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
 
@@ -377,7 +377,7 @@ class FpTable:
         for prefix in old_compact.missing_from(compact):
             if prefix not in entries:
                 diff.routes[prefix] = None
-        diff.bulk = [unwritten_rows(r, old_compact.tables[r.family], old_entry) for r in rows]
+        diff.bulk = [rows_to_write(r, old_compact.tables[r.family], old_entry) for r in rows]
         old_neigh = old.kernel.neighbours
         new_neigh = {k: n.lladdr for k, n in self.kernel.neighbours.items() if n.valid}
         diff.neighbours = {

@@ -45,7 +45,7 @@ class Guarded(Mirror):
     def assert_no_misroute(self) -> None:
         """No forwarding entry in the map covers a prefix the map is missing."""
         written = self.types()
-        for missing in (str(p) for p in self.rib.fib if str(p) not in written):
+        for missing in (str(p) for p in self.rib.entries if str(p) not in written):
             net = _net(missing)
             for prefix, kind in written.items():
                 if kind == "unicast" and net.subnet_of(_net(prefix)):  # type: ignore[arg-type]
@@ -144,5 +144,5 @@ def test_any_churn_on_a_small_map_never_misroutes(ops: list[tuple[bool, str, int
         m.assert_no_misroute()
         # everything the map holds is what the RIB wants, or FIB in its place
         for p, kind in m.types().items():
-            assert Prefix.parse(p) in m.rib.fib
+            assert Prefix.parse(p) in m.rib.entries
             assert kind in ("unicast", "fib")

@@ -384,7 +384,7 @@ def test_an_id_freed_by_a_diff_is_not_reused_by_the_same_diff(m: Mirror) -> None
     """The writer sets new next hops before it deletes old routes: were an id handed
     on within one diff, a route on its way out would forward over the newcomer."""
     m.add(nh_obj(10, "192.0.2.2", 1), route("203.0.113.0/24", nhid=10))
-    old_id = m.rib.fib[Prefix.parse("203.0.113.0/24")].nh_id
+    old_id = m.rib.entries[Prefix.parse("203.0.113.0/24")].nh_id
     m.rib.apply([Change(Op.DEL, nh_obj(10)), Change(Op.ADD, nh_obj(12, "198.51.100.2", 2)),
                  Change(Op.ADD, route("198.51.100.128/25", nhid=12))])
     diff = m.rib.take_diff()
@@ -392,12 +392,12 @@ def test_an_id_freed_by_a_diff_is_not_reused_by_the_same_diff(m: Mirror) -> None
     assert diff.routes[Prefix.parse("203.0.113.0/24")] is None
     m.writer.write(diff)
     m.add(route("203.0.112.0/24", ("198.51.100.6", 3, 1)))  # a later diff may take it
-    assert m.rib.fib[Prefix.parse("203.0.112.0/24")].nh_id == old_id
+    assert m.rib.entries[Prefix.parse("203.0.112.0/24")].nh_id == old_id
 
 
 def test_resync_does_not_hand_on_the_ids_of_stale_entries(m: Mirror) -> None:
     m.add(nh_obj(10, "198.51.100.2", 2), route("203.0.113.0/24", nhid=10))
-    stale = m.rib.fib[Prefix.parse("203.0.113.0/24")].nh_id
+    stale = m.rib.entries[Prefix.parse("203.0.113.0/24")].nh_id
     # the object and its route went while we missed the events; a new one came
     m.rib.resync(Snapshot(links=[link(1), link(2), link(3)],
                           neighbours=[neigh(2, "198.51.100.6", MAC2)],

@@ -173,7 +173,7 @@ def random_change(rng: random.Random, routes: list[Route]) -> list[Change]:
 
 def same(general: Mirror, compact: Mirror) -> None:
     assert compact.routes() == general.routes()
-    assert dict(compact.rib.fib) == dict(general.rib.fib)
+    assert dict(compact.rib.entries) == dict(general.rib.entries)
     assert compact.rib.counts() == general.rib.counts()
     assert compact.rib.stats["ignored"] == general.rib.stats["ignored"]
 
@@ -217,11 +217,11 @@ def test_a_resync_writes_only_what_changed() -> None:
     m._flush()
     assert first > 250 and m.writes[-1] == 0
     # one object turned blackhole between the dumps: what changed entry is written, no more
-    before = dict(m.rib.fib)
+    before = dict(m.rib.entries)
     moved = replace(snapshot, nexthops=[o if o.id != 11 else replace(o, blackhole=True)
                                         for o in snapshot.nexthops])
     m.rib.resync(split(moved))
-    after = dict(m.rib.fib)
+    after = dict(m.rib.entries)
     diff = m.rib.take_diff()
     written = {p for rows in diff.bulk for p, _ in rows.items()} | set(diff.routes)
     changed = {p for p in after if before.get(p) != after[p]}
@@ -253,6 +253,6 @@ def test_prefix_of_a_compact_route_round_trips() -> None:
                             route("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff/128", nhid=20)])
     m.rib.resync(split(snap))
     m._flush()
-    assert set(m.rib.fib) == {r.prefix for r in snap.routes}
+    assert set(m.rib.entries) == {r.prefix for r in snap.routes}
     assert set(m.routes()) == {str(r.prefix) for r in snap.routes}
-    assert Prefix.parse("::/0") in m.rib.fib and m.rib.kernel.compact.count(AF_INET6) == 3
+    assert Prefix.parse("::/0") in m.rib.entries and m.rib.kernel.compact.count(AF_INET6) == 3
