@@ -170,6 +170,10 @@ class Fidelity:
         self.writes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduled = False
+        # no write before every watcher had its chance to dump: on a restart the entries
+        # the previous run left stay in force until then (a careful stand-in written
+        # meanwhile would hand traffic to the kernel for nothing)
+        self._started = False
 
     def adopt(self, existing: Iterable[tuple[bytes, bytes]]) -> None:
         """The entries a previous run left (pinned maps adopted): the first write clears
@@ -190,6 +194,7 @@ class Fidelity:
         if late:
             self.log.error("fidelity.not_ready", watchers=late,
                            note="their families go to the kernel until they report")
+        self._started = True
         self.write()
 
     async def stop(self) -> None:
@@ -227,7 +232,7 @@ class Fidelity:
 
     def changed(self) -> None:
         """A watcher's conditions changed: rewrite `ifaces` once this loop turn is over."""
-        if self._scheduled:
+        if self._scheduled or not self._started:
             return
         self._scheduled = True
         asyncio.get_running_loop().call_soon(self._write_scheduled)

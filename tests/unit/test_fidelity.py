@@ -162,3 +162,22 @@ def test_a_watcher_not_ready_or_failed_stands_for_its_careful_condition() -> Non
         assert f.active == [] and fs_iface(ifaces[2]) == (0, 0, 0, 0)
         await f.stop()
     asyncio.run(scenario())
+
+
+def test_nothing_is_written_before_every_watcher_had_its_first_dump() -> None:
+    """On a restart the previous run's entries stay in force until the watchers know:
+    a watcher that reports early must not get the others' careful conditions written."""
+    async def scenario() -> None:
+        early = FakeWatch([])
+        late = FakeWatch([], ready=False)
+        f, ifaces, _ = fidelity({"routing": early, "interfaces": late})
+        task = asyncio.create_task(f.start())
+        await asyncio.sleep(0.05)
+        f.changed()  # the early one reports a change
+        await asyncio.sleep(0.01)
+        assert ifaces == {}
+        late.ready.set()
+        await task
+        assert fs_iface(ifaces[2]) == (0, 0, 0, 0) and f.active == []
+        await f.stop()
+    asyncio.run(scenario())
