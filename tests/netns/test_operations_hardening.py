@@ -8,9 +8,10 @@ allows outside systemd:
   bounding set, as under systemd);
 - SystemCallFilter (in order, with the groups ``systemd-analyze syscall-filter``
   defines), SystemCallArchitectures=native, RestrictAddressFamilies,
-  RestrictNamespaces: a seccomp filter made with libseccomp, which KILLS on
-  anything else (stricter than the unit's EPERM: a call the filter misses
-  cannot go unnoticed);
+  RestrictNamespaces (``net``: setns and clone into network namespaces only,
+  EPERM for other types, as systemd answers): a seccomp filter made with
+  libseccomp, which KILLS on anything else (stricter than the unit's EPERM: a
+  call the filter misses cannot go unnoticed);
 - MemoryDenyWriteExecute: prctl(PR_SET_MDWE);
 - ProtectSystem=strict with ReadWritePaths and the RuntimeDirectory,
   ProtectKernelTunables, ProtectControlGroups, ProtectHome, PrivateTmp,
@@ -120,6 +121,7 @@ class Cmp(ctypes.Structure):
 
 KILL, ALLOW, EQ, MASKED_EQ = 0x80000000, 0x7FFF0000, 4, 7
 NS_FLAGS = 0x7E020000  # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
+CLONE_NEWNET = 0x40000000
 ctx = lib.seccomp_init(KILL)
 
 def rule(action, name, *cmps):
@@ -138,9 +140,18 @@ for name in spec["allow"]:
 if "socket" in spec["allow"]:
     for family in spec["families"]:
         rule(ALLOW, "socket", Cmp(0, EQ, family, 0))
-if spec["restrict_namespaces"]:
-    rule(ALLOW, "clone", Cmp(0, MASKED_EQ, NS_FLAGS, 0))
+if spec["restrict_namespaces"] is not None:
+    # RestrictNamespaces=: the namespace types listed may be entered or made, others EPERM
+    net = "net" in spec["restrict_namespaces"]
+    others = NS_FLAGS & ~CLONE_NEWNET if net else NS_FLAGS
+    rule(ALLOW, "clone", Cmp(0, MASKED_EQ, others, 0))
     rule(0x00050000 | errno.ENOSYS, "clone3")  # what systemd answers: glibc falls back to clone
+    if net:
+        rule(ALLOW, "setns", Cmp(1, EQ, CLONE_NEWNET, 0))
+        rule(ALLOW, "unshare", Cmp(0, EQ, CLONE_NEWNET, 0))
+    for name in ("setns", "unshare"):
+        if not net:
+            rule(0x00050000 | errno.EPERM, name)
 else:
     for name in special - {"socket"}:
         if name in spec["allow"]:
@@ -210,6 +221,16 @@ exec nsenter --net=/run/netns/"$netns" -- \
 """
 
 
+def _namespaces(value: str) -> list[str] | None:
+    """RestrictNamespaces=: the namespace types allowed, None when unrestricted."""
+    if value == "no":
+        return None
+    if value == "yes":
+        return []
+    assert not value.startswith("~"), "a deny list: teach the sandbox"
+    return value.split()
+
+
 def sandbox(unit: dict[str, list[str]], netns: str) -> list[str]:
     """An argv prefix that runs a command as the unit would, in ``netns``."""
     caps = unit["CapabilityBoundingSet"][0].split()
@@ -221,7 +242,7 @@ def sandbox(unit: dict[str, list[str]], netns: str) -> list[str]:
     spec = {
         "allow": sorted(allowed_syscalls(unit["SystemCallFilter"])),
         "families": [FAMILIES[f] for f in unit["RestrictAddressFamilies"][0].split()],
-        "restrict_namespaces": unit.get("RestrictNamespaces") == ["yes"],
+        "restrict_namespaces": _namespaces(unit.get("RestrictNamespaces", ["no"])[0]),
         "mdwe": unit.get("MemoryDenyWriteExecute") == ["yes"],
     }
     rw_paths = " ".join(p for line in unit.get("ReadWritePaths", []) for p in line.split())
