@@ -79,8 +79,8 @@ CASES = (
     Case("rp_filter_loose",
          on_router("sysctl -qw net.ipv4.conf.r-h1.rp_filter=2"),
          on_router("sysctl -qw net.ipv4.conf.r-h1.rp_filter=0"),
-         # r has no route for 192.0.2.200; loose accepts a route via any interface
-         (Probe("192.0.2.200", VIA_H3),
+         # r has no route for 198.51.100.100; loose accepts a route via any interface
+         (Probe("198.51.100.100", VIA_H3),
           Probe("203.0.113.200", VIA_H3, expect=(("h3", "203.0.113.200"),), condition=False)),
          reasons=("PASS_RP_FILTER",)),
     Case("nft_masquerade",
