@@ -47,6 +47,7 @@ import ipaddress
 import json
 import os
 import select
+import shutil
 import socket
 import struct
 import time
@@ -231,12 +232,14 @@ class Topology:
         return ns.name.rsplit("-", 1)[1]
 
     def down(self) -> None:
+        """Delete the namespaces (with whatever still runs inside) and the run directory."""
         errors = []
         for ns in self.namespaces:
             try:
                 ns.delete()
             except LabError as exc:
                 errors.append(str(exc))
+        shutil.rmtree(self.rundir, ignore_errors=True)
         if errors:
             raise LabError("; ".join(errors))
 

@@ -219,9 +219,11 @@ def test_fibsync_gives_the_kernels_outcome(topo: Topology, router: Router, case:
         counted = counter_delta(before, router.counters())
     finally:
         case.undo(topo)
+    print(f"\n{case}: probes sent {waited:.2f} s after the change; fibsync counted {counted}")
     assert got == kernel, (
         f"{case}: fibsync's outcome differs from the kernel's (probes sent {waited:.2f} s "
-        f"after the change)\nkernel alone:\n{show(kernel)}\nwith fibsync:\n{show(got)}\n"
+        f"after the change){f'; {case.note}' if case.note else ''}\n"
+        f"kernel alone:\n{show(kernel)}\nwith fibsync:\n{show(got)}\n"
         f"fibsync counters moved: {counted}")
     under_condition = sum(p.count for p in case.probes if p.condition)
     if case.reasons == ("FWD_FAST",):
