@@ -314,6 +314,7 @@ static __always_inline struct fs_verdict fs_redirect(struct fs_pkt *p, void *l3,
 	long sent;
 
 	__u32 out = eg->ifindex;
+	long trailer = (long)(p->end - l3) - (long)p->l3_len;
 	struct fs_iface *e;
 
 	if (eg->mtu && p->l3_len > eg->mtu)
@@ -347,6 +348,11 @@ static __always_inline struct fs_verdict fs_redirect(struct fs_pkt *p, void *l3,
 		fs_ipv4_decrement_ttl(l3);
 	else
 		((struct ipv6hdr *)l3)->hop_limit--;
+	/* Bytes after the IP packet (Ethernet padding, junk): the kernel trims them
+	 * before forwarding (pskb_trim_rcsum), and so do we, last (the frame's
+	 * pointers are invalid after it; shrinking to at least a header cannot fail). */
+	if (trailer > 0)
+		bpf_xdp_adjust_tail(p->ctx, -trailer);
 	return fs_verdict(XDP_REDIRECT, reason);
 }
 
@@ -496,6 +502,9 @@ static __always_inline bool fs_ipv4_header(struct fs_pkt *p, struct fs_cursor *c
 		*reason = FS_REASON_PASS_IP_OPTIONS;
 		return false;
 	}
+	/* ip_rcv_core() drops a header whose checksum is wrong */
+	if (!fs_ipv4_checksum_ok(iph))
+		return false;
 	p->proto = iph->protocol;
 	p->hops = iph->ttl;
 	p->l4 = c->pos;
@@ -578,6 +587,12 @@ static __always_inline bool fs_ipv6_header(struct fs_pkt *p, struct fs_cursor *c
 	return true;
 }
 
+/* :: (ip6_forward() will not forward what comes from it) */
+static __always_inline int fs_ipv6_unspecified(const __u32 *a)
+{
+	return !(a[0] | a[1] | a[2] | a[3]);
+}
+
 /* ::1 and ::ffff:0:0/96 */
 static __always_inline int fs_ipv6_martian(const __u32 *a)
 {
@@ -606,7 +621,7 @@ static __always_inline bool fs_ipv6_addresses(const struct ipv6hdr *ip6h, __u32 
 		return false;
 	}
 	if (s[0] == 0xff || fs_ipv6_martian((const __u32 *)s) ||
-	    fs_ipv6_martian((const __u32 *)d)) {
+	    fs_ipv6_martian((const __u32 *)d) || fs_ipv6_unspecified((const __u32 *)s)) {
 		*reason = FS_REASON_PASS_MALFORMED;
 		return false;
 	}
@@ -683,6 +698,8 @@ static __always_inline struct fs_verdict fs_process(struct xdp_md *ctx, void *da
 	ifc = ifaces.lookup(&ingress);
 	if (!ifc)
 		return FS_PASS(PASS_IFACE_UNKNOWN);
+	if (!fs_mac_equal(p.eth->h_dest, ifc->mac))
+		return FS_PASS(PASS_OTHERHOST);
 	p.ifc = *ifc;
 	fs_config_read(&p.cfg);
 	if (p.family == AF_INET)

@@ -171,12 +171,13 @@
 	X(PASS_CHECKSUM, 28, "TCP/UDP from a veth whose peer leaves checksums to offload")    \
 	X(PASS_HAIRPIN, 29, "egress is the ingress interface: the kernel may send a redirect") \
 	X(PASS_MARTIAN_SOURCE, 30, "source is an address of this host: the kernel drops it") \
-	X(PASS_IFACE_UNKNOWN, 31, "interface without fast path state (ifindex beyond FS_MAX_IFACES)")
+	X(PASS_IFACE_UNKNOWN, 31, "interface without fast path state (ifindex beyond FS_MAX_IFACES)") \
+	X(PASS_OTHERHOST, 32, "frame not addressed to the ingress interface's MAC: the kernel drops it")
 
 #define FS_REASON_ENUM(name, value, desc) FS_REASON_##name = value,
 enum fs_reason {
 	FS_REASONS(FS_REASON_ENUM)
-	FS_REASON_MAX = 32
+	FS_REASON_MAX = 33
 };
 #undef FS_REASON_ENUM
 
@@ -239,12 +240,20 @@ struct fs_counter {
 	__u64 bytes;
 };
 
-/* ingress and egress conditions of one interface; reasons are enum fs_reason, 0 none */
+/*
+ * Ingress and egress conditions of one interface; reasons are enum fs_reason, 0
+ * none. ``mac``: the interface's address; a unicast frame to another goes to
+ * the kernel (which drops it as PACKET_OTHERHOST, or hands it to a macvlan).
+ * An entry the daemon never wrote has no MAC: nothing arriving there is
+ * forwarded by the fast path.
+ */
 struct fs_iface {
 	__u8 pass_v4; /* hand every IPv4 packet arriving here to the kernel, counted so */
 	__u8 pass_v6;
 	__u8 flags;   /* FS_IF_* */
 	__u8 egress;  /* hand every packet routed out of here to the kernel, counted so */
+	__u8 mac[6];
+	__u16 pad;
 };
 
 struct fs_config {

@@ -82,6 +82,26 @@ static __always_inline struct iphdr *fs_parse_ipv4(struct fs_cursor *c)
 	return iph;
 }
 
+/* ip_fast_csum(): the one's complement sum of a 20-byte header is all ones when
+ * its checksum is right. */
+static __always_inline int fs_ipv4_checksum_ok(const struct iphdr *iph)
+{
+	const __u32 *w = (const __u32 *)iph;
+	__u64 sum = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
+
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum == 0xffff;
+}
+
+static __always_inline int fs_mac_equal(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
 static __always_inline struct ipv6hdr *fs_parse_ipv6(struct fs_cursor *c)
 {
 	struct ipv6hdr *ip6h = c->pos;

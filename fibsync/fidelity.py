@@ -21,8 +21,10 @@ condition (its family's packets go to the kernel) until it reports again.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .fastpath import abi
@@ -64,13 +66,15 @@ ACTIONS: dict[str, str] = {
                         "(PASS_RP_FILTER)",
     "checksum": "TCP/UDP from it to the kernel (PASS_CHECKSUM)",
 }
+ZERO = bytes(abi.IFACE.size)
 # NETFILTER kinds that `netfilter = "bypass"` ignores
 NETFILTER = frozenset({"netfilter", "netfilter_egress"})
 FAMILIES = (AF_INET, AF_INET6)
 
 
-def entry(conditions: Iterable[Condition], ifindex: int) -> bytes:
-    """struct fs_iface of one interface, from the conditions that hold on it or on all."""
+def entry(conditions: Iterable[Condition], ifindex: int, mac: bytes = bytes(6)) -> bytes:
+    """struct fs_iface of one interface, from the conditions that hold on it or on all,
+    and its MAC (unicast frames to another go to the kernel)."""
     here = [c for c in conditions if c.ifindex in (0, ifindex)]
     kinds = {(c.kind, fam) for c in here for fam in (FAMILIES if c.family == 0 else (c.family,))}
     passes = []
@@ -88,15 +92,17 @@ def entry(conditions: Iterable[Condition], ifindex: int) -> bytes:
         flags &= ~abi.FS_IF_RPF_LOOSE  # the kernel's max(all, interface)
     egress = next((int(r) for k, r in EGRESS_KINDS
                    if any(c.kind == k and c.ifindex == ifindex for c in here)), 0)
-    return abi.IFACE.pack(passes[0], passes[1], flags, egress)
+    return abi.IFACE.pack(passes[0], passes[1], flags, egress, mac, 0)
 
 
-def entries(conditions: Iterable[Condition], ifindexes: Iterable[int]) -> dict[int, bytes]:
-    """fs_iface for each interface (and each one a condition names); ifindexes the
-    map cannot hold are left out (the program hands their packets over anyway)."""
+def entries(conditions: Iterable[Condition], links: Mapping[int, bytes]) -> dict[int, bytes]:
+    """fs_iface for each interface (ifindex -> MAC; and each one a condition names);
+    ifindexes the map cannot hold are left out (the program hands their packets over
+    anyway)."""
     conds = list(conditions)
-    wanted = set(ifindexes) | {c.ifindex for c in conds if c.ifindex}
-    return {i: entry(conds, i) for i in sorted(wanted) if 0 < i < abi.FS_MAX_IFACES}
+    wanted = set(links) | {c.ifindex for c in conds if c.ifindex}
+    return {i: entry(conds, i, links.get(i, bytes(6))) for i in sorted(wanted)
+            if 0 < i < abi.FS_MAX_IFACES}
 
 
 class Watcher(Protocol):
@@ -158,12 +164,12 @@ class Fidelity:
     def __init__(self, update: Callable[[list[tuple[bytes, bytes]]], None], log: Any,
                  netfilter: str = "respect",
                  watchers: Callable[[Callable[[], None]], dict[str, Watcher]] = default_watchers,
-                 ifindexes: Callable[[], Iterable[int]] | None = None) -> None:
+                 links: Callable[[], Mapping[int, bytes]] | None = None) -> None:
         self.update = update  # writes (key, value) pairs into `ifaces`
         self.log = log
         self.netfilter = netfilter
         self.watchers = watchers(self.changed)
-        self.ifindexes = ifindexes or _links
+        self.links = links or _links
         self.failed: dict[str, str] = {}
         self.written: dict[int, bytes] = {}
         self.active: list[Condition] = []
@@ -178,8 +184,7 @@ class Fidelity:
     def adopt(self, existing: Iterable[tuple[bytes, bytes]]) -> None:
         """The entries a previous run left (pinned maps adopted): the first write clears
         those no condition asks for any more."""
-        zero = abi.IFACE.pack(0, 0, 0, 0)
-        self.written = {abi.U32.unpack(k)[0]: v for k, v in existing if v != zero}
+        self.written = {abi.U32.unpack(k)[0]: v for k, v in existing if v != ZERO}
 
     async def start(self) -> None:
         """Start the watchers; return once each has dumped (or READY_TIMEOUT passed:
@@ -252,14 +257,13 @@ class Fidelity:
     def write(self) -> None:
         """Make `ifaces` say what the conditions say now (only entries that change)."""
         conds = self.conditions()
-        want = entries(conds, self.ifindexes())
-        zero = abi.IFACE.pack(0, 0, 0, 0)
+        want = entries(conds, self.links())
         items = [(abi.U32.pack(i), v) for i, v in want.items() if self.written.get(i) != v]
-        items += [(abi.U32.pack(i), zero) for i in self.written if i not in want]
+        items += [(abi.U32.pack(i), ZERO) for i in self.written if i not in want]
         if items:
             self.update(items)
             self.writes += 1
-        self.written = {i: v for i, v in want.items() if v != zero}
+        self.written = {i: v for i, v in want.items() if v != ZERO}
         self._log_changes(conds)
 
     def _log_changes(self, conds: list[Condition]) -> None:
@@ -294,8 +298,23 @@ class Fidelity:
         }
 
 
-def _links() -> list[int]:
-    return [i for i, _ in socket.if_nameindex()]
+SIOCGIFHWADDR = 0x8927
+ARPHRD_ETHER = 1
+
+
+def _links() -> dict[int, bytes]:
+    """ifindex -> Ethernet address of every interface of this network namespace (all
+    zeros for one that has none: lo, tunnels)."""
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for ifindex, name in socket.if_nameindex():
+            try:
+                ifr = fcntl.ioctl(s, SIOCGIFHWADDR, struct.pack("16s16x", name.encode()))
+            except OSError:
+                continue  # gone since the list was read
+            family, = struct.unpack_from("H", ifr, 16)
+            out[ifindex] = ifr[18:24] if family == ARPHRD_ETHER else bytes(6)
+    return out
 
 
 def _family(family: int) -> str:

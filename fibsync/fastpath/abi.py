@@ -119,9 +119,11 @@ class Reason(IntEnum):
     PASS_HAIRPIN = 29, "egress is the ingress interface: the kernel may send a redirect"
     PASS_MARTIAN_SOURCE = 30, "source is an address of this host: the kernel drops it"
     PASS_IFACE_UNKNOWN = 31, "interface without fast path state (ifindex beyond FS_MAX_IFACES)"
+    PASS_OTHERHOST = 32, ("frame not addressed to the ingress interface's MAC: the kernel "
+                          "drops it")
 
 
-FS_REASON_MAX = 32
+FS_REASON_MAX = 33
 
 
 class FsV4Key(ctypes.Structure):
@@ -190,6 +192,8 @@ class FsIface(ctypes.Structure):
         ("pass_v6", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("egress", ctypes.c_uint8),
+        ("mac", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint16),
     ]
 
 
@@ -233,7 +237,7 @@ NEIGH_KEY = struct.Struct("=II16s")
 NEIGH = struct.Struct("=6sH")
 COUNTER = struct.Struct("=QQ")
 CONFIG = struct.Struct("=IIII")
-IFACE = struct.Struct("=BBBB")
+IFACE = struct.Struct("=BBBB6sH")
 HEARTBEAT = struct.Struct("=Q")
 # the key of the maps keyed by an index or an id (nexthops, groups, config, ...)
 U32 = struct.Struct("=I")

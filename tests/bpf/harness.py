@@ -30,6 +30,7 @@ ACTION_NAMES = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 CLONE_NEWNET = 0x40000000
 INGRESS = 4000  # ifindex of the test namespace's fsin0
+ROUTER = "02:00:00:00:00:01"  # its MAC (in `ifaces`): test frames are addressed to it
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # The tiny sizes keep map creation cheap; the layout is what matters.
@@ -183,8 +184,19 @@ class Lab:
         bpfsys.update(self.fp.map_fd("heartbeat"), struct.pack("=I", 0),
                       bytes(abi.FsHeartbeat(fresh_until)))
 
+    def iface(self, ifindex: int, mac: str = "00:00:00:00:00:00", *, pass_v4: int = 0,
+              pass_v6: int = 0, flags: int = 0, egress: int = 0) -> None:
+        """An interface's entry in `ifaces` (struct fs_iface): its MAC and conditions."""
+        bpfsys.update(self.fp.map_fd("ifaces"), struct.pack("=I", ifindex),
+                      abi.IFACE.pack(pass_v4, pass_v6, flags, egress, bytes(abi.mac(mac)), 0))
+
     def clear(self) -> None:
         self.heartbeat(0)
+        fd = self.fp.map_fd("ifaces")
+        for key, value in list(bpfsys.iterate(fd)):
+            if any(value):
+                bpfsys.update(fd, key, bytes(len(value)))
+        self.iface(INGRESS, ROUTER)  # frames arrive on fsin0 unless a test says otherwise
         for ifindex in self.fp.ports():
             self.fp.forbid_port(ifindex)
         for name in ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours"):

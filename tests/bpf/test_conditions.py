@@ -11,7 +11,6 @@ synthesised condition and BPF_PROG_TEST_RUN.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,22 +21,16 @@ from scapy.packet import Packet
 
 from fibsync.fastpath import abi
 from fibsync.fastpath.abi import Reason
-from tests.bpf.harness import INGRESS, XDP_PASS, XDP_REDIRECT, Lab
+from tests.bpf.harness import INGRESS, ROUTER, XDP_PASS, XDP_REDIRECT, Lab
 from tests.bpf.test_fib_lookup import IN_MAC, FibNet, fib_ns, net  # noqa: F401 - fixtures
-from tests.bpf.test_xdp_table import CLIENT, LO, NH_DMAC, NH_SMAC, ROUTER, basic, v4, v6
+from tests.bpf.test_xdp_table import CLIENT, LO, NH_DMAC, NH_SMAC, basic, forwarded, v4, v6
 
 pytestmark = pytest.mark.privileged
 
 
 def iface(lab: Lab, ifindex: int, pass_v4: int = 0, pass_v6: int = 0, flags: int = 0,
           egress: int = 0) -> None:
-    bpfsys_update(lab, ifindex, abi.IFACE.pack(pass_v4, pass_v6, flags, egress))
-
-
-def bpfsys_update(lab: Lab, ifindex: int, value: bytes) -> None:
-    from fibsync.fastpath import bpfsys
-
-    bpfsys.update(lab.fp.map_fd("ifaces"), struct.pack("=I", ifindex), value)
+    lab.iface(ifindex, ROUTER, pass_v4=pass_v4, pass_v6=pass_v6, flags=flags, egress=egress)
 
 
 @pytest.fixture
@@ -127,7 +120,19 @@ CASES = [
     Case("an egress with its own qdisc", v4(), with_iface(LO, egress=Reason.PASS_EGRESS_QDISC),
          XDP_PASS, Reason.PASS_EGRESS_QDISC),
     Case("a hairpin (out of the ingress) goes to the kernel, which may send a redirect",
-         v4(), with_iface(), XDP_PASS, Reason.PASS_HAIRPIN, ingress=LO),
+         v4(), and_then(with_iface(), lambda lab: iface(lab, LO)), XDP_PASS,
+         Reason.PASS_HAIRPIN, ingress=LO),
+    # what ip_rcv_core() and ip6_forward() drop before routing
+    Case("a unicast frame to another MAC (PACKET_OTHERHOST)",
+         Ether(src=CLIENT, dst="02:00:00:00:00:99") / IP(src="192.0.2.1", dst="10.1.2.3")
+         / UDP(), with_iface(), XDP_PASS, Reason.PASS_OTHERHOST),
+    Case("an interface whose MAC the daemon never wrote forwards nothing", v4(),
+         and_then(with_iface(), lambda lab: lab.iface(INGRESS)), XDP_PASS,
+         Reason.PASS_OTHERHOST),
+    Case("an IPv4 header with a wrong checksum", v4(chksum=0x1234), with_iface(), XDP_PASS,
+         Reason.PASS_MALFORMED),
+    Case("IPv6 from the unspecified address", v6(src="::"), with_iface(), XDP_PASS,
+         Reason.PASS_MALFORMED),
 ]
 
 
@@ -149,7 +154,7 @@ def test_policy_rules_forward_by_bpf_fib_lookup_and_check_the_source(net: FibNet
     lab.nexthop(1, LO, NH_SMAC, NH_DMAC)
     lab.route("192.0.2.0/24", 1)  # our table would send it to lo: it must not be asked
     try:
-        iface(lab, net.in_ifindex, flags=abi.FS_IF_RULES_V4)
+        lab.iface(net.in_ifindex, IN_MAC, flags=abi.FS_IF_RULES_V4)
         pkt = (Ether(src=CLIENT, dst=IN_MAC) / IP(src="10.1.0.2", dst="192.0.2.7")
                / UDP(sport=1, dport=2))
         assert net.run(pkt)[0] == XDP_REDIRECT
@@ -160,4 +165,18 @@ def test_policy_rules_forward_by_bpf_fib_lookup_and_check_the_source(net: FibNet
         assert net.run(unrouted)[0] == XDP_PASS
         assert list(lab.counters()) == [Reason.PASS_RP_FILTER]
     finally:
-        iface(lab, net.in_ifindex)
+        lab.iface(net.in_ifindex, IN_MAC)
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_bytes_after_the_ip_packet_are_trimmed_as_the_kernel_does(cond_lab: Lab,
+                                                                  family: str) -> None:
+    """pskb_trim_rcsum(): the kernel forwards the IP packet without what follows it in
+    the frame (Ethernet padding, junk); so does the fast path."""
+    lab = cond_lab
+    with_iface()(lab)
+    pkt = v4() if family == "v4" else v6()
+    frame = bytes(pkt) + b"\xee" * 23
+    retval, out = lab.run(frame)
+    assert retval == XDP_REDIRECT
+    assert out == bytes(forwarded()(pkt))

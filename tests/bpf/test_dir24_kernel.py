@@ -197,6 +197,7 @@ def test_lpm_and_dir24_answer_like_the_kernel(fastpath: FastPath, dir24_memory: 
     for i in range(len(GATEWAYS)):
         lab.tx_port(lab.ifindex(f"v{i}"))
     ingress = lab.ifindex("in0")
+    lab.iface(ingress, IN_MAC)
 
     routes = {prefix(rng): "" for _ in range(3000)}
     lines = {p: route_line(rng, p) for p in routes}

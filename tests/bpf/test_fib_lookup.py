@@ -74,6 +74,7 @@ def net(fastpath: FastPath, fib_ns: str) -> FibNet:
     lab = Lab(fastpath, fib_ns)
     lab.clear()
     net = FibNet(lab, lab.ifindex("in0"), lab.ifindex("out0"))
+    lab.iface(net.in_ifindex, IN_MAC)
     lab.tx_port(net.out_ifindex)
     return net
 
@@ -125,7 +126,8 @@ def test_fib_fallback(net: FibNet, description: str, pkt: Packet, action: int,
 
 
 def test_fib_egress_not_in_tx_ports(net: FibNet) -> None:
-    net.lab.clear()  # tx_ports emptied
+    net.lab.clear()  # tx_ports emptied (and ifaces: in0 again)
+    net.lab.iface(net.in_ifindex, IN_MAC)
     pkt = v4("192.0.2.9")
     assert net.run(pkt) == (XDP_PASS, bytes(pkt))
     assert net.lab.counters() == {Reason.PASS_EGRESS: (1, len(pkt))}

@@ -13,12 +13,11 @@ from scapy.packet import Packet, Raw
 
 from fibsync.fastpath import abi
 from fibsync.fastpath.abi import Reason
-from tests.bpf.harness import XDP_PASS, XDP_REDIRECT, Lab
+from tests.bpf.harness import ROUTER, XDP_PASS, XDP_REDIRECT, Lab
 
 pytestmark = pytest.mark.privileged
 
 LO = 1
-ROUTER = "02:00:00:00:00:01"
 MEMBER_MAC = {1: "02:00:00:00:0a:01", 2: "02:00:00:00:0a:02"}
 
 

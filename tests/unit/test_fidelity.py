@@ -16,7 +16,8 @@ from fibsync.watch import Condition
 
 
 def fs_iface(raw: bytes) -> tuple[int, int, int, int]:
-    return abi.IFACE.unpack(raw)  # type: ignore[return-value]
+    """(pass_v4, pass_v6, flags, egress) of a struct fs_iface."""
+    return abi.IFACE.unpack(raw)[:4]  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("conds, ifindex, want", [
@@ -62,10 +63,16 @@ def test_entry(conds: list[Condition], ifindex: int, want: tuple[int, ...]) -> N
 
 
 def test_entries_cover_every_interface_and_those_conditions_name() -> None:
-    got = entries([Condition("egress_qdisc", 0, 9, "tbf")], [1, 2])
+    mac = bytes.fromhex("020000000001")
+    got = entries([Condition("egress_qdisc", 0, 9, "tbf")], {1: bytes(6), 2: mac})
     assert sorted(got) == [1, 2, 9]
+    # each entry carries its interface's MAC (unicast frames to another go to the kernel)
+    assert abi.IFACE.unpack(got[2])[4] == mac and abi.IFACE.unpack(got[9])[4] == bytes(6)
     # the map has FS_MAX_IFACES entries: the program hands over what lies beyond
-    assert entries([], [abi.FS_MAX_IFACES]) == {}
+    assert entries([], {abi.FS_MAX_IFACES: mac}) == {}
+
+
+MAC = bytes.fromhex("020000000001")
 
 
 class FakeWatch:
@@ -106,7 +113,7 @@ def fidelity(watchers: dict[str, FakeWatch], netfilter: str = "respect"
             ifaces[abi.U32.unpack(k)[0]] = v
 
     f = Fidelity(update, log, netfilter, watchers=lambda _: watchers,  # type: ignore[arg-type,return-value]
-                 ifindexes=lambda: [2, 3])
+                 links=lambda: {2: MAC, 3: MAC})
     return f, ifaces, log
 
 
