@@ -140,8 +140,9 @@ class Daemon:
             self.fidelity = Fidelity(lambda items: maps_.update("ifaces", items), self.log,
                                      s.netfilter)
             keys, values = self.maps.read_all("ifaces")
+            size = abi.IFACE.size
             self.fidelity.adopt(zip([keys[i:i + 4] for i in range(0, len(keys), 4)],
-                                    [values[i:i + 4] for i in range(0, len(values), 4)],
+                                    [values[i:i + size] for i in range(0, len(values), size)],
                                     strict=True))
             await self.fidelity.start()
             try:
