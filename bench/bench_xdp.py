@@ -245,10 +245,13 @@ def patched_program(instance: str, patches: dict[str, str]) -> FastPath:
 # fs_v4_route with the table choice compiled in (DIR-24-8): the cost of reading fs_config
 FIXED_CHOICE = {"if (cfg->v4_table == FS_V4_DIR24)": "if (1)"}
 # the program without the fidelity checks (issue 12): no `ifaces` reads at ingress and
-# egress, no source lookup; fs_pkt.ifc stays zero, so the compiler drops the rest
+# egress (nor the MAC compare), no source lookup, no IPv4 header checksum; fs_pkt.ifc
+# stays zero, so the compiler drops the rest
 NO_FIDELITY = {
     "\tifc = ifaces.lookup(&ingress);\n\tif (!ifc)\n\t\treturn FS_PASS(PASS_IFACE_UNKNOWN);\n"
+    "\tif (!fs_mac_equal(p.eth->h_dest, ifc->mac))\n\t\treturn FS_PASS(PASS_OTHERHOST);\n"
     "\tp.ifc = *ifc;\n": "",
+    "\tif (!fs_ipv4_checksum_ok(iph))\n\t\treturn false;\n": "",
     "\tif (!fs_ipv4_source(p, iph, &reason))\n\t\treturn fs_pass(reason);\n": "",
     "\te = ifaces.lookup(&out);\n\tif (!e)\n\t\treturn FS_PASS(PASS_IFACE_UNKNOWN);\n"
     "\tif (e->egress)\n\t\treturn fs_pass(e->egress);\n": "",
