@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import report  # noqa: E402
 from fulltable import install, router, v4_prefixes  # noqa: E402
 
 from fibsync.fastpath import bpfsys  # noqa: E402
@@ -75,7 +76,9 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=200_000)
     ap.add_argument("--changes", type=int, default=200_000)
     ap.add_argument("--singles", type=int, default=300)
+    report.add_tree_argument(ap)
     args = ap.parse_args()
+    report.use_tree(args)
     with router("fsc") as (name, daemon):
         install(name, args.base, 0)
         daemon.start(timeout=600)

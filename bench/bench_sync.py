@@ -90,9 +90,11 @@ def main() -> None:
     ap.add_argument("--v6", type=int, default=250_000)
     ap.add_argument("--runs", type=int, default=3)
     report.add_arguments(ap)
+    report.add_tree_argument(ap)
     args = ap.parse_args()
     if report.replotted(args, plot):
         return
+    report.use_tree(args)
 
     with router("fsb") as (name, daemon), tempfile.TemporaryDirectory() as cache:
         daemon.env["FIBSYNC_CACHE_DIR"] = cache

@@ -6,11 +6,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 Plot = Callable[[dict[str, Any], str], None]
+
+
+def add_tree_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--fibsync-tree", type=Path, default=None,
+                    help="run the daemon and the CLI from this checkout (e.g. `git archive` "
+                         "of an older commit), for before/after figures")
+
+
+def use_tree(args: argparse.Namespace) -> None:
+    """Daemons and CLIs started from now on import fibsync from ``--fibsync-tree``
+    (this process keeps its own: the harness is this checkout's)."""
+    if args.fibsync_tree is not None:
+        os.environ["PYTHONPATH"] = str(args.fibsync_tree.resolve())
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -32,6 +32,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # noqa: E402
 
 from tests.netns.stress import (  # noqa: E402
     DEFAULT_CHANGES,
@@ -83,8 +86,7 @@ def main() -> int:
                          "(while they change, the daemon is still catching up)")
     ap.add_argument("--v4", type=int, default=24_000, help="IPv4 prefix pool")
     ap.add_argument("--v6", type=int, default=24_000, help="IPv6 prefix pool")
-    ap.add_argument("--fibsync-tree", type=Path, default=None,
-                    help="run the daemon and the CLI from this checkout")
+    report.add_tree_argument(ap)
     ap.add_argument("--jsonl", type=Path, default=None, help="append each loop's outcome here")
     ap.add_argument("--logs", type=Path, default=Path("/tmp/fibsync-stress"),
                     help="where the daemon logs of failed loops go (SEED.log)")
@@ -92,8 +94,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces, BPF)", file=sys.stderr)
         return 2
-    if args.fibsync_tree is not None:
-        os.environ["PYTHONPATH"] = str(args.fibsync_tree.resolve())
+    report.use_tree(args)
     seeds = list(args.seed)
     fresh = random.SystemRandom()
     while len(seeds) < args.loops:
