@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,13 @@ def test_a_peer_namespace_held_by_a_process_only(router: tuple[Netns, Netns],
     veth(r, "v3", p, "p3")
     holder = p.popen(["sleep", "60"])  # then the name goes: only this process holds p
     try:
+        # only once it is inside: `ip netns exec` needs the name to get there (deleting
+        # it first lost the namespace, and v3 with it, under a loaded CI run)
+        inode = os.stat(p.path).st_ino
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{holder.pid}/ns/net").st_ino != inode:
+            assert time.monotonic() < deadline, "the holder never entered the namespace"
+            time.sleep(0.01)
         subprocess.run(["ip", "netns", "del", p.name], check=True)
 
         async def scenario() -> None:
