@@ -90,8 +90,7 @@ def entry(conditions: Iterable[Condition], ifindex: int, mac: bytes = bytes(6)) 
             flags |= FLAG_KINDS[kind][0]
     if flags & abi.FS_IF_RPF_STRICT:
         flags &= ~abi.FS_IF_RPF_LOOSE  # the kernel's max(all, interface)
-    egress = next((int(r) for k, r in EGRESS_KINDS
-                   if any(c.kind == k and c.ifindex == ifindex for c in here)), 0)
+    egress = next((int(r) for k, r in EGRESS_KINDS if any(c.kind == k for c in here)), 0)
     return abi.IFACE.pack(passes[0], passes[1], flags, egress, mac, 0)
 
 
@@ -114,12 +113,16 @@ class Watcher(Protocol):
     def conditions(self) -> list[Condition]: ...
 
 
-# the careful stand-in for a watcher that cannot say (not ready, failed), by watcher name
-CAREFUL: dict[str, Condition] = {
-    "netfilter": Condition("netfilter", 0, 0, "the netfilter watcher has not reported yet"),
-    "xfrm": Condition("xfrm", 0, 0, "the IPsec watcher has not reported yet"),
-    "routing": Condition("rules_kernel", 0, 0, "the rules/sysctl watcher has not reported yet"),
-    "interfaces": Condition("tc_ingress", 0, 0, "the tc/qdisc watcher has not reported yet"),
+# the careful stand-ins for a watcher that cannot say (not ready, failed), by watcher name
+CAREFUL: dict[str, list[Condition]] = {
+    "netfilter": [Condition("netfilter", 0, 0, "the netfilter watcher has not reported yet"),
+                  Condition("netfilter_egress", 0, 0,
+                            "the netfilter watcher has not reported yet")],
+    "xfrm": [Condition("xfrm", 0, 0, "the IPsec watcher has not reported yet")],
+    "routing": [Condition("rules_kernel", 0, 0,
+                          "the rules/sysctl watcher has not reported yet")],
+    "interfaces": [Condition("tc_ingress", 0, 0, "the tc/qdisc watcher has not reported yet"),
+                   Condition("egress_qdisc", 0, 0, "the tc/qdisc watcher has not reported yet")],
 }
 
 
@@ -249,7 +252,7 @@ class Fidelity:
     def conditions(self) -> list[Condition]:
         out: list[Condition] = []
         for name, w in self.watchers.items():
-            out.extend(w.conditions() if w.ready.is_set() else [CAREFUL[name]])
+            out.extend(w.conditions() if w.ready.is_set() else CAREFUL[name])
         if self.netfilter == "bypass":
             out = [c for c in out if c.kind not in NETFILTER]
         return sorted(set(out))
