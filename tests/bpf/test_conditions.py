@@ -12,18 +12,26 @@ synthesised condition and BPF_PROG_TEST_RUN.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
-from scapy.packet import Packet
 
 from fibsync.fastpath import abi
 from fibsync.fastpath.abi import Reason
 from tests.bpf.harness import INGRESS, ROUTER, XDP_PASS, XDP_REDIRECT, Lab
 from tests.bpf.test_fib_lookup import IN_MAC, FibNet, fib_ns, net  # noqa: F401 - fixtures
-from tests.bpf.test_xdp_table import CLIENT, LO, NH_DMAC, NH_SMAC, basic, forwarded, v4, v6
+from tests.bpf.test_xdp_table import (
+    CLIENT,
+    LO,
+    NH_DMAC,
+    NH_SMAC,
+    Case,
+    basic,
+    forwarded,
+    v4,
+    v6,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -38,16 +46,6 @@ def cond_lab(lab: Lab) -> Iterator[Lab]:
     yield lab
     for ifindex in (LO, INGRESS):
         iface(lab, ifindex)
-
-
-@dataclass
-class Case:
-    description: str
-    packet: Packet
-    setup: Callable[[Lab], None]
-    action: int
-    reason: Reason
-    ingress: int = INGRESS
 
 
 def with_iface(ifindex: int = INGRESS, **kw: int) -> Callable[[Lab], None]:

@@ -90,6 +90,7 @@ class Case:
     action: int
     reason: Reason
     output: Callable[[Packet], Packet] | None = None  # None: the frame comes back untouched
+    ingress: int = 0  # where the frame arrives (0: the harness's fsin0)
 
 
 def _ipv4_options() -> Packet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,18 @@ def bird_factory(lab_rundir: Path) -> Iterator[Callable[[Netns], Bird]]:
     finally:
         for bird in made:
             bird.stop()
+
+
+@pytest.fixture
+def router(topo: Any) -> Iterator[Any]:
+    """The fidelity tests' fibsync on r (tests/netns/fidelity.py's Router, started by
+    the test): stopped and its pins removed afterwards. Each of those modules has its
+    own ``topo`` fixture, the topology it needs; modules with a ``router`` of their
+    own (test_datapath) keep theirs."""
+    from tests.netns.fidelity import Router
+
+    r = Router(topo)
+    try:
+        yield r
+    finally:
+        r.stop()

@@ -758,4 +758,3 @@ def on_router(*commands: str) -> Action:
             else:
                 topo.r.run(line)
     return act
-

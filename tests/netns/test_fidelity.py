@@ -186,14 +186,6 @@ def topo(unique_prefix: str) -> Iterator[Topology]:
         t.down()
 
 
-@pytest.fixture
-def router(topo: Topology) -> Iterator[Router]:
-    r = Router(topo)
-    try:
-        yield r
-    finally:
-        r.stop()
-
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fibsync_gives_the_kernels_outcome(topo: Topology, router: Router, case: Case) -> None:

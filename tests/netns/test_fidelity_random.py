@@ -449,14 +449,6 @@ def topo(unique_prefix: str) -> Iterator[Topology]:
         t.down()
 
 
-@pytest.fixture
-def router(topo: Topology) -> Iterator[Router]:
-    r = Router(topo)
-    try:
-        yield r
-    finally:
-        r.stop()
-
 
 def seed() -> int:
     value = os.environ.get("FIDELITY_SEED")
