@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import ipaddress
 import os
 import platform
@@ -46,7 +44,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +60,7 @@ from fibsync.fastpath.maps import PinnedMaps  # noqa: E402
 from fibsync.fastpath.program import FastPath, remove  # noqa: E402
 from fibsync.fastpath.writer import MapWriter  # noqa: E402
 from fibsync.lab import Netns, veth  # noqa: E402
+from fibsync.netns import inside  # noqa: E402
 from fibsync.rib import Rib  # noqa: E402
 
 DESTINATIONS = 4096
@@ -135,26 +133,6 @@ int xdp_sink(struct xdp_md *ctx)
 }
 """
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def inside(name: str) -> Iterator[None]:
-    """This thread in network namespace ``name`` for the body."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 def c_mac(mac: str) -> str:

@@ -9,8 +9,10 @@ namespace only (like ``nsenter --net``), so the host's bpffs stays in view.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UsageError
@@ -33,6 +35,30 @@ def enter(name: str) -> None:
             raise UsageError(f"cannot enter network namespace {name!r}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def inside(name: str | Path) -> Iterator[None]:
+    """The body runs with this thread (only) in network namespace ``name`` (a name
+    under /run/netns, or a path); sockets made there stay there. For tests and
+    benchmarks; the daemon enters its namespace once, with ``enter``."""
+    path = NETNS_RUN_DIR / name if isinstance(name, str) and "/" not in name else Path(name)
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(path, os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {path}")
+            try:
+                yield
+            finally:
+                if libc.setns(home, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back home")
+        finally:
+            os.close(target)
+    finally:
+        os.close(home)
 
 
 def private_sysfs() -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
-import os
 import socket
 import struct
 import subprocess
@@ -24,14 +23,13 @@ from fibsync.fastpath import abi, bpfsys, dir24
 from fibsync.fastpath.abi import Reason
 from fibsync.fastpath.program import FastPath
 from fibsync.model import AF_INET, AF_INET6, Prefix
+from fibsync.netns import inside
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 ACTION_NAMES = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
-CLONE_NEWNET = 0x40000000
 INGRESS = 4000  # ifindex of the test namespace's fsin0
 ROUTER = "02:00:00:00:00:01"  # its MAC (in `ifaces`): test frames are addressed to it
-_libc = ctypes.CDLL(None, use_errno=True)
 
 # The tiny sizes keep map creation cheap; the layout is what matters.
 TEST_SIZES = abi.Sizes(routes_v4=16384, routes_v6=4096, nexthops=1024, groups=256,
@@ -43,24 +41,6 @@ def sh(*args: str) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the body with this thread inside network namespace ``name``."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 @contextlib.contextmanager
@@ -171,7 +151,7 @@ class Lab:
         bpfsys.update(self.fp.map_fd("neighbours"), bytes(key), bytes(abi.FsNeigh(abi.mac(mac), 0)))
 
     def tx_port(self, ifindex: int) -> None:
-        with in_netns(self.ns):  # the devmap resolves ifindex in the caller's namespace
+        with inside(self.ns):  # the devmap resolves ifindex in the caller's namespace
             self.fp.allow_port(ifindex)
 
     def config(self, v4: int = abi.FS_HASH_L3, v6: int = abi.FS_HASH_L3, flags: int = 0) -> None:
@@ -231,10 +211,10 @@ class Lab:
 
     def run(self, frame: bytes, *, repeat: int = 1, ingress: int = 0) -> tuple[int, bytes]:
         ctx = bpfsys.xdp_md(len(frame), ingress or INGRESS)
-        with in_netns(self.ns):
+        with inside(self.ns):
             retval, out, _ = bpfsys.prog_test_run(self.fp.prog_fd, frame, repeat, ctx=ctx)
         return retval, out
 
     def ifindex(self, ifname: str) -> int:
-        with in_netns(self.ns):
+        with inside(self.ns):
             return socket.if_nametoindex(ifname)

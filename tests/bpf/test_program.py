@@ -16,7 +16,8 @@ import pytest
 from fibsync.errors import InterfaceError
 from fibsync.fastpath import abi, bpfsys, program
 from fibsync.model import Prefix
-from tests.bpf.harness import TEST_SIZES, in_netns, netns, sh
+from fibsync.netns import inside
+from tests.bpf.harness import TEST_SIZES, netns, sh
 
 pytestmark = pytest.mark.privileged
 
@@ -125,7 +126,7 @@ def test_the_pin_of_a_retired_map_is_removed(instance: str) -> None:
 
 
 def test_attach_detach(instance: str, veth_ns: str) -> None:
-    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, inside(veth_ns):
         att = fp.attach("a0")
         assert (att.ifname, att.mode, att.prog_id) == ("a0", "native", fp.prog_id)
         assert f"prog/xdp id {fp.prog_id}" in xdp_of(veth_ns, "a0")
@@ -141,7 +142,7 @@ def test_attach_detach(instance: str, veth_ns: str) -> None:
 
 
 def test_attach_generic_then_switch_to_native(instance: str, veth_ns: str) -> None:
-    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, inside(veth_ns):
         assert fp.attach("a0", mode="generic").mode == "generic"
         assert "xdpgeneric" in xdp_of(veth_ns, "a0")
         assert fp.attach("a0", mode="native").mode == "native"
@@ -149,7 +150,7 @@ def test_attach_generic_then_switch_to_native(instance: str, veth_ns: str) -> No
 
 
 def test_missing_interface_is_one_clear_line(instance: str, veth_ns: str) -> None:
-    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, inside(veth_ns):
         with pytest.raises(InterfaceError) as err:
             fp.attach("nosuch0")
         assert str(err.value) == "interface 'nosuch0' does not exist"
@@ -159,7 +160,7 @@ def test_missing_interface_is_one_clear_line(instance: str, veth_ns: str) -> Non
 def test_foreign_program_is_not_replaced_unless_asked(instance: str, veth_ns: str) -> None:
     other = other_xdp_program()
     try:
-        with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+        with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, inside(veth_ns):
             program._xdp_set(program._ifindex("a0"), other, 4, expected_id=None)
             other_id = bpfsys.prog_info(other).id
             with pytest.raises(InterfaceError) as err:
@@ -181,7 +182,7 @@ def test_foreign_program_is_not_replaced_unless_asked(instance: str, veth_ns: st
 def test_detach_leaves_a_foreign_program_alone(instance: str, veth_ns: str) -> None:
     other = other_xdp_program()
     try:
-        with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, in_netns(veth_ns):
+        with program.FastPath.load(instance, sizes=TEST_SIZES) as fp, inside(veth_ns):
             program._xdp_set(program._ifindex("a0"), other, 4, expected_id=None)
             fp.detach("a0")
             assert f"prog/xdp id {bpfsys.prog_info(other).id}" in xdp_of(veth_ns, "a0")
@@ -190,7 +191,7 @@ def test_detach_leaves_a_foreign_program_alone(instance: str, veth_ns: str) -> N
 
 
 def test_restart_replaces_its_own_program_in_place(instance: str, veth_ns: str) -> None:
-    with in_netns(veth_ns):
+    with inside(veth_ns):
         with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
             first.attach("a0", mode="generic")
         with program.FastPath.load(instance, sizes=TEST_SIZES) as second:
@@ -209,7 +210,7 @@ def test_program_stays_attached_after_the_process_exits(instance: str, veth_ns: 
     # mounted there would be private to the child and its pins lost with it
     subprocess.run(["nsenter", f"--net=/run/netns/{veth_ns}", sys.executable, "-c", script],
                    check=True, cwd=root, capture_output=True)
-    with in_netns(veth_ns):
+    with inside(veth_ns):
         (att,) = program.attached(instance)
         assert att.ifname == "a0"
 

@@ -41,54 +41,30 @@ was made in, so one thread drives all four hosts without a subprocess.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import ipaddress
 import json
-import os
 import select
 import shutil
 import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fibsync.config import RUN_DIR
 from fibsync.demo import RouterDaemon
 from fibsync.lab import RUN_ROOT, LabError, Netns, veth, wait_until
+from fibsync.netns import inside
 from fibsync.status import query
 
-CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
 PACKET_OUTGOING = 4
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def inside(ns: Netns) -> Iterator[None]:
-    """The body runs with this thread (only) in ``ns``; sockets made there stay there."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(ns.path, os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {ns}")
-            try:
-                yield
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back home")
-        finally:
-            os.close(target)
-    finally:
-        os.close(home)
 
 
 # --- the topology -------------------------------------------------------------
@@ -351,13 +327,13 @@ class Exchange:
         self.socks: dict[str, socket.socket] = {}
         self.frames: list[tuple[str, bytes]] = []
         for host in hosts:
-            with inside(topo.hosts[host]):
+            with inside(topo.hosts[host].path):
                 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
             s.bind((BY_HOST[host].host_if, ETH_P_ALL))
             s.setblocking(False)
             self.socks[host] = s
-        with inside(topo.hosts["h1"]):
+        with inside(topo.hosts["h1"].path):
             self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         self.tx.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 8 << 20)
         self.tx.bind((BY_HOST["h1"].host_if, 0))
