@@ -109,6 +109,18 @@
 #define FS_NH_RESOLVED 0x1
 #define FS_NH_CONNECTED 0x2
 
+/*
+ * `local_v4`, a bitmap over this host's IPv4 addresses: bit fs_local_v4_bit(a)
+ * is set when a route of type local, broadcast or anycast (a PASS_LOCAL
+ * entry) overlaps the /24 that holds a. A clear bit proves the source is
+ * none of ours without the table walk; a set one (ours, or a neighbour in the
+ * hash) sends the packet through the walk. 2^FS_LOCAL_V4_BITS bits: 32 KiB,
+ * which stays in the cache when the route tables do not.
+ */
+#define FS_LOCAL_V4_BITS 18
+#define FS_LOCAL_V4_WORDS 4096 /* 2^FS_LOCAL_V4_BITS bits in __u64 words */
+#define FS_LOCAL_V4_HASH 0x9e3779b1 /* Fibonacci hashing: the top bits of a * 2^32/phi */
+
 /* fs_config.hash_policy_v4 / hash_policy_v6, as net.ipv4.fib_multipath_hash_policy */
 #define FS_HASH_L3 0
 #define FS_HASH_L4 1

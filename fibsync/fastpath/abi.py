@@ -68,6 +68,9 @@ FS_HASH_L4 = 1
 FS_CFG_PASS_FRAGMENTS = 0x1
 
 FS_MAX_IFACES = 65536
+FS_LOCAL_V4_BITS = 18
+FS_LOCAL_V4_WORDS = 4096
+FS_LOCAL_V4_HASH = 0x9E3779B1
 FS_IF_RPF_LOOSE = 0x1
 FS_IF_RPF_STRICT = 0x2
 FS_IF_CHECKSUM = 0x4
@@ -241,6 +244,7 @@ IFACE = struct.Struct("=BBBB6sH")
 HEARTBEAT = struct.Struct("=Q")
 # the key of the maps keyed by an index or an id (nexthops, groups, config, ...)
 U32 = struct.Struct("=I")
+U64 = struct.Struct("=Q")
 
 # C struct name -> struct.Struct twin (what tests/unit/test_abi_layouts.py compares).
 LAYOUTS: dict[str, struct.Struct] = {
@@ -378,6 +382,7 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
         MapSpec("heartbeat", MAP_ARRAY, 4, s(FsHeartbeat), 1),
         MapSpec("ifaces", MAP_ARRAY, 4, s(FsIface), FS_MAX_IFACES),
+        MapSpec("local_v4", MAP_ARRAY, 4, 8, FS_LOCAL_V4_WORDS),
         MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE),
         MapSpec("v4_tbl8", MAP_ARRAY, 4, s(FsDirPair),
                 sizes.tbl8_groups * FS_TBL8_ENTRIES // 2, BPF_F_MMAPABLE),

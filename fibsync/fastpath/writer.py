@@ -32,6 +32,7 @@ from ..errors import MapError, MapFullError
 from ..model import AF_INET, AF_INET6, Prefix
 from ..rib.types import Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
 from . import abi, bpfsys, dir24
+from .local import LocalV4
 
 ROUTE_MAPS = {AF_INET: "routes_v4", AF_INET6: "routes_v6"}
 DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
@@ -205,6 +206,23 @@ class RouteBatch:
         k, v = self.keys, self.vals
         return [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8]) for i in range(lo, hi)]
 
+    def local_changes(self, known: set[Prefix], deleted: list[Prefix]
+                      ) -> tuple[list[Prefix], list[Prefix]]:
+        """For LocalV4.stage: the prefixes this batch writes with a PASS_LOCAL
+        entry, and those of ``known`` (the local ones) it writes with another
+        entry or that are ``deleted``. Array work: a batch may be a whole table."""
+        local = [i for i, v in enumerate(self.values)
+                 if abi.ROUTE.unpack(v)[3] == abi.Reason.PASS_LOCAL.value]
+        is_local = np.isin(self.ids, local) if local else np.zeros(len(self), bool)
+        gone = [p for p in deleted if p in known]
+        if known:
+            words = self.addrs.view(">u4").ravel().astype(np.uint64)
+            keys = (words << np.uint64(8)) | self.lens.astype(np.uint64)
+            known_keys = np.array([int.from_bytes(p.addr, "big") << 8 | p.length
+                                   for p in known], np.uint64)
+            gone += self.prefixes(np.flatnonzero(np.isin(keys, known_keys) & ~is_local))
+        return self.prefixes(np.flatnonzero(is_local)), gone
+
     def host_addrs(self) -> np.ndarray[Any, np.dtype[np.uint32]]:
         """IPv4 addresses as host-order integers, in the batch's input order."""
         return self.addrs.view(">u4").ravel().astype(np.uint32)
@@ -244,6 +262,8 @@ class MapWriter:
             self.dir24 = dir24.Dir24Table(*buffers, cover=_v4_cover(maps),
                                           nexthop=self._nexthops.get)
         self.v4_table: V4Table = "dir24" if self.dir24 is not None else "lpm"
+        # the `local_v4` bitmap, where the map set has it
+        self.local = LocalV4() if _has(maps, "local_v4") else None
         self._first = True
 
     def write(self, diff: FastPathDiff) -> None:
@@ -266,6 +286,10 @@ class MapWriter:
                                       [r for r in diff.bulk if r.family == family],
                                       by_address=self._first and name in self.fresh)
                    for family, name in ROUTE_MAPS.items()}
+        if self.local is not None:
+            # bits gained before the routes that need them, bits lost after
+            self._update("local_v4", self.local.stage(*batches[AF_INET].local_changes(
+                self.local.prefixes, dels[AF_INET])))
         done = self._put_routes(batches)
         for family, name in ROUTE_MAPS.items():
             batch = batches[family]
@@ -276,6 +300,8 @@ class MapWriter:
             if family == AF_INET and self.dir24 is not None:
                 self._write_dir24(batch, written, dels[family])
 
+        if self.local is not None:
+            self._update("local_v4", self.local.commit())
         self._delete("groups", [abi.U32.pack(i) for i, b in diff.groups.items() if not b])
         gone = [i for i, nh in diff.nexthops.items() if not nh]
         self._delete("nexthops", [abi.U32.pack(i) for i in gone])
@@ -464,6 +490,14 @@ def _chunks(items: list[bytes] | list[tuple[bytes, bytes]], n: int) -> Iterable[
 def _fd(maps: MapSet, name: str) -> int | None:
     fd: Callable[[str], int] | None = getattr(maps, "fd", None)
     return fd(name) if fd is not None else None
+
+
+def _has(maps: MapSet, name: str) -> bool:
+    """Whether the map set has map ``name`` (MemoryMaps have every map)."""
+    try:
+        return isinstance(maps, MemoryMaps) or _fd(maps, name) is not None
+    except (OSError, MapError):
+        return False  # pinned by an older fibsync that did not have it
 
 
 def _dir24_buffers(maps: MapSet) -> list[Any] | None:

@@ -170,7 +170,8 @@ def test_map_specs_use_the_struct_sizes() -> None:
     specs = {s.name: s for s in abi.map_specs(abi.Sizes())}
     assert tuple(specs) == abi.MAP_NAMES == (
         "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "tx_direct",
-        "counters", "config", "heartbeat", "ifaces", "v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
+        "counters", "config", "heartbeat", "ifaces", "local_v4", "v4_tbl24", "v4_tbl8", "v4_slots",
+        "v4_nh")
     assert not set(abi.RETIRED_MAPS) & set(abi.MAP_NAMES)
     assert (specs["heartbeat"].type, specs["heartbeat"].value_size,
             specs["heartbeat"].max_entries) == (abi.MAP_ARRAY, 8, 1)
