@@ -1,7 +1,7 @@
 """Per-packet cost of the XDP program over a full table, side by side (BPF_PROG_TEST_RUN).
 
     .venv/bin/python bench/bench_xdp.py [--v4 1000000] [--v6 250000] [--samples 256]
-        [--json FILE] [--plot FILE.png]
+        [--rounds 3] [--copies 1] [--only WORDS] [--each-check] [--json FILE] [--plot FILE.png]
 
 One namespace holds the full table (nexthop objects, as FRR installs it).
 fibsync's own pipeline (netlink dump -> RIB -> MapWriter) writes it into the
@@ -22,6 +22,14 @@ same frames:
   kernel's samples/bpf/xdp_fwd_kern.c (parse, bpf_fib_lookup, rewrite,
   redirect through a devmap, nothing else): what users would otherwise run.
 
+- ``no fidelity checks`` (``--each-check``: without each one in turn): the
+  program built without issue 12's checks, on the same maps: what they cost a hit.
+
+``--copies N`` loads each of fibsync's programs N times and reports the median
+over the copies: where the kernel puts a JIT image moves a figure by a few ns,
+as much as what the fidelity checks cost.
+
+Sources are hosts behind other routes of the table (transit traffic).
 Destinations are a random sample of the installed prefixes; each frame runs
 with ``repeat`` well below its TTL (test runs reuse the buffer), three times,
 keeping the fastest, the programs taking turns frame by frame, each timed run
@@ -128,6 +136,27 @@ def measure(programs: dict[str, tuple[int, Any]], frames: list[bytes],
                     actions[label][name] = actions[label].get(name, 0) + 1
     return {label: {"ns_per_packet": round(statistics.median(best[label]), 1),
                     "actions": actions[label]} for label in programs}
+
+
+def measure_copies(programs: dict[str, tuple[list[int], Any]], frames: list[bytes],
+                   ingress: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """``measure`` for programs loaded more than once: each copy takes its turn, and a
+    program's figure is the median over its copies (each copy's under "copies_ns")."""
+    flat = {f"{label}#{k}": (fd, prepare) for label, (fds, prepare) in programs.items()
+            for k, fd in enumerate(fds)}
+    rows = measure(flat, frames, ingress, rounds)
+    out = {}
+    for label, (fds, _) in programs.items():
+        copies = [rows[f"{label}#{k}"] for k in range(len(fds))]
+        ns = [row["ns_per_packet"] for row in copies]
+        actions: dict[str, int] = {}
+        for row in copies:
+            for name, n in row["actions"].items():
+                actions[name] = actions.get(name, 0) + n
+        out[label] = {"ns_per_packet": round(statistics.median(ns), 1), "actions": actions}
+        if len(ns) > 1:
+            out[label]["copies_ns"] = ns
+    return out
 
 
 FIB_FORWARDER = r"""
@@ -244,18 +273,24 @@ def patched_program(instance: str, patches: dict[str, str]) -> FastPath:
 
 # fs_v4_route with the table choice compiled in (DIR-24-8): the cost of reading fs_config
 FIXED_CHOICE = {"if (cfg->v4_table == FS_V4_DIR24)": "if (1)"}
-# the program without the fidelity checks (issue 12): no `ifaces` reads at ingress and
-# egress (nor the MAC compare), no source lookup, no IPv4 header checksum; fs_pkt.ifc
-# stays zero, so the compiler drops the rest
-NO_FIDELITY = {
-    "\tifc = ifaces.lookup(&ingress);\n\tif (!ifc)\n\t\treturn FS_PASS(PASS_IFACE_UNKNOWN);\n"
-    "\tif (!fs_mac_equal(p.eth->h_dest, ifc->mac))\n\t\treturn FS_PASS(PASS_OTHERHOST);\n"
-    "\tp.ifc = *ifc;\n": "",
-    "\tif (!fs_ipv4_checksum_ok(iph))\n\t\treturn false;\n": "",
-    "\tif (!fs_ipv4_source(p, iph, &reason))\n\t\treturn fs_pass(reason);\n": "",
-    "\te = ifaces.lookup(&out);\n\tif (!e)\n\t\treturn FS_PASS(PASS_IFACE_UNKNOWN);\n"
-    "\tif (e->egress)\n\t\treturn fs_pass(e->egress);\n": "",
+# The fidelity checks (issue 12), each as the patch that removes it: the ingress
+# interface's `ifaces` entry and the MAC compare (fs_pkt.ifc points to a zeroed entry
+# on the stack instead: the compiler drops what reads it), the IPv4 header checksum,
+# the source check (the `local_v4` bitmap, and the table walk where it cannot rule the
+# source out). The egress interface's conditions cost a forwarded packet nothing: an
+# interface with any is kept out of tx_ports (fs_egress_refused reads `ifaces` only
+# once the redirect failed).
+FIDELITY_CHECKS = {
+    "ingress entry": {
+        "\tifc = ifaces.lookup(&ingress);\n\tif (!ifc)\n\t\treturn FS_PASS(PASS_IFACE_UNKNOWN);\n"
+        "\tif (!fs_mac_equal(p.eth->h_dest, ifc->mac))\n\t\treturn FS_PASS(PASS_OTHERHOST);\n"
+        "\tp.ifc = ifc;\n": "\tstruct fs_iface none = {};\n\tp.ifc = &none;\n"},
+    "checksum": {"\tif (!fs_ipv4_checksum_ok(iph))\n\t\treturn false;\n": ""},
+    "source check": {
+        "\t\tif (!fs_ipv4_source(p, iph, &reason))\n\t\t\treturn fs_pass(reason);\n": ""},
 }
+# the program without any of them
+NO_FIDELITY = {old: new for patch in FIDELITY_CHECKS.values() for old, new in patch.items()}
 
 
 def timed_write(fp: FastPath, diff: Any, v4_table: str) -> dict[str, Any]:
@@ -292,6 +327,11 @@ def main() -> None:
                     help="measure only the programs whose label contains one of these "
                          "comma-separated words (the empty program always), e.g. "
                          "'DIR-24-8,fidelity' for the cost of the fidelity checks")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="load each variant of fibsync's program this many times and "
+                         "report the median over the copies")
+    ap.add_argument("--each-check", action="store_true",
+                    help="also measure the program without each fidelity check in turn")
     report.add_arguments(ap)
     args = ap.parse_args()
     if report.replotted(args, plot):
@@ -332,10 +372,23 @@ def main() -> None:
         writes = {"LPM trie + DIR-24-8": timed_write(fast, diff, "dir24"),
                   "LPM trie only": timed_write(lpm_only, diff, "lpm")}
         del diff, rib
-        fixed = patched_program(f"{name}f", FIXED_CHOICE)
-        loaded.append((fixed, ""))
-        unchecked = patched_program(f"{name}f", NO_FIDELITY)
-        loaded.append((unchecked, ""))
+
+        def build(patch: dict[str, str]) -> list[int]:
+            """--copies loads of fibsync's program with ``patch``: their fds."""
+            fds = []
+            for _ in range(args.copies):
+                fp = patched_program(f"{name}f", patch)
+                loaded.append((fp, ""))
+                fds.append(fp.prog_fd)
+            return fds
+
+        # the program under test loaded --copies times in all (where the kernel puts a
+        # JIT image moves a figure by a few ns: a copy shows how much)
+        same = [fast.prog_fd, *build({})[1:]]
+        fixed = build(FIXED_CHOICE)
+        unchecked = build(NO_FIDELITY)
+        without = {check: build(patch)
+                   for check, patch in (FIDELITY_CHECKS.items() if args.each_check else ())}
         bcc_empty, empty_fd = empty_program()
         empty = bcc_empty
         forwarder, forwarder_fd = fib_forwarder(list(ifindex.values()))
@@ -350,29 +403,37 @@ def main() -> None:
 
         rng = random.Random(5)
         results: dict[str, Any] = {}
-        for family, prefixes, src in (("IPv4", v4_prefixes(args.v4), "198.18.0.2"),
-                                      ("IPv6", v6_prefixes(args.v6), "2001:db8:ff00::2")):
+        for family, prefixes in (("IPv4", v4_prefixes(args.v4)),
+                                 ("IPv6", v6_prefixes(args.v6))):
             sample = rng.sample(prefixes, min(args.samples, len(prefixes)))
-            frames = [frame(host_in(p, rng), src) for p in sample]
-            programs: dict[str, tuple[int, Any]] = {"empty XDP program": (empty_fd, None)}
+            # transit traffic: each frame from a host behind another route of the table
+            # (not from the router's own subnets, whose /24s the `local_v4` bitmap marks)
+            frames = [frame(host_in(p, rng), host_in(rng.choice(prefixes), rng))
+                      for p in sample]
+            programs: dict[str, tuple[list[int], Any]] = {
+                "empty XDP program": ([empty_fd], None)}
+            dir24 = lambda: set_v4_table(fast, abi.FS_V4_DIR24)  # noqa: E731
             if family == "IPv4":
                 programs["fast path, LPM trie"] = (
-                    fast.prog_fd, lambda: set_v4_table(fast, abi.FS_V4_LPM))
-                programs["fast path, DIR-24-8"] = (
-                    fast.prog_fd, lambda: set_v4_table(fast, abi.FS_V4_DIR24))
-                programs["DIR-24-8, choice fixed at build"] = (fixed.prog_fd, None)
-                programs["DIR-24-8, no fidelity checks"] = (
-                    unchecked.prog_fd, lambda: set_v4_table(fast, abi.FS_V4_DIR24))
+                    same, lambda: set_v4_table(fast, abi.FS_V4_LPM))
+                programs["fast path, DIR-24-8"] = (same, dir24)
+                programs["DIR-24-8, choice fixed at build"] = (fixed, None)
+                programs["DIR-24-8, no fidelity checks"] = (unchecked, dir24)
+                for check, fds in without.items():
+                    programs[f"DIR-24-8, no {check}"] = (fds, dir24)
             else:
-                programs["fast path, LPM trie"] = (fast.prog_fd, None)
-                programs["LPM trie, no fidelity checks"] = (unchecked.prog_fd, None)
-            programs["bpf_fib_lookup"] = (fib.prog_fd, None)
-            programs["bpf_fib_lookup forwarder"] = (forwarder_fd, None)
+                programs["fast path, LPM trie"] = (same, None)
+                programs["LPM trie, no fidelity checks"] = (unchecked, None)
+                for check in ("ingress entry",):
+                    if check in without:
+                        programs[f"LPM trie, no {check}"] = (without[check], None)
+            programs["bpf_fib_lookup"] = ([fib.prog_fd], None)
+            programs["bpf_fib_lookup forwarder"] = ([forwarder_fd], None)
             if args.only:
                 words = args.only.split(",")
                 programs = {k: v for k, v in programs.items()
                             if k == "empty XDP program" or any(w in k for w in words)}
-            rows = measure(programs, frames, ingress, args.rounds)
+            rows = measure_copies(programs, frames, ingress, args.rounds)
             for label, row in rows.items():
                 # a forwarding program that did not forward measured another path
                 if label != "empty XDP program" and set(row["actions"]) != {"REDIRECT"}:

@@ -76,7 +76,7 @@ static __always_inline bool fs_fib_source_v4(struct fs_pkt *p, struct iphdr *iph
 	fib.ipv4_dst = iph->saddr;
 	rc = bpf_fib_lookup(p->ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS &&
-	    (!(p->ifc.flags & FS_IF_RPF_STRICT) || fib.ifindex == p->ctx->ingress_ifindex))
+	    (!(p->ifc->flags & FS_IF_RPF_STRICT) || fib.ifindex == p->ctx->ingress_ifindex))
 		return true;
 	/* local (NOT_FWDED), blackhole, unreachable, no route: the kernel decides */
 	*reason = FS_REASON_PASS_RP_FILTER;

@@ -85,6 +85,7 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct fs_counter, counters, FS_REASON_M
 BPF_TABLE_PINNED("array", __u32, struct fs_config, config, 1, FS_PIN(config));
 BPF_TABLE_PINNED("array", __u32, struct fs_heartbeat, heartbeat, 1, FS_PIN(heartbeat));
 BPF_TABLE_PINNED("array", __u32, struct fs_iface, ifaces, FS_MAX_IFACES, FS_PIN(ifaces));
+BPF_TABLE_PINNED("array", __u32, __u64, local_v4, FS_LOCAL_V4_WORDS, FS_PIN(local_v4));
 BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl24, FS_DIR24_ENTRIES / 2,
 		 FS_PIN(v4_tbl24), BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl8,
@@ -312,6 +313,23 @@ static __always_inline void fs_ipv4_decrement_ttl(struct iphdr *iph)
 }
 
 /*
+ * Why bpf_redirect_map refused an egress: the daemon keeps an interface with
+ * egress conditions (a qdisc, tc, netfilter's postrouting: `ifaces`.egress
+ * says which) out of tx_ports, so that checking them costs a forwarded packet
+ * nothing; an interface with none there runs no program of ours.
+ */
+static __always_inline struct fs_verdict fs_egress_refused(__u32 out)
+{
+	struct fs_iface *e = ifaces.lookup(&out);
+
+	if (!e)
+		return FS_PASS(PASS_IFACE_UNKNOWN);
+	if (e->egress)
+		return fs_pass(e->egress);
+	return FS_PASS(PASS_EGRESS);
+}
+
+/*
  * Send the frame to eg, whichever lookup found it: the checks that would
  * hand it back first, while it is untouched, then bpf_redirect_map, then
  * the rewrite. ``reason`` is what a forwarded packet counts under.
@@ -323,7 +341,6 @@ static __always_inline struct fs_verdict fs_redirect(struct fs_pkt *p, void *l3,
 
 	__u32 out = eg->ifindex;
 	long trailer = (long)(p->end - l3) - (long)p->l3_len;
-	struct fs_iface *e;
 
 	if (eg->mtu && p->l3_len > eg->mtu)
 		return FS_PASS(PASS_MTU);
@@ -331,11 +348,6 @@ static __always_inline struct fs_verdict fs_redirect(struct fs_pkt *p, void *l3,
 		return FS_PASS(PASS_TTL);
 	if (out == p->ctx->ingress_ifindex)
 		return FS_PASS(PASS_HAIRPIN);
-	e = ifaces.lookup(&out);
-	if (!e)
-		return FS_PASS(PASS_IFACE_UNKNOWN);
-	if (e->egress)
-		return fs_pass(e->egress);
 	/* With XDP_PASS as the fallback action, a port missing from tx_ports
 	 * returns the frame untouched to the kernel. */
 	if (eg->ifindex < FS_TX_DIRECT) {
@@ -348,7 +360,7 @@ static __always_inline struct fs_verdict fs_redirect(struct fs_pkt *p, void *l3,
 		sent = tx_ports.redirect_map(eg->ifindex, XDP_PASS);
 	}
 	if (sent != XDP_REDIRECT)
-		return FS_PASS(PASS_EGRESS);
+		return fs_egress_refused(out);
 
 	__builtin_memcpy(p->eth->h_dest, eg->dmac, ETH_ALEN);
 	__builtin_memcpy(p->eth->h_source, eg->smac, ETH_ALEN);
@@ -430,8 +442,9 @@ static __always_inline struct fs_verdict fs_fib_v6(struct fs_pkt *p, struct ipv6
  * the ingress interface's entry says whether this family's packets go to the
  * kernel (forwarding off, VRF, tc ingress, netfilter, IPsec, unsupported
  * rules), whether TCP/UDP may carry partial checksums, and how to check the
- * source. The common case, no condition, costs one inlined array read here,
- * one more in fs_redirect, and the source lookup of fs_ipv4_source.
+ * source. The common case, no condition, costs one inlined array read (in
+ * fs_process) and, for IPv4, a `local_v4` bit (fs_ipv4_source); egress
+ * conditions cost it nothing (fs_egress_refused).
  */
 static __always_inline bool fs_ingress_ok(const struct fs_pkt *p, __u8 pass, __u32 *reason)
 {
@@ -439,12 +452,22 @@ static __always_inline bool fs_ingress_ok(const struct fs_pkt *p, __u8 pass, __u
 		*reason = pass;
 		return false;
 	}
-	if ((p->ifc.flags & FS_IF_CHECKSUM) &&
+	if ((p->ifc->flags & FS_IF_CHECKSUM) &&
 	    (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)) {
 		*reason = FS_REASON_PASS_CHECKSUM;
 		return false;
 	}
 	return true;
+}
+
+/* False when no route of this host's (PASS_LOCAL) can hold addr: see `local_v4`. */
+static __always_inline bool fs_maybe_local_v4(__be32 addr)
+{
+	__u32 bit = ((bpf_ntohl(addr) >> 8) * FS_LOCAL_V4_HASH) >> (32 - FS_LOCAL_V4_BITS);
+	__u32 word = bit >> 6;
+	__u64 *w = local_v4.lookup(&word);
+
+	return !w || (*w >> (bit & 63)) & 1;
 }
 
 /*
@@ -454,14 +477,19 @@ static __always_inline bool fs_ingress_ok(const struct fs_pkt *p, __u8 pass, __u
  * unicast route (loose), and one whose nexthop is the ingress interface
  * (strict). Our own table answers where it can; what it cannot confirm (no
  * route, an ECMP route under strict) goes to the kernel, which decides.
+ * Without rp_filter, `local_v4` spares most sources the table walk (a cache
+ * miss in the 64 MiB tbl24 for each new source /24).
  */
 static __always_inline bool fs_ipv4_source(struct fs_pkt *p, struct iphdr *iph, __u32 *reason)
 {
-	struct fs_route *r = fs_v4_route(&p->cfg, iph->saddr);
-	__u8 rpf = p->ifc.flags & (FS_IF_RPF_LOOSE | FS_IF_RPF_STRICT);
+	__u8 rpf = p->ifc->flags & (FS_IF_RPF_LOOSE | FS_IF_RPF_STRICT);
+	struct fs_route *r;
 	struct fs_nexthop *nh;
 	__u32 nh_id;
 
+	if (!rpf && !fs_maybe_local_v4(iph->saddr))
+		return true;
+	r = fs_v4_route(&p->cfg, iph->saddr);
 	if (r && r->action == FS_ACT_KERNEL && r->reason == FS_REASON_PASS_LOCAL) {
 		*reason = FS_REASON_PASS_MARTIAN_SOURCE;
 		return false;
@@ -560,22 +588,27 @@ static __always_inline struct fs_verdict fs_ipv4(struct fs_pkt *p, struct fs_cur
 		return fs_pass(reason);
 	if (fs_fragment_to_kernel(p))
 		return FS_PASS(PASS_FRAGMENT);
-	if (!fs_ingress_ok(p, p->ifc.pass_v4, &reason))
+	if (!fs_ingress_ok(p, p->ifc->pass_v4, &reason))
 		return fs_pass(reason);
-	if (p->ifc.flags & FS_IF_RULES_V4) {
+	if (p->ifc->flags & FS_IF_RULES_V4) {
 		/* policy rules: bpf_fib_lookup applies them, to the source too */
 		if (!fs_fib_source_v4(p, iph, &reason))
 			return fs_pass(reason);
-		return fs_fib_v4(p, iph, FS_REASON_FWD_RULES);
+		reason = FS_REASON_FWD_RULES;
+	} else {
+		if (!fs_ipv4_source(p, iph, &reason))
+			return fs_pass(reason);
+		reason = FS_REASON_FWD_STALE;
+		if (!fs_stale()) {
+			r = fs_v4_route(&p->cfg, iph->daddr);
+			if (r && fs_route_verdict(p, iph, &iph->daddr, r, &v))
+				return v;
+			reason = FS_REASON_FWD_FIB;
+		}
 	}
-	if (!fs_ipv4_source(p, iph, &reason))
-		return fs_pass(reason);
-	if (fs_stale())
-		return fs_fib_v4(p, iph, FS_REASON_FWD_STALE);
-	r = fs_v4_route(&p->cfg, iph->daddr);
-	if (r && fs_route_verdict(p, iph, &iph->daddr, r, &v))
-		return v;
-	return fs_fib_v4(p, iph, FS_REASON_FWD_FIB);
+	/* one bpf_fib_lookup for the three ways here (each inlined copy of the
+	 * lookup and the redirect is code the fast path's hits must live beside) */
+	return fs_fib_v4(p, iph, reason);
 }
 
 /* ---------------------------------------------------------------- IPv6 */
@@ -658,16 +691,19 @@ static __always_inline struct fs_verdict fs_ipv6(struct fs_pkt *p, struct fs_cur
 	p->is_frag = ip6h->nexthdr == IPPROTO_FRAGMENT;
 	if (fs_fragment_to_kernel(p))
 		return FS_PASS(PASS_FRAGMENT);
-	if (!fs_ingress_ok(p, p->ifc.pass_v6, &reason))
+	if (!fs_ingress_ok(p, p->ifc->pass_v6, &reason))
 		return fs_pass(reason);
-	if (p->ifc.flags & FS_IF_RULES_V6)
-		return fs_fib_v6(p, ip6h, FS_REASON_FWD_RULES);
-	if (fs_stale())
-		return fs_fib_v6(p, ip6h, FS_REASON_FWD_STALE);
-	r = fs_v6_route(ip6h->daddr.s6_addr);
-	if (r && fs_route_verdict(p, ip6h, ip6h->daddr.s6_addr, r, &v))
-		return v;
-	return fs_fib_v6(p, ip6h, FS_REASON_FWD_FIB);
+	if (p->ifc->flags & FS_IF_RULES_V6) {
+		reason = FS_REASON_FWD_RULES;
+	} else if (fs_stale()) {
+		reason = FS_REASON_FWD_STALE;
+	} else {
+		r = fs_v6_route(ip6h->daddr.s6_addr);
+		if (r && fs_route_verdict(p, ip6h, ip6h->daddr.s6_addr, r, &v))
+			return v;
+		reason = FS_REASON_FWD_FIB;
+	}
+	return fs_fib_v6(p, ip6h, reason);
 }
 
 /* ---------------------------------------------------------------- entry */
@@ -708,7 +744,7 @@ static __always_inline struct fs_verdict fs_process(struct xdp_md *ctx, void *da
 		return FS_PASS(PASS_IFACE_UNKNOWN);
 	if (!fs_mac_equal(p.eth->h_dest, ifc->mac))
 		return FS_PASS(PASS_OTHERHOST);
-	p.ifc = *ifc;
+	p.ifc = ifc;
 	fs_config_read(&p.cfg);
 	if (p.family == AF_INET)
 		return fs_ipv4(&p, &c);

@@ -42,7 +42,7 @@ struct fs_pkt {
 	void *l4;
 	void *end;
 	struct fs_config cfg; /* this packet's copy of fs_config */
-	struct fs_iface ifc;  /* its ingress interface's conditions (`ifaces`) */
+	const struct fs_iface *ifc; /* its ingress interface's conditions (`ifaces`) */
 	__u32 l3_len;
 	__u8 proto;
 	__u8 hops; /* TTL or hop limit */

@@ -138,7 +138,7 @@ class Daemon:
             # qdiscs): known and in `ifaces` before the program is first attached
             maps_ = self.maps
             self.fidelity = Fidelity(lambda items: maps_.update("ifaces", items), self.log,
-                                     s.netfilter)
+                                     s.netfilter, hold=self._hold_egress)
             keys, values = self.maps.read_all("ifaces")
             size = abi.IFACE.size
             self.fidelity.adopt(zip([keys[i:i + 4] for i in range(0, len(keys), 4)],
@@ -152,6 +152,7 @@ class Daemon:
                 await asyncio.gather(self._netlink_task, return_exceptions=True)
                 await self.fidelity.stop()
                 raise
+            self.fastpath.hold_ports(self.fidelity.held or ())
             self.xdp = Attachments(self.fastpath, s, self.log)
             self._log_load(time.monotonic() - t0)
             if self._pending_sync is not None:
@@ -199,6 +200,12 @@ class Daemon:
             if self.metrics is not None:
                 await self.metrics.stop()
             self.log.info("daemon.stop", note="XDP stays attached; `fibsync detach` removes it")
+
+    def _hold_egress(self, held: frozenset[int]) -> None:
+        """Fidelity: interfaces with egress conditions are no redirect target (before the
+        program is loaded, FastPath takes Fidelity.held when it is)."""
+        if self.fastpath is not None:
+            self.fastpath.hold_ports(held)
 
     def _log_load(self, seconds: float) -> None:
         fp = self.fastpath

@@ -167,8 +167,12 @@ class Fidelity:
     def __init__(self, update: Callable[[list[tuple[bytes, bytes]]], None], log: Any,
                  netfilter: str = "respect",
                  watchers: Callable[[Callable[[], None]], dict[str, Watcher]] = default_watchers,
-                 links: Callable[[], Mapping[int, bytes]] | None = None) -> None:
+                 links: Callable[[], Mapping[int, bytes]] | None = None,
+                 hold: Callable[[frozenset[int]], None] = lambda held: None) -> None:
         self.update = update  # writes (key, value) pairs into `ifaces`
+        # told which interfaces have egress conditions: they are no redirect target
+        self.hold = hold
+        self.held: frozenset[int] | None = None
         self.log = log
         self.netfilter = netfilter
         self.watchers = watchers(self.changed)
@@ -266,6 +270,11 @@ class Fidelity:
         if items:
             self.update(items)
             self.writes += 1
+        # after `ifaces` (it names the reason a held port's packets count under)
+        held = frozenset(i for i, v in want.items() if abi.IFACE.unpack(v)[3])
+        if held != self.held:
+            self.held = held
+            self.hold(held)
         self.written = {i: v for i, v in want.items() if v != ZERO}
         self._log_changes(conds)
 

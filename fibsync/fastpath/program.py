@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -188,6 +189,10 @@ class FastPath:
         # when they run on an interface: a restart replaces them silently.
         self._own_prog_ids = previous_prog_ids | {self.prog_id}
         self._own_map_ids = frozenset(bpfsys.map_info(fd).id for fd in map_fds.values())
+        # redirect targets: the ports allowed (interfaces running the program), and those
+        # held back because their egress has conditions (Fidelity says which)
+        self._allowed: set[int] = set()
+        self._held: frozenset[int] = frozenset()
 
     @classmethod
     def load(cls, instance: str = "default", *, sizes: abi.Sizes | None = None) -> FastPath:
@@ -264,17 +269,44 @@ class FastPath:
         self.forbid_port(ifindex)
 
     def allow_port(self, ifindex: int) -> None:
-        """Let the program redirect to ifindex: tx_ports, and tx_direct where it fits."""
-        key = abi.U32.pack(ifindex)
-        bpfsys.update(self.map_fd("tx_ports"), key, key)
-        if ifindex < abi.FS_TX_DIRECT:
-            bpfsys.update(self.map_fd("tx_direct"), key, key)
+        """Let the program redirect to ifindex (tx_ports, and tx_direct where it fits),
+        unless its egress is held (``hold_ports``) or its conditions cannot be known
+        (an ifindex past `ifaces`, FS_MAX_IFACES: PASS_IFACE_UNKNOWN)."""
+        self._allowed.add(ifindex)
+        if ifindex not in self._held:
+            self._write_port(ifindex, True)
 
     def forbid_port(self, ifindex: int) -> None:
+        self._allowed.discard(ifindex)
+        self._write_port(ifindex, False)
+
+    def hold_ports(self, held: Iterable[int]) -> None:
+        """Keep these interfaces out of tx_ports whether allowed or not: their egress has
+        conditions (a qdisc, tc, netfilter), which the kernel applies to what it sends
+        and a redirect would skip. The program then hands their packets to the kernel,
+        counted under the condition's reason (``ifaces``.egress), at no cost to the
+        packets it forwards. A port released goes back in if it is allowed."""
+        new = frozenset(held)
+        old, self._held = self._held, new
+        for ifindex in new - old:
+            self._write_port(ifindex, False)
+        for ifindex in (old - new) & self._allowed:
+            self._write_port(ifindex, True)
+
+    @property
+    def held_ports(self) -> frozenset[int]:
+        return self._held
+
+    def _write_port(self, ifindex: int, present: bool) -> None:
+        if present and ifindex >= abi.FS_MAX_IFACES:
+            return  # its conditions cannot be known: never a redirect target
         key = abi.U32.pack(ifindex)
-        if ifindex < abi.FS_TX_DIRECT:
-            bpfsys.delete(self.map_fd("tx_direct"), key)
-        bpfsys.delete(self.map_fd("tx_ports"), key)
+        maps = ["tx_ports", "tx_direct"] if ifindex < abi.FS_TX_DIRECT else ["tx_ports"]
+        for name in maps if present else reversed(maps):
+            if present:
+                bpfsys.update(self.map_fd(name), key, key)
+            else:
+                bpfsys.delete(self.map_fd(name), key)  # False when it was not there
 
     def ports(self) -> set[int]:
         """The ifindexes the program may redirect to."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from fibsync.fastpath import abi, bpfsys, dir24
 from fibsync.fastpath.abi import Reason
+from fibsync.fastpath.local import LocalV4
 from fibsync.fastpath.program import FastPath
 from fibsync.model import AF_INET, AF_INET6, Prefix
 from fibsync.netns import inside
@@ -89,6 +90,7 @@ class Lab:
     v4_table: str = "lpm"
     dir24: dir24.Dir24Table | None = field(default=None, repr=False)
     nexthop_bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
+    local_v4: LocalV4 = field(default_factory=LocalV4, repr=False)
 
     # ------------------------------------------------------------ map contents
 
@@ -115,6 +117,8 @@ class Lab:
         name = "routes_v4" if p.family == AF_INET else "routes_v6"
         value = bytes(abi.FsRoute(nh, action, abi.FS_ROUTE_GROUP if group else 0, reason,
                                   p.length))
+        local = p.family == AF_INET and reason == Reason.PASS_LOCAL
+        self._local_v4(p, local)  # bits gained first, as MapWriter does
         bpfsys.update(self.fp.map_fd(name), bytes(abi.route_key(p)), value)
         if self.dir24 is not None and p.family == AF_INET:
             assert self.dir24.add([(int.from_bytes(p.addr, "big"), p.length, value)]) == []
@@ -125,6 +129,17 @@ class Lab:
         bpfsys.delete(self.fp.map_fd(name), bytes(abi.route_key(p)))
         if self.dir24 is not None and p.family == AF_INET:
             self.dir24.delete([(int.from_bytes(p.addr, "big"), p.length)])
+        self._local_v4(p, False)
+
+    def _local_v4(self, p: Prefix, local: bool) -> None:
+        """`local_v4` as MapWriter keeps it: p is, or is no longer, a PASS_LOCAL prefix."""
+        if p.family != AF_INET:
+            return
+        fd = self.fp.map_fd("local_v4")
+        for key, word in self.local_v4.stage([p] if local else [], [] if local else [p]):
+            bpfsys.update(fd, key, word)
+        for key, word in self.local_v4.commit():
+            bpfsys.update(fd, key, word)
 
     def nexthop(self, nh_id: int, ifindex: int, smac: str, dmac: str | None = None, *,
                 mtu: int = 0, connected: bool = False, gateway: str | None = None) -> None:
@@ -166,9 +181,17 @@ class Lab:
 
     def iface(self, ifindex: int, mac: str = "00:00:00:00:00:00", *, pass_v4: int = 0,
               pass_v6: int = 0, flags: int = 0, egress: int = 0) -> None:
-        """An interface's entry in `ifaces` (struct fs_iface): its MAC and conditions."""
+        """An interface's entry in `ifaces` (struct fs_iface): its MAC and conditions;
+        with egress conditions the port is held out of tx_ports, as Fidelity has it."""
         bpfsys.update(self.fp.map_fd("ifaces"), struct.pack("=I", ifindex),
                       abi.IFACE.pack(pass_v4, pass_v6, flags, egress, bytes(abi.mac(mac)), 0))
+        held = set(self.fp.held_ports)
+        if egress:
+            held.add(ifindex)
+        else:
+            held.discard(ifindex)
+        with inside(self.ns):
+            self.fp.hold_ports(held)
 
     def clear(self) -> None:
         self.heartbeat(0)
@@ -176,6 +199,8 @@ class Lab:
         for key, value in list(bpfsys.iterate(fd)):
             if any(value):
                 bpfsys.update(fd, key, bytes(len(value)))
+        with inside(self.ns):
+            self.fp.hold_ports(())
         self.iface(INGRESS, ROUTER)  # frames arrive on fsin0 unless a test says otherwise
         for ifindex in self.fp.ports():
             self.fp.forbid_port(ifindex)

@@ -93,6 +93,20 @@ CASES = [
          and_then(with_iface(), lambda lab: lab.route(
              "192.0.2.9/32", action=abi.FS_ACT_KERNEL, reason=Reason.PASS_LOCAL)),
          XDP_PASS, Reason.PASS_MARTIAN_SOURCE),
+    Case("... another source of the same /24 (the same `local_v4` bit) is forwarded",
+         v4(src="192.0.2.10"),
+         and_then(with_iface(), lambda lab: lab.route(
+             "192.0.2.9/32", action=abi.FS_ACT_KERNEL, reason=Reason.PASS_LOCAL)),
+         XDP_REDIRECT, Reason.FWD_FAST),
+    Case("a source under a local prefix (AnyIP) is a martian", v4(src="198.51.100.7"),
+         and_then(with_iface(), lambda lab: (lab.route("198.51.0.0/16", 1), lab.route(
+             "198.51.0.0/16", action=abi.FS_ACT_KERNEL, reason=Reason.PASS_LOCAL))),
+         XDP_PASS, Reason.PASS_MARTIAN_SOURCE),
+    Case("an address of this host no longer: its source is forwarded again", v4(src="192.0.2.9"),
+         and_then(with_iface(), lambda lab: (lab.route(
+             "192.0.2.9/32", action=abi.FS_ACT_KERNEL, reason=Reason.PASS_LOCAL),
+             lab.unroute("192.0.2.9/32"))),
+         XDP_REDIRECT, Reason.FWD_FAST),
     Case("loose rp_filter: a source with a route passes", v4(),
          with_iface(flags=abi.FS_IF_RPF_LOOSE), XDP_REDIRECT, Reason.FWD_FAST),
     Case("loose rp_filter: a source without a route goes to the kernel",
@@ -117,6 +131,9 @@ CASES = [
          XDP_PASS, Reason.PASS_RP_FILTER),
     Case("an egress with its own qdisc", v4(), with_iface(LO, egress=Reason.PASS_EGRESS_QDISC),
          XDP_PASS, Reason.PASS_EGRESS_QDISC),
+    Case("... and once the qdisc is gone, the port is a redirect target again", v4(),
+         and_then(with_iface(LO, egress=Reason.PASS_EGRESS_QDISC), lambda lab: iface(lab, LO)),
+         XDP_REDIRECT, Reason.FWD_FAST),
     Case("a hairpin (out of the ingress) goes to the kernel, which may send a redirect",
          v4(), and_then(with_iface(), lambda lab: iface(lab, LO)), XDP_PASS,
          Reason.PASS_HAIRPIN, ingress=LO),

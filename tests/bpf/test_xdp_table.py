@@ -352,7 +352,8 @@ def test_any_ifindex_is_a_redirect_target(lab: Lab, ifindex: int) -> None:
 
 def test_an_interface_beyond_the_conditions_map_is_left_to_the_kernel(lab: Lab) -> None:
     """`ifaces` has FS_MAX_IFACES entries: past it the program cannot know an
-    interface's conditions (qdisc, tc, netfilter), so it never redirects there."""
+    interface's conditions (qdisc, tc, netfilter), so fibsync never makes it a
+    redirect target, and the program says why it did not redirect."""
     ifindex = abi.FS_MAX_IFACES + 4464
     sh("ip", "-n", lab.ns, "link", "add", "name", "big0", "index", str(ifindex), "type",
        "veth", "peer", "name", "big1")

@@ -137,6 +137,28 @@ def test_conditions_reach_the_map_and_leave_it() -> None:
     asyncio.run(scenario())
 
 
+def test_an_egress_with_conditions_is_held_out_of_the_redirect_targets() -> None:
+    """A qdisc on interface 3: FastPath is told to keep 3 out of tx_ports (after
+    `ifaces` names the reason), and to let it back in when the qdisc goes."""
+    async def scenario() -> None:
+        tc = FakeWatch([Condition("egress_qdisc", 0, 3, "qdisc htb")])
+        f, ifaces, _ = fidelity({"tc": tc})
+        calls: list[frozenset[int]] = []
+        f.hold = lambda held: calls.append(held) or None  # type: ignore[func-returns-value]
+        await f.start()
+        assert calls == [frozenset({3})] and f.held == frozenset({3})
+        assert fs_iface(ifaces[3])[3] == Reason.PASS_EGRESS_QDISC
+        f.changed()
+        await asyncio.sleep(0)
+        assert calls == [frozenset({3})]  # unchanged: not told again
+        tc.conds = []
+        f.changed()
+        await asyncio.sleep(0)
+        assert calls[-1] == frozenset()
+        await f.stop()
+    asyncio.run(scenario())
+
+
 def test_bypass_ignores_netfilter_only() -> None:
     async def scenario() -> None:
         nf = FakeWatch([Condition("netfilter", 0, 0, "t"), Condition("netfilter_egress", 0, 3,
