@@ -39,6 +39,8 @@ DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
 V4Table = Literal["dir24", "lpm"]
 # routes per family above which both families' maps are written side by side
 _PARALLEL_ROUTES = 20000
+# routes in a batch up to which LocalV4's bookkeeping is done in Python, not numpy
+_SMALL_BATCH = 64
 
 class MapSet(Protocol):
     """Where the writer's bytes go: one named BPF map each."""
@@ -213,8 +215,17 @@ class RouteBatch:
         entry or that are ``deleted``. Array work: a batch may be a whole table."""
         local = [i for i, v in enumerate(self.values)
                  if abi.ROUTE.unpack(v)[3] == abi.Reason.PASS_LOCAL.value]
-        is_local = np.isin(self.ids, local) if local else np.zeros(len(self), bool)
         gone = [p for p in deleted if p in known]
+        if len(self) <= _SMALL_BATCH:  # a change or a few: numpy's calls cost more (~40 µs)
+            ours: list[Prefix] = []
+            for i, entry_id in enumerate(self.ids.tolist()):
+                p = self.prefix(i)
+                if entry_id in local:
+                    ours.append(p)
+                elif p in known:
+                    gone.append(p)
+            return ours, gone
+        is_local = np.isin(self.ids, local) if local else np.zeros(len(self), bool)
         if known:
             words = self.addrs.view(">u4").ravel().astype(np.uint64)
             keys = (words << np.uint64(8)) | self.lens.astype(np.uint64)

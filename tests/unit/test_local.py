@@ -137,3 +137,17 @@ def test_a_resync_s_rows_set_and_clear_bits_too() -> None:
     writer.write(FastPathDiff(bulk=[rows([FORWARD], ["203.0.113.0/24"], [0])]))
     assert not is_set(words(maps), "203.0.113.77")
     assert is_set(words(maps), "192.0.2.9")
+
+
+def test_a_whole_table_s_rows_take_the_array_path_alike() -> None:
+    """Past _SMALL_BATCH rows the writer finds local and replaced prefixes with numpy."""
+    table = [f"10.{i // 256}.{i % 256}.0/24" for i in range(500)]
+    maps = MemoryMaps()
+    writer = MapWriter(maps)
+    writer.write(FastPathDiff(bulk=[rows([FORWARD, LOCAL], [*table, "192.0.2.9/32"],
+                                         [0] * len(table) + [1])]))
+    assert is_set(words(maps), "192.0.2.9") and not is_set(words(maps), "10.1.2.3")
+    writer.write(FastPathDiff(bulk=[rows([FORWARD], [*table, "192.0.2.9/32"],
+                                         [0] * (len(table) + 1))]))
+    assert not is_set(words(maps), "192.0.2.9")
+    assert writer.local is not None and writer.local.prefixes == set()
