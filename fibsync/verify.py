@@ -246,9 +246,9 @@ class Entries:
         values, index = np.unique(identity, return_inverse=True)
         some_row = np.empty(len(values), np.intp)
         some_row[index] = np.arange(len(index))  # any row with the value will do
-        return index, [self._entry_at(family, int(row)) for row in some_row]
+        return index, [self.entry(family, int(row)) for row in some_row]
 
-    def _entry_at(self, family: int, row: int) -> Entry:
+    def entry(self, family: int, row: int) -> Entry:
         ident = self.table.routes[family].values[row, :ROUTE_IDENTITY].tobytes()
         entry = self._by_value.get(ident)
         if entry is None:
@@ -293,7 +293,26 @@ class Side:
                     out[prefix] = (ke, me)
                 else:
                     unjudged += 1
+        for prefix, ke, me in self._unmarked_local():
+            if prefix in skip or prefix in out:
+                continue
+            if self.inflight.judges(prefix, ke, me, self.rib.nhids_of(prefix) & touched):
+                out[prefix] = (ke, me)
+            else:
+                unjudged += 1
         return out, unjudged
+
+    def _unmarked_local(self) -> Iterator[tuple[Prefix, Entry | None, Entry]]:
+        """Local prefixes the maps hold without their `local_v4` bits (fastpath/local.py):
+        equal in the route map, yet the program would forward from such a source."""
+        table = self.maps.table
+        routes = table.routes[AF_INET]
+        for row in table.unmarked_local():
+            prefix = Prefix(AF_INET, *routes.prefix(row))
+            krow = self.kernel.table.routes[AF_INET].find(route_key(prefix))
+            ke = None if krow is None else self.kernel.entry(AF_INET, krow)
+            me = self.maps.entry(AF_INET, row)
+            yield prefix, ke, (me[0], f"{me[1]} without its local_v4 bit", *me[2:])
 
     def docs(self, prefix: Prefix) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         key = route_key(prefix)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..model import AF_INET, Prefix
+from ..model import Prefix
 from . import abi
 
 _MARTIAN_FIRST_OCTETS = (0, 127)
@@ -58,6 +58,15 @@ def bitmap(prefixes: Iterable[Prefix]) -> np.ndarray:  # type: ignore[type-arg]
     return words
 
 
+def marked(words: np.ndarray, addr: bytes, length: int) -> bool:  # type: ignore[type-arg]
+    """Whether ``words`` (the map's) hold every bit of prefix addr/length."""
+    b = bits(addr, length)
+    if b is None:
+        return bool((words == np.uint64(0xFFFFFFFFFFFFFFFF)).all())
+    got = (words[(b >> 6).astype(np.intp)] >> (b & 63).astype(np.uint64)) & np.uint64(1)
+    return bool(got.all())
+
+
 class LocalV4:
     """The PASS_LOCAL IPv4 prefixes the writer has written, and the bitmap's
     words as last written. ``stage`` takes a write's changes and returns the
@@ -75,13 +84,17 @@ class LocalV4:
         """``local``: prefixes written now with a PASS_LOCAL entry; ``other``:
         prefixes written with another entry or deleted."""
         before = len(self.prefixes)
+        local = list(local)
         added = [p for p in local if p not in self.prefixes]
         self.prefixes.update(added)
         self.prefixes.difference_update([p for p in other if p in self.prefixes]
                                         if self.prefixes else ())
         if self._written is not None and not added and len(self.prefixes) == before:
+            # written again (a repair rewrites its prefixes): its words too
             self._target = None
-            return []
+            again = [b for p in local if (b := bits(p.addr, p.length)) is not None]
+            words = np.unique(np.concatenate(again) >> 6) if again else np.zeros(0, np.intp)
+            return _items(self._written, words.astype(np.intp))
         target = bitmap(self.prefixes)
         self._target = target
         if self._written is None:
@@ -103,7 +116,3 @@ class LocalV4:
 
 def _items(words: np.ndarray, index: np.ndarray) -> list[tuple[bytes, bytes]]:  # type: ignore[type-arg]
     return [(abi.U32.pack(int(i)), abi.U64.pack(int(words[i]))) for i in index.tolist()]
-
-
-def is_local_v4(prefix: Prefix, reason: str) -> bool:
-    return prefix.family == AF_INET and reason == "PASS_LOCAL"

@@ -19,9 +19,11 @@ import numpy as np
 
 from ..errors import FastPathError, MapFullError
 from ..model import AF_INET, AF_INET6
-from . import abi, bpfsys
+from . import abi, bpfsys, local
 from .abi import CONFIG, COUNTER, HEARTBEAT, NEXTHOP, ROUTE, U32, V4_KEY, V6_KEY
 from .writer import ROUTE_MAPS, MapSet
+
+ROUTE_REASON = abi.ROUTE_DTYPE.fields["reason"][1]  # its byte in struct fs_route
 
 CLOCK_MONOTONIC_COARSE = 6  # bpf_ktime_get_coarse_ns's clock
 ACTIONS = {abi.FS_ACT_FORWARD: "unicast", abi.FS_ACT_DROP: "blackhole",
@@ -168,6 +170,20 @@ def _nexthops(maps: MapSet) -> dict[int, tuple[Any, ...]]:
 class Group(NamedTuple):
     members: list[tuple[int, int]]  # (member nexthop id, kernel weight)
     by_kernel: bool  # no bucket: the kernel picks the path (bpf_fib_lookup)
+
+
+def _local_v4(maps: MapSet) -> np.ndarray[Any, Any] | None:
+    """`local_v4`'s words, None where the map set has none."""
+    try:
+        items = dict(maps.items("local_v4"))
+    except (OSError, FastPathError):
+        return None
+    if not items:
+        return None
+    words = np.zeros(abi.FS_LOCAL_V4_WORDS, np.uint64)
+    for k, v in items.items():
+        words[U32.unpack(k)[0]] = abi.U64.unpack(v[:8])[0]
+    return words
 
 
 def _groups(maps: MapSet) -> dict[int, Group]:
@@ -317,6 +333,8 @@ class RouteTable:
         self.nexthops = _nexthops(maps)
         self.groups = _groups(maps)
         self.names = _ifnames()
+        # read before the routes: the writer sets a local prefix's bits before its route
+        self.local_v4 = _local_v4(maps) if routes is None else None
         self.routes = routes if routes is not None else {
             family: read_route_map(maps, family) for family in ROUTE_MAPS}
 
@@ -324,7 +342,22 @@ class RouteTable:
         """What ``fibsync routes`` shows for this key, None if the maps lack it."""
         family = AF_INET if len(key) == V4_KEY.size else AF_INET6
         row = self.routes[family].find(key)
-        return None if row is None else self.doc_at(family, row)
+        if row is None:
+            return None
+        doc = self.doc_at(family, row)
+        if family == AF_INET and row in self.unmarked_local():
+            doc["reason"] = doc.get("reason", "") + " without its local_v4 bit"
+        return doc
+
+    def unmarked_local(self) -> list[int]:
+        """Rows of routes_v4 holding a PASS_LOCAL entry whose bits `local_v4` lacks: the
+        program would take that source for another host's (none without the map)."""
+        if self.local_v4 is None:
+            return []
+        m = self.routes[AF_INET]
+        reasons = m.values[:, ROUTE_REASON]
+        rows = np.flatnonzero(reasons == abi.Reason.PASS_LOCAL.value).tolist()
+        return [row for row in rows if not local.marked(self.local_v4, *m.prefix(row))]
 
     def doc_at(self, family: int, row: int) -> dict[str, Any]:
         """The document of one row of a family's route map."""

@@ -29,6 +29,7 @@ from fibsync.model import (
     Op,
     Prefix,
     Route,
+    RouteType,
     Snapshot,
 )
 from fibsync.rib import Filter, Rib
@@ -167,6 +168,35 @@ def test_the_maps_side_reads_what_the_writer_wrote() -> None:
                                    Filter())
     s = Side(Entries(expected), Entries(RouteTable(memory)), InFlight(), rib)
     assert s.differing()[0].keys() == {Prefix.parse("203.0.113.0/24")}
+
+
+def test_a_local_address_without_its_local_v4_bit_is_a_difference() -> None:
+    """The route map may equal the kernel while `local_v4` lacks a local address's bit:
+    the program would forward from that source. verify says so, and a rewrite of the
+    prefix (the audit's repair) puts the bit back."""
+    ours = Route(Prefix.parse("198.51.100.9/32"), table=255, type=RouteType.LOCAL)
+    snapshot = world(via4("198.51.100.0/24"), ours)
+    rib = Rib(Filter())
+    rib.resync(snapshot)
+    memory = MemoryMaps()
+    writer = MapWriter(memory, v4_table="lpm")
+    writer.write(rib.take_diff())
+    expected, krib = expected_table(snapshot, Filter())
+
+    def differing() -> set[Prefix]:
+        s = Side(Entries(expected), Entries(RouteTable(memory)), InFlight(), krib)
+        return set(s.differing()[0])
+
+    assert differing() == set()
+    words = memory.maps["local_v4"]
+    for k, v in list(words.items()):
+        words[k] = bytes(len(v))  # every bit lost
+    assert differing() == {Prefix.parse("198.51.100.9/32")}
+    doc = RouteTable(memory).doc(route_key(Prefix.parse("198.51.100.9/32")))
+    assert doc is not None and doc["reason"] == "PASS_LOCAL without its local_v4 bit"
+    rib.rewrite(Prefix.parse("198.51.100.9/32"))  # the audit's repair rewrites the prefix
+    writer.write(rib.take_diff())
+    assert differing() == set()
 
 
 # ------------------------------------------------------------ the comparison at numpy speed
