@@ -381,7 +381,7 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
         "nexthops": [],
     }
     if action == 2:
-        doc["reason"] = abi.Reason(reason).name
+        doc["reason"] = _reason_name(reason)
     if action != 0:
         return doc
     if flags & abi.FS_ROUTE_GROUP:
@@ -401,9 +401,8 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
             continue
         ifindex, mtu, nflags, nfamily, _smac, dmac, gateway = nh
         connected = bool(nflags & abi.FS_NH_CONNECTED)
-        glen = 16 if nfamily == AF_INET6 else 4
         doc["nexthops"].append({
-            "gateway": None if connected else socket.inet_ntop(nfamily, gateway[:glen]),
+            "gateway": None if connected else _gateway_text(nfamily, gateway),
             "ifname": names.get(ifindex),
             "ifindex": ifindex,
             "weight": weight,
@@ -412,6 +411,23 @@ def _route_doc(family: int, addr: bytes, plen: int, value: bytes,
             "mtu": mtu,
         })
     return doc
+
+
+def _reason_name(reason: int) -> str:
+    """A route's reason code by name; a code this build does not know (a map written by
+    another version, or corrupt) by number, rather than an exception."""
+    try:
+        return abi.Reason(reason).name
+    except ValueError:
+        return f"reason {reason}"
+
+
+def _gateway_text(family: int, gateway: bytes) -> str:
+    """A nexthop's gateway as text, whatever the map holds (family 0 in a corrupt map
+    must not stop `routes` or the audit)."""
+    if family in (AF_INET, AF_INET6):
+        return socket.inet_ntop(family, gateway[:16 if family == AF_INET6 else 4])
+    return f"family {family} {gateway.hex()}"
 
 
 def _explain(doc: dict[str, Any]) -> str:

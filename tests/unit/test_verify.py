@@ -374,3 +374,15 @@ def test_a_whole_lpm_map_read_at_once_is_what_iterate_reads() -> None:
         assert sorted(listed) == sorted(entries)
     finally:
         os.close(fd)
+
+
+def test_a_corrupt_entry_is_described_not_raised() -> None:
+    """A nexthop of family 0 or a reason this build does not know (a corrupt map, or one
+    another version wrote) still gets a document: `routes` and the audit keep going."""
+    nexthops = {7: (3, 1500, abi.FS_NH_RESOLVED, 0, bytes(6), bytes(6), bytes(16))}
+    doc = _route_doc(AF_INET, bytes([198, 51, 100, 0]), 24, ROUTE.pack(7, 0, 0, 0, 24),
+                     nexthops, {}, {})
+    assert doc["nexthops"][0]["gateway"] == "family 0 " + "00" * 16
+    doc = _route_doc(AF_INET, bytes([198, 51, 100, 0]), 24, ROUTE.pack(0, 2, 0, 250, 24),
+                     {}, {}, {})
+    assert doc["reason"] == "reason 250"
