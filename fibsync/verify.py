@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import itertools
 import json
 import os
 import select
@@ -284,18 +285,13 @@ class Side:
         touched = self.inflight.nhids
         out: dict[Prefix, tuple[Entry | None, Entry | None]] = {}
         unjudged = 0
-        for family in (AF_INET, AF_INET6):
-            for prefix, ke, me in self.compared(family).differences():
-                if prefix in skip:
-                    continue
-                nhids = self.rib.nhids_of(prefix)
-                if self.inflight.judges(prefix, ke, me, nhids & touched):
-                    out[prefix] = (ke, me)
-                else:
-                    unjudged += 1
-        for prefix, ke, me in self._unmarked_local():
-            if prefix in skip or prefix in out:
+        differences = itertools.chain(self.compared(AF_INET).differences(),
+                                      self.compared(AF_INET6).differences(),
+                                      self._unmarked_local())
+        for prefix, ke, me in differences:
+            if prefix in skip:
                 continue
+            skip.add(prefix)  # judged once (a differing route may also lack its bits)
             if self.inflight.judges(prefix, ke, me, self.rib.nhids_of(prefix) & touched):
                 out[prefix] = (ke, me)
             else:
@@ -307,7 +303,7 @@ class Side:
         equal in the route map, yet the program would forward from such a source."""
         table = self.maps.table
         routes = table.routes[AF_INET]
-        for row in table.unmarked_local():
+        for row in sorted(table.unmarked_local):
             prefix = Prefix(AF_INET, *routes.prefix(row))
             krow = self.kernel.table.routes[AF_INET].find(route_key(prefix))
             ke = None if krow is None else self.kernel.entry(AF_INET, krow)

@@ -30,6 +30,7 @@ from ..model import Prefix
 from . import abi
 
 _MARTIAN_FIRST_OCTETS = (0, 127)
+ALL = np.uint64(0xFFFFFFFFFFFFFFFF)  # a word of every bit
 
 
 def bits(addr: bytes, length: int) -> np.ndarray | None:  # type: ignore[type-arg]
@@ -45,16 +46,20 @@ def bits(addr: bytes, length: int) -> np.ndarray | None:  # type: ignore[type-ar
     return ((slash24 * abi.FS_LOCAL_V4_HASH) & 0xFFFFFFFF) >> (32 - abi.FS_LOCAL_V4_BITS)
 
 
+def _split(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+    """Bits -> (the words that hold them, each bit's mask in its word)."""
+    return (b >> 6).astype(np.intp), np.left_shift(np.uint64(1), (b & 63).astype(np.uint64))
+
+
 def bitmap(prefixes: Iterable[Prefix]) -> np.ndarray:  # type: ignore[type-arg]
     """The map's words (uint64) for these PASS_LOCAL IPv4 prefixes."""
     words = np.zeros(abi.FS_LOCAL_V4_WORDS, np.uint64)
     for p in prefixes:
         b = bits(p.addr, p.length)
         if b is None:
-            words[:] = np.uint64(0xFFFFFFFFFFFFFFFF)
+            words[:] = ALL
             break
-        np.bitwise_or.at(words, (b >> 6).astype(np.intp),
-                         np.left_shift(np.uint64(1), (b & 63).astype(np.uint64)))
+        np.bitwise_or.at(words, *_split(b))
     return words
 
 
@@ -62,9 +67,9 @@ def marked(words: np.ndarray, addr: bytes, length: int) -> bool:  # type: ignore
     """Whether ``words`` (the map's) hold every bit of prefix addr/length."""
     b = bits(addr, length)
     if b is None:
-        return bool((words == np.uint64(0xFFFFFFFFFFFFFFFF)).all())
-    got = (words[(b >> 6).astype(np.intp)] >> (b & 63).astype(np.uint64)) & np.uint64(1)
-    return bool(got.all())
+        return bool((words == ALL).all())
+    index, mask = _split(b)
+    return bool(((words[index] & mask) != 0).all())
 
 
 class LocalV4:
@@ -83,18 +88,17 @@ class LocalV4:
               ) -> list[tuple[bytes, bytes]]:
         """``local``: prefixes written now with a PASS_LOCAL entry; ``other``:
         prefixes written with another entry or deleted."""
-        before = len(self.prefixes)
         local = list(local)
         added = [p for p in local if p not in self.prefixes]
+        removed = [p for p in other if p in self.prefixes]
         self.prefixes.update(added)
-        self.prefixes.difference_update([p for p in other if p in self.prefixes]
-                                        if self.prefixes else ())
-        if self._written is not None and not added and len(self.prefixes) == before:
+        self.prefixes.difference_update(removed)
+        if self._written is not None and not added and not removed:
             # written again (a repair rewrites its prefixes): its words too
             self._target = None
             again = [b for p in local if (b := bits(p.addr, p.length)) is not None]
-            words = np.unique(np.concatenate(again) >> 6) if again else np.zeros(0, np.intp)
-            return _items(self._written, words.astype(np.intp))
+            words = np.unique(_split(np.concatenate(again))[0]) if again else []
+            return _items(self._written, np.asarray(words, np.intp))
         target = bitmap(self.prefixes)
         self._target = target
         if self._written is None:

@@ -8,6 +8,7 @@ the daemon believes.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import time
@@ -175,14 +176,13 @@ class Group(NamedTuple):
 def _local_v4(maps: MapSet) -> np.ndarray[Any, Any] | None:
     """`local_v4`'s words, None where the map set has none."""
     try:
-        items = dict(maps.items("local_v4"))
+        keys, values = _read_whole(maps, "local_v4")
     except (OSError, FastPathError):
         return None
-    if not items:
+    if not keys:
         return None
     words = np.zeros(abi.FS_LOCAL_V4_WORDS, np.uint64)
-    for k, v in items.items():
-        words[U32.unpack(k)[0]] = abi.U64.unpack(v[:8])[0]
+    words[np.frombuffer(keys, "=u4")] = np.frombuffer(values, "=u8")
     return words
 
 
@@ -310,13 +310,17 @@ def matching_rows(a: RouteMap, b: RouteMap) -> tuple[np.ndarray[Any, Any], np.nd
 def read_route_map(maps: MapSet, family: int) -> RouteMap:
     """The route map of a family, from a map set that can read a map whole
     (``PinnedMaps.read_all``) or entry by entry."""
-    name = ROUTE_MAPS[family]
+    return RouteMap(family, *_read_whole(maps, ROUTE_MAPS[family]))
+
+
+def _read_whole(maps: MapSet, name: str) -> tuple[bytes, bytes]:
+    """Every key and every value of a map, each laid end to end: in one call where the
+    map set can (``PinnedMaps.read_all``), entry by entry otherwise."""
     read_all = getattr(maps, "read_all", None)
     if read_all is not None:
-        return RouteMap(family, *read_all(name))
+        return read_all(name)  # type: ignore[no-any-return]
     items = list(maps.items(name))
-    return RouteMap(family, b"".join(k for k, _ in items),
-                    b"".join(v[:ROUTE.size] for _, v in items))
+    return b"".join(k for k, _ in items), b"".join(v for _, v in items)
 
 
 class RouteTable:
@@ -345,19 +349,20 @@ class RouteTable:
         if row is None:
             return None
         doc = self.doc_at(family, row)
-        if family == AF_INET and row in self.unmarked_local():
+        if family == AF_INET and row in self.unmarked_local:
             doc["reason"] = doc.get("reason", "") + " without its local_v4 bit"
         return doc
 
-    def unmarked_local(self) -> list[int]:
+    @functools.cached_property
+    def unmarked_local(self) -> frozenset[int]:
         """Rows of routes_v4 holding a PASS_LOCAL entry whose bits `local_v4` lacks: the
         program would take that source for another host's (none without the map)."""
         if self.local_v4 is None:
-            return []
+            return frozenset()
         m = self.routes[AF_INET]
-        reasons = m.values[:, ROUTE_REASON]
-        rows = np.flatnonzero(reasons == abi.Reason.PASS_LOCAL.value).tolist()
-        return [row for row in rows if not local.marked(self.local_v4, *m.prefix(row))]
+        rows = np.flatnonzero(m.values[:, ROUTE_REASON] == abi.Reason.PASS_LOCAL.value)
+        return frozenset(row for row in rows.tolist()
+                         if not local.marked(self.local_v4, *m.prefix(row)))
 
     def doc_at(self, family: int, row: int) -> dict[str, Any]:
         """The document of one row of a family's route map."""

@@ -302,10 +302,11 @@ class FastPath:
             return  # its conditions cannot be known: never a redirect target
         key = abi.U32.pack(ifindex)
         maps = ["tx_ports", "tx_direct"] if ifindex < abi.FS_TX_DIRECT else ["tx_ports"]
-        for name in maps if present else reversed(maps):
-            if present:
+        if present:
+            for name in maps:
                 bpfsys.update(self.map_fd(name), key, key)
-            else:
+        else:
+            for name in reversed(maps):
                 bpfsys.delete(self.map_fd(name), key)  # False when it was not there
 
     def ports(self) -> set[int]:

@@ -136,10 +136,11 @@ class Lab:
         if p.family != AF_INET:
             return
         fd = self.fp.map_fd("local_v4")
-        for key, word in self.local_v4.stage([p] if local else [], [] if local else [p]):
-            bpfsys.update(fd, key, word)
-        for key, word in self.local_v4.commit():
-            bpfsys.update(fd, key, word)
+        for items in (self.local_v4.stage([p] if local else [], [] if local else [p]),
+                      self.local_v4.commit()):
+            if items:  # a new Lab's first: every word, in one call
+                bpfsys.update_batch(fd, b"".join(k for k, _ in items),
+                                    b"".join(w for _, w in items), len(items))
 
     def nexthop(self, nh_id: int, ifindex: int, smac: str, dmac: str | None = None, *,
                 mtu: int = 0, connected: bool = False, gateway: str | None = None) -> None:
