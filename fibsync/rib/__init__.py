@@ -136,7 +136,7 @@ class Rib:
         self.table.take_over(old, snapshot)
         self.kernel.load(snapshot)
         rows = self._add_routes(snapshot)
-        self.table.drop_unused_inline()
+        self.table.settle()
         self.table.diff_from(old, rows)
 
     def _add_routes(self, snapshot: Snapshot) -> list[RouteRows]:
@@ -177,7 +177,7 @@ class Rib:
                 kernel.set_address(obj, change.op)
             else:
                 self.stats["ignored"] += 1
-        self.table.drop_unused_inline()
+        self.table.settle()
 
     def _add_route(self, route: Route, nlflags: int) -> None:
         if not self.filter.follows(route):

@@ -15,10 +15,11 @@ never changes it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import defaultdict
 
-from ..model import AF_INET, Link, Neighbour, Nexthop, NexthopObject, Prefix, Snapshot
+from ..model import AF_INET, NUD_VALID, Link, Neighbour, Nexthop, NexthopObject, Prefix, Snapshot
 from .choice import Choice, PathKey, choose, forward, kernel_picks_path, object_entry
 from .compact import rows_to_write
 from .kernel import KernelState, unindex
@@ -61,11 +62,19 @@ class FpTable:
         self._obj_fp: dict[int, int] = {}
         # interned inline paths -> [fast-path id, is group, user count]
         self._inline: dict[tuple[Nexthop, ...], list[int]] = {}
+        # interned paths that may have lost their last user since the last settle()
+        # (an ordered set: ids are released in a stable order)
+        self._unused: dict[tuple[Nexthop, ...], None] = {}
         # what each fast-path nexthop hangs on, and the reverse indexes
         self._nh_source: dict[int, tuple[int, int, bytes | None]] = {}
         self._nh_by_neigh: dict[tuple[int, int, bytes], set[int]] = defaultdict(set)
         self._nh_by_link: dict[int, set[int]] = defaultdict(set)
         self._groups_by_nh: dict[int, set[int]] = defaultdict(set)
+        # groups whose members changed state since the last settle(): rendered once
+        # there, however many of their paths' neighbours and links changed meanwhile
+        self._stale_groups: set[int] = set()
+        # what the groups read of each fast-path nexthop: (link up, neighbour invalid)
+        self._nh_state: dict[int, tuple[bool, bool]] = {}
         self._path_of_prefix: dict[Prefix, PathKey] = {}
 
     # --------------------------------------------------- the kernel's reports
@@ -141,6 +150,7 @@ class FpTable:
                 del self._path_of_prefix[prefix]
             if isinstance(old_path, tuple):
                 self._inline[old_path][2] -= 1
+                self._unused[old_path] = None
         if entry is None:
             if old is not None:
                 del self.entries[prefix]
@@ -192,6 +202,7 @@ class FpTable:
             fid = self._alloc_id()
             is_group = int(len(paths) > 1)
             entry = self._inline[paths] = [fid, is_group, 0]
+            self._unused[paths] = None
         fid, is_group = entry[0], entry[1]
         if is_group:
             members = []
@@ -205,16 +216,33 @@ class FpTable:
             self._set_fp_nexthop(fid, p.ifindex, p.gateway_family or 0, p.gateway)
         return fid, is_group
 
-    def drop_unused_inline(self) -> None:
-        """Free the interned paths no route uses any more."""
-        for paths in [p for p, e in self._inline.items() if e[2] <= 0 and len(p) > 1]:
+    def settle(self) -> None:
+        """End of a batch of changes: free the interned paths no route uses any
+        more, and render the groups whose paths changed (each once)."""
+        self._drop_unused_inline()
+        stale, self._stale_groups = self._stale_groups, set()
+        for gid in stale:
+            if gid in self.members:
+                self._render_group(gid)
+
+    def _drop_unused_inline(self) -> None:
+        candidates, self._unused = self._unused, {}
+        singles = {p: None for p in candidates if len(p) == 1}
+        for paths in [p for p in candidates if len(p) > 1]:
+            entry = self._inline.get(paths)
+            if entry is None or entry[2] > 0:
+                continue
             fid = self._inline.pop(paths)[0]
             if fid in self.members:
                 for p in paths:
                     self._inline[(p,)][2] -= 1
+                    singles[(p,)] = None
             self._del_group(fid)
             self._released.append(fid)
-        for paths in [p for p, e in self._inline.items() if e[2] <= 0]:
+        for paths in singles:
+            entry = self._inline.get(paths)
+            if entry is None or entry[2] > 0:
+                continue
             fid = self._inline.pop(paths)[0]
             self._del_fp_nexthop(fid)
             self._released.append(fid)
@@ -258,31 +286,38 @@ class FpTable:
         smac = (link.mac if link and link.mac else ZERO_MAC)[:6].ljust(6, b"\0")
         mtu = min(link.mtu, 0xFFFF) if link else 0
         dmac = ZERO_MAC
+        neighbour_invalid = False
         if gateway is None:
             resolved, connected = usable, True
         else:
             connected = False
             n = self.kernel.neighbours.get((ifindex, family, gateway))
             resolved = usable and n is not None and n.valid
+            neighbour_invalid = n is not None and not n.state & NUD_VALID
             if resolved:
                 assert n is not None and n.lladdr is not None
                 dmac = n.lladdr[:6].ljust(6, b"\0")
         nh = FpNexthop(ifindex, mtu, resolved, connected, family or AF_INET, smac, dmac,
                        (gateway or b"").ljust(16, b"\0"))
-        if self.nexthops.get(fid) != nh:
+        old = self.nexthops.get(fid)
+        if old != nh:
             self.nexthops[fid] = nh
             self.diff.nexthops[fid] = nh
-        for gid in list(self._groups_by_nh.get(fid, ())):
-            self._render_group(gid)
+        # its groups are rendered again only when what they read of it changed: that
+        # it exists, and what choice.kernel_picks_path judges (not its MAC or MTU)
+        state = (usable, neighbour_invalid)
+        if old is None or self._nh_state.get(fid) != state:
+            self._nh_state[fid] = state
+            self._stale_groups.update(self._groups_by_nh.get(fid, ()))
 
     def _del_fp_nexthop(self, fid: int) -> None:
         src = self._nh_source.pop(fid, None)
         if src is not None:
             self._unindex_nh(fid, src)
+        self._nh_state.pop(fid, None)
         if self.nexthops.pop(fid, None) is not None:
             self.diff.nexthops[fid] = None
-        for gid in list(self._groups_by_nh.get(fid, ())):
-            self._render_group(gid)
+        self._stale_groups.update(self._groups_by_nh.get(fid, ()))
 
     def _set_group(self, gid: int, members: tuple[tuple[int, int], ...]) -> None:
         for mid, _ in self.members.get(gid, ()):
@@ -294,7 +329,7 @@ class FpTable:
 
     def _render_group(self, gid: int) -> None:
         members = self.members.get(gid, ())
-        known = [(m, w) for m, w in members if m in self.nexthops]
+        known = tuple([(m, w) for m, w in members if m in self.nexthops])
         if not known:
             if self.groups.pop(gid, None) is not None:
                 self.diff.groups[gid] = None
@@ -305,8 +340,11 @@ class FpTable:
         # the kernel may skip a path, no bucket: every packet asks bpf_fib_lookup.
         by_kernel = kernel_picks_path([self._path_state(m) for m, _ in known],
                                       gid in self._object_groups, self.use_neigh)
-        group = FpGroup(() if by_kernel else weighted_buckets(known), tuple(known))
-        if self.groups.get(gid) != group:
+        old = self.groups.get(gid)
+        if old is not None and old.members == known and old.by_kernel == by_kernel:
+            return  # the buckets follow from these two
+        group = FpGroup(() if by_kernel else weighted_buckets(list(known)), known)
+        if old != group:
             self.groups[gid] = group
             self.diff.groups[gid] = group
 
@@ -343,6 +381,7 @@ class FpTable:
                 used.add(fid)
         for paths, (fid, is_group, _) in old._inline.items():
             self._inline[paths] = [fid, is_group, 0]
+            self._unused[paths] = None
             used.add(fid)
         top = max(used | stale, default=self.first_id - 1)
         self._ids = itertools.count(top + 1)
@@ -401,23 +440,31 @@ def weighted_buckets(members: list[tuple[int, int]], size: int = GROUP_BUCKETS
     if len(members) == 1:
         return (members[0][0],)
     members = members[:size]
-    total = sum(max(w, 1) for _, w in members)
-    exact = [size * max(w, 1) / total for _, w in members]
+    ids = [m for m, _ in members]
+    return tuple([ids[k] for k in _bucket_pattern(tuple(max(w, 1) for _, w in members), size)])
+
+
+@functools.lru_cache(maxsize=4096)
+def _bucket_pattern(weights: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """The member index of each bucket for these weights (groups share few patterns:
+    a storm that re-renders thousands of groups computes each pattern once)."""
+    total = sum(weights)
+    exact = [size * w / total for w in weights]
     counts = [max(1, int(e)) for e in exact]
-    ranked = sorted(range(len(members)), key=lambda k: counts[k] - exact[k])
+    ranked = sorted(range(len(weights)), key=lambda k: counts[k] - exact[k])
     while sum(counts) > size:  # clamped members took buckets: take them back from the richest
         k = next(k for k in reversed(ranked) if counts[k] > 1)
         counts[k] -= 1
-        ranked = sorted(range(len(members)), key=lambda k: counts[k] - exact[k])
+        ranked = sorted(range(len(weights)), key=lambda k: counts[k] - exact[k])
     for k in ranked[: size - sum(counts)]:
         counts[k] += 1
     out = []
-    current = [0] * len(members)
+    current = [0] * len(weights)
     for _ in range(size):
         for k, c in enumerate(counts):
             current[k] += c
-        k = max(range(len(members)), key=lambda j: current[j])
+        k = max(range(len(weights)), key=lambda j: current[j])
         current[k] -= size
-        out.append(members[k][0])
+        out.append(k)
     return tuple(out)
 

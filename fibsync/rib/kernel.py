@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from ..model import (
     AF_INET,
     AF_INET6,
+    NUD_VALID,
     Address,
     Link,
     Neighbour,
@@ -222,8 +223,11 @@ class KernelState:
             self.neighbours[n.key] = n
         else:
             self.neighbours.pop(n.key, None)
+        new = n if op is Op.ADD else None
+        if _neighbour_use(old) == _neighbour_use(new):
+            return  # e.g. REACHABLE -> STALE: nothing the fast path reads changed
         was = old.lladdr if old is not None and old.valid else None
-        now = n.lladdr if op is Op.ADD and n.valid else None
+        now = new.lladdr if new is not None and new.valid else None
         self.watcher.neighbour_changed(n.key, was, now)
 
     def set_link(self, link: Link, op: Op) -> None:
@@ -349,3 +353,12 @@ def _ready(flags: int) -> bool:
     updated later), but IPv6 does not count the link as ready.
     """
     return flags & (IFF_UP | IFF_RUNNING | IFF_LOWER_UP) == IFF_UP | IFF_RUNNING | IFF_LOWER_UP
+
+
+def _neighbour_use(n: Neighbour | None) -> tuple[bool, bytes | None] | None:
+    """What the fast path reads of a neighbour entry: whether it exists, whether it
+    is NUD_VALID (the kernel's ECMP skips an existing invalid one), its address
+    while valid."""
+    if n is None:
+        return None
+    return bool(n.state & NUD_VALID), n.lladdr if n.valid else None
