@@ -1,15 +1,18 @@
 """Initial sync of a full table: `fibsync run` -> `state: synced`, beside `ip route show`.
 
     .venv/bin/python bench/bench_sync.py [--v4 1000000] [--v6 250000] [--runs 3]
+                                         [--restarts 1]
                                          [--json FILE] [--plot PNG] [--from-json FILE]
 
 Builds a throwaway namespace, installs the table through nexthop objects (as
 FRR does), times `ip route show table all` for both families (the reference),
 then starts fibsync ``--runs`` times, the first with an empty program cache
 (bcc compiles: a first start on a machine) and the others with the cache
-filled (every later start). Each start is timed from `fibsync run` to the
-daemon's `sync.done` log line (the moment `status` says synced; its
-timestamp, so no polling delay counts) and, as a user sees it, to the first
+filled (every later start); then ``--restarts`` times over the pinned maps
+and the attached program the previous run left (a restart: the maps
+adopted). Each start is timed from `fibsync run` to the daemon's
+`sync.done` log line (the moment `status` says synced; its timestamp, so no
+polling delay counts) and, as a user sees it, to the first
 `fibsync status` that says `synced`. Reports the ratios, the daemon's RSS
 (steady and peak) and the maps' memory. Everything is removed at the end.
 """
@@ -69,7 +72,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
     labels = ["ip route show\ntable all"]
     values = [ref]
     for i, run in enumerate(doc["runs"], 1):
-        labels.append(f"fibsync run #{i}\n({run['program']} program)")
+        labels.append(f"fibsync {run.get('kind', 'start')} #{i}\n({run['program']} program)")
         values.append(run["run_to_synced_s"])
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(labels, values, color=["grey"] + ["tab:blue"] * (len(values) - 1))
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--v4", type=int, default=1_000_000)
     ap.add_argument("--v6", type=int, default=250_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--restarts", type=int, default=1,
+                    help="then restart the daemon this many times over its pinned maps")
     report.add_arguments(ap)
     report.add_tree_argument(ap)
     args = ap.parse_args()
@@ -101,7 +106,8 @@ def main() -> None:
         t = install(name, args.v4, args.v6)
         ip_show = min(time_ip_show(name) for _ in range(3))
         runs = []
-        for _ in range(args.runs):
+        kinds = ["start"] * args.runs + ["restart"] * args.restarts
+        for i, kind in enumerate(kinds):
             started = time.time()
             t0 = time.monotonic()
             daemon.start(timeout=600)
@@ -112,6 +118,7 @@ def main() -> None:
                 daemon.log_file.read_text().splitlines()) if '"fastpath.load"' in line))
             time.sleep(1)  # the memory release after the sync
             runs.append({
+                "kind": kind,
                 "program": "cached" if load.get("cached") else "compiled",
                 "run_to_synced_s": round(synced, 2),
                 "run_to_status_synced_s": round(seen, 2),
@@ -121,7 +128,9 @@ def main() -> None:
             status = daemon.status()
             maps = maps_mb(name)
             daemon.stop()
-            # a fresh instance each time: a restart would adopt the maps (another path)
+            if i + 1 < len(kinds) and kinds[i + 1] == "restart":
+                continue  # XDP attached, maps pinned: the next start adopts them
+            # otherwise a fresh instance each time
             daemon.remove_pins()
             for b in range(4):
                 subprocess.run(["ip", "-n", name, "link", "set", f"b{b}", "xdp", "off"],

@@ -124,8 +124,8 @@ def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[
                 time.sleep(0.5)
             elif mode == "fibsync":
                 if args.profile:
-                    daemon.wrap = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "100", "-o", args.profile, "-f",
-                                   "speedscope" if args.profile.endswith(".json") else "flamegraph",
+                    spy = str(Path(sys.executable).parent / "py-spy")
+                    daemon.wrap = [spy, "record", "-r", "100", "-o", args.profile,
                                    "--", "nsenter", f"--net=/run/netns/{name}"]
                 daemon.start(timeout=600)
                 pid = daemon.pid

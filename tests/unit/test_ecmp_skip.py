@@ -29,7 +29,7 @@ from fibsync.model import (
 )
 from fibsync.rib.choice import kernel_picks_path
 
-from .mirror import DOWN, MAC2, NO_CARRIER, UP, Mirror, link, neigh, nh_obj, route
+from .mirror import DOWN, MAC1, MAC2, NO_CARRIER, UP, Mirror, link, neigh, nh_obj, route
 
 NUD_NONE = 0x00
 NO_ENTRY = -1  # no neighbour entry at all
@@ -200,3 +200,56 @@ def test_a_resync_keeps_following_the_sysctl(m: Mirror) -> None:
                           routes=[route(PREFIX, *PATHS)]))
     m.writer.write(m.rib.take_diff())
     assert buckets(m) == {GW1, GW2}
+
+
+# --- what a neighbour change costs: groups are rendered again only when what they
+# read of a path changed (a storm of MAC changes once re-rendered thousands of
+# groups per batch: minutes of lag)
+
+def renders(m: Mirror, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The groups the RIB renders from now on (the cost a neighbour storm multiplies)."""
+    seen: list[int] = []
+    render = m.rib.table._render_group
+
+    def counted(gid: int) -> None:
+        seen.append(gid)
+        render(gid)
+    monkeypatch.setattr(m.rib.table, "_render_group", counted)
+    return seen
+
+
+def test_a_state_change_the_fast_path_does_not_read_writes_nothing(
+        m: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    m.add(route(PREFIX, *PATHS))
+    seen = renders(m, monkeypatch)
+    m.rib.apply([Change(Op.ADD, neigh(3, GW2, MAC2, NUD_STALE))])  # REACHABLE -> STALE
+    diff = m.rib.take_diff()
+    assert not diff.nexthops and not diff.groups and not diff.neighbours and not diff.routes
+    assert seen == []
+
+
+def test_a_mac_change_writes_the_nexthop_and_no_group(
+        m: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    m.add(route(PREFIX, *PATHS))
+    seen = renders(m, monkeypatch)
+    m.rib.apply([Change(Op.ADD, neigh(3, GW2, MAC1))] * 3)
+    diff = m.rib.take_diff()
+    assert len(diff.nexthops) == 1 and not diff.groups and not diff.routes
+    assert seen == []
+    m.writer.write(diff)
+    assert buckets(m) == {GW1, GW2}
+    assert m.paths(PREFIX) == {(GW1, 2, 1, True), (GW2, 3, 1, True)}
+
+
+def test_a_batch_that_fails_and_revives_a_path_leaves_the_group_as_it_was(
+        m: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    m.rib.set_multipath_use_neigh(True)
+    m.add(route(PREFIX, *PATHS))
+    seen = renders(m, monkeypatch)
+    m.rib.apply([failed(3, GW2), Change(Op.ADD, neigh(3, GW2, MAC2))] * 2)
+    diff = m.rib.take_diff()
+    assert not diff.groups
+    assert len(seen) == 1  # once for the batch, not once per change
+    m.rib.apply([failed(3, GW2)])
+    m.writer.write(m.rib.take_diff())
+    assert buckets(m) == set()
