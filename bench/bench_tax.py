@@ -58,10 +58,11 @@ MONITOR_OBJECTS = ("link", "address", "neigh", "route", "nexthop", "rule", "netc
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid``, its threads and its waited-for children."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU of ``pid`` and its threads, and of its waited-for children
+    (fibsync's self-audits) unless ``children`` is False."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / TICK
+    return sum(int(f) for f in fields[11:15 if children else 13]) / TICK
 
 
 def in_map(fd: int, prefix: str) -> bool:
@@ -123,15 +124,19 @@ def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[
                 pid = listener.pid
                 time.sleep(0.5)
             elif mode == "fibsync":
-                if args.profile:
-                    spy = str(Path(sys.executable).parent / "py-spy")
-                    daemon.wrap = [spy, "record", "-r", "100", "-o", args.profile,
-                                   "--", "nsenter", f"--net=/run/netns/{name}"]
                 daemon.start(timeout=600)
                 pid = daemon.pid
                 fd = bpfsys.obj_get(f"/sys/fs/bpf/fibsync/{name}/routes_v4")
                 time.sleep(2)  # the start's own work (trim, first audit's scheduling) done
+            spy = None
+            if args.profile and mode == "fibsync" and pid:
+                # the burst alone: py-spy joins the synced daemon, and leaves at the sentinel
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
+                                        "-r", "200", "-o", args.profile, "--pid", str(pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
             cpu0 = cpu_seconds(pid) if pid else 0.0
+            own0 = cpu_seconds(pid, children=False) if pid else 0.0
             wall, ip_cpu = run_batch(name, rundir / "burst.txt")
             done = time.monotonic()
             out.update(ip_batch_s=round(wall, 2), ip_cpu_s=round(ip_cpu, 2))
@@ -149,18 +154,16 @@ def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[
                     time.sleep(0.002)
                 out["lag_s"] = round(time.monotonic() - done, 3)
                 out["listener_cpu_s"] = round(cpu_seconds(pid) - cpu0, 2)
+                out["audits_cpu_s"] = round(out["listener_cpu_s"] - (
+                    cpu_seconds(pid, children=False) - own0), 2)
+                if spy is not None:
+                    spy.send_signal(2)
+                    spy.wait(timeout=120)
                 r = daemon.cli("verify", check=False)
                 out["verify_exit"] = r.returncode
                 out["verify"] = (r.stdout.strip().splitlines() or [""])[-1][:200]
                 out["netlink"] = daemon.status().get("netlink")
         finally:
-            if args.profile and daemon.proc is not None:
-                # stop the daemon under py-spy, not py-spy: it writes its file as its child ends
-                children = subprocess.run(["pgrep", "-P", str(daemon.proc.pid)],
-                                          capture_output=True, text=True).stdout.split()
-                for child in children:
-                    os.kill(int(child), 15)
-                daemon.proc.wait(timeout=120)
             if args.keep_log and daemon.log_file.exists():
                 shutil.copy(daemon.log_file, args.keep_log)
             if fd >= 0:
@@ -182,7 +185,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", default=",".join(MODES), help="modes, comma-separated")
     ap.add_argument("--keep-log", help="copy fibsync's log here")
-    ap.add_argument("--profile", help="run fibsync under py-spy, writing this file")
+    ap.add_argument("--profile", help="py-spy on fibsync during the burst, into this SVG")
     report.add_tree_argument(ap)
     report.add_arguments(ap)
     args = ap.parse_args()

@@ -39,7 +39,9 @@ PROG_PIN = "prog"
 PROG_NAME = "xdp_fibsync"
 
 Mode = Literal["auto", "native", "generic"]
-MapOrigin = Literal["adopted", "created", "replaced"]
+# created: no pin; adopted: the pinned map reused; replaced: the pinned map's layout
+# or size differed; renewed: a map created anew on every start (abi.MapSpec.renew)
+MapOrigin = Literal["adopted", "created", "replaced", "renewed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,15 +378,19 @@ def _adopt_or_create(directory: Path, spec: abi.MapSpec) -> tuple[int, MapOrigin
         if fd >= 0:
             info = bpfsys.map_info(fd)
             flags = info.flags & ~abi.BPF_F_RDONLY_PROG
-            if (info.type, info.key_size, info.value_size, info.max_entries, flags,
+            same = (info.type, info.key_size, info.value_size, info.max_entries, flags,
                     info.name) == (spec.type, spec.key_size, spec.value_size,
-                                   spec.max_entries, spec.flags, spec.kernel_name):
+                                   spec.max_entries, spec.flags, spec.kernel_name)
+            if same and not spec.renew:
                 return fd, "adopted"
             os.close(fd)
+            origin = "renewed" if same else "replaced"
+        else:
+            origin = "replaced"
         # A different layout (or meaning: abi.LAYOUT) would be misread by the new
-        # program: start afresh (the old program keeps its map until it is replaced).
+        # program, and a renewed map is filled anew: start afresh (the old program
+        # keeps its map until it is replaced).
         path.unlink()
-        origin = "replaced"
     fd = bpfsys.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries,
                            flags=spec.flags, name=spec.kernel_name)
     try:

@@ -57,17 +57,35 @@ def other_xdp_program() -> int:
     return os.dup(fn.fd)
 
 
+RENEWED = {"routes_v4", "routes_v6"}
+
+
+def origins(fp: program.FastPath) -> dict[str, set[str]]:
+    """Map origins of a load: of the route tries, and of the others."""
+    return {"routes": {o for n, o in fp.map_origin.items() if n in RENEWED},
+            "others": {o for n, o in fp.map_origin.items() if n not in RENEWED}}
+
+
 def test_second_load_adopts_maps_and_keeps_their_contents(instance: str) -> None:
+    """Every map but the route tries: those are renewed (written whole on every start
+    anyway), while the old program keeps its own until it is replaced."""
     with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
         assert set(first.map_origin.values()) == {"created"}
         key = bytes(abi.route_key(Prefix.parse("10.0.0.0/8")))
         bpfsys.update(first.map_fd("routes_v4"), key, bytes(abi.FsRoute(7, 0, 0, 0, 0)))
+        nh = abi.U32.pack(5)
+        bpfsys.update(first.map_fd("nexthops"), nh, bytes(abi.FsNexthop(3)))
+        old_routes = bpfsys.map_info(first.map_fd("routes_v4")).id
         first_prog = first.prog_id
-    with program.FastPath.load(instance, sizes=TEST_SIZES) as second:
-        assert set(second.map_origin.values()) == {"adopted"}
-        assert bpfsys.lookup(second.map_fd("routes_v4"), key) == bytes(
-            abi.FsRoute(7, 0, 0, 0, 0))
-        assert second.prog_id != first_prog
+        with program.FastPath.load(instance, sizes=TEST_SIZES) as second:
+            assert origins(second) == {"routes": {"renewed"}, "others": {"adopted"}}
+            assert bpfsys.lookup(second.map_fd("nexthops"), nh) == bytes(abi.FsNexthop(3))
+            assert bpfsys.lookup(second.map_fd("routes_v4"), key) is None
+            assert bpfsys.map_info(second.map_fd("routes_v4")).id != old_routes
+            # the first program's trie is still whole (it forwards until replaced)
+            assert bpfsys.lookup(first.map_fd("routes_v4"), key) == bytes(
+                abi.FsRoute(7, 0, 0, 0, 0))
+            assert second.prog_id != first_prog
         pinned = bpfsys.obj_get(str(program.pin_dir(instance) / "prog"))
         try:
             assert bpfsys.prog_info(pinned).id == second.prog_id
@@ -82,7 +100,8 @@ def test_a_map_of_another_shape_is_replaced_not_reused(instance: str) -> None:
                           "routes_v4": TEST_SIZES.routes_v4 * 2})
     with program.FastPath.load(instance, sizes=bigger) as second:
         assert second.map_origin["routes_v4"] == "replaced"
-        assert {v for k, v in second.map_origin.items() if k != "routes_v4"} == {"adopted"}
+        assert second.map_origin["routes_v6"] == "renewed"
+        assert origins(second)["others"] == {"adopted"}
         info = bpfsys.map_info(second.map_fd("routes_v4"))
         assert info.id != old_id
         assert info.max_entries == bigger.routes_v4
@@ -120,7 +139,7 @@ def test_the_pin_of_a_retired_map_is_removed(instance: str) -> None:
     bpfsys.obj_pin(fd, str(directory / "neigh_miss"))
     os.close(fd)
     with program.FastPath.load(instance, sizes=TEST_SIZES) as fp:
-        assert set(fp.map_origin.values()) == {"adopted"}
+        assert origins(fp) == {"routes": {"renewed"}, "others": {"adopted"}}
         assert not (directory / "neigh_miss").exists()
     assert {p.name for p in directory.iterdir()} == {*abi.MAP_NAMES, "prog"}
 

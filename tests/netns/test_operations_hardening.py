@@ -337,7 +337,8 @@ def test_the_daemon_syncs_and_forwards_inside_the_units_sandbox(
         proof.check(crossed=2 * len(answered))
         doc = d.status()
         assert "maps" in doc, (doc, d.log_tail())
-        assert {m["origin"] for m in doc["maps"].values()} == {"adopted"}
+        assert {n: m["origin"] for n, m in doc["maps"].items() if m["origin"] != "adopted"} \
+            == {"routes_v4": "renewed", "routes_v6": "renewed"}
         assert doc["problems"] == []
         errors = [e for e in d.logs() if e.get("level") == "error"]
         assert not errors, errors
