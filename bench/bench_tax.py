@@ -132,7 +132,9 @@ def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[
             if args.profile and mode == "fibsync" and pid:
                 # the burst alone: py-spy joins the synced daemon, and leaves at the sentinel
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
-                                        "-r", "200", "-o", args.profile, "--pid", str(pid)],
+                                        "-r", "200", "-o", args.profile, "--pid", str(pid),
+                                        "--threads", "-f",
+                                        "raw" if args.profile.endswith(".txt") else "flamegraph"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)
             cpu0 = cpu_seconds(pid) if pid else 0.0
@@ -185,7 +187,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", default=",".join(MODES), help="modes, comma-separated")
     ap.add_argument("--keep-log", help="copy fibsync's log here")
-    ap.add_argument("--profile", help="py-spy on fibsync during the burst, into this SVG")
+    ap.add_argument("--profile", help="py-spy on fibsync during the burst, into this file "
+                                      "(.txt: collapsed stacks, else an SVG flame graph)")
     report.add_tree_argument(ap)
     report.add_arguments(ap)
     args = ap.parse_args()
