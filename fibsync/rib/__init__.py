@@ -224,14 +224,14 @@ class Rib:
     def counts(self) -> dict[str, int]:
         entries = self.table.entries
         compact = self.kernel.compact
-        v4 = sum(1 for p in entries if p.family == AF_INET)
+        v4 = self.table.v4_entries
         return {
             "routes_v4": v4 + compact.count(AF_INET),
             "routes_v6": len(entries) - v4 + compact.count(AF_INET6),
             "nexthops": len(self.table.nexthops),
             "groups": len(self.table.groups),
             # groups whose path the kernel picks while it may skip one of them
-            "groups_by_kernel": sum(1 for g in self.table.groups.values() if g.by_kernel),
+            "groups_by_kernel": sum(1 for g in self.table.groups.values() if not g.buckets),
             "neighbours": sum(1 for n in self.kernel.neighbours.values() if n.valid),
             "links": len(self.kernel.links),
             "nexthop_objects": len(self.kernel.nh_objects),

@@ -38,6 +38,7 @@ class FpTable:
         # the entry of every prefix of kernel.routes that has one (a compact
         # route's entry is its object's: nhid_entry)
         self.entries: dict[Prefix, FpRoute] = {}
+        self.v4_entries = 0  # how many of them are IPv4
         # fast-path nexthops and groups as written, and each group's members
         self.nexthops: dict[int, FpNexthop] = {}
         self.groups: dict[int, FpGroup] = {}
@@ -83,6 +84,8 @@ class FpTable:
         self._set_entry(prefix, choose(self.kernel.routes.get(prefix)))
 
     def route_promoted(self, prefix: Prefix, nhid: int) -> None:
+        if prefix not in self.entries:
+            self._count(prefix, 1)
         self.entries[prefix] = self.nhid_entry(nhid)
         self._path_of_prefix[prefix] = nhid
 
@@ -154,10 +157,19 @@ class FpTable:
         if entry is None:
             if old is not None:
                 del self.entries[prefix]
+                self._count(prefix, -1)
                 self.diff.routes[prefix] = None
         elif entry != old:
+            if old is None:
+                self._count(prefix, 1)
             self.entries[prefix] = entry
             self.diff.routes[prefix] = entry
+
+    def _count(self, prefix: Prefix, delta: int) -> None:
+        """Keep ``v4_entries`` (status asks every few seconds: a scan of the entries
+        would be a full table's worth where no route uses a nexthop object)."""
+        if prefix.family == AF_INET:
+            self.v4_entries += delta
 
     def nhid_entry(self, nhid: int) -> FpRoute:
         """The entry of a unicast route over a nexthop object (cached per object)."""
