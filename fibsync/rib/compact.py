@@ -85,6 +85,11 @@ class CompactRoutes:
     def __init__(self) -> None:
         self.tables: dict[int, dict[int, Compact]] = {AF_INET: {}, AF_INET6: {}}
         self.users: dict[int, int] = defaultdict(int)
+        # what load() took, as (family, keys, nexthop object of each): the routes over
+        # an object are found from it (``via``) without walking the tables in Python.
+        # The store only shrinks after load(), so a row found here is checked against
+        # the table and skipped when its prefix has left it.
+        self._loaded: list[tuple[int, list[int], np.ndarray[Any, Any]]] = []
 
     def __len__(self) -> int:
         return sum(len(t) for t in self.tables.values())
@@ -119,12 +124,20 @@ class CompactRoutes:
                      nhid, 0, flags)
 
     def via(self, nhids: set[int]) -> list[tuple[Prefix, int]]:
-        """(prefix, nexthop object) of the routes over these objects: a scan of the
-        table, done only when some exist (an object deleted or changed in kind)."""
+        """(prefix, nexthop object) of the routes over these objects (an object deleted
+        or changed in kind), found in load()'s columns: a Python walk of a full table
+        took ~0.1 s an object, and a storm deletes objects by the hundred."""
         if not any(n in self.users for n in nhids):
             return []
-        return [(prefix_of(family, key), attrs[NHID]) for family, table in self.tables.items()
-                for key, attrs in table.items() if attrs[NHID] in nhids]
+        wanted = np.array(sorted(nhids), np.uint32)
+        out = []
+        for family, keys, objects in self._loaded:
+            table = self.tables[family]
+            for i in np.flatnonzero(np.isin(objects, wanted)).tolist():
+                attrs = table.get(keys[i])
+                if attrs is not None and attrs[NHID] in nhids:
+                    out.append((prefix_of(family, keys[i]), attrs[NHID]))
+        return out
 
     def drop_via(self, nhid: int) -> list[Prefix]:
         """Remove the routes over a nexthop object; returns their prefixes."""
@@ -201,6 +214,7 @@ class CompactRoutes:
             else:
                 self.tables[cols.family] = target = table
             kept_ids = ids[keep]
+            self._loaded.append((cols.family, keys, cols.nhid[idx]))
             for a, count in zip(shared, np.bincount(kept_ids, minlength=len(shared)).tolist(),
                                 strict=True):
                 if count:
