@@ -2,7 +2,12 @@
 
 It runs after every resync and every ``audit_interval`` seconds, in a process
 of its own at a lower priority (``python -m fibsync.verify``), so that the
-loop that writes the maps never waits for it. A divergence the child
+loop that writes the maps never waits for it. After a resync whose dump met
+changes (the case a dump may have skipped live routes in) it is urgent: it
+starts at once and, while it cannot judge everything, runs again with the
+backoff below. Any other audit (periodic, or after a dump that met no change)
+that could not judge everything runs again only once the kernel is quiet, or
+at the next interval: a storm then costs one audit, not a third of a core. A divergence the child
 confirms is logged with its prefix, counted (status ``audit.divergences``,
 Prometheus ``fibsync_audit_divergences_total``) and repaired by a resync,
 which rewrites exactly what differs; the resync is audited in turn.
@@ -100,10 +105,13 @@ class Auditor:
         self._retry: float | None = None  # delay of the pending re-audit
         self._ended = 0.0  # monotonic end of the last audit
         self._child_seconds = 0.0  # how long the last audit's child ran
+        self._urgent = False  # a resync's dump met changes: judge everything soon
 
-    def request(self) -> None:
-        """Audit as soon as the rules allow (after a resync)."""
-        self._retry = 0.0
+    def request(self, urgent: bool = True) -> None:
+        """Audit after a resync: ``urgent`` as soon as the rules allow (its dump met
+        changes), else once the kernel is quiet (or at the next interval)."""
+        self._urgent = self._urgent or urgent
+        self._retry = 0.0 if self._urgent else min(self._retry or self.interval, self.interval)
         self._wake.set()
 
     def set_interval(self, interval: float) -> None:
@@ -178,16 +186,20 @@ class Auditor:
             self.log.warning("audit.repair", divergences=len(differences),
                              note="resyncing: the maps get what the kernel holds")
             self._retry = None  # the resync asks for its own audit
+            self._urgent = False
             self._repair([Prefix.parse(d["prefix"]) for d in differences])
         elif report["in_flight"] or report["overrun"]:
             s.last_result = "inconclusive"
-            # again soon, backing off while the kernel keeps changing
-            self._retry = min(self.interval, max(FIRST_RETRY, 2 * (self._retry or 0)))
+            # urgent: again soon, backing off while the kernel keeps changing; else
+            # once the kernel is quiet, or at the next interval
+            self._retry = min(self.interval, max(FIRST_RETRY, 2 * (self._retry or 0))) \
+                if self._urgent else self.interval
             self.log.debug("audit.inconclusive", in_flight=report["in_flight"],
                            overrun=report["overrun"], retry=self._retry)
         else:
             s.last_result = "equal"
             self._retry = None
+            self._urgent = False
             self.log.info("audit.equal", checked=report["checked"],
                           seconds=round(s.last_seconds, 2))
         return report

@@ -256,7 +256,10 @@ class Daemon:
         self.notify.ping(force=True)
         assert self.auditor is not None
         # a resync's dump may have been taken while the kernel changed: prove it
-        self.auditor.request()
+        # a resync's dump taken while the kernel changed may have skipped live routes
+        # (verify.py says how): prove it at once, and again soon while it cannot judge
+        # everything; one that met no change is audited too, once the kernel is quiet
+        self.auditor.request(urgent=not self.sync.resync_quiet)
         # once the source has let go of the snapshot (before it next waits)
         asyncio.get_running_loop().call_soon(release_memory)
 

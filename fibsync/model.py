@@ -327,6 +327,9 @@ class Snapshot:
     routes: list[Route] = field(default_factory=list)
     route_ordinals: list[int] = field(default_factory=list)
     route_columns: list[RouteColumns] = field(default_factory=list)
+    # the kernel announced no change while the dump was taken (NetlinkSource): a
+    # consistent picture, which the dump-skip the self-audit exists for cannot have hit
+    quiet: bool = False
 
     def route_count(self) -> int:
         return len(self.routes) + sum(len(c) for c in self.route_columns)

@@ -72,12 +72,14 @@ class SyncSink:
         self.last_change = 0.0  # monotonic time of the last batch of kernel changes
         self.rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
         self.audit_window: InFlight | None = None  # open while an audit reads
+        self.resync_quiet = False  # the last resync's dump met no change (Snapshot.quiet)
 
     def resync(self, snapshot: Snapshot) -> None:
         self.notify.ping(force=True)
         t0 = time.monotonic()
         if self.audit_window is not None:
             self.audit_window.overrun = True  # everything may have changed
+        self.resync_quiet = snapshot.quiet
         self.rib.resync(snapshot)
         for prefix in self.rewrite:
             self.rib.rewrite(prefix)

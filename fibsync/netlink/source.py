@@ -195,7 +195,10 @@ class NetlinkSource:
         try:
             loop.add_reader(fd, self._drain, events)
             snapshot = await self.dump()
+            # what the kernel announced while the dump ran is in the socket by now
+            self._drain(events)
             self._check_overrun()
+            snapshot.quiet = not self._pending
             sink.resync(snapshot)
             self._synced = True
             self.stats.resyncs += 1

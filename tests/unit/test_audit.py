@@ -55,9 +55,11 @@ def test_equal_needs_no_repair() -> None:
     assert not auditor.doc()["pending"]
 
 
-def test_an_inconclusive_audit_runs_again_soon_and_backs_off() -> None:
+def test_an_urgent_audit_that_could_not_judge_runs_again_soon_and_backs_off() -> None:
+    """After a resync whose dump met changes: the dump may have skipped live routes."""
     fake = Fake(report(in_flight=3), report(in_flight=1), report())
     auditor = fake.auditor()
+    auditor.request(urgent=True)
 
     async def go() -> list[float | None]:
         delays = []
@@ -67,6 +69,39 @@ def test_an_inconclusive_audit_runs_again_soon_and_backs_off() -> None:
         return delays
 
     assert asyncio.run(go()) == [1.0, 2.0, None]
+
+
+def test_any_other_audit_that_could_not_judge_waits_for_a_quiet_kernel() -> None:
+    """A periodic audit, or one after a dump that met no change, is not run again at a
+    third of a core while a storm goes on: once the kernel is quiet, or at the interval."""
+    fake = Fake(report(in_flight=3), report())
+    changing = [True]
+
+    def last_change() -> float:
+        return time.monotonic() if changing[0] else 0.0
+
+    auditor = Auditor(300, lambda: {}, set, fake.repaired.append, last_change,
+                      structlog.get_logger(), child=fake.child)
+    auditor.request(urgent=False)
+
+    async def go() -> tuple[int, int]:
+        task = asyncio.create_task(auditor.run())
+        for _ in range(50):  # the first one starts at once: nothing ran before
+            await asyncio.sleep(0.02)
+            if auditor.stats.runs:
+                break
+        await asyncio.sleep(1.5)  # the urgent backoff would have run it again by now
+        during_storm = auditor.stats.runs
+        changing[0] = False
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if auditor.stats.runs > during_storm:
+                break
+        task.cancel()
+        return during_storm, auditor.stats.runs
+
+    assert asyncio.run(go()) == (1, 2)
+    assert auditor.doc()["last_result"] == "equal" and not auditor.doc()["pending"]
 
 
 def test_the_loop_runs_a_requested_audit_at_once_when_the_kernel_is_quiet() -> None:
