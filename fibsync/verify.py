@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DecodeError
+from .errors import DecodeError, NetlinkOverrun
 from .fastpath.abi import ROUTE
 from .fastpath.maps import PinnedMaps, RouteMap, RouteTable, matching_rows
 from .fastpath.writer import (
@@ -385,12 +385,25 @@ def expected_table(snapshot: Snapshot, route_filter: Filter) -> tuple[RouteTable
     return RouteTable(memory, routes), rib
 
 
+DUMP_ATTEMPTS = 3  # dumps the kernel interrupted (NLM_F_DUMP_INTR) are taken again
+
+
 async def one_pass(maps: MapSet, route_filter: Filter, netns: str | None = None) -> Side:
     watch = EventWatch(netns)
     try:
-        snapshot = await source.NetlinkSource(netns=netns).dump()
+        snapshot, interrupted = Snapshot(), True
+        for _ in range(DUMP_ATTEMPTS):
+            try:
+                snapshot = await source.NetlinkSource(netns=netns).dump()
+            except NetlinkOverrun:
+                continue  # a table changed under the dump (links, often, in a storm)
+            interrupted = False
+            break
         actual = RouteTable(maps)
         inflight = watch.drain()
+        # still interrupted: this pass judges nothing (the audit is inconclusive and
+        # runs again), it does not fail
+        inflight.overrun |= interrupted
     finally:
         watch.close()
     kernel, rib = expected_table(snapshot, route_filter)

@@ -194,11 +194,13 @@ class NetlinkSource:
         self._events, self._sink = events, sink
         try:
             loop.add_reader(fd, self._drain, events)
+            heard = self.stats.messages + self.stats.undecodable
             snapshot = await self.dump()
-            # what the kernel announced while the dump ran is in the socket by now
+            # what the kernel announced while the dump ran is in the socket by now;
+            # any notification at all, decodable or not, makes the dump unquiet
             self._drain(events)
             self._check_overrun()
-            snapshot.quiet = not self._pending
+            snapshot.quiet = self.stats.messages + self.stats.undecodable == heard
             sink.resync(snapshot)
             self._synced = True
             self.stats.resyncs += 1

@@ -57,6 +57,8 @@ def daemon(world_ns: Netns, lab_rundir: Path, unique_prefix: str) -> Iterator[Ro
 def verify(d: RouterDaemon) -> tuple[int, dict]:  # type: ignore[type-arg]
     r = subprocess.run([*fibsync_argv(), "--netns", d.ns.name, "verify", "--instance",
                         d.instance, "--json"], capture_output=True, text=True, timeout=60)
+    assert r.stdout, (f"fibsync verify exited with {r.returncode}: {r.stderr.strip()}; "
+                      f"{[e for e in d.logs() if e.get('event') == 'audit.error'][-1:]}")
     return r.returncode, json.loads(r.stdout)
 
 

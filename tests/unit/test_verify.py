@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 
 import pytest
 
+from fibsync import verify
+from fibsync.errors import NetlinkOverrun
 from fibsync.fastpath import abi, bpfsys
 from fibsync.fastpath.abi import GROUP, NEXTHOP, ROUTE, U32, V4_KEY, V6_KEY
 from fibsync.fastpath.maps import (
@@ -32,6 +35,7 @@ from fibsync.model import (
     RouteType,
     Snapshot,
 )
+from fibsync.netlink import source
 from fibsync.rib import Filter, Rib
 from fibsync.verify import Entries, Entry, InFlight, Side, entry_of, expected_table
 
@@ -386,3 +390,44 @@ def test_a_corrupt_entry_is_described_not_raised() -> None:
     doc = _route_doc(AF_INET, bytes([198, 51, 100, 0]), 24, ROUTE.pack(0, 2, 0, 250, 24),
                      {}, {}, {})
     assert doc["reason"] == "reason 250"
+
+
+class _Watch:
+    """EventWatch without a socket: nothing announced."""
+
+    def __init__(self, _netns: object = None) -> None:
+        pass
+
+    def drain(self) -> InFlight:
+        return InFlight()
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("interrupted", [1, 3])
+def test_an_interrupted_dump_is_taken_again_and_never_fails_the_pass(
+        interrupted: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NLM_F_DUMP_INTR (a table changed under the dump: links, often, in a storm) made
+    the audit's child exit 1, and `fibsync verify` fail. Now the dump is taken again;
+    interrupted every time, the pass judges nothing instead."""
+    kernel = world(via4("198.51.100.0/24"))
+    calls: list[int] = []
+
+    async def dump(_self: object) -> Snapshot:
+        calls.append(1)
+        if len(calls) <= interrupted:
+            raise NetlinkOverrun("links dump interrupted (NLM_F_DUMP_INTR)")
+        return kernel
+
+    monkeypatch.setattr(source.NetlinkSource, "dump", dump)
+    monkeypatch.setattr(verify, "EventWatch", _Watch)
+    maps = MemoryMaps()
+    passed = asyncio.run(verify.one_pass(maps, Filter()))
+    found, unjudged = passed.differing()
+    if interrupted < verify.DUMP_ATTEMPTS:
+        assert len(calls) == interrupted + 1
+        assert list(found) == [Prefix.parse("198.51.100.0/24")]  # judged: the maps lack it
+    else:
+        assert len(calls) == verify.DUMP_ATTEMPTS
+        assert passed.inflight.overrun and found == {}
