@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_tax.py [--v4 1000000] [--v6 250000] [--changes 200000]
         [--compat 1] [--seed 14] [--rounds 1] [--only MODES] [--json FILE]
+        [--profile FILE.txt|FILE.svg] [--keep-log FILE]
 
 The router namespace holds the full table (``fulltable.py``: nexthop objects,
 as FRR installs it) and the stress harness's world (tests/netns/churn.py:
