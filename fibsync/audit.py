@@ -7,10 +7,11 @@ changes (the case a dump may have skipped live routes in) it is urgent: it
 starts at once and, while it cannot judge everything, runs again with the
 backoff below. Any other audit (periodic, or after a dump that met no change)
 that could not judge everything runs again only once the kernel is quiet, or
-at the next interval: a storm then costs one audit, not a third of a core. A divergence the child
-confirms is logged with its prefix, counted (status ``audit.divergences``,
-Prometheus ``fibsync_audit_divergences_total``) and repaired by a resync,
-which rewrites exactly what differs; the resync is audited in turn.
+at the next interval: a storm then costs one audit, not a third of a core.
+A divergence the child confirms is logged with its prefix, counted (status
+``audit.divergences``, Prometheus ``fibsync_audit_divergences_total``) and
+repaired by a resync, which rewrites exactly what differs; the resync is
+audited in turn.
 
 An audit that could not judge everything (prefixes changing while it read, or
 announcements lost) is run again soon: as soon as the kernel has been quiet
@@ -111,7 +112,7 @@ class Auditor:
         """Audit after a resync: ``urgent`` as soon as the rules allow (its dump met
         changes), else once the kernel is quiet (or at the next interval)."""
         self._urgent = self._urgent or urgent
-        self._retry = 0.0 if self._urgent else min(self._retry or self.interval, self.interval)
+        self._retry = 0.0 if self._urgent else self.interval
         self._wake.set()
 
     def set_interval(self, interval: float) -> None:

@@ -255,7 +255,6 @@ class Daemon:
         self._update_status_line()
         self.notify.ping(force=True)
         assert self.auditor is not None
-        # a resync's dump may have been taken while the kernel changed: prove it
         # a resync's dump taken while the kernel changed may have skipped live routes
         # (verify.py says how): prove it at once, and again soon while it cannot judge
         # everything; one that met no change is audited too, once the kernel is quiet

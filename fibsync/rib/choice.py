@@ -162,10 +162,17 @@ def kernel_picks_path(paths: list[tuple[Link | None, Neighbour | None, bool]],
     if len(paths) < 2:
         return False
     check_neighbour = object_group or use_neigh
-    for link, neighbour, gateway in paths:
-        if link is None or not link.up:
-            return True
-        if check_neighbour and gateway and neighbour is not None \
-                and not neighbour.state & NUD_VALID:
+    for path in paths:
+        dead, neighbour_invalid = path_state(*path)
+        if dead or (check_neighbour and neighbour_invalid):
             return True
     return False
+
+
+def path_state(link: Link | None, neighbour: Neighbour | None, gateway: bool
+               ) -> tuple[bool, bool]:
+    """What ``kernel_picks_path`` reads of one path: whether it is dead (its link down
+    or unknown), and whether its gateway's neighbour entry exists and is not
+    NUD_VALID. FpTable renders a group again only when this changes for a path of it."""
+    return (link is None or not link.up,
+            gateway and neighbour is not None and not neighbour.state & NUD_VALID)

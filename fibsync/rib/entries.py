@@ -18,9 +18,18 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import defaultdict
+from collections.abc import Sequence
 
-from ..model import AF_INET, NUD_VALID, Link, Neighbour, Nexthop, NexthopObject, Prefix, Snapshot
-from .choice import Choice, PathKey, choose, forward, kernel_picks_path, object_entry
+from ..model import AF_INET, Link, Neighbour, Nexthop, NexthopObject, Prefix, Snapshot
+from .choice import (
+    Choice,
+    PathKey,
+    choose,
+    forward,
+    kernel_picks_path,
+    object_entry,
+    path_state,
+)
 from .compact import rows_to_write
 from .kernel import KernelState, unindex
 from .types import GROUP_BUCKETS, Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
@@ -74,7 +83,7 @@ class FpTable:
         # groups whose members changed state since the last settle(): rendered once
         # there, however many of their paths' neighbours and links changed meanwhile
         self._stale_groups: set[int] = set()
-        # what the groups read of each fast-path nexthop: (link up, neighbour invalid)
+        # what the groups read of each fast-path nexthop (choice.path_state)
         self._nh_state: dict[int, tuple[bool, bool]] = {}
         self._path_of_prefix: dict[Prefix, PathKey] = {}
 
@@ -298,14 +307,13 @@ class FpTable:
         smac = (link.mac if link and link.mac else ZERO_MAC)[:6].ljust(6, b"\0")
         mtu = min(link.mtu, 0xFFFF) if link else 0
         dmac = ZERO_MAC
-        neighbour_invalid = False
+        n = None
         if gateway is None:
             resolved, connected = usable, True
         else:
             connected = False
             n = self.kernel.neighbours.get((ifindex, family, gateway))
             resolved = usable and n is not None and n.valid
-            neighbour_invalid = n is not None and not n.state & NUD_VALID
             if resolved:
                 assert n is not None and n.lladdr is not None
                 dmac = n.lladdr[:6].ljust(6, b"\0")
@@ -317,7 +325,7 @@ class FpTable:
             self.diff.nexthops[fid] = nh
         # its groups are rendered again only when what they read of it changed: that
         # it exists, and what choice.kernel_picks_path judges (not its MAC or MTU)
-        state = (usable, neighbour_invalid)
+        state = path_state(link, n, gateway is not None)
         if old is None or self._nh_state.get(fid) != state:
             self._nh_state[fid] = state
             self._stale_groups.update(self._groups_by_nh.get(fid, ()))
@@ -355,7 +363,7 @@ class FpTable:
         old = self.groups.get(gid)
         if old is not None and old.members == known and old.by_kernel == by_kernel:
             return  # the buckets follow from these two
-        group = FpGroup(() if by_kernel else weighted_buckets(list(known)), known)
+        group = FpGroup(() if by_kernel else weighted_buckets(known), known)
         if old != group:
             self.groups[gid] = group
             self.diff.groups[gid] = group
@@ -440,7 +448,7 @@ class FpTable:
         })
 
 
-def weighted_buckets(members: list[tuple[int, int]], size: int = GROUP_BUCKETS
+def weighted_buckets(members: Sequence[tuple[int, int]], size: int = GROUP_BUCKETS
                      ) -> tuple[int, ...]:
     """Spread ``size`` buckets over members in proportion to their weights.
 
