@@ -34,7 +34,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -45,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
+from bench_churn import in_map  # noqa: E402
 from fulltable import install, router  # noqa: E402
 
 from fibsync.fastpath import bpfsys  # noqa: E402
-from fibsync.fastpath.abi import V4_KEY  # noqa: E402
 from fibsync.lab import Netns  # noqa: E402
 from tests.netns.churn import StressChurn, World  # noqa: E402
 
@@ -66,11 +65,6 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     return sum(int(f) for f in fields[11:15 if children else 13]) / TICK
 
 
-def in_map(fd: int, prefix: str) -> bool:
-    addr, length = prefix.split("/")
-    return bpfsys.lookup(fd, V4_KEY.pack(int(length), socket.inet_aton(addr))) is not None
-
-
 def burst_lines(seed: int, changes: int) -> tuple[list[str], list[str]]:
     """(the world and its prefilled routes, the burst ending with the sentinel)."""
     churn = StressChurn(seed)
@@ -84,8 +78,8 @@ def run_batch(name: str, path: Path) -> tuple[float, float]:
     t0 = time.monotonic()
     proc = subprocess.Popen(["ip", "-n", name, "-force", "-batch", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, _, usage = os.wait4(proc.pid, 0)
-    proc.returncode = 0
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # non-zero: -force went on past errors
     return time.monotonic() - t0, usage.ru_utime + usage.ru_stime
 
 
