@@ -109,8 +109,8 @@ def set_v4_table(fp: FastPath, table: int) -> None:
     fd, key = fp.map_fd("config"), U32.pack(0)
     raw = bpfsys.lookup(fd, key)
     assert isinstance(raw, bytes)
-    h4, h6, flags, _ = CONFIG.unpack(raw)
-    bpfsys.update(fd, key, CONFIG.pack(h4, h6, flags, table))
+    h4, h6, flags, _, v6_table = CONFIG.unpack(raw)
+    bpfsys.update(fd, key, CONFIG.pack(h4, h6, flags, table, v6_table))
 
 
 def measure(programs: dict[str, tuple[int, Any]], frames: list[bytes],

@@ -20,7 +20,8 @@
  *     fs_fragment_to_kernel the fragment policy (fs_config.flags)
  *     fs_stale              heartbeat missed: bpf_fib_lookup alone (FWD_STALE)
  *     fs_v{4,6}_route       the table choice: IPv4 from the LPM trie or the
- *                           DIR-24-8 table, IPv6 from the LPM trie
+ *                           DIR-24-8 table, IPv6 from the LPM trie or the
+ *                           hash per prefix length
  *   the lookup, which never touches the frame:
  *     fs_route_verdict      the route's action; a FORWARD route's egress from
  *                           fs_nexthop_egress: [group, fs_hash_flow (hash.h)]
@@ -94,6 +95,10 @@ BPF_TABLE_PINNED("array", __u32, struct fs_route, v4_slots, FS_MAX_SLOTS, FS_PIN
 		 BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct fs_nexthop, v4_nh, FS_MAX_SLOTS * 2, FS_PIN(v4_nh),
 		 BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("hash", struct fs_v6_key, struct fs_route, v6_hash, FS_MAX_ROUTES_V6,
+		 FS_PIN(v6_hash), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, struct fs_v6_lengths, v6_lengths, FS_V6_SLOTS + 1,
+		 FS_PIN(v6_lengths), BPF_F_MMAPABLE);
 
 /*
  * The interfaces the program may redirect to. tx_ports, a DEVMAP_HASH (any
@@ -155,7 +160,7 @@ static __always_inline void fs_count(__u32 reason, __u64 bytes)
 
 /*
  * The route (IPv4 from the LPM trie or the DIR-24-8 table, IPv6 from the LPM
- * trie), then its egress through an ECMP group, a nexthop and, for a
+ * trie or the hash per prefix length), then its egress through an ECMP group, a nexthop and, for a
  * connected route, the neighbour. Nothing here touches the frame.
  */
 
@@ -209,10 +214,98 @@ static __always_inline struct fs_route *fs_v4_route(const struct fs_config *cfg,
 	return routes_v4.lookup(&key);
 }
 
-static __always_inline struct fs_route *fs_v6_route(const __u8 *daddr)
+/* Bits set in x, without branches (the BPF target has no instruction for it). */
+static __always_inline __u32 fs_popcount64(__u64 x)
+{
+	x = x - ((x >> 1) & 0x5555555555555555ULL);
+	x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+	x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+	return (x * 0x0101010101010101ULL) >> 56;
+}
+
+/* The network-order mask that keeps the first len bits of an address word
+ * starting at bit ``from``: 0 to 32 of its bits, without a branch on the shift. */
+static __always_inline __u32 fs_v6_word_mask(__u32 len, __u32 from)
+{
+	__u32 bits = len > from ? len - from : 0;
+
+	if (bits > 32)
+		bits = 32;
+	return bpf_htonl((__u32)(0xffffffff00000000ULL >> bits));
+}
+
+/*
+ * Probe v6_hash at the lengths one word of a v6_lengths slot names, longest
+ * first: bit i stands for length ``top`` - i. The first hit is the longest
+ * prefix of those lengths that holds the address.
+ */
+static __always_inline struct fs_route *fs_v6_probe(const __u32 *a, __u64 lengths, __u32 top)
 {
 	struct fs_v6_key key;
+	struct fs_route *r;
+	__u32 w[4], i, len;
+	__u64 low;
 
+	for (i = 0; i < 64 && lengths; i++) {
+		low = lengths & -lengths;
+		lengths ^= low;
+		len = top - fs_popcount64(low - 1);
+		w[0] = a[0] & fs_v6_word_mask(len, 0);
+		w[1] = a[1] & fs_v6_word_mask(len, 32);
+		w[2] = a[2] & fs_v6_word_mask(len, 64);
+		w[3] = a[3] & fs_v6_word_mask(len, 96);
+		key.prefixlen = len;
+		__builtin_memcpy(key.addr, w, 16);
+		r = v6_hash.lookup(&key);
+		if (r)
+			return r;
+	}
+	return NULL;
+}
+
+/*
+ * The IPv6 hash table (see fibsync.h): the lengths longer than /32 in use in
+ * the destination's /32 (its slot), then the lengths up to /32 in use (the
+ * last slot), each probed longest first; the first hit is the route.
+ */
+static __always_inline struct fs_route *fs_v6_hash_lookup(const __u8 *daddr)
+{
+	__u32 a[4], slot, last = FS_V6_SLOTS;
+	struct fs_v6_lengths *l;
+	struct fs_route *r;
+
+	__builtin_memcpy(a, daddr, 16);
+	slot = (bpf_ntohl(a[0]) * FS_V6_SLOT_HASH) >> (32 - FS_V6_SLOT_BITS);
+	l = v6_lengths.lookup(&slot);
+	if (l) {
+		r = fs_v6_probe(a, l->lengths[0], 128);
+		if (r)
+			return r;
+		r = fs_v6_probe(a, l->lengths[1], 64);
+		if (r)
+			return r;
+	}
+	l = v6_lengths.lookup(&last);
+	if (!l)
+		return NULL;
+	r = fs_v6_probe(a, l->lengths[1], 64);
+	if (r)
+		return r;
+	return fs_v6_probe(a, l->lengths[2], 0);
+}
+
+/* The table choice: the IPv6 route from the table fs_config.v6_table names. */
+static __always_inline struct fs_route *fs_v6_route(const struct fs_config *cfg,
+						    const __u8 *daddr)
+{
+	struct fs_v6_key key;
+	struct fs_route *r;
+
+	if (cfg->v6_table == FS_V6_HASH) {
+		r = fs_v6_hash_lookup(daddr);
+		asm volatile("" : "+r"(r)); /* as in fs_v4_route */
+		return r;
+	}
 	key.prefixlen = 128;
 	__builtin_memcpy(key.addr, daddr, 16);
 	return routes_v6.lookup(&key);
@@ -698,7 +791,7 @@ static __always_inline struct fs_verdict fs_ipv6(struct fs_pkt *p, struct fs_cur
 	} else if (fs_stale()) {
 		reason = FS_REASON_FWD_STALE;
 	} else {
-		r = fs_v6_route(ip6h->daddr.s6_addr);
+		r = fs_v6_route(&p->cfg, ip6h->daddr.s6_addr);
 		if (r && fs_route_verdict(p, ip6h, ip6h->daddr.s6_addr, r, &v))
 			return v;
 		reason = FS_REASON_FWD_FIB;

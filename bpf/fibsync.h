@@ -95,6 +95,36 @@
 #define FS_V4_LPM 0
 #define FS_V4_DIR24 1
 
+/*
+ * The IPv6 hash table, selected by fs_config.v6_table: a hash per prefix
+ * length over the lengths in use (Waldvogel's first step, without markers),
+ * probed longest first, as fastpath/v6hash.py writes it:
+ *
+ *   v6_hash     every prefix, keyed as in routes_v6 (struct fs_v6_key, the
+ *               address masked to the prefix length): struct fs_route
+ *   v6_lengths  which lengths to probe: FS_V6_SLOTS slots indexed by
+ *               fs_v6_slot(top 32 bits of the address), each the lengths
+ *               33-128 of the prefixes in the /32s that hash to it, then one
+ *               more (index FS_V6_SLOTS) with the lengths 0-32 in use
+ *
+ * A slot is a struct fs_v6_lengths: bit i of the 192-bit field lengths[]
+ * (lengths[i / 64] bit i % 64) stands for prefix length 128 - i, so the
+ * lowest bit set is the longest length to probe. The first probe that hits
+ * is the longest prefix that matches: a prefix longer than /32 lies in the
+ * destination's own /32, whose slot names its length; a shorter one is in
+ * the last slot. Bits are a superset of the lengths in use (a length may
+ * stay set after its last prefix goes, until the table is rebuilt, and /32s
+ * share slots): an extra bit costs a probe that misses, never an answer.
+ */
+#define FS_V6_SLOT_BITS 18
+#define FS_V6_SLOTS 262144 /* 2^FS_V6_SLOT_BITS */
+#define FS_V6_SLOT_HASH 0x9e3779b1 /* Fibonacci hashing, as local_v4 */
+#define FS_V6_LENGTH_WORDS 3
+
+/* fs_config.v6_table */
+#define FS_V6_LPM 0
+#define FS_V6_HASH 1
+
 /* fs_route.action */
 #define FS_ACT_FORWARD 0
 #define FS_ACT_DROP 1
@@ -217,6 +247,11 @@ struct fs_dir_pair {
 	__u32 entry[2];
 };
 
+/* A slot of v6_lengths: bit i stands for prefix length 128 - i. */
+struct fs_v6_lengths {
+	__u64 lengths[FS_V6_LENGTH_WORDS];
+};
+
 struct fs_nexthop {
 	__u32 ifindex;
 	__u16 mtu;
@@ -273,6 +308,7 @@ struct fs_config {
 	__u32 hash_policy_v6;
 	__u32 flags;
 	__u32 v4_table; /* FS_V4_LPM or FS_V4_DIR24 */
+	__u32 v6_table; /* FS_V6_LPM or FS_V6_HASH */
 };
 
 /*

@@ -106,6 +106,8 @@ def run(
     ] = None,
     v4_table: Annotated[str | None, typer.Option(
         "--v4-table", help="IPv4 table the XDP program reads: dir24 or lpm.")] = None,
+    v6_table: Annotated[str | None, typer.Option(
+        "--v6-table", help="IPv6 table the XDP program reads: hash or lpm.")] = None,
     netlink_rcvbuf: Annotated[str | None, typer.Option(
         "--netlink-rcvbuf", help="Netlink receive buffer, e.g. 64MiB.")] = None,
     audit_interval: Annotated[str | None, typer.Option(
@@ -145,6 +147,7 @@ def run(
     overrides: dict[str, Any] = {
         "instance": instance, "interfaces": interface, "table": table, "protocols": protocol,
         "xdp_mode": xdp_mode, "replace_xdp": replace_xdp, "v4_table": v4_table,
+        "v6_table": v6_table,
         "netlink_rcvbuf": netlink_rcvbuf, "audit_interval": audit_interval,
         "stale_after": stale_after, "netfilter": netfilter,
         "map_batch": map_batch, "max_routes_v4": max_routes_v4, "max_routes_v6": max_routes_v6,

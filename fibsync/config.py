@@ -36,6 +36,7 @@ PROTOCOLS: dict[str, tuple[int, ...]] = {
 TABLES = {"main": 254, "default": 253}
 XDP_MODES = ("auto", "native", "generic")
 V4_TABLES = ("dir24", "lpm")
+V6_TABLES = ("hash", "lpm")
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NETFILTER_MODES = ("respect", "bypass")
@@ -57,6 +58,7 @@ class Settings:
     xdp_mode: str = "auto"
     replace_xdp: bool = False
     v4_table: str = "dir24"
+    v6_table: str = "hash"
     netlink_rcvbuf: int = 64 << 20
     audit_interval: float = 300.0
     stale_after: float = 5.0
@@ -125,6 +127,9 @@ KEYS: tuple[Key, ...] = (
     Key("v4_table", "v4_table", "--v4-table", '"dir24"',
         "the IPv4 table the XDP program reads: dir24 (DIR-24-8: one read up to /24, two "
         "beyond) or lpm (the LPM trie)", restart=True),
+    Key("v6_table", "v6_table", "--v6-table", '"hash"',
+        "the IPv6 table the XDP program reads: hash (a hash per prefix length, probed "
+        "longest first over the lengths in use) or lpm (the LPM trie)", restart=True),
     Key("netlink_rcvbuf", "netlink_rcvbuf", "--netlink-rcvbuf", '"64MiB"',
         "netlink receive buffer (a size: 64MiB, 1GiB, or bytes); applies at the next resync"),
     Key("audit_interval", "audit_interval", "--audit-interval", "300",
@@ -249,6 +254,7 @@ def validate(values: dict[str, Any], config_file: str = "") -> Settings:
         xdp_mode=_choice(v, "xdp_mode", XDP_MODES, "auto"),
         replace_xdp=_bool(v, "replace_xdp", False),
         v4_table=_choice(v, "v4_table", V4_TABLES, "dir24"),
+        v6_table=_choice(v, "v6_table", V6_TABLES, "hash"),
         netlink_rcvbuf=_size(v, "netlink_rcvbuf", 64 << 20, 4096, 1 << 31),
         audit_interval=_seconds(v, "audit_interval", 300.0),
         stale_after=_seconds(v, "stale_after", 5.0),

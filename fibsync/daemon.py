@@ -122,6 +122,7 @@ class Daemon:
                                                    for name, fd in maps.map_fds.items()})
             self.writer = MapWriter(self.maps, batch=s.map_batch,
                                     v4_table=s.v4_table,  # type: ignore[arg-type]
+                                    v6_table=s.v6_table,  # type: ignore[arg-type]
                                     fresh=[n for n, o in maps.origin.items() if o != "adopted"])
             self.rib = Rib(self._filter(s), first_id=self._first_id)
             self.rib.set_multipath_use_neigh(_read_use_neigh())
@@ -496,6 +497,7 @@ class Daemon:
             "netlink": _public(self.source.stats),
             "sync": self.sync.lag.doc(),
             "writer": {**_public(self.writer.stats), "v4_table": self.writer.v4_table,
+                       "v6_table": self.writer.v6_table,
                        "unwritten": len(self.writer.unwritten),
                        "demoted": len(self.guard.demoted) if self.guard else 0,
                        "full_episodes": self.guard.episodes if self.guard else 0},

@@ -206,6 +206,7 @@ def render(doc: dict[str, Any]) -> str:
             f"  errors {wr.get('errors', 0)}  full {wr.get('full', 0)}"
             f"  unwritten {wr.get('unwritten', 0)}  demoted {wr.get('demoted', 0)}"
             + (f"  IPv4 table {wr['v4_table']}" if wr.get("v4_table") else "")
+            + (f"  IPv6 table {wr['v6_table']}" if wr.get("v6_table") else "")
         )
     hb = doc.get("heartbeat")
     if hb and "stale_after" in hb:

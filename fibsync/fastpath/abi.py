@@ -48,6 +48,14 @@ FS_DIR_PINNED = 63
 FS_V4_LPM = 0
 FS_V4_DIR24 = 1
 
+# The IPv6 hash table (see the header's comment above FS_V6_SLOT_BITS)
+FS_V6_SLOT_BITS = 18
+FS_V6_SLOTS = 262144
+FS_V6_SLOT_HASH = 0x9E3779B1
+FS_V6_LENGTH_WORDS = 3
+FS_V6_LPM = 0
+FS_V6_HASH = 1
+
 FS_GROUP_BUCKETS = 128
 FS_GROUP_MEMBERS = 64
 
@@ -151,6 +159,10 @@ class FsDirPair(ctypes.Structure):
     _fields_ = [("entry", ctypes.c_uint32 * 2)]
 
 
+class FsV6Lengths(ctypes.Structure):
+    _fields_ = [("lengths", ctypes.c_uint64 * FS_V6_LENGTH_WORDS)]
+
+
 class FsNexthop(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
@@ -206,6 +218,7 @@ class FsConfig(ctypes.Structure):
         ("hash_policy_v6", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
         ("v4_table", ctypes.c_uint32),
+        ("v6_table", ctypes.c_uint32),
     ]
 
 
@@ -219,6 +232,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_v6_key": FsV6Key,
     "fs_route": FsRoute,
     "fs_dir_pair": FsDirPair,
+    "fs_v6_lengths": FsV6Lengths,
     "fs_nexthop": FsNexthop,
     "fs_group": FsGroup,
     "fs_neigh_key": FsNeighKey,
@@ -239,7 +253,7 @@ GROUP = struct.Struct(f"=I{FS_GROUP_BUCKETS}II{FS_GROUP_MEMBERS}I{FS_GROUP_MEMBE
 NEIGH_KEY = struct.Struct("=II16s")
 NEIGH = struct.Struct("=6sH")
 COUNTER = struct.Struct("=QQ")
-CONFIG = struct.Struct("=IIII")
+CONFIG = struct.Struct("=IIIII")
 IFACE = struct.Struct("=BBBB6sH")
 HEARTBEAT = struct.Struct("=Q")
 # the key of the maps keyed by an index or an id (nexthops, groups, config, ...)
@@ -370,12 +384,13 @@ LAYOUT = 1
 def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
     """Every map of the contract, in pin-file order.
 
-    The route tries are renewed on a restart rather than adopted: the whole table
-    is written anyway, and into an empty trie in address order it goes in as fast
-    as on a fresh start, with no previous run's keys to walk and sweep after
-    (the walk alone, ``get_next_key`` from the root for each of 1.25M keys, took
-    longer than the write). The previous run's program keeps its own tries until
-    the new program replaces it on each interface.
+    The route tables (the tries, the IPv6 hash and its lengths) are renewed on a
+    restart rather than adopted: the whole table is written anyway, and into an
+    empty trie in address order it goes in as fast as on a fresh start, with no
+    previous run's keys to walk and sweep after (the walk alone, ``get_next_key``
+    from the root for each of 1.25M keys, took longer than the write). The previous
+    run's program keeps its own tables until the new program replaces it on each
+    interface.
     """
     s = ctypes.sizeof
     return (
@@ -398,6 +413,10 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
                 sizes.tbl8_groups * FS_TBL8_ENTRIES // 2, BPF_F_MMAPABLE),
         MapSpec("v4_slots", MAP_ARRAY, 4, s(FsRoute), sizes.slots, BPF_F_MMAPABLE),
         MapSpec("v4_nh", MAP_ARRAY, 4, s(FsNexthop), sizes.slots * 2, BPF_F_MMAPABLE),
+        MapSpec("v6_hash", MAP_HASH, s(FsV6Key), s(FsRoute), sizes.routes_v6,
+                BPF_F_NO_PREALLOC, renew=True),
+        MapSpec("v6_lengths", MAP_ARRAY, 4, s(FsV6Lengths), FS_V6_SLOTS + 1, BPF_F_MMAPABLE,
+                renew=True),
     )
 
 

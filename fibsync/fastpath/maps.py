@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import mmap
 import socket
 import time
 from collections.abc import Iterator
@@ -20,9 +21,9 @@ import numpy as np
 
 from ..errors import FastPathError, MapFullError
 from ..model import AF_INET, AF_INET6
-from . import abi, bpfsys, local
+from . import abi, bpfsys, local, v6hash
 from .abi import CONFIG, COUNTER, HEARTBEAT, NEXTHOP, ROUTE, U32, V4_KEY, V6_KEY
-from .writer import ROUTE_MAPS, MapSet
+from .writer import ROUTE_MAPS, MapSet, map_buffer, read_whole, route_map
 
 ROUTE_REASON = abi.ROUTE_DTYPE.fields["reason"][1]  # its byte in struct fs_route
 
@@ -94,11 +95,11 @@ class PinnedMaps:
 
     def set_hash_policy(self, ipv4: int, ipv6: int) -> None:
         """ECMP hashing as net.ipv{4,6}.fib_multipath_hash_policy; the rest of fs_config
-        (flags, the IPv4 table the writer chose) is kept as it is."""
+        (flags, the tables the writer chose) is kept as it is."""
         key = U32.pack(0)
         old = bpfsys.lookup(self.fd("config"), key)
-        _, _, flags, v4_table = CONFIG.unpack_from(old) if isinstance(old, bytes) else (0,) * 4
-        bpfsys.update(self.fd("config"), key, CONFIG.pack(ipv4, ipv6, flags, v4_table))
+        _, _, *rest = CONFIG.unpack_from(old) if isinstance(old, bytes) else (0,) * 5
+        bpfsys.update(self.fd("config"), key, CONFIG.pack(ipv4, ipv6, *rest))
 
     def heartbeat(self) -> int:
         """fs_heartbeat.fresh_until (0: none)."""
@@ -110,10 +111,10 @@ class PinnedMaps:
         time (0: always)."""
         bpfsys.update(self.fd("heartbeat"), U32.pack(0), HEARTBEAT.pack(fresh_until_ns))
 
-    def config(self) -> tuple[int, int, int, int]:
-        """fs_config: (hash_policy_v4, hash_policy_v6, flags, v4_table)."""
+    def config(self) -> tuple[int, int, int, int, int]:
+        """fs_config: (hash_policy_v4, hash_policy_v6, flags, v4_table, v6_table)."""
         raw = bpfsys.lookup(self.fd("config"), U32.pack(0))
-        return CONFIG.unpack_from(raw) if isinstance(raw, bytes) else (0, 0, 0, 0)
+        return CONFIG.unpack_from(raw) if isinstance(raw, bytes) else (0, 0, 0, 0, 0)
 
     # ------------------------------------------------------------ readers
 
@@ -140,7 +141,7 @@ class PinnedMaps:
         except ValueError:
             raise FastPathError(f"{address!r} is not an IPv4 or IPv6 address") from None
         family = AF_INET6 if ip.version == 6 else AF_INET
-        name, key = ("routes_v6", V6_KEY) if family == AF_INET6 else ("routes_v4", V4_KEY)
+        name, key = route_map(self, family), V6_KEY if family == AF_INET6 else V4_KEY
         bits = ip.max_prefixlen
         keys = {k[:key.size]: v for k, v in self.items(name)}
         n = int(ip)
@@ -176,7 +177,7 @@ class Group(NamedTuple):
 def _local_v4(maps: MapSet) -> np.ndarray[Any, Any] | None:
     """`local_v4`'s words, None where the map set has none."""
     try:
-        keys, values = _read_whole(maps, "local_v4")
+        keys, values = read_whole(maps, "local_v4")
     except (OSError, FastPathError):
         return None
     if not keys:
@@ -310,17 +311,20 @@ def matching_rows(a: RouteMap, b: RouteMap) -> tuple[np.ndarray[Any, Any], np.nd
 def read_route_map(maps: MapSet, family: int) -> RouteMap:
     """The route map of a family, from a map set that can read a map whole
     (``PinnedMaps.read_all``) or entry by entry."""
-    return RouteMap(family, *_read_whole(maps, ROUTE_MAPS[family]))
+    return RouteMap(family, *read_whole(maps, route_map(maps, family)))
 
 
-def _read_whole(maps: MapSet, name: str) -> tuple[bytes, bytes]:
-    """Every key and every value of a map, each laid end to end: in one call where the
-    map set can (``PinnedMaps.read_all``), entry by entry otherwise."""
-    read_all = getattr(maps, "read_all", None)
-    if read_all is not None:
-        return read_all(name)  # type: ignore[no-any-return]
-    items = list(maps.items(name))
-    return b"".join(k for k, _ in items), b"".join(v for _, v in items)
+def _v6_lengths(maps: MapSet) -> np.ndarray[Any, Any] | None:
+    """`v6_lengths`' words where the program reads the IPv6 hash, else None."""
+    if route_map(maps, AF_INET6) != "v6_hash":
+        return None
+    buffer = map_buffer(maps, "v6_lengths")
+    if buffer is None:
+        return None
+    words = np.frombuffer(buffer, np.uint64).copy()
+    if isinstance(buffer, mmap.mmap):
+        buffer.close()
+    return words
 
 
 class RouteTable:
@@ -339,6 +343,7 @@ class RouteTable:
         self.names = _ifnames()
         # read before the routes: the writer sets a local prefix's bits before its route
         self.local_v4 = _local_v4(maps) if routes is None else None
+        self.v6_lengths = _v6_lengths(maps) if routes is None else None
         self.routes = routes if routes is not None else {
             family: read_route_map(maps, family) for family in ROUTE_MAPS}
 
@@ -351,7 +356,21 @@ class RouteTable:
         doc = self.doc_at(family, row)
         if family == AF_INET and row in self.unmarked_local:
             doc["reason"] = doc.get("reason", "") + " without its local_v4 bit"
+        if family == AF_INET6 and row in self.unprobed_v6:
+            doc["reason"] = doc.get("reason", "") + " without its length in v6_lengths"
         return doc
+
+    @functools.cached_property
+    def unprobed_v6(self) -> frozenset[int]:
+        """Rows of v6_hash whose length v6_lengths lacks: the program never probes
+        them, and answers with a shorter prefix (none where it reads the trie)."""
+        if self.v6_lengths is None or not len(self.routes[AF_INET6]):
+            return frozenset()
+        m = self.routes[AF_INET6]
+        addrs = np.concatenate([c.astype(">u8").view(np.uint8).reshape(-1, 8)
+                                for c in m.columns[:2]], axis=1)
+        at, bit = v6hash.positions(addrs, m.columns[2].astype(np.uint8))
+        return frozenset(np.flatnonzero((self.v6_lengths[at] & bit) == 0).tolist())
 
     @functools.cached_property
     def unmarked_local(self) -> frozenset[int]:
@@ -494,12 +513,13 @@ def offline_status(settings: Any) -> dict[str, Any]:
         doc["state"] = "not running"
         doc["note"] = str(e)
         return doc
-    counts = {"routes_v4": 0, "routes_v6": 0, "nexthops": 0, "groups": 0, "neighbours": 0}
-    for name in counts:
-        counts[name] = sum(1 for _ in maps.items(name))
+    names = {"routes_v4": "routes_v4", "routes_v6": route_map(maps, AF_INET6),
+             "nexthops": "nexthops", "groups": "groups", "neighbours": "neighbours"}
+    counts = {shown: sum(1 for _ in maps.items(name)) for shown, name in names.items()}
     doc["fastpath"] = counts
-    doc["maps"] = {name: {"entries": n, "capacity": bpfsys.map_info(maps.fd(name)).max_entries}
-                   for name, n in counts.items()}
+    doc["maps"] = {shown: {"entries": counts[shown],
+                           "capacity": bpfsys.map_info(maps.fd(name)).max_entries}
+                   for shown, name in names.items()}
     doc["counters"] = maps.counters()
     fresh_until = maps.heartbeat()
     if fresh_until:

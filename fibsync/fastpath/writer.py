@@ -7,13 +7,16 @@ the XDP program see a reference to something that is not there yet:
     nexthops set -> groups set -> routes set (longest prefixes first)
     -> routes deleted -> groups deleted -> nexthops deleted -> neighbours
 
-Routes go to the LPM tries ``routes_v4``/``routes_v6`` in either IPv4 mode:
-they are the prefix list ``fibsync routes`` shows, and the covering-route
-lookup the DIR-24-8 table needs on a delete. With ``v4_table="dir24"`` the
-IPv4 routes that made it into ``routes_v4`` also go to the DIR-24-8 table
-(``dir24.py``) — all at once on the first write (the RIB's first diff is the
-whole table), change by change afterwards — and once that table is complete
-the writer points the program at it (``fs_config.v4_table``).
+IPv4 routes go to the LPM trie ``routes_v4`` in either IPv4 mode: it is the
+prefix list ``fibsync routes`` shows, and the covering-route lookup the
+DIR-24-8 table needs on a delete. With ``v4_table="dir24"`` the IPv4 routes
+that made it into ``routes_v4`` also go to the DIR-24-8 table (``dir24.py``)
+— all at once on the first write (the RIB's first diff is the whole table),
+change by change afterwards. IPv6 routes go to one table: the hash
+``v6_hash`` with its ``v6_lengths`` (``v6_table="hash"``, ``v6hash.py``) or
+the LPM trie ``routes_v6``; the route map of a family (``route_map``) is the
+one the program reads. Once the first write is complete the writer points
+the program at its tables (``fs_config.v4_table``/``v6_table``).
 
 Every map write goes through a ``MapSet``: the pinned BPF maps in the daemon,
 ``MemoryMaps`` in tests (the same idea as httpx's MockTransport).
@@ -32,12 +35,14 @@ import numpy as np
 from ..errors import MapError, MapFullError
 from ..model import AF_INET, AF_INET6, Prefix
 from ..rib.types import Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
-from . import abi, bpfsys, dir24
+from . import abi, bpfsys, dir24, v6hash
 from .local import LocalV4
 
 ROUTE_MAPS = {AF_INET: "routes_v4", AF_INET6: "routes_v6"}
+V6_TABLES = {abi.FS_V6_LPM: "routes_v6", abi.FS_V6_HASH: "v6_hash"}
 DIR24_MAPS = ("v4_tbl24", "v4_tbl8", "v4_slots", "v4_nh")
 V4Table = Literal["dir24", "lpm"]
+V6Table = Literal["hash", "lpm"]
 # routes per family above which both families' maps are written side by side
 _PARALLEL_ROUTES = 20000
 # routes in a batch up to which LocalV4's bookkeeping is done in Python, not numpy
@@ -58,7 +63,8 @@ class MemoryMaps:
     """An in-memory MapSet with the kernel's capacity rule (E2BIG when full).
 
     ``dir24=True`` adds private memory shaped like the DIR-24-8 arrays (pages
-    are allocated only where written) and LPM lookups on ``routes_v4``.
+    are allocated only where written) and LPM lookups on ``routes_v4``;
+    ``v6_hash=True`` memory shaped like ``v6_lengths``.
     """
 
     capacity: dict[str, int] = field(default_factory=dict)
@@ -67,11 +73,14 @@ class MemoryMaps:
     tbl8_groups: int = 256
     slots: int = 1024
     buffers: dict[str, Any] = field(default_factory=dict)
+    v6_hash: bool = False
 
     def __post_init__(self) -> None:
         if self.dir24 and not self.buffers:
             self.buffers = dict(zip(DIR24_MAPS, dir24.memory_buffers(self.tbl8_groups,
                                                                      self.slots), strict=True))
+        if self.v6_hash and "v6_lengths" not in self.buffers:
+            self.buffers["v6_lengths"] = v6hash.memory_buffer()
 
     def update(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
         m = self.maps.setdefault(name, {})
@@ -90,7 +99,7 @@ class MemoryMaps:
         return iter(list(self.maps.get(name, {}).items()))
 
     def buffer(self, name: str) -> Any:
-        """The memory behind a DIR-24-8 array (KeyError when there is none)."""
+        """The memory behind an mmapable array (KeyError when there is none)."""
         return self.buffers[name]
 
     def match(self, name: str, key: bytes) -> bytes | None:
@@ -257,10 +266,12 @@ class WriterStats:
 
 class MapWriter:
     """``v4_table``: "dir24" (the default where the map set has the DIR-24-8
-    arrays) or "lpm"; the program reads whichever the writer completed."""
+    arrays) or "lpm"; ``v6_table``: "hash" (the default where the map set has
+    ``v6_hash`` and ``v6_lengths``) or "lpm". The program reads whichever
+    tables the writer completed."""
 
     def __init__(self, maps: MapSet, batch: int = 65536, v4_table: V4Table | None = None,
-                 fresh: Iterable[str] = ()) -> None:
+                 fresh: Iterable[str] = (), v6_table: V6Table | None = None) -> None:
         self.maps = maps
         # maps created empty by this run: no program reads them before the first
         # write is complete (the program is attached after it)
@@ -280,6 +291,16 @@ class MapWriter:
             self.dir24 = dir24.Dir24Table(*buffers, cover=_v4_cover(maps),
                                           nexthop=self._nexthops.get)
         self.v4_table: V4Table = "dir24" if self.dir24 is not None else "lpm"
+        self.v6: v6hash.V6Lengths | None = None
+        if v6_table != "lpm":
+            lengths = map_buffer(maps, "v6_lengths") if _has(maps, "v6_hash") else None
+            if lengths is None and v6_table == "hash":
+                raise MapError("v6_table hash: this map set has no v6_hash and v6_lengths")
+            self.v6 = v6hash.V6Lengths(lengths) if lengths is not None else None
+        self.v6_table: V6Table = "hash" if self.v6 is not None else "lpm"
+        # the map each family's routes go to: the one the program reads
+        self.route_maps = {**ROUTE_MAPS, AF_INET6: V6_TABLES[abi.FS_V6_HASH if self.v6
+                                                              else abi.FS_V6_LPM]}
         # the `local_v4` bitmap, where the map set has it
         self.local = LocalV4() if _has(maps, "local_v4") else None
         self._first = True
@@ -301,7 +322,7 @@ class MapWriter:
             else:
                 adds[p.family].append((p, e))
         batches = {}
-        for family, name in ROUTE_MAPS.items():
+        for family, name in self.route_maps.items():
             rows = [r for r in diff.bulk if r.family == family and len(r)]
             # most batches of changes are of one family: the other's is the shared
             # empty one (a RouteBatch's numpy work is ~25 µs even for no route)
@@ -313,7 +334,7 @@ class MapWriter:
             self._update("local_v4", self.local.stage(*batches[AF_INET].local_changes(
                 self.local.prefixes, dels[AF_INET])))
         done = self._put_routes(batches)
-        for family, name in ROUTE_MAPS.items():
+        for family, name in self.route_maps.items():
             batch = batches[family]
             written = self._routes_written(batch, done[family])
             self._delete(name, [route_key(p) for p in dels[family]])
@@ -321,6 +342,8 @@ class MapWriter:
                 self.unwritten.difference_update(dels[family])
             if family == AF_INET and self.dir24 is not None:
                 self._write_dir24(batch, written, dels[family])
+            if family == AF_INET6 and self.v6 is not None:
+                self._write_v6_lengths(batch, written, len(dels[family]))
 
         if self.local is not None:
             self._update("local_v4", self.local.commit())
@@ -334,9 +357,9 @@ class MapWriter:
         self._delete("neighbours", [neigh_key(k) for k, mac in diff.neighbours.items()
                                     if not mac])
         if self._first:
-            # the table the program reads is complete only now
+            # the tables the program reads are complete only now
             self._first = False
-            self._select_v4_table()
+            self._select_tables()
 
     def sweep(self, holds_prefix: Callable[[int, bytes, int], bool], nexthops: Iterable[int],
               groups: Iterable[int], neighbours: Iterable[tuple[int, int, bytes]]) -> int:
@@ -362,7 +385,7 @@ class MapWriter:
 
         want: dict[str, Callable[[], Callable[[bytes], bool]]] = {
             "routes_v4": lambda: keep_v4,
-            "routes_v6": lambda: keep_v6,
+            self.route_maps[AF_INET6]: lambda: keep_v6,
             "groups": lambda: {u32(i) for i in groups}.__contains__,
             "nexthops": lambda: {u32(i) for i in nexthops}.__contains__,
             "neighbours": lambda: {neigh_key(k) for k in neighbours}.__contains__,
@@ -385,14 +408,15 @@ class MapWriter:
         each family the two maps are written side by side, IPv6 in a thread
         (the bpf() calls release the GIL, and each trie has its own lock).
         """
+        names = self.route_maps
         if min(len(b) for b in batches.values()) >= _PARALLEL_ROUTES and \
-                _fd(self.maps, ROUTE_MAPS[AF_INET6]) is not None:
+                _fd(self.maps, names[AF_INET6]) is not None:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                v6 = pool.submit(self._put_batch, ROUTE_MAPS[AF_INET6], batches[AF_INET6])
-                results = {AF_INET: self._put_batch(ROUTE_MAPS[AF_INET], batches[AF_INET]),
+                v6 = pool.submit(self._put_batch, names[AF_INET6], batches[AF_INET6])
+                results = {AF_INET: self._put_batch(names[AF_INET], batches[AF_INET]),
                            AF_INET6: v6.result()}
         else:
-            results = {f: self._put_batch(ROUTE_MAPS[f], b) for f, b in batches.items()}
+            results = {f: self._put_batch(names[f], b) for f, b in batches.items()}
         done = {}
         for family, (count, calls, error) in results.items():
             self.stats.batches += calls
@@ -457,13 +481,32 @@ class MapWriter:
                                      f"{failed_prefixes[0]}); the kernel answers for them"),
                         full=True)
 
-    def _select_v4_table(self) -> None:
-        want = abi.FS_V4_DIR24 if self.v4_table == "dir24" else abi.FS_V4_LPM
+    def _write_v6_lengths(self, batch: RouteBatch, written: np.ndarray[Any, Any],
+                          deleted: int) -> None:
+        """The lengths of the IPv6 routes just written (their entries are in
+        v6_hash already); all of them rebuilt on the first write (the whole
+        table: a map set not created empty may hold a previous run's bits)
+        and after enough deletions."""
+        lengths = self.v6
+        assert lengths is not None
+        if self._first:
+            lengths.rebuild(batch.addrs[written], batch.lens[written])
+            return
+        lengths.add(batch.addrs[written], batch.lens[written])
+        if lengths.note_deleted(deleted):
+            keys, _ = read_whole(self.maps, self.route_maps[AF_INET6])
+            table = np.frombuffer(keys, abi.route_key_dtype(16))
+            lengths.rebuild(table["addr"], table["plen"])
+
+    def _select_tables(self) -> None:
+        """Point the program at the tables this writer fills (fs_config)."""
+        v4 = abi.FS_V4_DIR24 if self.v4_table == "dir24" else abi.FS_V4_LPM
+        v6 = abi.FS_V6_HASH if self.v6_table == "hash" else abi.FS_V6_LPM
         key = abi.U32.pack(0)
-        current = dict(self.maps.items("config")).get(key, abi.CONFIG.pack(0, 0, 0, 0))
-        hash4, hash6, flags, table = abi.CONFIG.unpack(current[:abi.CONFIG.size])
-        if table != want:
-            self._update("config", [(key, abi.CONFIG.pack(hash4, hash6, flags, want))])
+        current = dict(self.maps.items("config")).get(key, abi.CONFIG.pack(0, 0, 0, 0, 0))
+        fields = abi.CONFIG.unpack(current[:abi.CONFIG.size])
+        if fields[3:] != (v4, v6):
+            self._update("config", [(key, abi.CONFIG.pack(*fields[:3], v4, v6))])
 
     def _update(self, name: str, items: list[tuple[bytes, bytes]]) -> int:
         """Write items in batches; returns how many made it (all, unless a map is full)."""
@@ -522,15 +565,41 @@ def _has(maps: MapSet, name: str) -> bool:
         return False  # pinned by an older fibsync that did not have it
 
 
-def _dir24_buffers(maps: MapSet) -> list[Any] | None:
+def read_whole(maps: MapSet, name: str) -> tuple[bytes, bytes]:
+    """Every key and every value of a map, each laid end to end: in one call where the
+    map set can (``PinnedMaps.read_all``), entry by entry otherwise."""
+    read_all = getattr(maps, "read_all", None)
+    if read_all is not None:
+        return read_all(name)  # type: ignore[no-any-return]
+    items = list(maps.items(name))
+    return b"".join(k for k, _ in items), b"".join(v for _, v in items)
+
+
+def route_map(maps: MapSet, family: int) -> str:
+    """The route map the program reads for a family (fs_config.v6_table says
+    which for IPv6; routes_v4 is the IPv4 prefix list in either IPv4 mode)."""
+    if family == AF_INET:
+        return ROUTE_MAPS[AF_INET]
+    current = dict(maps.items("config")).get(abi.U32.pack(0), b"")
+    table = abi.CONFIG.unpack(current)[4] if len(current) == abi.CONFIG.size else abi.FS_V6_LPM
+    return V6_TABLES.get(table, ROUTE_MAPS[AF_INET6])
+
+
+def map_buffer(maps: MapSet, name: str) -> Any:
+    """The memory behind an mmapable array of the map set (None: it has none)."""
     buffer: Callable[[str], Any] | None = getattr(maps, "buffer", None)
     try:
         if buffer is not None:
-            return [buffer(n) for n in DIR24_MAPS]
-        fds = [_fd(maps, n) for n in DIR24_MAPS]
-        return [dir24.map_buffer(fd) for fd in fds if fd is not None] or None
+            return buffer(name)
+        fd = _fd(maps, name)
+        return dir24.map_buffer(fd) if fd is not None else None
     except (KeyError, MapError, OSError):
         return None
+
+
+def _dir24_buffers(maps: MapSet) -> list[Any] | None:
+    buffers = [map_buffer(maps, n) for n in DIR24_MAPS]
+    return buffers if all(b is not None for b in buffers) else None
 
 
 def _v4_cover(maps: MapSet) -> dir24.Cover:

@@ -23,6 +23,7 @@ from fibsync.fastpath import abi, bpfsys, dir24
 from fibsync.fastpath.abi import Reason
 from fibsync.fastpath.local import LocalV4
 from fibsync.fastpath.program import FastPath
+from fibsync.fastpath.v6hash import V6Lengths
 from fibsync.model import AF_INET, AF_INET6, Prefix
 from fibsync.netns import inside
 
@@ -61,17 +62,18 @@ def netns(name: str) -> Iterator[str]:
 
 
 class Dir24Memory:
-    """The session program's DIR-24-8 arrays, mapped once; zeroed between
-    tests only when a test wrote them."""
+    """The session program's mmapable arrays (DIR-24-8's, and v6_lengths), mapped
+    once; zeroed between tests only when a test wrote them."""
 
     def __init__(self, fp: FastPath) -> None:
         self.buffers = [dir24.map_buffer(fp.map_fd(n)) for n in ("v4_tbl24", "v4_tbl8",
                                                                  "v4_slots", "v4_nh")]
+        self.v6_lengths = dir24.map_buffer(fp.map_fd("v6_lengths"))
         self.dirty = False
 
     def clear(self) -> None:
         if self.dirty:
-            for buf in self.buffers:
+            for buf in [*self.buffers, self.v6_lengths]:
                 np.frombuffer(buf, np.uint8)[:] = 0
             self.dirty = False
 
@@ -81,14 +83,18 @@ class Lab:
     """The loaded program, its maps, and the namespace its test runs use.
 
     IPv4 routes go to the LPM trie and, once ``use_v4_table("dir24")`` was
-    called, to the DIR-24-8 table too; the program reads the selected one.
+    called, to the DIR-24-8 table too; IPv6 routes to the LPM trie and, once
+    ``use_v6_table("hash")`` was called, to the IPv6 hash and its lengths too.
+    The program reads the selected ones.
     """
 
     fp: FastPath
     ns: str
     memory: Dir24Memory | None = None
     v4_table: str = "lpm"
+    v6_table: str = "lpm"
     dir24: dir24.Dir24Table | None = field(default=None, repr=False)
+    v6: V6Lengths | None = field(default=None, repr=False)
     nexthop_bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
     local_v4: LocalV4 = field(default_factory=LocalV4, repr=False)
 
@@ -111,6 +117,15 @@ class Lab:
                                           nexthop=self.nexthop_bytes.get)
         self.config()
 
+    def use_v6_table(self, table: str) -> None:
+        self.v6_table = table
+        if table == "hash" and self.v6 is None:
+            assert self.memory is not None
+            self.memory.clear()
+            self.memory.dirty = True
+            self.v6 = V6Lengths(self.memory.v6_lengths)
+        self.config()
+
     def route(self, prefix: str, nh: int = 0, *, action: int = abi.FS_ACT_FORWARD,
               group: bool = False, reason: int = 0) -> None:
         p = Prefix.parse(prefix)
@@ -122,6 +137,10 @@ class Lab:
         bpfsys.update(self.fp.map_fd(name), bytes(abi.route_key(p)), value)
         if self.dir24 is not None and p.family == AF_INET:
             assert self.dir24.add([(int.from_bytes(p.addr, "big"), p.length, value)]) == []
+        if self.v6 is not None and p.family == AF_INET6:
+            bpfsys.update(self.fp.map_fd("v6_hash"), bytes(abi.route_key(p)), value)
+            self.v6.add(np.frombuffer(p.addr, np.uint8).reshape(1, 16),
+                        np.array([p.length], np.uint8))
 
     def unroute(self, prefix: str) -> None:
         p = Prefix.parse(prefix)
@@ -129,6 +148,8 @@ class Lab:
         bpfsys.delete(self.fp.map_fd(name), bytes(abi.route_key(p)))
         if self.dir24 is not None and p.family == AF_INET:
             self.dir24.delete([(int.from_bytes(p.addr, "big"), p.length)])
+        if self.v6 is not None and p.family == AF_INET6:
+            bpfsys.delete(self.fp.map_fd("v6_hash"), bytes(abi.route_key(p)))  # its length stays
         self._local_v4(p, False)
 
     def _local_v4(self, p: Prefix, local: bool) -> None:
@@ -172,8 +193,9 @@ class Lab:
 
     def config(self, v4: int = abi.FS_HASH_L3, v6: int = abi.FS_HASH_L3, flags: int = 0) -> None:
         table = abi.FS_V4_DIR24 if self.v4_table == "dir24" else abi.FS_V4_LPM
+        table6 = abi.FS_V6_HASH if self.v6_table == "hash" else abi.FS_V6_LPM
         bpfsys.update(self.fp.map_fd("config"), struct.pack("=I", 0),
-                      bytes(abi.FsConfig(v4, v6, flags, table)))
+                      bytes(abi.FsConfig(v4, v6, flags, table, table6)))
 
     def heartbeat(self, fresh_until: int) -> None:
         """fs_heartbeat.fresh_until, in CLOCK_MONOTONIC_COARSE ns (0: never stale)."""
@@ -205,7 +227,7 @@ class Lab:
         self.iface(INGRESS, ROUTER)  # frames arrive on fsin0 unless a test says otherwise
         for ifindex in self.fp.ports():
             self.fp.forbid_port(ifindex)
-        for name in ("routes_v4", "routes_v6", "nexthops", "groups", "neighbours"):
+        for name in ("routes_v4", "routes_v6", "v6_hash", "nexthops", "groups", "neighbours"):
             fd = self.fp.map_fd(name)
             for key in [k for k, _ in bpfsys.iterate(fd)]:
                 bpfsys.delete(fd, key)

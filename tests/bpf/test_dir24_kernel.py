@@ -23,7 +23,7 @@ import struct
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -143,8 +143,10 @@ def frame(dst: str) -> bytes:
     return eth + hdr + struct.pack("!HHHH", 1234, 53, 8, 0)
 
 
-def program_answers(lab: Lab, ingress: int, dsts: list[str]) -> list[str]:
-    by_mac = {bytes.fromhex(mac.replace(":", "")): gw for gw, mac in GATEWAYS.items()}
+def program_answers(lab: Lab, ingress: int, dsts: list[str],
+                    frame: Callable[[str], bytes] = frame,
+                    gateways: dict[str, str] = GATEWAYS) -> list[str]:
+    by_mac = {bytes.fromhex(mac.replace(":", "")): gw for gw, mac in gateways.items()}
     out = []
     for d in dsts:
         retval, data = lab.run(frame(d), ingress=ingress)

@@ -57,7 +57,7 @@ def other_xdp_program() -> int:
     return os.dup(fn.fd)
 
 
-RENEWED = {"routes_v4", "routes_v6"}
+RENEWED = {spec.name for spec in abi.map_specs(abi.Sizes()) if spec.renew}
 
 
 def origins(fp: program.FastPath) -> dict[str, set[str]]:

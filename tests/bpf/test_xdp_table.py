@@ -272,9 +272,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
-@pytest.mark.parametrize("v4_table", ["lpm", "dir24"])
-def test_packet(lab: Lab, case: Case, v4_table: str) -> None:
-    lab.use_v4_table(v4_table)
+@pytest.mark.parametrize("tables", [("lpm", "lpm"), ("dir24", "hash")], ids=["lpm", "dir24+hash"])
+def test_packet(lab: Lab, case: Case, tables: tuple[str, str]) -> None:
+    lab.use_v4_table(tables[0])
+    lab.use_v6_table(tables[1])
     case.setup(lab)
     frame = bytes(case.packet)
     retval, out = lab.run(frame)

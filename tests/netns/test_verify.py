@@ -116,7 +116,7 @@ def test_the_audit_repairs_an_entry_lost_behind_its_back(world_ns: Netns, lab_ru
     subprocess.run(["bpftool", "map", "delete", "pinned", str(pins / "routes_v4"), "key",
                     "24", "0", "0", "0", "198", "51", "100", "0"], check=True)
     key6 = struct.pack("=I16s", 48, socket.inet_pton(socket.AF_INET6, "2001:db8:300::"))
-    subprocess.run(["bpftool", "map", "delete", "pinned", str(pins / "routes_v6"), "key",
+    subprocess.run(["bpftool", "map", "delete", "pinned", str(pins / "v6_hash"), "key",
                     *[str(b) for b in key6]], check=True)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -142,12 +142,15 @@ CONTRACT = {
     "fs_counter": [("packets", 0, 8), ("bytes", 8, 8)],
     "fs_heartbeat": [("fresh_until", 0, 8)],
     "fs_config": [("hash_policy_v4", 0, 4), ("hash_policy_v6", 4, 4), ("flags", 8, 4),
-                  ("v4_table", 12, 4)],
+                  ("v4_table", 12, 4), ("v6_table", 16, 4)],
+    "fs_v6_lengths": [("lengths", 0, 24)],
 }
 # Keys are exact: a longer key changes what a lookup matches on.
 EXACT_SIZES = {"fs_v4_key": 8, "fs_v6_key": 20, "fs_neigh_key": 24,
                # fastpath/dir24.py writes these through mmap at an 8-byte stride
-               "fs_route": 8, "fs_dir_pair": 8}
+               "fs_route": 8, "fs_dir_pair": 8,
+               # fastpath/v6hash.py writes these through mmap as three u64 words
+               "fs_v6_lengths": 24}
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
@@ -171,7 +174,7 @@ def test_map_specs_use_the_struct_sizes() -> None:
     assert tuple(specs) == abi.MAP_NAMES == (
         "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "tx_direct",
         "counters", "config", "heartbeat", "ifaces", "local_v4", "v4_tbl24", "v4_tbl8", "v4_slots",
-        "v4_nh")
+        "v4_nh", "v6_hash", "v6_lengths")
     assert not set(abi.RETIRED_MAPS) & set(abi.MAP_NAMES)
     assert (specs["heartbeat"].type, specs["heartbeat"].value_size,
             specs["heartbeat"].max_entries) == (abi.MAP_ARRAY, 8, 1)
@@ -189,6 +192,13 @@ def test_map_specs_use_the_struct_sizes() -> None:
     # two copies of a nexthop per slot, at the 8-byte stride dir24.py writes with
     assert specs["v4_nh"].max_entries == 2 * specs["v4_slots"].max_entries
     assert (specs["v4_nh"].value_size + 7) & ~7 == 40
+    # the IPv6 hash: routes_v6's keys and values; one lengths slot more than FS_V6_SLOTS
+    assert (specs["v6_hash"].type, specs["v6_hash"].key_size, specs["v6_hash"].value_size) \
+        == (abi.MAP_HASH, 20, 8)
+    assert (specs["v6_lengths"].max_entries, specs["v6_lengths"].flags) == (
+        abi.FS_V6_SLOTS + 1, abi.BPF_F_MMAPABLE)
+    assert abi.FS_V6_SLOTS == 1 << abi.FS_V6_SLOT_BITS
+    assert all(specs[n].renew for n in ("routes_v4", "routes_v6", "v6_hash", "v6_lengths"))
 
 
 def test_route_key_packs_prefix() -> None:

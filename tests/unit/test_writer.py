@@ -25,8 +25,8 @@ def diff(routes: dict[str, FpRoute | None]) -> FastPathDiff:
     return FastPathDiff(routes={Prefix.parse(p): e for p, e in routes.items()})
 
 
-def config(maps: MemoryMaps) -> tuple[int, int, int, int]:
-    raw = maps.maps.get("config", {}).get(b"\0\0\0\0", CONFIG.pack(0, 0, 0, 0))
+def config(maps: MemoryMaps) -> tuple[int, int, int, int, int]:
+    raw = maps.maps.get("config", {}).get(b"\0\0\0\0", CONFIG.pack(0, 0, 0, 0, 0))
     return CONFIG.unpack(raw)  # type: ignore[return-value]
 
 
@@ -138,14 +138,14 @@ def test_dir24_is_loaded_on_the_first_write_then_selected() -> None:
 
 def test_selecting_the_table_keeps_the_other_config_fields() -> None:
     maps = MemoryMaps(dir24=True)
-    maps.update("config", [(b"\0\0\0\0", CONFIG.pack(1, 1, abi.FS_CFG_PASS_FRAGMENTS, 0))])
+    maps.update("config", [(b"\0\0\0\0", CONFIG.pack(1, 1, abi.FS_CFG_PASS_FRAGMENTS, 0, 0))])
     MapWriter(maps).write(diff({"10.0.0.0/8": fwd(1)}))
-    assert config(maps) == (1, 1, abi.FS_CFG_PASS_FRAGMENTS, abi.FS_V4_DIR24)
+    assert config(maps) == (1, 1, abi.FS_CFG_PASS_FRAGMENTS, abi.FS_V4_DIR24, abi.FS_V6_LPM)
 
 
 def test_lpm_mode_leaves_dir24_alone() -> None:
     maps = MemoryMaps(dir24=True)
-    maps.update("config", [(b"\0\0\0\0", CONFIG.pack(0, 0, 0, abi.FS_V4_DIR24))])
+    maps.update("config", [(b"\0\0\0\0", CONFIG.pack(0, 0, 0, abi.FS_V4_DIR24, 0))])
     writer = MapWriter(maps, v4_table="lpm")
     writer.write(diff({"10.0.0.0/8": fwd(1)}))
     assert writer.dir24 is None

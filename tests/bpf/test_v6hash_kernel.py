@@ -1,0 +1,169 @@
+"""Both IPv6 tables answer like the kernel FIB (differential, privileged).
+
+The IPv6 twin of test_dir24_kernel.py: a namespace gets a few thousand
+random IPv6 routes of every length from /12 to /128, nested inside each
+other in a few /32s of 3fff::/20 (RFC 9637) so that a destination meets
+many lengths: unicast through nexthop objects and inline gateways,
+blackhole, unreachable and prohibit. fibsync's pipeline (netlink dump ->
+RIB -> MapWriter on the pinned maps) loads them into the LPM trie and into
+the hash per prefix length, the kernel table changes (deletes, which leave
+stale lengths, re-adds, new prefixes) and the diff is written. Then ``ip
+-batch`` asks the kernel about 12,000 destinations (``route get ADDR
+fibmatch``) and BPF_PROG_TEST_RUN asks the program, once with each table:
+every answer must agree, and every unicast answer must come from the fast
+path's own table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+import struct
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from fibsync.fastpath import v6hash
+from fibsync.fastpath.abi import Reason
+from fibsync.fastpath.maps import PinnedMaps
+from fibsync.fastpath.program import FastPath
+from fibsync.fastpath.writer import MapWriter
+from fibsync.rib import Rib
+from tests.bpf.harness import Dir24Memory, Lab, netns, sh
+from tests.bpf.test_dir24_kernel import SAMPLES, dump, ip_batch, kernel_answers, program_answers
+
+pytestmark = pytest.mark.privileged
+
+# as `ip` prints them (2001:db8:ffff::2, not 2001:db8:ffff:0::2)
+GATEWAYS = {str(ipaddress.IPv6Address(f"2001:db8:ffff:{i}::2")): f"02:00:00:00:1{i}:02"
+            for i in range(4)}
+NHIDS = {9101 + i: gw for i, gw in enumerate(GATEWAYS)}
+IN_MAC = "02:00:00:00:00:0b"
+SOURCE = "2001:db8:ffff:100::2"
+BLOCKS = [0x3FFF0000 | b for b in (0x0, 0x1, 0x7, 0x42, 0x123, 0xABC, 0xFFF)]
+LENGTHS = [12, 16, 20, 24, 29, 32, 32, 36, 40, 44, 47, 48, 48, 48, 52, 56, 60, 64, 64, 65, 72,
+           80, 96, 112, 120, 124, 127, 128]
+
+
+@pytest.fixture
+def kernel_ns(unique_prefix: str) -> Iterator[str]:
+    with netns(f"{unique_prefix}k6fib") as ns:
+        lines = ["link add in0 address " + IN_MAC + " type veth peer name in1",
+                 "link set in0 up", "link set in1 up", f"addr add {SOURCE[:-1]}1/64 dev in0 nodad"]
+        for i, (gw, mac) in enumerate(GATEWAYS.items()):
+            lines += [f"link add v{i} type veth peer name p{i}", f"link set v{i} up",
+                      f"link set p{i} up", f"addr add {gw[:-1]}1/64 dev v{i} nodad",
+                      f"neigh replace {gw} lladdr {mac} dev v{i} nud permanent",
+                      f"nexthop add id {9101 + i} via {gw} dev v{i}"]
+        ip_batch(ns, lines)
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        yield ns
+
+
+def prefix(rng: random.Random, known: list[str]) -> str:
+    """A random prefix, half the time inside one already made (nested lengths)."""
+    length = rng.choice(LENGTHS)
+    if known and rng.random() < 0.5:
+        outer = ipaddress.IPv6Network(rng.choice(known))
+        if outer.prefixlen < 128:
+            length = rng.choice([n for n in LENGTHS if n > outer.prefixlen] or [128])
+            n = int(outer.network_address) | rng.getrandbits(128 - outer.prefixlen)
+            return str(ipaddress.IPv6Network((n >> (128 - length) << (128 - length), length)))
+    n = rng.choice(BLOCKS) << 96 | rng.getrandbits(96)
+    return str(ipaddress.IPv6Network((n >> (128 - length) << (128 - length), length)))
+
+
+def route_line(rng: random.Random, p: str) -> str:
+    kind = rng.choices(["nhid", "via", "blackhole", "unreachable", "prohibit"],
+                       weights=[70, 10, 7, 7, 6])[0]
+    if kind == "nhid":
+        return f"route replace {p} nhid {rng.choice(list(NHIDS))}"
+    if kind == "via":
+        i = rng.randrange(len(GATEWAYS))
+        return f"route replace {p} via {list(GATEWAYS)[i]} dev v{i}"
+    return f"route replace {kind} {p}"
+
+
+def destinations(rng: random.Random, prefixes: list[str]) -> list[str]:
+    """Ends of prefixes, hosts inside them (deleted ones too), random addresses."""
+    out = []
+    for p in rng.sample(prefixes, min(len(prefixes), SAMPLES // 4)):
+        net = ipaddress.IPv6Network(p)
+        first = int(net.network_address)
+        out += [first, first + net.num_addresses - 1, first + rng.randrange(net.num_addresses)]
+    while len(out) < SAMPLES:
+        out.append(rng.choice(BLOCKS) << 96 | rng.getrandbits(96))
+    return [str(ipaddress.IPv6Address(n)) for n in out]
+
+
+def frame(dst: str) -> bytes:
+    udp = struct.pack("!HHHH", 1234, 53, 8, 0)
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64,
+                      socket.inet_pton(socket.AF_INET6, SOURCE),
+                      socket.inet_pton(socket.AF_INET6, dst))
+    eth = bytes.fromhex(IN_MAC.replace(":", "")) + bytes.fromhex("0200000000ab") + b"\x86\xdd"
+    return eth + hdr + udp
+
+
+def test_lpm_and_hash_answer_like_the_kernel(fastpath: FastPath, dir24_memory: Dir24Memory,
+                                             kernel_ns: str) -> None:
+    rng = random.Random(2026)
+    lab = Lab(fastpath, kernel_ns, dir24_memory)
+    lab.clear()
+    dir24_memory.dirty = True  # the writer below fills v6_lengths through its own mapping
+    for i in range(len(GATEWAYS)):
+        lab.tx_port(lab.ifindex(f"v{i}"))
+    ingress = lab.ifindex("in0")
+    lab.iface(ingress, IN_MAC)
+
+    made: list[str] = []
+    for _ in range(3000):
+        made.append(prefix(rng, made))
+    lines = {p: route_line(rng, p) for p in made}
+    ip_batch(kernel_ns, list(lines.values()))
+    rib = Rib()
+    rib.resync(dump(kernel_ns))
+    maps = PinnedMaps(fastpath.pin_dir)
+    writers = [MapWriter(maps, v4_table="lpm", v6_table=t) for t in ("lpm", "hash")]
+    first = rib.take_diff()
+    for w in writers:
+        w.write(first)
+    hashed = writers[1].v6
+    assert hashed is not None
+
+    gone = rng.sample(sorted(lines), len(lines) // 4)
+    changes = [f"route del {p}" for p in gone]
+    changes += [route_line(rng, p) for p in rng.sample(sorted(set(lines) - set(gone)),
+                                                       len(lines) // 7)]
+    changes += [route_line(rng, p) for p in gone[::2]]
+    new = [p for p in (prefix(rng, made) for _ in range(600)) if p not in lines]
+    changes += [route_line(rng, p) for p in new]
+    ip_batch(kernel_ns, changes)
+    rib.resync(dump(kernel_ns))
+    diff = rib.take_diff()
+    assert sum(e is None for e in diff.routes.values()) > 300
+    for w in writers:
+        w.write(diff)
+        assert w.unwritten == set() and w.stats.errors == 0
+    assert 0 < hashed.deleted < v6hash.REBUILD_AFTER  # stale lengths are in the table
+
+    dsts = destinations(rng, sorted(lines) + new)
+    kernel = kernel_answers(kernel_ns, dsts)
+    kinds = Counter("unicast" if k in GATEWAYS else k for k in kernel)
+    assert min(kinds.values()) > 200, kinds  # every kind of answer is well represented
+    expected = ["pass" if k in ("unreachable", "prohibit", "none") else k for k in kernel]
+    for table in ("lpm", "hash"):
+        lab.v6_table = table  # the tables are the writers' (use_v6_table would clear them)
+        lab.config()
+        lab.clear_counters()
+        got = program_answers(lab, ingress, dsts, frame, GATEWAYS)
+        wrong = [f"{d}: kernel {k}, {table} {g}" for d, k, e, g in
+                 zip(dsts, kernel, expected, got, strict=True) if e != g]
+        assert wrong == [], f"{len(wrong)} wrong answers, e.g. {wrong[:5]}"
+        counted = {reason: packets for reason, (packets, _) in lab.counters().items()}
+        assert counted == {k: v for k, v in {
+            Reason.FWD_FAST: kinds["unicast"], Reason.DROP_BLACKHOLE: kinds["blackhole"],
+            Reason.PASS_UNREACHABLE: kinds["unreachable"] + kinds["prohibit"],
+            Reason.PASS_NO_ROUTE: kinds["none"]}.items() if v}, table
