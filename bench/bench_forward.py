@@ -18,7 +18,8 @@ Three pieces, all in namespaces this script creates and deletes:
   forwarder (bench_xdp.FIB_FORWARDER, in the style of samples/bpf/xdp_fwd);
   or by fibsync's program attached to r0 in native mode: with empty route
   maps (every packet through its bpf_fib_lookup fallback), or with the full
-  table in the LPM trie or DIR-24-8;
+  table in the LPM tries, or in DIR-24-8 (IPv4) and the hash per prefix
+  length (IPv6);
 - q0..q3 run an XDP program that counts and drops.
 
 Everything runs on the CPU that makes the test-run call (veth NAPI runs in
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import os
 import platform
 import random
@@ -51,10 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
-from bench_xdp import fib_forwarder, host_in, set_v4_table  # noqa: E402
+from bench_xdp import fib_forwarder, host_in, set_tables  # noqa: E402
 from fulltable import install, v4_prefixes, v6_prefixes  # noqa: E402
 from profile_sync import dump  # noqa: E402
 
+from fibsync import fidelity  # noqa: E402
 from fibsync.fastpath import abi, bpfsys  # noqa: E402
 from fibsync.fastpath.maps import PinnedMaps  # noqa: E402
 from fibsync.fastpath.program import FastPath, remove  # noqa: E402
@@ -264,35 +267,43 @@ def main() -> None:
             loaded.append((fib, f"fsfr{tag}b"))
             rib = Rib()
             rib.resync(asyncio.run(dump()))
-            MapWriter(PinnedMaps(fast.pin_dir)).write(rib.take_diff())
-            del rib
+            diff = rib.take_diff()
+            MapWriter(PinnedMaps(fast.pin_dir)).write(diff)  # DIR-24-8 and the IPv6 hash
+            # the IPv6 trie too, so that `fast` holds every table the program can read
+            MapWriter(PinnedMaps(fast.pin_dir), v4_table="lpm", v6_table="lpm").write(diff)
+            del rib, diff
             egress = [socket.if_nametoindex(f"b{i}") for i in range(4)]
+            ingress = socket.if_nametoindex("r0")
+            link = json.loads(subprocess.run(["ip", "-j", "link", "show", "r0"], check=True,
+                                             capture_output=True, text=True).stdout)[0]
             for fp in (fast, fib):
                 for idx in egress:
                     fp.allow_port(idx)
+                # what the daemon's Fidelity writes for an interface without conditions
+                bpfsys.update(fp.map_fd("ifaces"), abi.U32.pack(ingress), fidelity.entry(
+                    [], ingress, bytes.fromhex(link["address"].replace(":", ""))))
             forwarder, _ = fib_forwarder(egress)
             modules.append(forwarder)
 
         bench = Bench(gen.name, rtr.name, generator)
-        modes: list[tuple[str, Any, int | None]] = [
-            ("kernel forwarding", None, None),
-            ("bpf_fib_lookup forwarder (xdp_fwd style)",
-             forwarder.load_func(b"xdp_fib_forwarder", BPF.XDP), None),
-            ("fibsync, bpf_fib_lookup fallback only", fib, None),
-            ("fast path, LPM trie", fast, abi.FS_V4_LPM),
-            ("fast path, DIR-24-8", fast, abi.FS_V4_DIR24)]
+        # (label: IPv4's, IPv6's), the program, fs_config's (v4_table, v6_table)
+        fast_tables = (abi.FS_V4_DIR24, abi.FS_V6_HASH)
+        modes: list[tuple[tuple[str, str], Any, tuple[int, int]]] = [
+            (("kernel forwarding",) * 2, None, fast_tables),
+            (("bpf_fib_lookup forwarder (xdp_fwd style)",) * 2,
+             forwarder.load_func(b"xdp_fib_forwarder", BPF.XDP), fast_tables),
+            (("fibsync, bpf_fib_lookup fallback only",) * 2, fib, fast_tables),
+            (("fast path, LPM trie",) * 2, fast, (abi.FS_V4_LPM, abi.FS_V6_LPM)),
+            (("fast path, DIR-24-8", "fast path, hash"), fast, fast_tables)]
         results: dict[str, dict[str, Any]] = {"IPv4": {}, "IPv6": {}}
         # modes take turns round by round: whatever else the machine does
         # weighs on all of them alike; the best round of each is kept
         for _ in range(args.rounds):
-            for label, fp, table in modes:
+            for labels, fp, (v4_table, v6_table) in modes:
                 attach(fp, rtr.name)
                 if isinstance(fp, FastPath):
-                    set_v4_table(fp, abi.FS_V4_DIR24 if table is None else table)
-                for family in ("IPv4", "IPv6"):
-                    if family == "IPv6" and table == abi.FS_V4_DIR24:
-                        continue  # IPv6 has the LPM trie only
-                    label6 = label.replace(", LPM trie", "") if family == "IPv6" else label
+                    set_tables(fp, v4=v4_table, v6=v6_table)
+                for family, label in zip(("IPv4", "IPv6"), labels, strict=True):
                     before = reasons(fp)
                     row = bench.run(family, args.packets)
                     # how fibsync's program forwarded them: its own table (FWD_FAST)
@@ -302,9 +313,9 @@ def main() -> None:
                     if any(not k.startswith("FWD_") for k in row["reasons"]):
                         # handed to the kernel: this would measure another path
                         raise SystemExit(f"{family} {label}: {row['reasons']}")
-                    best = results[family].get(label6)
+                    best = results[family].get(label)
                     if best is None or row["pps"] > best["pps"]:
-                        results[family][label6] = row
+                        results[family][label] = row
         attach(None, rtr.name)
         for family in results:
             kernel = results[family]["kernel forwarding"]["pps"]

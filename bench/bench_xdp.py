@@ -5,13 +5,14 @@
 
 One namespace holds the full table (nexthop objects, as FRR installs it).
 fibsync's own pipeline (netlink dump -> RIB -> MapWriter) writes it into the
-maps of one instance, which then holds both IPv4 tables complete; the program
-reads the one ``fs_config.v4_table`` selects. Programs measured, each on the
-same frames:
+maps of one instance, which then holds every table complete (both IPv4
+tables, both IPv6 tables); the program reads the ones ``fs_config.v4_table``
+and ``v6_table`` select. Programs measured, each on the same frames:
 
 - ``empty``: an XDP program that returns XDP_PASS (the cost of a test run itself);
-- ``LPM trie`` / ``DIR-24-8``: fibsync's program on the full maps, IPv4 routes
-  read from the LPM trie or from the DIR-24-8 table (reason FWD_FAST);
+- ``LPM trie`` / ``DIR-24-8`` / ``hash``: fibsync's program on the full maps,
+  IPv4 routes read from the LPM trie or from the DIR-24-8 table, IPv6 routes
+  from the LPM trie or from the hash per prefix length (reason FWD_FAST);
 - ``DIR-24-8, choice fixed at build`` (IPv4): the same program built with the
   table choice compiled in, adopting the same maps: the cost of reading
   fs_config to choose;
@@ -34,8 +35,8 @@ Destinations are a random sample of the installed prefixes; each frame runs
 with ``repeat`` well below its TTL (test runs reuse the buffer), three times,
 keeping the fastest, the programs taking turns frame by frame, each timed run
 after an untimed one; the table shows the median over destinations. The map
-writes are timed too: all routes with the DIR-24-8 table, and into a third
-instance with the LPM trie alone.
+writes are timed too: all routes with the DIR-24-8 table and the IPv6 hash,
+and into a third instance with the LPM tries alone.
 """
 
 from __future__ import annotations
@@ -105,12 +106,14 @@ def host_in(prefix: str, rng: random.Random) -> str:
     return str(net.network_address + rng.randrange(min(net.num_addresses, 1 << 16)))
 
 
-def set_v4_table(fp: FastPath, table: int) -> None:
+def set_tables(fp: FastPath, v4: int | None = None, v6: int | None = None) -> None:
+    """fs_config's table choices (None: as it is)."""
     fd, key = fp.map_fd("config"), U32.pack(0)
     raw = bpfsys.lookup(fd, key)
     assert isinstance(raw, bytes)
-    h4, h6, flags, _, v6_table = CONFIG.unpack(raw)
-    bpfsys.update(fd, key, CONFIG.pack(h4, h6, flags, table, v6_table))
+    h4, h6, flags, v4_table, v6_table = CONFIG.unpack(raw)
+    bpfsys.update(fd, key, CONFIG.pack(h4, h6, flags, v4_table if v4 is None else v4,
+                                       v6_table if v6 is None else v6))
 
 
 def measure(programs: dict[str, tuple[int, Any]], frames: list[bytes],
@@ -264,7 +267,7 @@ def patched_program(instance: str, patches: dict[str, str]) -> FastPath:
     main.write_text(text)
     os.environ["FIBSYNC_BPF_DIR"] = str(tmp)
     try:
-        return FastPath.load(instance)
+        return FastPath.load(instance, renew=False)
     finally:
         del os.environ["FIBSYNC_BPF_DIR"]
         shutil.rmtree(tmp)
@@ -292,11 +295,12 @@ FIDELITY_CHECKS = {
 NO_FIDELITY = {old: new for patch in FIDELITY_CHECKS.values() for old, new in patch.items()}
 
 
-def timed_write(fp: FastPath, diff: Any, v4_table: str) -> dict[str, Any]:
+def timed_write(fp: FastPath, diff: Any, v4_table: str, v6_table: str) -> dict[str, Any]:
     gc.collect()
     rss0 = rss_mb()
     t0 = time.monotonic()
-    writer = MapWriter(PinnedMaps(fp.pin_dir), v4_table=v4_table)  # type: ignore[arg-type]
+    writer = MapWriter(PinnedMaps(fp.pin_dir), v4_table=v4_table,  # type: ignore[arg-type]
+                       v6_table=v6_table)  # type: ignore[arg-type]
     writer.write(diff)
     seconds = time.monotonic() - t0
     out = {"seconds": round(seconds, 2), "rss_growth_mb": round(rss_mb() - rss0, 1),
@@ -368,8 +372,10 @@ def main() -> None:
         rib = Rib()
         rib.resync(asyncio.run(dump()))
         diff = rib.take_diff()
-        writes = {"LPM trie + DIR-24-8": timed_write(fast, diff, "dir24"),
-                  "LPM trie only": timed_write(lpm_only, diff, "lpm")}
+        writes = {"IPv4 LPM trie + DIR-24-8, IPv6 hash": timed_write(fast, diff, "dir24", "hash"),
+                  "LPM tries only": timed_write(lpm_only, diff, "lpm", "lpm")}
+        # the IPv6 trie too, so that `fast` holds every table the program can read
+        MapWriter(PinnedMaps(fast.pin_dir), v4_table="lpm", v6_table="lpm").write(diff)
         del diff, rib
 
         def build(patch: dict[str, str]) -> list[int]:
@@ -392,7 +398,7 @@ def main() -> None:
         empty = bcc_empty
         forwarder, forwarder_fd = fib_forwarder(list(ifindex.values()))
         modules.append(forwarder)
-        set_v4_table(fib, abi.FS_V4_DIR24)
+        set_tables(fib, v4=abi.FS_V4_DIR24, v6=abi.FS_V6_HASH)
         for fp in (fast, fib):
             for idx in ifindex.values():
                 fp.allow_port(idx)
@@ -411,20 +417,23 @@ def main() -> None:
                       for p in sample]
             programs: dict[str, tuple[list[int], Any]] = {
                 "empty XDP program": ([empty_fd], None)}
-            dir24 = lambda: set_v4_table(fast, abi.FS_V4_DIR24)  # noqa: E731
+            dir24 = lambda: set_tables(fast, v4=abi.FS_V4_DIR24)  # noqa: E731
+            hashed = lambda: set_tables(fast, v6=abi.FS_V6_HASH)  # noqa: E731
             if family == "IPv4":
                 programs["fast path, LPM trie"] = (
-                    same, lambda: set_v4_table(fast, abi.FS_V4_LPM))
+                    same, lambda: set_tables(fast, v4=abi.FS_V4_LPM))
                 programs["fast path, DIR-24-8"] = (same, dir24)
                 programs["DIR-24-8, choice fixed at build"] = (fixed, None)
                 programs["DIR-24-8, no fidelity checks"] = (unchecked, dir24)
                 for check, fds in without.items():
                     programs[f"DIR-24-8, no {check}"] = (fds, dir24)
             else:
-                programs["fast path, LPM trie"] = (same, None)
-                programs["LPM trie, no fidelity checks"] = (unchecked, None)
+                programs["fast path, LPM trie"] = (
+                    same, lambda: set_tables(fast, v6=abi.FS_V6_LPM))
+                programs["fast path, hash"] = (same, hashed)
+                programs["hash, no fidelity checks"] = (unchecked, hashed)
                 if "ingress entry" in without:  # IPv6 has no checksum and no source check
-                    programs["LPM trie, no ingress entry"] = (without["ingress entry"], None)
+                    programs["hash, no ingress entry"] = (without["ingress entry"], hashed)
             programs["bpf_fib_lookup"] = ([fib.prog_fd], None)
             programs["bpf_fib_lookup forwarder"] = ([forwarder_fd], None)
             if args.only:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -128,7 +129,8 @@ class OpenMaps:
         self._sizes = sizes
 
     @classmethod
-    def open(cls, instance: str = "default", *, sizes: abi.Sizes | None = None) -> OpenMaps:
+    def open(cls, instance: str = "default", *, sizes: abi.Sizes | None = None,
+             renew: bool = True) -> OpenMaps:
         sizes = sizes or abi.Sizes()
         directory = pin_dir(instance)
         mounted = ensure_bpffs()
@@ -142,6 +144,8 @@ class OpenMaps:
         origin: dict[str, MapOrigin] = {}
         try:
             for spec in abi.map_specs(sizes):
+                if not renew:  # a second program on the running tables (benchmarks)
+                    spec = dataclasses.replace(spec, renew=False)
                 map_fds[spec.name], origin[spec.name] = _adopt_or_create(directory, spec)
         except BaseException:
             for fd in map_fds.values():
@@ -197,12 +201,15 @@ class FastPath:
         self._held: frozenset[int] = frozenset()
 
     @classmethod
-    def load(cls, instance: str = "default", *, sizes: abi.Sizes | None = None) -> FastPath:
+    def load(cls, instance: str = "default", *, sizes: abi.Sizes | None = None,
+             renew: bool = True) -> FastPath:
         """Create or adopt the pinned maps, compile and load the program, pin it.
+        ``renew=False`` adopts the route tables too (abi.MapSpec.renew), for a
+        second program that reads the tables a first one's writer filled.
 
         Nothing is attached: ``attach()`` does that, per interface.
         """
-        return OpenMaps.open(instance, sizes=sizes).load_program()
+        return OpenMaps.open(instance, sizes=sizes, renew=renew).load_program()
 
     def map_fd(self, name: str) -> int:
         """The fd of one of ``abi.MAP_NAMES`` (owned by this object)."""

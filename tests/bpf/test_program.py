@@ -93,6 +93,18 @@ def test_second_load_adopts_maps_and_keeps_their_contents(instance: str) -> None
             os.close(pinned)
 
 
+def test_a_second_program_on_the_running_tables_adopts_the_route_tables(instance: str) -> None:
+    """renew=False (a benchmark's variant of the program): it reads what the first
+    program's writer wrote, route tables included."""
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
+        key = bytes(abi.route_key(Prefix.parse("2001:db8::/32")))
+        bpfsys.update(first.map_fd("v6_hash"), key, bytes(abi.FsRoute(7, 0, 0, 0, 32)))
+        with program.FastPath.load(instance, sizes=TEST_SIZES, renew=False) as second:
+            assert set(second.map_origin.values()) == {"adopted"}
+            assert bpfsys.lookup(second.map_fd("v6_hash"), key) == bytes(
+                abi.FsRoute(7, 0, 0, 0, 32))
+
+
 def test_a_map_of_another_shape_is_replaced_not_reused(instance: str) -> None:
     with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
         old_id = bpfsys.map_info(first.map_fd("routes_v4")).id
