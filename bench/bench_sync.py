@@ -48,8 +48,8 @@ def proc_mb(pid: int, field: str) -> float:
 def maps_mb(instance: str) -> dict[str, float]:
     out = {}
     pin = Path("/sys/fs/bpf/fibsync") / instance
-    for name in ("routes_v4", "routes_v6", "v4_tbl24", "v4_tbl8", "nexthops", "groups",
-                 "neighbours"):
+    for name in ("routes_v4", "routes_v6", "v6_hash", "v6_lengths", "v4_tbl24", "v4_tbl8",
+                 "nexthops", "groups", "neighbours"):
         r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pin / name)],
                            capture_output=True, text=True)
         if r.returncode == 0:
