@@ -1,13 +1,15 @@
-"""The compact route store: the common form of a full table, one dict entry per prefix.
+"""The compact route store: the common form of a full table, as sorted arrays.
 
 A full table is mostly one route per prefix over a nexthop object. A dump
 hands those over as columns (``RouteColumns``); the store keeps them compact
-— one dict entry per prefix, keyed by an integer made of the address and the
-length, whose value is a shared tuple of the route's attributes — and hands
-them to the writer as arrays (``RouteRows``). Their fast-path entry is the
-object's, so nothing else is kept per prefix. The first change that names
-such a prefix takes it out of the store as a ``Route`` of the general
-structures (``pop``); the rest of the RIB never sees the difference.
+— per family, the prefixes' keys (address and length) sorted, each row's
+attributes as an index into tuples shared by every prefix with the same
+ones, its nexthop object, and whether it is still held — and hands them to
+the writer as arrays (``RouteRows``). Their fast-path entry is the object's,
+so nothing else is kept per prefix. The store only shrinks after the load:
+the first change that names such a prefix takes it out as a ``Route`` of the
+general structures (``pop``, a binary search and a cleared flag); the rest
+of the RIB never sees the difference.
 """
 
 from __future__ import annotations
@@ -37,22 +39,29 @@ NHID = 6
 _FIELDS = ("table", "type", "protocol", "scope", "metric", "tos", "nhid", "flags")
 
 
-def key_of(prefix: Prefix) -> int:
-    return int.from_bytes(prefix.addr, "big") << 8 | prefix.length
+def keys_of(family: int, addrs: np.ndarray[Any, Any], lens: np.ndarray[Any, Any]
+            ) -> np.ndarray[Any, Any]:
+    """Sortable keys of prefixes given as columns (addresses (n, 4 | 16), lengths):
+    IPv4 a uint64 (address << 8 | length), IPv6 17 bytes (address, length + 1:
+    a last byte never 0, which numpy's bytes would strip)."""
+    if family == AF_INET:
+        words = np.ascontiguousarray(addrs).view(">u4").ravel().astype(np.uint64)
+        return words << np.uint64(8) | lens.astype(np.uint64)
+    raw = np.concatenate([addrs.reshape(-1, 16), (lens.astype(np.uint16) + 1).astype(np.uint8)
+                          .reshape(-1, 1)], axis=1)
+    return np.ascontiguousarray(raw).view("S17").ravel()
 
 
-def prefix_of(family: int, key: int) -> Prefix:
-    return Prefix(family, (key >> 8).to_bytes(4 if family == AF_INET else 16, "big"), key & 0xFF)
+def _prefix_keys(family: int, prefixes: list[Prefix]) -> np.ndarray[Any, Any]:
+    alen = 4 if family == AF_INET else 16
+    addrs = np.frombuffer(b"".join(p.addr for p in prefixes), np.uint8).reshape(-1, alen)
+    return keys_of(family, addrs, np.array([p.length for p in prefixes], np.uint8))
 
 
-def keys_of(addrs: np.ndarray[Any, Any], lens: np.ndarray[Any, Any]) -> list[int]:
-    """key_of every row, at numpy speed where it fits 64 bits."""
-    if addrs.shape[1] == 4:
-        words = addrs.view(">u4").ravel().astype(np.uint64)
-        return (words << np.uint64(8) | lens.astype(np.uint64)).tolist()
-    halves = addrs.view(">u8")
-    return [hi << 72 | lo << 8 | n for hi, lo, n in
-            zip(halves[:, 0].tolist(), halves[:, 1].tolist(), lens.tolist(), strict=True)]
+def _prefixes(family: int, keys: np.ndarray[Any, Any]) -> list[Prefix]:
+    if family == AF_INET:
+        return [Prefix(family, (k >> 8).to_bytes(4, "big"), k & 0xFF) for k in keys.tolist()]
+    return [Prefix(family, k[:16], k[16] - 1) for k in keys.tolist()]
 
 
 def factorize(columns: list[np.ndarray[Any, Any]]) -> tuple[list[Compact], np.ndarray[Any, Any]]:
@@ -79,81 +88,125 @@ def factorize(columns: list[np.ndarray[Any, Any]]) -> tuple[list[Compact], np.nd
     return list(zip(*picked, strict=True)), ids  # type: ignore[arg-type]
 
 
+class _Part:
+    """One family's compact routes as arrays sorted by key: each row's attributes
+    (an index into ``shared``), its nexthop object, and whether it is still held
+    (rows only ever leave after load: a pop clears ``alive``)."""
+
+    def __init__(self, family: int) -> None:
+        self.family = family
+        self.keys: np.ndarray[Any, Any] = keys_of(family, np.zeros((0, 4 if family == AF_INET
+                                                                   else 16), np.uint8),
+                                                  np.zeros(0, np.uint8))
+        self.attr: np.ndarray[Any, Any] = np.zeros(0, np.int32)
+        self.nhid: np.ndarray[Any, Any] = np.zeros(0, np.uint32)
+        self.alive: np.ndarray[Any, Any] = np.zeros(0, bool)
+        self.shared: list[Compact] = []
+        self.count = 0
+
+    def find(self, prefix: Prefix) -> int | None:
+        """The row of a prefix still held, None if it has none."""
+        if not self.count:
+            return None
+        key: Any = (np.uint64(int.from_bytes(prefix.addr, "big") << 8 | prefix.length)
+                    if self.family == AF_INET else prefix.addr + bytes((prefix.length + 1,)))
+        i = int(self.keys.searchsorted(key))
+        if i < len(self.keys) and self.keys[i] == key and self.alive[i]:
+            return i
+        return None
+
+    def rows(self, keys: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any],
+                                                        np.ndarray[Any, Any]]:
+        """For each key, (whether it is held, its row where it is)."""
+        if not self.count or not len(keys):
+            return np.zeros(len(keys), bool), np.zeros(len(keys), np.intp)
+        i = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return (self.keys[i] == keys) & self.alive[i], i
+
+    def held(self) -> np.ndarray[Any, Any]:
+        return self.keys[self.alive]
+
+
 class CompactRoutes:
-    """The compact routes of both families, and how many use each nexthop object."""
+    """The compact routes of both families, and how many use each nexthop object.
+
+    A full table's million prefixes as arrays (~14 bytes a prefix), where a dict
+    of integer keys took ~100 bytes: ~100 MB of the daemon's RSS at a full table.
+    """
 
     def __init__(self) -> None:
-        self.tables: dict[int, dict[int, Compact]] = {AF_INET: {}, AF_INET6: {}}
+        self.parts: dict[int, _Part] = {AF_INET: _Part(AF_INET), AF_INET6: _Part(AF_INET6)}
         self.users: dict[int, int] = defaultdict(int)
-        # what load() took, as (family, keys, nexthop object of each): the routes over
-        # an object are found from it (``via``) without walking the tables in Python.
-        # The store only shrinks after load(), so a row found here is checked against
-        # the table and skipped when its prefix has left it.
-        self._loaded: list[tuple[int, list[int], np.ndarray[Any, Any]]] = []
 
     def __len__(self) -> int:
-        return sum(len(t) for t in self.tables.values())
+        return sum(p.count for p in self.parts.values())
 
     def __iter__(self) -> Iterator[Prefix]:
-        for family, table in self.tables.items():
-            for key in table:
-                yield prefix_of(family, key)
+        for family, part in self.parts.items():
+            if part.count:
+                yield from _prefixes(family, part.held())
 
     def count(self, family: int) -> int:
-        return len(self.tables[family])
+        return self.parts[family].count
 
     def holds(self, family: int, addr: bytes, length: int) -> bool:
-        return int.from_bytes(addr, "big") << 8 | length in self.tables[family]
+        return self.parts[family].find(Prefix(family, addr, length)) is not None
 
     def nhid(self, prefix: Prefix) -> int | None:
         """The nexthop object of the prefix's compact route (None: it has none)."""
-        attrs = self.tables[prefix.family].get(key_of(prefix))
-        return None if attrs is None else attrs[NHID]
+        part = self.parts[prefix.family]
+        i = part.find(prefix)
+        return None if i is None else int(part.nhid[i])
 
     def pop(self, prefix: Prefix) -> Route | None:
         """Take the prefix's compact route out, as a ``Route`` (None: it has none)."""
-        table = self.tables[prefix.family]
-        if not table:
+        part = self.parts[prefix.family]
+        i = part.find(prefix)
+        if i is None:
             return None
-        attrs = table.pop(key_of(prefix), None)
-        if attrs is None:
-            return None
+        part.alive[i] = False
+        part.count -= 1
+        attrs = part.shared[part.attr[i]]
         rtype, protocol, scope, metric, tos, nhid, flags = attrs[1:]
         self._forget_user(nhid)
         return Route(prefix, attrs[0], ROUTE_TYPES[rtype], protocol, scope, metric, tos, (),
                      nhid, 0, flags)
 
+    def _via(self, nhids: set[int]) -> list[tuple[_Part, np.ndarray[Any, Any]]]:
+        wanted = np.array(sorted(nhids), np.uint32)
+        return [(part, np.flatnonzero(part.alive & np.isin(part.nhid, wanted)))
+                for part in self.parts.values() if part.count]
+
     def via(self, nhids: set[int]) -> list[tuple[Prefix, int]]:
         """(prefix, nexthop object) of the routes over these objects (an object deleted
-        or changed in kind), found in load()'s columns: a Python walk of a full table
-        took ~0.1 s an object, and a storm deletes objects by the hundred."""
+        or changed in kind), found with numpy: a Python walk of a full table took
+        ~0.1 s an object, and a storm deletes objects by the hundred."""
         if not any(n in self.users for n in nhids):
             return []
-        wanted = np.array(sorted(nhids), np.uint32)
-        out = []
-        for family, keys, objects in self._loaded:
-            table = self.tables[family]
-            for i in np.flatnonzero(np.isin(objects, wanted)).tolist():
-                attrs = table.get(keys[i])
-                if attrs is not None and attrs[NHID] in nhids:
-                    out.append((prefix_of(family, keys[i]), attrs[NHID]))
-        return out
+        return [pair for part, rows in self._via(nhids) for pair in
+                zip(_prefixes(part.family, part.keys[rows]), part.nhid[rows].tolist(),
+                    strict=True)]
 
     def drop_via(self, nhid: int) -> list[Prefix]:
         """Remove the routes over a nexthop object; returns their prefixes."""
-        gone = [prefix for prefix, _ in self.via({nhid})]
-        for prefix in gone:
-            del self.tables[prefix.family][key_of(prefix)]
-            self._forget_user(nhid)
+        if nhid not in self.users:
+            return []
+        gone: list[Prefix] = []
+        for part, rows in self._via({nhid}):
+            part.alive[rows] = False
+            part.count -= len(rows)
+            gone += _prefixes(part.family, part.keys[rows])
+        self.users[nhid] -= len(gone)
+        if not self.users[nhid]:
+            del self.users[nhid]
         return gone
 
     def missing_from(self, other: CompactRoutes) -> Iterator[Prefix]:
         """The prefixes held here and not in ``other``."""
-        for family, table in self.tables.items():
-            now = other.tables[family]
-            for key in table:
-                if key not in now:
-                    yield prefix_of(family, key)
+        for family, part in self.parts.items():
+            if part.count:
+                mine = part.held()
+                yield from _prefixes(family, mine[~np.isin(mine, other.parts[family].held())])
 
     def _forget_user(self, nhid: int) -> None:
         self.users[nhid] -= 1
@@ -170,16 +223,19 @@ class CompactRoutes:
         route) makes it a ``Route`` like the rest. Returns the routes for the
         general structures in dump order (the dump's own objects among them),
         the compact rows with their entries (``entry_of`` a nexthop object),
-        and how many rows the filter left out.
+        and how many rows the filter left out. Called once, on an empty store.
         """
         ordinals = snapshot.route_ordinals or range(-len(snapshot.routes), 0)
         general: list[tuple[int, Route]] = list(zip(ordinals, snapshot.routes, strict=True))
-        taken: dict[int, set[int]] = {AF_INET: set(), AF_INET6: set()}
+        taken: dict[int, list[Prefix]] = {AF_INET: [], AF_INET6: []}
         for route in snapshot.routes:
-            taken[route.prefix.family].add(key_of(route.prefix))
+            taken[route.prefix.family].append(route.prefix)
         rows: list[RouteRows] = []
+        kept: dict[int, list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
+                                   np.ndarray[Any, Any]]]] = {AF_INET: [], AF_INET6: []}
         ignored = 0
         for cols in snapshot.route_columns:
+            family = cols.family
             follows = cols.table == follow.table
             if follow.protocols is not None:
                 follows &= np.isin(cols.protocol, np.array(sorted(follow.protocols), np.uint8))
@@ -190,52 +246,63 @@ class CompactRoutes:
             # rows the RIB must see as routes: local-table ones, and followed ones of other kinds
             for i in np.flatnonzero(~compact & (follows | local)).tolist():
                 general.append((int(cols.ordinal[i]), cols.route(i)))
-                taken[cols.family].add(key_of(general[-1][1].prefix))
+                taken[family].append(general[-1][1].prefix)
             idx = np.flatnonzero(compact)
-            keys = keys_of(cols.dst[idx], cols.dst_len[idx])
+            keys = keys_of(family, cols.dst[idx], cols.dst_len[idx])
             shared, ids = factorize([getattr(cols, name)[idx] for name in _FIELDS])
-            table = dict(zip(keys, map(shared.__getitem__, ids.tolist()), strict=True))
-            clash = taken[cols.family] & table.keys()
-            if len(table) < len(keys):
-                # one prefix in several rows: all of them are routes of the general kind
-                seen: set[int] = set()
-                clash |= {k for k in keys if k in seen or seen.add(k)}  # type: ignore[func-returns-value]
-            keep = np.ones(len(idx), bool)
-            if clash:
-                for j, key in enumerate(keys):
-                    if key in clash:
-                        keep[j] = False
-                        general.append((int(cols.ordinal[idx[j]]), cols.route(int(idx[j]))))
-                for key in clash:
-                    table.pop(key, None)
-            target = self.tables[cols.family]
-            if target:
-                target.update(table)
-            else:
-                self.tables[cols.family] = target = table
+            # a prefix in several rows, or among the routes: all of them are routes of
+            # the general kind
+            clash = np.isin(keys, _prefix_keys(family, taken[family])) if taken[family] \
+                else np.zeros(len(keys), bool)
+            order = np.argsort(keys, kind="stable")
+            same = keys[order][1:] == keys[order][:-1]
+            if same.any():
+                clash[order[1:][same]] = True
+                clash[order[:-1][same]] = True
+            for j in np.flatnonzero(clash).tolist():
+                general.append((int(cols.ordinal[idx[j]]), cols.route(int(idx[j]))))
+            keep = ~clash
+            part = self.parts[family]
             kept_ids = ids[keep]
-            self._loaded.append((cols.family, keys, cols.nhid[idx]))
+            nh = np.array([a[NHID] for a in shared], np.uint32)
+            kept[family].append((keys[keep], (kept_ids + len(part.shared)).astype(np.int32),
+                                 nh[kept_ids] if len(shared) else np.zeros(0, np.uint32)))
+            part.shared += shared
             for a, count in zip(shared, np.bincount(kept_ids, minlength=len(shared)).tolist(),
                                 strict=True):
                 if count:
                     self.users[a[NHID]] += count
-            rows.append(RouteRows(cols.family, cols.dst[idx[keep]], cols.dst_len[idx[keep]],
+            rows.append(RouteRows(family, cols.dst[idx[keep]], cols.dst_len[idx[keep]],
                                   kept_ids, [entry_of(a[NHID]) for a in shared]))
+        for family, chunks in kept.items():
+            if not chunks:
+                continue
+            part = self.parts[family]
+            keys = np.concatenate([c[0] for c in chunks])
+            order = np.argsort(keys, kind="stable")
+            part.keys = keys[order]
+            part.attr = np.concatenate([c[1] for c in chunks])[order]
+            part.nhid = np.concatenate([c[2] for c in chunks])[order]
+            part.alive = np.ones(len(order), bool)
+            part.count = len(order)
         general.sort(key=lambda pair: pair[0])
         return [route for _, route in general], rows, ignored
 
 
-def rows_to_write(rows: RouteRows, old: dict[int, Compact],
-                   old_entry: Mapping[int, FpRoute]) -> RouteRows:
+def rows_to_write(rows: RouteRows, old: CompactRoutes,
+                  old_entry: Mapping[int, FpRoute]) -> RouteRows:
     """The rows whose entry the maps do not hold yet, when they held the ``old``
     compact routes with the entries ``old_entry`` of their objects (all rows on a
     first sync)."""
-    if not old:
+    part = old.parts[rows.family]
+    if not part.count:
         return rows
-    keys = keys_of(rows.addrs, rows.lens)
-    entries = rows.entries
-    ids = rows.ids.tolist()
-    stale = np.fromiter(
-        ((a := old.get(k)) is None or old_entry[a[NHID]] != entries[i]
-         for k, i in zip(keys, ids, strict=True)), bool, len(keys))
-    return RouteRows(rows.family, rows.addrs[stale], rows.lens[stale], rows.ids[stale], entries)
+    held, at = part.rows(keys_of(rows.family, rows.addrs, rows.lens))
+    # one comparison of entries per (old object, new entry) pair in use
+    pairs = np.where(held, part.nhid[at], 0).astype(np.int64) << 32 | rows.ids.astype(np.int64)
+    uniq, inverse = np.unique(pairs, return_inverse=True)
+    same = np.array([old_entry.get(p >> 32) == rows.entries[p & 0xFFFFFFFF]
+                     for p in uniq.tolist()], bool)
+    stale = ~held | ~same[inverse.ravel()]
+    return RouteRows(rows.family, rows.addrs[stale], rows.lens[stale], rows.ids[stale],
+                     rows.entries)

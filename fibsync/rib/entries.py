@@ -436,7 +436,7 @@ class FpTable:
         for prefix in old_compact.missing_from(compact):
             if prefix not in entries:
                 diff.routes[prefix] = None
-        diff.bulk = [rows_to_write(r, old_compact.tables[r.family], old_entry) for r in rows]
+        diff.bulk = [rows_to_write(r, old_compact, old_entry) for r in rows]
         old_neigh = old.kernel.neighbours
         new_neigh = {k: n.lladdr for k, n in self.kernel.neighbours.items() if n.valid}
         diff.neighbours = {
