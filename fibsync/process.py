@@ -95,6 +95,26 @@ class InstanceLock:
             self.fd = -1
 
 
+# mallopt(3)'s M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024
+
+
+def fix_mmap_threshold() -> None:
+    """Keep glibc from raising its mmap threshold: blocks above 128 KiB are mapped
+    on their own, and go back to the system when freed.
+
+    By default glibc raises the threshold to the size of each mapped block freed
+    (up to 32 MiB). After a full table's sync has freed its big arrays, every
+    later array under that size came from the heap and thread arenas, whose
+    free pages ``release_memory`` could not all return: the daemon's RSS after
+    a full table was 245 MB with the dynamic threshold, 181-185 MB with this one
+    (measured; setting it turns the adjustment off).
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def release_memory() -> None:
     """Give the memory a sync freed back to the system.
 
