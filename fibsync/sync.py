@@ -81,6 +81,8 @@ class SyncSink:
             self.audit_window.overrun = True  # everything may have changed
         self.resync_quiet = snapshot.quiet
         self.rib.resync(snapshot)
+        # consumed: a full table's columns (~45 MB) are freed before the first write
+        snapshot.route_columns = []
         for prefix in self.rewrite:
             self.rib.rewrite(prefix)
         self.rewrite = set()

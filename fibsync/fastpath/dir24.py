@@ -368,9 +368,13 @@ class Dir24Table:
     # ------------------------------------------------------------ load
 
     def load(self, addrs: npt.NDArray[np.uint32], lens: npt.NDArray[np.uint8],
-             ids: npt.NDArray[np.intp], values: Sequence[bytes]) -> npt.NDArray[np.intp]:
+             ids: npt.NDArray[np.intp], values: Sequence[bytes],
+             unread: bool = False) -> npt.NDArray[np.intp]:
         """Replace the whole table with these routes: route i is
         ``addrs[i]/lens[i]`` (host order) with value ``values[ids[i]]``.
+        ``unread``: the arrays were created empty by this run and no program
+        reads them yet, so the table is built in place, not in private memory
+        published entry by entry (64 MiB less at the first sync's peak).
 
         Returns the indexes of the routes that could not be placed (no slot,
         or no tbl8 group: their /24 is pinned to bpf_fib_lookup). Only a new
@@ -384,7 +388,7 @@ class Dir24Table:
         slot_of_value = np.array([self._slot(v) or 0 for v in values] or [0], dtype=np.uint32)
         entries = (lens << SHIFT) | slot_of_value[ids]
         placed = (entries & INDEX) != 0
-        new = np.zeros(TBL24, dtype=np.uint32)
+        new = self._t24 if unread else np.zeros(TBL24, dtype=np.uint32)
 
         order = np.argsort(lens, kind="stable")
         bounds = np.searchsorted(lens[order], np.arange(34))
@@ -403,7 +407,8 @@ class Dir24Table:
         if longer.size:
             failed = np.concatenate([failed, self._load_groups(new, addrs, lens, entries,
                                                                longer)])
-        self._publish(new)
+        if not unread:
+            self._publish(new)
         self.groups.release_reserved()
         self.slots.release_reserved()
         self._held.clear()

@@ -465,7 +465,8 @@ class MapWriter:
         if self._first:
             written = np.sort(written)
             failed = table.load(batch.host_addrs()[written], batch.lens[written],
-                                batch.ids[written], batch.values)
+                                batch.ids[written], batch.values,
+                                unread=self.fresh.issuperset(DIR24_MAPS))
             failed_prefixes = batch.prefixes(written[failed])
         else:
             order = written.tolist()  # longest first, as routes_v4 got them

@@ -201,6 +201,7 @@ class NetlinkSource:
             self._drain(events)
             self._check_overrun()
             snapshot.quiet = self.stats.messages + self.stats.undecodable == heard
+            routes = snapshot.route_count()  # before the sink, which may consume the columns
             sink.resync(snapshot)
             self._synced = True
             self.stats.resyncs += 1
@@ -212,7 +213,7 @@ class NetlinkSource:
                 addresses=len(snapshot.addresses),
                 neighbours=len(snapshot.neighbours),
                 nexthops=len(snapshot.nexthops),
-                routes=snapshot.route_count(),
+                routes=routes,
                 queued=len(self._pending),
             )
             del snapshot  # a full table's worth: not to be held for the session's life

@@ -65,12 +65,13 @@ def table(ref: Reference, groups: int = 256, slots: int = 64,
                       nexthop=None if nexthops is None else nexthops.get, grace=Graces())
 
 
-def load(t: Dir24Table, routes: dict[Route, bytes]) -> list[int]:
+def load(t: Dir24Table, routes: dict[Route, bytes], unread: bool = False) -> list[int]:
     items = list(routes.items())
     values = sorted(set(routes.values()))
     failed = t.load(np.array([a for (a, _), _ in items], np.uint32),
                     np.array([n for (_, n), _ in items], np.uint8),
-                    np.array([values.index(v) for _, v in items], np.intp), values)
+                    np.array([values.index(v) for _, v in items], np.intp), values,
+                    unread=unread)
     return failed.tolist()
 
 
@@ -218,13 +219,16 @@ def test_random_changes_match_longest_prefix_match(seed: int) -> None:
     assert len(named) == t.groups.in_use
 
 
-def test_load_and_one_by_one_build_the_same_table() -> None:
+@pytest.mark.parametrize("unread", [False, True], ids=["published", "in place"])
+def test_load_and_one_by_one_build_the_same_table(unread: bool) -> None:
+    """A load builds in private memory and publishes, or (arrays no program reads
+    yet) in place: either way the table one change at a time would have built."""
     rng = random.Random(7)
     routes = {random_prefix(rng): value(rng.randrange(1, 9)) for _ in range(400)}
     a_ref, b_ref = Reference(), Reference()
     a, b = table(a_ref, groups=1024), table(b_ref, groups=1024)
     a_ref.routes.update(routes)
-    load(a, routes)
+    load(a, routes, unread=unread)
     add(b, b_ref, routes)
     region = np.arange(10 << 24, (10 << 24) + (1 << 18), dtype=np.uint32)
     assert [a.lookup(x) for x in region[::7].tolist()] == \
