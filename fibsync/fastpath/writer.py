@@ -177,7 +177,7 @@ class RouteBatch:
         # fields hashes in C, 0.26 against 0.7 µs a route
         ids: dict[tuple[int, bool, str, Action], int] = {}
         id_parts = [np.fromiter((ids.setdefault((e.nh_id, e.group, e.reason, e.action), len(ids))
-                                 for _, e in routes), np.intp, n)]
+                                 for _, e in routes), np.int32, n)]
         len_parts = [np.fromiter((p.length for p, _ in routes), np.uint8, n)]
         addr_parts = [np.frombuffer(b"".join(p.addr for p, _ in routes),
                                     np.uint8).reshape(n, alen)]
@@ -185,20 +185,23 @@ class RouteBatch:
             if not len(r):
                 continue
             local = np.array([ids.setdefault((e.nh_id, e.group, e.reason, e.action), len(ids))
-                              for e in r.entries], np.intp)
+                              for e in r.entries], np.int32)
             id_parts.append(local[r.ids])
             len_parts.append(r.lens)
             addr_parts.append(r.addrs)
-        self.ids = np.concatenate(id_parts)
-        self.lens = np.concatenate(len_parts)
-        self.addrs = np.concatenate(addr_parts)
+        # one part (a resync's rows alone, or changes alone) is taken as it is
+        self.ids = _joined(id_parts[1:] if not n and len(id_parts) == 2 else id_parts)
+        self.lens = _joined(len_parts[1:] if not n and len(len_parts) == 2 else len_parts)
+        self.addrs = np.ascontiguousarray(
+            _joined(addr_parts[1:] if not n and len(addr_parts) == 2 else addr_parts))
         self.values = [encode_route(FpRoute(action, nh_id, group, reason))
                        for nh_id, group, reason, action in ids]
         words = self.addrs.view(">u8" if alen == 16 else ">u4")
         by_length = -self.lens.astype(np.int16)
         by_addr = [words[:, i] for i in range(words.shape[1] - 1, -1, -1)]
         # np.lexsort sorts by its last key first
-        self.order = np.lexsort((by_length, *by_addr) if by_address else (*by_addr, by_length))
+        self.order = np.lexsort((by_length, *by_addr) if by_address else (*by_addr, by_length)
+                                ).astype(np.int32)
         keys = np.zeros(len(self.lens), abi.route_key_dtype(alen))
         keys["plen"] = self.lens[self.order]
         keys["addr"] = self.addrs[self.order]
@@ -206,8 +209,11 @@ class RouteBatch:
             else np.zeros(0, abi.ROUTE_DTYPE)
         values = table[self.ids[self.order]]
         values["plen"] = self.lens[self.order]
-        self.keys = keys.tobytes()
-        self.vals = values.tobytes()
+        # the map's keys and values laid end to end, as the records' own bytes (a
+        # copy as bytes was ~20 MB more at a full table's peak; a writable buffer
+        # also goes to the kernel without the copy a read-only one needs)
+        self.keys = keys.view(np.uint8)
+        self.vals = values.view(np.uint8)
         self.key_size = keys.itemsize
 
     def __len__(self) -> int:
@@ -221,8 +227,8 @@ class RouteBatch:
 
     def items(self, lo: int, hi: int) -> list[tuple[bytes, bytes]]:
         ks = self.key_size
-        k, v = self.keys, self.vals
-        return [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8]) for i in range(lo, hi)]
+        k, v = self.keys[lo * ks:hi * ks].tobytes(), self.vals[lo * 8:hi * 8].tobytes()
+        return [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8]) for i in range(hi - lo)]
 
     def local_changes(self, known: set[Prefix], deleted: list[Prefix]
                       ) -> tuple[list[Prefix], list[Prefix]]:
@@ -335,7 +341,8 @@ class MapWriter:
                 self.local.prefixes, dels[AF_INET])))
         done = self._put_routes(batches)
         for family, name in self.route_maps.items():
-            batch = batches[family]
+            # taken out: a full table's IPv4 batch (~25 MB) goes before IPv6's lengths
+            batch = batches.pop(family)
             written = self._routes_written(batch, done[family])
             self._delete(name, [route_key(p) for p in dels[family]])
             if self.unwritten:
@@ -463,11 +470,16 @@ class MapWriter:
         table = self.dir24
         assert table is not None
         if self._first:
-            written = np.sort(written)
-            failed = table.load(batch.host_addrs()[written], batch.lens[written],
-                                batch.ids[written], batch.values,
-                                unread=self.fresh.issuperset(DIR24_MAPS))
-            failed_prefixes = batch.prefixes(written[failed])
+            if len(written) == len(batch):  # all of it (a copy of each column less)
+                addrs, lens, ids = batch.host_addrs(), batch.lens, batch.ids
+                failed = table.load(addrs, lens, ids, batch.values,
+                                    unread=self.fresh.issuperset(DIR24_MAPS))
+            else:
+                written = np.sort(written)
+                failed = written[table.load(batch.host_addrs()[written], batch.lens[written],
+                                            batch.ids[written], batch.values,
+                                            unread=self.fresh.issuperset(DIR24_MAPS))]
+            failed_prefixes = batch.prefixes(failed)
         else:
             order = written.tolist()  # longest first, as routes_v4 got them
             addrs = batch.host_addrs()[written].tolist()
@@ -485,12 +497,12 @@ class MapWriter:
     def _write_v6_lengths(self, batch: RouteBatch, written: np.ndarray[Any, Any],
                           deleted: int) -> None:
         """The lengths of the IPv6 routes just written (their entries are in
-        v6_hash already); all of them rebuilt on the first write (the whole
-        table: a map set not created empty may hold a previous run's bits)
-        and after enough deletions."""
+        v6_hash already); all of them rebuilt on the first write into lengths
+        this run did not create (a previous run's bits) and after enough
+        deletions."""
         lengths = self.v6
         assert lengths is not None
-        if self._first:
+        if self._first and "v6_lengths" not in self.fresh:
             lengths.rebuild(batch.addrs[written], batch.lens[written])
             return
         lengths.add(batch.addrs[written], batch.lens[written])
@@ -540,6 +552,10 @@ class MapWriter:
         self.stats.errors += 1
         self.stats.full += full
         self.stats.last_error = str(e)
+
+
+def _joined(parts: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _chunks(items: list[bytes] | list[tuple[bytes, bytes]], n: int) -> Iterable[list]:  # type: ignore[type-arg]

@@ -46,7 +46,9 @@ def keys_of(family: int, addrs: np.ndarray[Any, Any], lens: np.ndarray[Any, Any]
     a last byte never 0, which numpy's bytes would strip)."""
     if family == AF_INET:
         words = np.ascontiguousarray(addrs).view(">u4").ravel().astype(np.uint64)
-        return words << np.uint64(8) | lens.astype(np.uint64)
+        words <<= np.uint64(8)  # in place: a full table's temporaries are 8 MB each
+        words |= lens
+        return words
     raw = np.concatenate([addrs.reshape(-1, 16), (lens.astype(np.uint16) + 1).astype(np.uint8)
                           .reshape(-1, 1)], axis=1)
     return np.ascontiguousarray(raw).view("S17").ravel()
@@ -72,11 +74,16 @@ def factorize(columns: list[np.ndarray[Any, Any]]) -> tuple[list[Compact], np.nd
     one np.unique each, and their codes are combined into one integer.
     """
     n = len(columns[0])
+    varying = [col for col in columns if n and not (col == col[0]).all()]
+    if len(varying) <= 1:
+        # the usual full table: only the nexthop object varies (one sort, no codes)
+        key = varying[0] if varying else np.zeros(n, np.uint8)
+        _, first, ids = np.unique(key, return_index=True, return_inverse=True)
+        picked = [col[first].tolist() for col in columns]
+        return list(zip(*picked, strict=True)), ids.ravel()  # type: ignore[arg-type]
     code = np.zeros(n, np.int64)
     distinct = 1  # an upper bound of the codes in use
-    for col in columns:
-        if not n or (col == col[0]).all():
-            continue
+    for col in varying:
         uniq, inv = np.unique(col, return_inverse=True)
         if distinct * len(uniq) >= 1 << 62:
             _, code = np.unique(code, return_inverse=True)  # renumber densely
@@ -248,14 +255,25 @@ class CompactRoutes:
                 general.append((int(cols.ordinal[i]), cols.route(i)))
                 taken[family].append(general[-1][1].prefix)
             idx = np.flatnonzero(compact)
-            keys = keys_of(family, cols.dst[idx], cols.dst_len[idx])
-            shared, ids = factorize([getattr(cols, name)[idx] for name in _FIELDS])
+            # a full table is compact whole: its columns are used as they are, not
+            # copied (~25 MB of copies at the first sync's peak)
+            whole = len(idx) == len(compact)
+
+            def pick(column: np.ndarray[Any, Any], rows: np.ndarray[Any, Any] = idx,
+                     whole: bool = whole) -> np.ndarray[Any, Any]:
+                return column if whole else column[rows]
+
+            keys = keys_of(family, pick(cols.dst), pick(cols.dst_len))
+            shared, ids = factorize([pick(getattr(cols, name)) for name in _FIELDS])
+            ids = ids.astype(np.int32)  # half the intp inverse: rows live through the write
             # a prefix in several rows, or among the routes: all of them are routes of
             # the general kind
             clash = np.isin(keys, _prefix_keys(family, taken[family])) if taken[family] \
                 else np.zeros(len(keys), bool)
             order = np.argsort(keys, kind="stable")
-            same = keys[order][1:] == keys[order][:-1]
+            ordered = keys[order]
+            same = ordered[1:] == ordered[:-1]
+            del ordered
             if same.any():
                 clash[order[1:][same]] = True
                 clash[order[:-1][same]] = True
@@ -263,28 +281,39 @@ class CompactRoutes:
                 general.append((int(cols.ordinal[idx[j]]), cols.route(int(idx[j]))))
             keep = ~clash
             part = self.parts[family]
-            kept_ids = ids[keep]
+            kept_ids = ids if not clash.any() else ids[keep]
             nh = np.array([a[NHID] for a in shared], np.uint32)
-            kept[family].append((keys[keep], (kept_ids + len(part.shared)).astype(np.int32),
-                                 nh[kept_ids] if len(shared) else np.zeros(0, np.uint32)))
+            # kept sorted by key: the chunk's order, less its clashes
+            by_key = order[keep[order]] if clash.any() else order
+            del order
+            kept[family].append((keys[by_key], (ids[by_key] + len(part.shared)).astype(np.int32),
+                                 nh[ids[by_key]] if len(shared) else np.zeros(0, np.uint32)))
+            del by_key
             part.shared += shared
             for a, count in zip(shared, np.bincount(kept_ids, minlength=len(shared)).tolist(),
                                 strict=True):
                 if count:
                     self.users[a[NHID]] += count
-            rows.append(RouteRows(family, cols.dst[idx[keep]], cols.dst_len[idx[keep]],
-                                  kept_ids, [entry_of(a[NHID]) for a in shared]))
+            if not clash.any():
+                addrs, lens = pick(cols.dst), pick(cols.dst_len)
+            else:
+                addrs, lens = cols.dst[idx[keep]], cols.dst_len[idx[keep]]
+            rows.append(RouteRows(family, addrs, lens, kept_ids,
+                                  [entry_of(a[NHID]) for a in shared]))
         for family, chunks in kept.items():
             if not chunks:
                 continue
             part = self.parts[family]
-            keys = np.concatenate([c[0] for c in chunks])
-            order = np.argsort(keys, kind="stable")
-            part.keys = keys[order]
-            part.attr = np.concatenate([c[1] for c in chunks])[order]
-            part.nhid = np.concatenate([c[2] for c in chunks])[order]
-            part.alive = np.ones(len(order), bool)
-            part.count = len(order)
+            if len(chunks) == 1:  # one dump per family: sorted already
+                part.keys, part.attr, part.nhid = chunks[0]
+            else:
+                keys = np.concatenate([c[0] for c in chunks])
+                order = np.argsort(keys, kind="stable")
+                part.keys = keys[order]
+                part.attr = np.concatenate([c[1] for c in chunks])[order]
+                part.nhid = np.concatenate([c[2] for c in chunks])[order]
+            part.alive = np.ones(len(part.keys), bool)
+            part.count = len(part.keys)
         general.sort(key=lambda pair: pair[0])
         return [route for _, route in general], rows, ignored
 
