@@ -16,6 +16,7 @@ table, never from its bpf_fib_lookup fallback.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import re
 import socket
@@ -85,28 +86,34 @@ def prefix(rng: random.Random) -> str:
     return f"{socket.inet_ntoa(n.to_bytes(4, 'big'))}/{length}"
 
 
-def route_line(rng: random.Random, p: str) -> str:
+def route_line(rng: random.Random, p: str, nhids: dict[int, str] = NHIDS,
+               gateways: dict[str, str] = GATEWAYS) -> str:
+    """A random route for p (either family): over a nexthop object, an inline
+    gateway (veth vI leads to the I-th gateway), or of another type."""
     kind = rng.choices(["nhid", "via", "blackhole", "unreachable", "prohibit"],
                        weights=[70, 10, 7, 7, 6])[0]
     if kind == "nhid":
-        return f"route replace {p} nhid {rng.choice(list(NHIDS))}"
+        return f"route replace {p} nhid {rng.choice(list(nhids))}"
     if kind == "via":
-        i = rng.randrange(len(GATEWAYS))
-        return f"route replace {p} via 172.16.{i}.2 dev v{i}"
+        i = rng.randrange(len(gateways))
+        return f"route replace {p} via {list(gateways)[i]} dev v{i}"
     return f"route replace {kind} {p}"
 
 
-def destinations(rng: random.Random, prefixes: list[str]) -> list[str]:
-    """Ends of prefixes, hosts inside them (deleted ones too), random addresses."""
+def destinations(rng: random.Random, prefixes: list[str],
+                 random_address: Callable[[random.Random], int] = lambda rng: (
+                     10 << 24) | rng.randrange(1 << 22)) -> list[str]:
+    """Ends of prefixes, hosts inside them (deleted ones too), random addresses
+    (either family: that of the prefixes)."""
+    address = type(ipaddress.ip_network(prefixes[0]).network_address)
     out = []
     for p in rng.sample(prefixes, min(len(prefixes), SAMPLES // 4)):
-        addr, length = p.split("/")
-        n = int.from_bytes(socket.inet_aton(addr), "big")
-        size = 1 << (32 - int(length))
-        out += [n, n + size - 1, n + rng.randrange(size)]
+        net = ipaddress.ip_network(p)
+        first = int(net.network_address)
+        out += [first, first + net.num_addresses - 1, first + rng.randrange(net.num_addresses)]
     while len(out) < SAMPLES:
-        out.append((10 << 24) | rng.randrange(1 << 22))
-    return [socket.inet_ntoa(n.to_bytes(4, "big")) for n in out]
+        out.append(random_address(rng))
+    return [str(address(n)) for n in out]
 
 
 # ---------------------------------------------------------------- the two sides

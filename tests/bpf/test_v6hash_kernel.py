@@ -31,8 +31,9 @@ from fibsync.fastpath.maps import PinnedMaps
 from fibsync.fastpath.program import FastPath
 from fibsync.fastpath.writer import MapWriter
 from fibsync.rib import Rib
+from tests.bpf import test_dir24_kernel as kernel_test
 from tests.bpf.harness import Dir24Memory, Lab, netns, sh
-from tests.bpf.test_dir24_kernel import SAMPLES, dump, ip_batch, kernel_answers, program_answers
+from tests.bpf.test_dir24_kernel import dump, ip_batch, kernel_answers, program_answers
 
 pytestmark = pytest.mark.privileged
 
@@ -76,26 +77,12 @@ def prefix(rng: random.Random, known: list[str]) -> str:
 
 
 def route_line(rng: random.Random, p: str) -> str:
-    kind = rng.choices(["nhid", "via", "blackhole", "unreachable", "prohibit"],
-                       weights=[70, 10, 7, 7, 6])[0]
-    if kind == "nhid":
-        return f"route replace {p} nhid {rng.choice(list(NHIDS))}"
-    if kind == "via":
-        i = rng.randrange(len(GATEWAYS))
-        return f"route replace {p} via {list(GATEWAYS)[i]} dev v{i}"
-    return f"route replace {kind} {p}"
+    return kernel_test.route_line(rng, p, NHIDS, GATEWAYS)
 
 
 def destinations(rng: random.Random, prefixes: list[str]) -> list[str]:
-    """Ends of prefixes, hosts inside them (deleted ones too), random addresses."""
-    out = []
-    for p in rng.sample(prefixes, min(len(prefixes), SAMPLES // 4)):
-        net = ipaddress.IPv6Network(p)
-        first = int(net.network_address)
-        out += [first, first + net.num_addresses - 1, first + rng.randrange(net.num_addresses)]
-    while len(out) < SAMPLES:
-        out.append(rng.choice(BLOCKS) << 96 | rng.getrandbits(96))
-    return [str(ipaddress.IPv6Address(n)) for n in out]
+    return kernel_test.destinations(rng, prefixes,
+                                    lambda rng: rng.choice(BLOCKS) << 96 | rng.getrandbits(96))
 
 
 def frame(dst: str) -> bytes:
