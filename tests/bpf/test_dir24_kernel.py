@@ -49,17 +49,26 @@ KERNEL_ERRORS = {"Invalid argument": "blackhole", "No route to host": "unreachab
                  "Permission denied": "prohibit", "Network is unreachable": "none"}
 
 
+def router_lines(in_mac: str, in_addr: str, gateways: dict[str, str], nhids: dict[int, str],
+                 own: Callable[[str], str]) -> list[str]:
+    """`ip -batch` lines of the router under test (either family): in0 where frames
+    arrive (address ``in_addr``), and veth vI to the I-th gateway, its own address
+    ``own(gateway)``, the gateway's neighbour entry and nexthop object."""
+    lines = [f"link add in0 address {in_mac} type veth peer name in1",
+             "link set in0 up", "link set in1 up", f"addr add {in_addr} dev in0"]
+    for i, ((gw, mac), nhid) in enumerate(zip(gateways.items(), nhids, strict=True)):
+        lines += [f"link add v{i} type veth peer name p{i}", f"link set v{i} up",
+                  f"link set p{i} up", f"addr add {own(gw)} dev v{i}",
+                  f"neigh replace {gw} lladdr {mac} dev v{i} nud permanent",
+                  f"nexthop add id {nhid} via {gw} dev v{i}"]
+    return lines
+
+
 @pytest.fixture
 def kernel_ns(unique_prefix: str) -> Iterator[str]:
     with netns(f"{unique_prefix}kfib") as ns:
-        lines = ["link add in0 address " + IN_MAC + " type veth peer name in1",
-                 "link set in0 up", "link set in1 up", "addr add 172.16.100.1/24 dev in0"]
-        for i, (gw, mac) in enumerate(GATEWAYS.items()):
-            lines += [f"link add v{i} type veth peer name p{i}", f"link set v{i} up",
-                      f"link set p{i} up", f"addr add 172.16.{i}.1/24 dev v{i}",
-                      f"neigh replace {gw} lladdr {mac} dev v{i} nud permanent",
-                      f"nexthop add id {9001 + i} via {gw} dev v{i}"]
-        ip_batch(ns, lines)
+        ip_batch(ns, router_lines(IN_MAC, "172.16.100.1/24", GATEWAYS, NHIDS,
+                                  lambda gw: gw[:-1] + "1/24"))
         # bpf_fib_lookup answers as the kernel forwards
         sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
         yield ns
@@ -235,15 +244,29 @@ def test_lpm_and_dir24_answer_like_the_kernel(fastpath: FastPath, dir24_memory: 
     assert writer.unwritten == set() and writer.stats.errors == 0
 
     dsts = destinations(rng, sorted(lines) + new)
-    kernel = kernel_answers(kernel_ns, dsts)
-    kinds = Counter("unicast" if k in GATEWAYS else k for k in kernel)
-    assert min(kinds.values()) > 200, kinds  # every kind of answer is well represented
-    expected = ["pass" if k in ("unreachable", "prohibit", "none") else k for k in kernel]
-    for table in ("lpm", "dir24"):
+
+    def use(table: str) -> None:
         lab.v4_table = table
         lab.config()
+
+    answer_like_the_kernel(lab, kernel_ns, ingress, dsts, {t: use for t in ("lpm", "dir24")})
+
+
+def answer_like_the_kernel(lab: Lab, ns: str, ingress: int, dsts: list[str],
+                           tables: dict[str, Callable[[str], None]],
+                           frame: Callable[[str], bytes] = frame,
+                           gateways: dict[str, str] = GATEWAYS) -> None:
+    """The kernel's answer for each destination (`ip route get`), then the program's
+    with each table (``tables``: name -> what selects it): every answer the same,
+    every unicast one from the fast path's own table."""
+    kernel = kernel_answers(ns, dsts)
+    kinds = Counter("unicast" if k in gateways else k for k in kernel)
+    assert min(kinds.values()) > 200, kinds  # every kind of answer is well represented
+    expected = ["pass" if k in ("unreachable", "prohibit", "none") else k for k in kernel]
+    for table, select in tables.items():
+        select(table)
         lab.clear_counters()
-        got = program_answers(lab, ingress, dsts)
+        got = program_answers(lab, ingress, dsts, frame, gateways)
         wrong = [f"{d}: kernel {k}, {table} {g}" for d, k, e, g in
                  zip(dsts, kernel, expected, got, strict=True) if e != g]
         assert wrong == [], f"{len(wrong)} wrong answers, e.g. {wrong[:5]}"
