@@ -47,8 +47,7 @@ U64 = np.uint64
 
 def slot(top: npt.NDArray[np.uint32]) -> npt.NDArray[np.intp]:
     """The v6_lengths slot of /32s given as host-order integers (Fibonacci hashing)."""
-    return (((top.astype(np.uint64) * abi.FS_V6_SLOT_HASH) & 0xFFFFFFFF)
-            >> (32 - abi.FS_V6_SLOT_BITS)).astype(np.intp)
+    return abi.fibonacci_hash(top, abi.FS_V6_SLOT_HASH, abi.FS_V6_SLOT_BITS).astype(np.intp)
 
 
 def positions(addrs: npt.NDArray[np.uint8], lens: npt.NDArray[np.uint8]
@@ -125,10 +124,7 @@ class V6Lengths:
         self.deleted = 0
         return len(changed)
 
-    def probe_order(self, addr: bytes) -> list[int]:
-        return probe_order(self.words, addr)
-
 
 def memory_buffer() -> bytearray:
-    """Private memory shaped like v6_lengths (tests, verify's expected side)."""
+    """Private memory shaped like v6_lengths (``MemoryMaps(v6_hash=True)``)."""
     return bytearray((SLOTS + 1) * WORDS * 8)

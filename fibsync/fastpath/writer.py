@@ -189,11 +189,9 @@ class RouteBatch:
             id_parts.append(local[r.ids])
             len_parts.append(r.lens)
             addr_parts.append(r.addrs)
-        # one part (a resync's rows alone, or changes alone) is taken as it is
-        self.ids = _joined(id_parts[1:] if not n and len(id_parts) == 2 else id_parts)
-        self.lens = _joined(len_parts[1:] if not n and len(len_parts) == 2 else len_parts)
-        self.addrs = np.ascontiguousarray(
-            _joined(addr_parts[1:] if not n and len(addr_parts) == 2 else addr_parts))
+        self.ids = _joined(id_parts)
+        self.lens = _joined(len_parts)
+        self.addrs = np.ascontiguousarray(_joined(addr_parts))
         self.values = [encode_route(FpRoute(action, nh_id, group, reason))
                        for nh_id, group, reason, action in ids]
         words = self.addrs.view(">u8" if alen == 16 else ">u4")
@@ -470,15 +468,14 @@ class MapWriter:
         table = self.dir24
         assert table is not None
         if self._first:
+            unread = self.fresh.issuperset(DIR24_MAPS)
             if len(written) == len(batch):  # all of it (a copy of each column less)
-                addrs, lens, ids = batch.host_addrs(), batch.lens, batch.ids
-                failed = table.load(addrs, lens, ids, batch.values,
-                                    unread=self.fresh.issuperset(DIR24_MAPS))
+                failed = table.load(batch.host_addrs(), batch.lens, batch.ids, batch.values,
+                                    unread=unread)
             else:
                 written = np.sort(written)
                 failed = written[table.load(batch.host_addrs()[written], batch.lens[written],
-                                            batch.ids[written], batch.values,
-                                            unread=self.fresh.issuperset(DIR24_MAPS))]
+                                            batch.ids[written], batch.values, unread=unread)]
             failed_prefixes = batch.prefixes(failed)
         else:
             order = written.tolist()  # longest first, as routes_v4 got them
@@ -555,7 +552,10 @@ class MapWriter:
 
 
 def _joined(parts: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    """The parts end to end; a single non-empty one (a resync's rows alone, or
+    changes alone) is taken as it is, not copied."""
+    filled = [p for p in parts if len(p)] or parts[:1]
+    return filled[0] if len(filled) == 1 else np.concatenate(filled)
 
 
 def _chunks(items: list[bytes] | list[tuple[bytes, bytes]], n: int) -> Iterable[list]:  # type: ignore[type-arg]

@@ -203,9 +203,7 @@ class CompactRoutes:
             part.alive[rows] = False
             part.count -= len(rows)
             gone += _prefixes(part.family, part.keys[rows])
-        self.users[nhid] -= len(gone)
-        if not self.users[nhid]:
-            del self.users[nhid]
+        self._forget_user(nhid, len(gone))
         return gone
 
     def missing_from(self, other: CompactRoutes) -> Iterator[Prefix]:
@@ -215,8 +213,8 @@ class CompactRoutes:
                 mine = part.held()
                 yield from _prefixes(family, mine[~np.isin(mine, other.parts[family].held())])
 
-    def _forget_user(self, nhid: int) -> None:
-        self.users[nhid] -= 1
+    def _forget_user(self, nhid: int, routes: int = 1) -> None:
+        self.users[nhid] -= routes
         if not self.users[nhid]:
             del self.users[nhid]
 
@@ -273,31 +271,32 @@ class CompactRoutes:
             order = np.argsort(keys, kind="stable")
             ordered = keys[order]
             same = ordered[1:] == ordered[:-1]
-            del ordered
             if same.any():
                 clash[order[1:][same]] = True
                 clash[order[:-1][same]] = True
             for j in np.flatnonzero(clash).tolist():
                 general.append((int(cols.ordinal[idx[j]]), cols.route(int(idx[j]))))
+            clashed = bool(clash.any())
             keep = ~clash
             part = self.parts[family]
-            kept_ids = ids if not clash.any() else ids[keep]
+            kept_ids = ids[keep] if clashed else ids
             nh = np.array([a[NHID] for a in shared], np.uint32)
             # kept sorted by key: the chunk's order, less its clashes
-            by_key = order[keep[order]] if clash.any() else order
-            del order
-            kept[family].append((keys[by_key], (ids[by_key] + len(part.shared)).astype(np.int32),
-                                 nh[ids[by_key]] if len(shared) else np.zeros(0, np.uint32)))
-            del by_key
+            if clashed:
+                order = order[keep[order]]
+                ordered = keys[order]
+            kept[family].append((ordered, (ids[order] + len(part.shared)).astype(np.int32),
+                                 nh[ids[order]] if len(shared) else np.zeros(0, np.uint32)))
+            del order, ordered
             part.shared += shared
             for a, count in zip(shared, np.bincount(kept_ids, minlength=len(shared)).tolist(),
                                 strict=True):
                 if count:
                     self.users[a[NHID]] += count
-            if not clash.any():
-                addrs, lens = pick(cols.dst), pick(cols.dst_len)
-            else:
+            if clashed:
                 addrs, lens = cols.dst[idx[keep]], cols.dst_len[idx[keep]]
+            else:
+                addrs, lens = pick(cols.dst), pick(cols.dst_len)
             rows.append(RouteRows(family, addrs, lens, kept_ids,
                                   [entry_of(a[NHID]) for a in shared]))
         for family, chunks in kept.items():
