@@ -275,7 +275,7 @@ static __always_inline struct fs_route *fs_v6_hash_lookup(const __u8 *daddr)
 	struct fs_route *r;
 
 	__builtin_memcpy(a, daddr, 16);
-	slot = (bpf_ntohl(a[0]) * FS_V6_SLOT_HASH) >> (32 - FS_V6_SLOT_BITS);
+	slot = fs_fibonacci_hash(bpf_ntohl(a[0]), FS_V6_SLOT_HASH, FS_V6_SLOT_BITS);
 	l = v6_lengths.lookup(&slot);
 	if (l) {
 		r = fs_v6_probe(a, l->lengths[0], 128);
@@ -556,7 +556,7 @@ static __always_inline bool fs_ingress_ok(const struct fs_pkt *p, __u8 pass, __u
 /* False when no route of this host's (PASS_LOCAL) can hold addr: see `local_v4`. */
 static __always_inline bool fs_maybe_local_v4(__be32 addr)
 {
-	__u32 bit = ((bpf_ntohl(addr) >> 8) * FS_LOCAL_V4_HASH) >> (32 - FS_LOCAL_V4_BITS);
+	__u32 bit = fs_fibonacci_hash(bpf_ntohl(addr) >> 8, FS_LOCAL_V4_HASH, FS_LOCAL_V4_BITS);
 	__u32 word = bit >> 6;
 	__u64 *w = local_v4.lookup(&word);
 

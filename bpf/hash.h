@@ -1,7 +1,14 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* ECMP: the flow hash that picks a group's bucket. */
+/* ECMP: the flow hash that picks a group's bucket; the tables' Fibonacci hashing. */
 #ifndef FIBSYNC_HASH_H
 #define FIBSYNC_HASH_H
+
+/* Fibonacci hashing: the top ``bits`` of x * mult (mod 2^32), as abi.fibonacci_hash
+ * computes it for the daemon (local_v4's bits, v6_lengths' slots). */
+static __always_inline __u32 fs_fibonacci_hash(__u32 x, __u32 mult, __u32 bits)
+{
+	return (x * mult) >> (32 - bits);
+}
 
 static __always_inline __u32 fs_rol32(__u32 w, unsigned int s)
 {

@@ -309,6 +309,12 @@ def group_members(value: bytes) -> list[tuple[int, int]]:
     return list(zip(ids, fields[base:base + n], strict=True))
 
 
+def fibonacci_hash(values: np.ndarray[Any, Any], mult: int, bits: int) -> np.ndarray[Any, Any]:
+    """The top ``bits`` of value * mult (mod 2^32), as the program's fs_fibonacci_hash
+    (bpf/hash.h): `local_v4`'s bits and `v6_lengths`' slots."""
+    return ((values.astype(np.uint64) * mult) & 0xFFFFFFFF) >> (32 - bits)
+
+
 def array_stride(value_size: int) -> int:
     """Where the values of a BPF array map sit apart: value_size rounded up to 8."""
     return (value_size + 7) & ~7

@@ -43,7 +43,7 @@ def bits(addr: bytes, length: int) -> np.ndarray | None:  # type: ignore[type-ar
     count = 1 << max(0, 24 - length)
     first &= ~(count - 1)
     slash24 = np.arange(first, first + count, dtype=np.uint64)
-    return ((slash24 * abi.FS_LOCAL_V4_HASH) & 0xFFFFFFFF) >> (32 - abi.FS_LOCAL_V4_BITS)
+    return abi.fibonacci_hash(slash24, abi.FS_LOCAL_V4_HASH, abi.FS_LOCAL_V4_BITS)
 
 
 def _split(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[type-arg]

@@ -100,12 +100,17 @@ class Lab:
 
     # ------------------------------------------------------------ map contents
 
+    def _fresh_memory(self) -> Dir24Memory:
+        """The mapped arrays zeroed, and marked to be zeroed again after the test."""
+        assert self.memory is not None
+        self.memory.clear()
+        self.memory.dirty = True
+        return self.memory
+
     def use_v4_table(self, table: str) -> None:
         self.v4_table = table
         if table == "dir24" and self.dir24 is None:
-            assert self.memory is not None
-            self.memory.clear()
-            self.memory.dirty = True
+            memory = self._fresh_memory()
             lookup = bpfsys.Lookup(self.fp.map_fd("routes_v4"), 8, 8)
 
             def cover(addr: int, depth: int) -> tuple[int, bytes] | None:
@@ -113,17 +118,14 @@ class Lab:
                     *addr.to_bytes(4, "big")))))
                 return None if value is None else (value[7], value)
 
-            self.dir24 = dir24.Dir24Table(*self.memory.buffers, cover=cover,
+            self.dir24 = dir24.Dir24Table(*memory.buffers, cover=cover,
                                           nexthop=self.nexthop_bytes.get)
         self.config()
 
     def use_v6_table(self, table: str) -> None:
         self.v6_table = table
         if table == "hash" and self.v6 is None:
-            assert self.memory is not None
-            self.memory.clear()
-            self.memory.dirty = True
-            self.v6 = V6Lengths(self.memory.v6_lengths)
+            self.v6 = V6Lengths(self._fresh_memory().v6_lengths)
         self.config()
 
     def route(self, prefix: str, nh: int = 0, *, action: int = abi.FS_ACT_FORWARD,
