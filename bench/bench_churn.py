@@ -42,13 +42,18 @@ from fulltable import install, router, v4_prefixes  # noqa: E402
 
 from fibsync.demo import RouterDaemon  # noqa: E402
 from fibsync.fastpath import bpfsys  # noqa: E402
-from fibsync.fastpath.abi import V4_KEY  # noqa: E402
+from fibsync.fastpath.abi import ROUTE, V4_KEY  # noqa: E402
 from fibsync.netlink import rtnl as nl  # noqa: E402
 
 
 def in_map(fd: int, prefix: str) -> bool:
+    """Whether the LPM map holds exactly this prefix. A lookup answers for the longest
+    prefix covering the key's address, which may be a shorter route of the table (at
+    the full table 203.0.0.0/16 covers 203.0.113.0/24): the entry's ``plen`` (the key's
+    length, struct fs_route) must be the prefix's."""
     addr, length = prefix.split("/")
-    return bpfsys.lookup(fd, V4_KEY.pack(int(length), socket.inet_aton(addr))) is not None
+    value = bpfsys.lookup(fd, V4_KEY.pack(int(length), socket.inet_aton(addr)))
+    return value is not None and ROUTE.unpack_from(value)[4] == int(length)
 
 
 def route_request(mtype: int, prefix: str, gateway: str) -> bytes:
