@@ -132,7 +132,8 @@ class Route:
 
     A route either carries its paths inline (``nexthops``) or refers to a
     kernel nexthop object (``nhid``); with ``nexthop_compat_mode=1`` the
-    kernel sends both, and ``nhid`` wins.
+    kernel sends both, and ``nhid`` wins: the decoder keeps no inline paths on
+    a route over an object.
     """
 
     prefix: Prefix

@@ -278,7 +278,12 @@ def _route(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change |
         if alen < 4 or pos + alen > end:
             raise _bad_attr(pos, alen, end)
 
-    if multipath is not None:
+    if nhid:
+        # the object decides (nexthop_compat_mode=1 copies its paths here too, read
+        # above only to be checked): a route announced again over a replaced object
+        # is then the route already held
+        nexthops = ()
+    elif multipath is not None:
         nexthops = multipath
     elif oif or gateway is not None:
         key = (oif, gateway, rflags & RTNH_F_MASK, encap)

@@ -134,6 +134,13 @@ class _Part:
         return self.keys[self.alive]
 
 
+def _route(part: _Part, i: int, prefix: Prefix) -> Route:
+    attrs = part.shared[part.attr[i]]
+    rtype, protocol, scope, metric, tos, nhid, flags = attrs[1:]
+    return Route(prefix, attrs[0], ROUTE_TYPES[rtype], protocol, scope, metric, tos, (),
+                 nhid, 0, flags)
+
+
 class CompactRoutes:
     """The compact routes of both families, and how many use each nexthop object.
 
@@ -165,6 +172,12 @@ class CompactRoutes:
         i = part.find(prefix)
         return None if i is None else int(part.nhid[i])
 
+    def get(self, prefix: Prefix) -> Route | None:
+        """The prefix's compact route, as a ``Route`` (None: it has none)."""
+        part = self.parts[prefix.family]
+        i = part.find(prefix)
+        return None if i is None else _route(part, i, prefix)
+
     def pop(self, prefix: Prefix) -> Route | None:
         """Take the prefix's compact route out, as a ``Route`` (None: it has none)."""
         part = self.parts[prefix.family]
@@ -173,11 +186,9 @@ class CompactRoutes:
             return None
         part.alive[i] = False
         part.count -= 1
-        attrs = part.shared[part.attr[i]]
-        rtype, protocol, scope, metric, tos, nhid, flags = attrs[1:]
-        self._forget_user(nhid)
-        return Route(prefix, attrs[0], ROUTE_TYPES[rtype], protocol, scope, metric, tos, (),
-                     nhid, 0, flags)
+        route = _route(part, i, prefix)
+        self._forget_user(route.nhid)
+        return route
 
     def _via(self, nhids: set[int]) -> list[tuple[_Part, np.ndarray[Any, Any]]]:
         wanted = np.array(sorted(nhids), np.uint32)

@@ -103,6 +103,10 @@ class KernelState:
     # ----------------------------------------------------------------- routes
 
     def add_route(self, route: Route, nlflags: int) -> None:
+        if self.compact.count(route.prefix.family) and self.compact.get(route.prefix) == route:
+            # announced again (nexthop_compat_mode=1 does so for every route over a
+            # replaced object: a full table's worth): it stays compact, nothing changes
+            return
         self._promote(route.prefix)
         self._set_routes(route.prefix, rules.added(self.routes.get(route.prefix), route,
                                                    nlflags))
@@ -116,6 +120,8 @@ class KernelState:
     def _set_routes(self, prefix: Prefix, routes: list[Route]) -> None:
         """Set the routes of a prefix, keeping the link and nexthop-object indexes."""
         old = self.routes.get(prefix)
+        if routes == old:
+            return  # a route announced again, as it was: nothing to tell
         if old:
             old_links, new_links = rules.links_of(old), rules.links_of(routes)
             for ifindex in old_links - new_links:

@@ -261,3 +261,42 @@ def test_prefix_of_a_compact_route_round_trips() -> None:
     assert set(m.rib.entries) == {r.prefix for r in snap.routes}
     assert set(m.routes()) == {str(r.prefix) for r in snap.routes}
     assert Prefix.parse("::/0") in m.rib.entries and m.rib.kernel.compact.count(AF_INET6) == 3
+
+
+@pytest.mark.parametrize("nlflags", [0, NLM_F_REPLACE], ids=["no-flags", "replace"])
+def test_routes_announced_again_over_a_replaced_object_change_nothing(nlflags: int) -> None:
+    """nexthop_compat_mode=1 (the kernel's default): replacing an object announces
+    every route over it again, a full table's worth under one of FRR's objects. Each
+    decodes as the route held (the object decides; test_decode: no inline paths on a
+    route over an object): the compact ones stay compact, and the object's new
+    nexthop is all that is written."""
+    prefixes = [f"198.18.{i}.0/24" for i in range(100)] + [f"2001:db8:{i:x}::/48"
+                                                          for i in range(50)]
+    m = Mirror()
+    m.rib.resync(split(Snapshot(
+        links=[link(1)], neighbours=[neigh(1, "192.0.2.2"), neigh(1, "192.0.2.3")],
+        nexthops=[nh_obj(10, "192.0.2.2", 1)],
+        routes=[route(p, nhid=10) for p in prefixes] + [route("203.0.113.0/24", nhid=10,
+                                                              metric=7)])))
+    m._flush()
+    # one route changed since the dump (another protocol): a general one now
+    m.apply(Change(Op.ADD, route("203.0.113.0/24", nhid=10, metric=7, protocol=12),
+                   NLM_F_REPLACE))
+    assert len(m.rib.kernel.compact) == 150 and len(m.rib.kernel.routes) == 1
+    general = m.rib.kernel.routes[Prefix.parse("203.0.113.0/24")]
+    before = m.routes()
+    diff_before = len(m.writes)
+
+    m.rib.apply([Change(Op.ADD, nh_obj(10, "192.0.2.3", 1))]
+                + [Change(Op.ADD, route(p, nhid=10), nlflags) for p in prefixes]
+                + [Change(Op.ADD, route("203.0.113.0/24", nhid=10, metric=7, protocol=12),
+                          nlflags)])
+    diff = m.rib.take_diff()
+    assert not diff.routes and not diff.bulk, "no route entry is written again"
+    assert list(diff.nexthops) and all(nh for nh in diff.nexthops.values())
+    m.writer.write(diff)
+    assert len(m.rib.kernel.compact) == 150 and len(m.rib.kernel.routes) == 1
+    assert m.rib.kernel.routes[Prefix.parse("203.0.113.0/24")] == general
+    after = m.routes()
+    assert after.keys() == before.keys() and len(m.writes) == diff_before
+    assert {h["gateway"] for e in after.values() for h in e["nexthops"]} == {"192.0.2.3"}
