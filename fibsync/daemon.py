@@ -379,6 +379,10 @@ class Daemon:
                     self._reclaim = asyncio.create_task(self._wait_grace(reclaim))
             now = time.monotonic()
             assert self.heartbeat is not None
+            if self.heartbeat.withdraw():
+                self.log.warning("heartbeat.withdrawn", reason="netlink out of sync",
+                                 note="the program forwards by bpf_fib_lookup alone until "
+                                      "the resync is written")
             if self.heartbeat.due(now) and (self._beating is None or self._beating.done()):
                 self._beating = asyncio.create_task(self.heartbeat.beat(now), name="heartbeat")
             if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:

@@ -120,6 +120,7 @@ class Heartbeat:
         self.source = source
         self.stale_after = stale_after  # a reload may change it
         self.last = 0.0  # monotonic time of the last heartbeat written
+        self.promised = False  # this run's promise stands (withdraw() takes it back)
 
     def due(self, now: float) -> bool:
         return now - self.last >= min(self.EVERY, self.stale_after / 4)
@@ -131,11 +132,26 @@ class Heartbeat:
         stale_after = self.stale_after
         if not stale_after:
             self.maps.set_heartbeat(0)
+            self.promised = False  # none needed: the tables are always trusted
             return
         # the promise runs from now: what the kernel announced up to now is applied then
         asked = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
-        if await self.source.caught_up():
+        # in sync still once caught up: changes lost since are the withdrawal's to handle
+        if await self.source.caught_up() and self.source.in_sync:
             self.maps.set_heartbeat(asked + int(stale_after * 1e9))
+            self.promised = True
+
+    def withdraw(self) -> bool:
+        """Take the promise back at once when the source is out of sync (announcements
+        lost to an overrun, a session that failed): the tables may be behind the kernel
+        until the resync is written, and the program would otherwise go on trusting
+        them for up to stale_after. It forwards by bpf_fib_lookup alone (FWD_STALE)
+        until the next beat, the first after the resync. True when it withdrew."""
+        if not self.promised or self.source.in_sync:
+            return False
+        self.maps.set_heartbeat(1)  # 1 ns after boot: in the past (0 means no promise)
+        self.promised = False
+        return True
 
     def doc(self) -> dict[str, Any]:
         return {"stale_after": self.stale_after,

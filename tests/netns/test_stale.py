@@ -23,6 +23,7 @@ import pytest
 from fibsync.config import PIN_ROOT
 from fibsync.demo import RouterDaemon
 from fibsync.fastpath.abi import Reason
+from fibsync.fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps
 from fibsync.lab import Lab, wait_until
 
 from .test_operations_restart import warm_up
@@ -93,3 +94,43 @@ def test_a_frozen_daemon_hands_forwarding_to_the_kernel_fib_until_it_catches_up(
     assert answers(lab, *v4) and answers(lab, *v6)
     assert counter(fibsync.instance, Reason.FWD_FAST) > fast
     assert counter(fibsync.instance, Reason.FWD_STALE) == stale
+
+
+def fresh_until(instance: str) -> int:
+    """fs_heartbeat.fresh_until, read from the pinned map (0: no promise)."""
+    maps = PinnedMaps(PIN_ROOT / instance)
+    try:
+        return maps.heartbeat()
+    finally:
+        maps.close()
+
+
+def test_lost_announcements_withdraw_the_promise_at_once(lab: Lab) -> None:
+    """An overrun means the tables may be behind the kernel (the announcements it
+    dropped may be the last of a nexthop replace: the object's new gateway). The
+    daemon does not wait for stale_after (60 s here) to run out: it withdraws its
+    promise as soon as its source is out of sync, and beats again once the resync
+    is written."""
+    daemon = RouterDaemon.for_lab(lab, ["--stale-after", "60", "--netlink-rcvbuf", "4096"])
+    try:
+        daemon.start()
+        coarse = CLOCK_MONOTONIC_COARSE
+        wait_until(lambda: fresh_until(daemon.instance) > time.clock_gettime_ns(coarse),
+                   timeout=10, what="the first promise")
+        lab.r.run(["ip", "-batch", "-"], input="".join(
+            f"route add blackhole 198.18.{i >> 8}.{i & 255}/32\n" for i in range(3000)))
+        events = wait_until(lambda: [e["event"] for e in daemon.logs()
+                                     if e.get("event") in ("netlink.overrun",
+                                                           "heartbeat.withdrawn")] or None,
+                            timeout=10, what="an overrun")
+        assert daemon.status()["netlink"]["overruns"] > 0
+        assert events[0] == "netlink.overrun"
+        wait_until(lambda: "heartbeat.withdrawn" in [e.get("event") for e in daemon.logs()],
+                   timeout=5, what="the promise withdrawn")
+        # back in sync, the daemon promises again (the program trusts its tables again)
+        wait_until(lambda: fresh_until(daemon.instance) > time.clock_gettime_ns(coarse) + 30e9,
+                   timeout=30, what="a promise after the resync")
+        assert daemon.status()["netlink"]["resyncs"] >= 2
+    finally:
+        daemon.stop()
+        daemon.remove_pins()
