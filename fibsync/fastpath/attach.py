@@ -75,7 +75,7 @@ class Attachments:
 
     def check(self) -> None:
         """Re-attach where a configured interface came back (deleted and re-created)."""
-        current = {a.ifname: a for a in self.fastpath.attached()}
+        current = {a.ifname: a for a in self.fastpath.attached(self.settings.interfaces)}
         for name in self.settings.interfaces:
             if name in current:
                 self.current[name] = current[name]

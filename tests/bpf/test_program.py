@@ -162,13 +162,16 @@ def test_attach_detach(instance: str, veth_ns: str) -> None:
         assert (att.ifname, att.mode, att.prog_id) == ("a0", "native", fp.prog_id)
         assert f"prog/xdp id {fp.prog_id}" in xdp_of(veth_ns, "a0")
         assert fp.attached() == [att]
+        # the daemon's periodic check asks for its interfaces by name
+        assert fp.attached(["a0", "no-such-if"]) == [att]
+        assert fp.attached(["no-such-if"]) == []
         assert program.attached(instance) == [att]
         assert tx_ports(fp) == {att.ifindex}
 
         assert fp.attach("a0") == att  # idempotent
         fp.detach("a0")
         assert "prog/xdp" not in xdp_of(veth_ns, "a0")
-        assert fp.attached() == []
+        assert fp.attached() == [] and fp.attached(["a0"]) == []
         assert tx_ports(fp) == set()
 
 
