@@ -33,17 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
 from bench_churn import in_map  # noqa: E402
+from bench_sync import proc_mb  # noqa: E402
 from bench_tax import cpu_seconds  # noqa: E402
 from fulltable import install, router  # noqa: E402
 
 from fibsync.fastpath import bpfsys  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:
@@ -67,7 +61,7 @@ def main() -> None:
                 gateway = "198.18.0.3" if i % 2 == 0 else "198.18.0.2"
                 sentinel = f"203.0.113.{10 + i}/32"
                 netlink0 = daemon.status()["netlink"]
-                rss0, cpu0 = rss_mb(pid), cpu_seconds(pid, children=False)
+                rss0, cpu0 = proc_mb(pid, "VmRSS"), cpu_seconds(pid, children=False)
                 t0 = time.monotonic()
                 subprocess.run(["ip", "-n", name, "-batch", "-"], check=True, text=True,
                                input=f"nexthop replace id 10 via {gateway} dev b0\n"
@@ -82,7 +76,7 @@ def main() -> None:
                 rounds.append({
                     "ip_s": round(ip_s, 2), "sentinel_s": round(done, 2),
                     "cpu_s": round(cpu_seconds(pid, children=False) - cpu0, 2),
-                    "rss_mb": [round(rss0), round(rss_mb(pid))],
+                    "rss_mb": [round(rss0), round(proc_mb(pid, "VmRSS"))],
                     "messages": netlink["messages"] - netlink0["messages"],
                     "overruns": netlink["overruns"] - netlink0["overruns"],
                     "resyncs": netlink["resyncs"] - netlink0["resyncs"]})

@@ -172,21 +172,19 @@ class CompactRoutes:
         i = part.find(prefix)
         return None if i is None else int(part.nhid[i])
 
-    def get(self, prefix: Prefix) -> Route | None:
-        """The prefix's compact route, as a ``Route`` (None: it has none)."""
-        part = self.parts[prefix.family]
-        i = part.find(prefix)
-        return None if i is None else _route(part, i, prefix)
-
-    def pop(self, prefix: Prefix) -> Route | None:
-        """Take the prefix's compact route out, as a ``Route`` (None: it has none)."""
+    def pop(self, prefix: Prefix, unless: Route | None = None) -> Route | None:
+        """Take the prefix's compact route out, as a ``Route`` (None: it has none).
+        One equal to ``unless`` stays where it is, and ``unless`` itself is returned
+        (a route announced again as it is held: ``KernelState.add_route``)."""
         part = self.parts[prefix.family]
         i = part.find(prefix)
         if i is None:
             return None
+        route = _route(part, i, prefix)
+        if route == unless:
+            return unless
         part.alive[i] = False
         part.count -= 1
-        route = _route(part, i, prefix)
         self._forget_user(route.nhid)
         return route
 

@@ -103,11 +103,8 @@ class KernelState:
     # ----------------------------------------------------------------- routes
 
     def add_route(self, route: Route, nlflags: int) -> None:
-        if self.compact.count(route.prefix.family) and self.compact.get(route.prefix) == route:
-            # announced again (nexthop_compat_mode=1 does so for every route over a
-            # replaced object: a full table's worth): it stays compact, nothing changes
+        if not self._promote(route.prefix, route):
             return
-        self._promote(route.prefix)
         self._set_routes(route.prefix, rules.added(self.routes.get(route.prefix), route,
                                                    nlflags))
 
@@ -148,17 +145,23 @@ class KernelState:
             self.routes.pop(prefix, None)
         self.watcher.routes_changed(prefix)
 
-    def _promote(self, prefix: Prefix) -> None:
+    def _promote(self, prefix: Prefix, announced: Route | None = None) -> bool:
         """Turn a compact route into a ``Route`` of the general structures, before a change.
 
-        Nothing changes for the maps: its entry was the object's, and stays.
+        Nothing changes for the maps: its entry was the object's, and stays. False
+        when the compact route is ``announced`` as it is held (nexthop_compat_mode=1
+        announces every route over a replaced object again, a full table's worth):
+        it stays compact, and there is no change to make.
         """
-        route = self.compact.pop(prefix)
+        route = self.compact.pop(prefix, unless=announced)
         if route is None:
-            return
+            return True
+        if route is announced:
+            return False
         self.routes[prefix] = [route]
         self._prefixes_by_nhid[route.nhid].add(prefix)
         self.watcher.route_promoted(prefix, route.nhid)
+        return True
 
     # ------------------------------------------------------ nexthop objects
 
