@@ -146,11 +146,15 @@ def test_verify_raises_no_false_alarm_while_the_kernel_changes(
             print(json.dumps(doc["differences"][:5], indent=1))
     storm.join()
     assert outcomes, "the storm ended before verify could run"
-    # on failure, say whether the daemon resynced or lagged meanwhile (a difference
-    # verify confirms is the maps behind the kernel for longer than its recheck)
+    # on failure, say whether the daemon answered (verify compares on its own, without
+    # the daemon's backlog, when it is down or silent for 5 s), resynced or lagged, and
+    # what it logged last (seen once: status without netlink/sync/audit, the maps frozen)
     status = daemon.status()
-    assert all(rc == 0 for rc, _ in outcomes), (outcomes, status.get("netlink"),
-                                                status.get("sync"), status.get("audit"))
+    said = [(e.get("event"), e.get("level")) for e in daemon.logs()
+            if e.get("level") in ("warning", "error", "critical")][-10:]
+    assert all(rc == 0 for rc, _ in outcomes), (outcomes, daemon.pid, status.get("daemon"),
+                                                status.get("netlink"), status.get("sync"),
+                                                status.get("audit"), said)
 
 
 def test_the_kernel_ipv6_dump_skips_live_routes(netns_factory: Callable[[str], Netns],
