@@ -299,12 +299,20 @@ def verify(instance: Instance = None, config_file: ConfigFile = None,
         doc = st.query(settings.status_socket, "audit", timeout=AUDIT_TIMEOUT)
         if "error" in doc:
             raise DaemonError(f"the daemon could not verify: {doc['error']}")
-    except (DaemonDown, DaemonSilent):
+    except (DaemonDown, DaemonSilent) as e:
         # nobody writes the maps (or nobody answers): compare them here, with the
-        # config file's filter
+        # config file's filter, and say so: a silent daemon may still be writing
+        # changes it has read, and those show as differences
+        silent = isinstance(e, DaemonSilent)
+        print(f"fibsync: {e}: compared without the daemon"
+              + ("; changes it has read and not yet written show as differences"
+                 if silent else ""), file=sys.stderr)
         report = vf.run_pinned(settings.pin_dir, Filter(
             settings.table, frozenset(settings.protocols) or None))
-        doc = report.doc()
+        doc = {**report.doc(), "compared_by": "verify (daemon silent)" if silent
+               else "verify (no daemon)"}
+    else:
+        doc["compared_by"] = "daemon"
     print(json.dumps(doc, indent=2) if as_json else vf.render(doc))
     if not doc["equal"]:
         raise typer.Exit(1)

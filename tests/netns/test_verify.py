@@ -75,7 +75,7 @@ def test_verify_says_equal_then_lists_each_difference(world_ns: Netns, lab_rundi
               for i in range(20)], lab_rundir)
     time.sleep(0.5)
     rc, doc = verify(daemon)
-    assert (rc, doc["equal"]) == (0, True)
+    assert (rc, doc["equal"], doc["compared_by"]) == (0, True, "daemon")
     assert doc["checked"] >= 40
 
     # the daemon frozen, the kernel changes: the maps fall behind
@@ -86,7 +86,7 @@ def test_verify_says_equal_then_lists_each_difference(world_ns: Netns, lab_rundi
                       f"route replace 2001:db8:200::/48 via {w.v6_addr(0, 2)}",
                       "route del 2001:db8:100:5::/64"], lab_rundir)
     rc, doc = verify(daemon)
-    assert rc == 1
+    assert (rc, doc["compared_by"]) == (1, "verify (daemon silent)")
     found = {d["prefix"]: (d["kernel"] is not None, d["maps"] is not None)
              for d in doc["differences"]}
     assert found == {"203.0.113.0/24": (True, False), "198.51.100.3/32": (False, True),
@@ -94,6 +94,8 @@ def test_verify_says_equal_then_lists_each_difference(world_ns: Netns, lab_rundi
     text = subprocess.run([*fibsync_argv(), "--netns", world_ns.name, "verify", "--instance",
                            daemon.instance], capture_output=True, text=True, timeout=60)
     assert text.returncode == 1
+    assert "compared without the daemon; changes it has read and not yet written show " \
+           "as differences" in text.stderr
     assert "203.0.113.0/24: kernel unicast via 192.0.2.2 dev e0" in text.stdout
     assert "; maps none" in text.stdout
     assert "4 differences" in text.stdout
@@ -103,6 +105,18 @@ def test_verify_says_equal_then_lists_each_difference(world_ns: Netns, lab_rundi
     while (rc := verify(daemon)[0]) != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert rc == 0
+
+    # no daemon at all: the maps stay as it left them, and verify says it compared alone
+    daemon.stop()
+    routes(world_ns, [f"route replace 203.0.113.64/26 via {w.v4_addr(0, 2)}"], lab_rundir)
+    alone = subprocess.run([*fibsync_argv(), "--netns", world_ns.name, "verify", "--instance",
+                            daemon.instance, "--json"], capture_output=True, text=True,
+                           timeout=60)
+    doc = json.loads(alone.stdout)
+    assert (alone.returncode, doc["compared_by"]) == (1, "verify (no daemon)")
+    assert [d["prefix"] for d in doc["differences"]] == ["203.0.113.64/26"]
+    assert "compared without the daemon" in alone.stderr
+    assert "not yet written" not in alone.stderr
 
 
 def test_the_audit_repairs_an_entry_lost_behind_its_back(world_ns: Netns, lab_rundir: Path,
@@ -135,13 +149,13 @@ def test_the_audit_repairs_an_entry_lost_behind_its_back(world_ns: Netns, lab_ru
 def test_verify_raises_no_false_alarm_while_the_kernel_changes(
         world_ns: Netns, lab_rundir: Path, daemon: RouterDaemon) -> None:
     """Changes in flight are left out, not reported: verify during a storm says equal."""
-    outcomes: list[tuple[int, int]] = []
+    outcomes: list[tuple[int, int, str]] = []
     storm = threading.Thread(target=batch, args=(world_ns, Churn(seed=11).lines(20_000),
                                                  lab_rundir))
     storm.start()
     while storm.is_alive():
         rc, doc = verify(daemon)
-        outcomes.append((rc, len(doc["differences"])))
+        outcomes.append((rc, len(doc["differences"]), doc["compared_by"]))
         if rc:
             print(json.dumps(doc["differences"][:5], indent=1))
     storm.join()
@@ -152,7 +166,7 @@ def test_verify_raises_no_false_alarm_while_the_kernel_changes(
     status = daemon.status()
     said = [(e.get("event"), e.get("level")) for e in daemon.logs()
             if e.get("level") in ("warning", "error", "critical")][-10:]
-    assert all(rc == 0 for rc, _ in outcomes), (outcomes, daemon.pid, status.get("daemon"),
+    assert all(rc == 0 for rc, _, _ in outcomes), (outcomes, daemon.pid, status.get("daemon"),
                                                 status.get("netlink"), status.get("sync"),
                                                 status.get("audit"), said)
 
