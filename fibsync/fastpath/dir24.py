@@ -28,10 +28,11 @@ answerable at each instant:
 - a slot or group that no entry names any more is retired, and handed out
   again only after an RCU grace period (``membarrier(MEMBARRIER_CMD_GLOBAL)``
   waits for every XDP program run that may still hold it);
-- the initial load builds the new table in private memory and publishes it
-  entry by entry, each entry going straight from its old answer to its new
-  one, using groups and slots the old table does not use: a previous run's
-  table (adopted maps, program attached) keeps answering until replaced.
+- the initial load builds the new table in private memory, one range of
+  tbl24 (4 MiB) at a time, and publishes it entry by entry, each entry going
+  straight from its old answer to its new one, using groups and slots the
+  old table does not use: a previous run's table (adopted maps, program
+  attached) keeps answering until replaced.
 
 A miss is always safe (the program asks ``bpf_fib_lookup``); a wrong answer
 never is. When no tbl8 group is left for a /25../32 route, its /24 is
@@ -77,7 +78,7 @@ Cover = Callable[[int, int], "tuple[int, bytes] | None"]
 Nexthops = Callable[[int], "bytes | None"]
 U32Array = npt.NDArray[np.uint32]
 
-_PUBLISH_CHUNK = 1 << 20  # entries compared per step of a load: bounds its temporary memory
+_CHUNK = 1 << 20  # tbl24 entries a load builds and publishes per step: bounds its memory
 _SCALAR_SPAN = 16  # ranges up to this many entries are cheaper entry by entry than with numpy
 
 
@@ -373,8 +374,9 @@ class Dir24Table:
         """Replace the whole table with these routes: route i is
         ``addrs[i]/lens[i]`` (host order) with value ``values[ids[i]]``.
         ``unread``: the arrays were created empty by this run and no program
-        reads them yet, so the table is built in place, not in private memory
-        published entry by entry (64 MiB less at the first sync's peak).
+        reads them yet, so the table is built in place; otherwise it is built
+        in private memory a range of tbl24 at a time (4 MiB, not the whole
+        64 MiB table, at a restart's peak) and published entry by entry.
 
         Returns the indexes of the routes that could not be placed (no slot,
         or no tbl8 group: their /24 is pinned to bpf_fib_lookup). Only a new
@@ -388,37 +390,62 @@ class Dir24Table:
         slot_of_value = np.array([self._slot(v) or 0 for v in values] or [0], dtype=np.uint32)
         entries = (lens << SHIFT) | slot_of_value[ids]
         placed = (entries & INDEX) != 0
-        new = self._t24 if unread else np.zeros(TBL24, dtype=np.uint32)
+        failed = [np.flatnonzero(~placed)]
 
-        # shortest first, each depth's routes found by a pass over the lengths (an
-        # argsort of a full table's lengths was 8 MB more at the first sync's peak)
+        # each depth's routes by the first tbl24 entry they cover, ascending, so
+        # that a step finds those over its range by binary search (found by a pass
+        # over the lengths per depth: no argsort of a full table's lengths)
+        by_depth = []
         for depth in range(0, 25):
             sel = np.flatnonzero(placed & (lens == depth))
             if not sel.size:
                 continue
             span = 1 << (24 - depth)
-            rows = addrs[sel] >> np.uint32(32 - depth) if depth else np.zeros(sel.size, np.intp)
-            new.reshape(-1, span)[rows] = entries[sel][:, None]
-
+            first = (addrs[sel] >> np.uint32(8)) & np.uint32((TBL24 - 1) & ~(span - 1))
+            order = np.argsort(first, kind="stable")
+            by_depth.append((span, first[order], entries[sel][order]))
         longer = np.flatnonzero(placed & (lens > 24))
-        failed = np.flatnonzero(~placed)
-        if longer.size:
-            failed = np.concatenate([failed, self._load_groups(new, addrs, lens, entries,
-                                                               longer)])
-        if not unread:
-            self._publish(new)
+        rows24 = addrs[longer] >> np.uint32(8)
+        order = np.argsort(rows24, kind="stable")
+        longer, rows24 = longer[order], rows24[order]
+
+        # One range of tbl24 at a time, shortest routes first: in place when no
+        # program reads the arrays, else in private memory published entry by entry
+        # (a range at a time: 4 MiB, not a whole 64 MiB table, at the peak).
+        step = TBL24 if unread else _CHUNK
+        private = None if unread else np.empty(_CHUNK, np.uint32)
+        for lo in range(0, TBL24, step):
+            hi = lo + step
+            new = self._t24[lo:hi] if private is None else private
+            if private is not None:
+                new.fill(0)
+            for span, first, ents in by_depth:
+                if span >= step:
+                    # at most one route of this depth covers the whole range
+                    at = int(np.searchsorted(first, lo & ~(span - 1)))
+                    if at < first.size and first[at] == lo & ~(span - 1):
+                        new[:] = ents[at]
+                    continue
+                a, b = np.searchsorted(first, (lo, hi))
+                if a < b:
+                    new.reshape(-1, span)[(first[a:b] - lo) // span] = ents[a:b][:, None]
+            a, b = np.searchsorted(rows24, (lo, hi))
+            if a < b:
+                failed.append(self._load_groups(new, rows24[a:b] - lo, addrs, lens, entries,
+                                                longer[a:b]))
+            if private is not None:
+                self._publish(new, lo)
         self.groups.release_reserved()
         self.slots.release_reserved()
         self._held.clear()
-        return np.sort(failed)
+        return np.sort(np.concatenate(failed))
 
-    def _load_groups(self, new: U32Array, addrs: npt.NDArray[np.uint32],
-                     lens: npt.NDArray[np.uint32], entries: U32Array,
-                     longer: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
-        """Build the tbl8 groups of the /25../32 routes ``longer`` and point
-        ``new`` at them; returns the routes left out."""
-        rows24 = addrs[longer] >> np.uint32(8)
-        uniq, which = np.unique(rows24, return_inverse=True)
+    def _load_groups(self, new: U32Array, rows: npt.NDArray[np.uint32],
+                     addrs: npt.NDArray[np.uint32], lens: npt.NDArray[np.uint32],
+                     entries: U32Array, longer: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+        """Build the tbl8 groups of the /25../32 routes ``longer`` (in ``new``'s
+        entries ``rows``) and point ``new`` at them; returns the routes left out."""
+        uniq, which = np.unique(rows, return_inverse=True)
         gids = []
         for _ in range(uniq.size):
             g = self.groups.take()
@@ -445,16 +472,13 @@ class Dir24Table:
             self.stats.pinned += uniq.size - have
         return longer[~ok]
 
-    def _publish(self, new: U32Array) -> None:
-        """Make the live tbl24 equal to ``new``, changed entries only, one
-        4-byte store each (fancy assignment copies element by element)."""
-        live = self._t24
-        for lo in range(0, TBL24, _PUBLISH_CHUNK):
-            cur = live[lo:lo + _PUBLISH_CHUNK]
-            want = new[lo:lo + _PUBLISH_CHUNK]
-            diff = np.flatnonzero(cur != want)
-            if diff.size:
-                cur[diff] = want[diff]
+    def _publish(self, new: U32Array, lo: int) -> None:
+        """Make the live tbl24 from entry ``lo`` on equal to ``new``, changed entries
+        only, one 4-byte store each (fancy assignment copies element by element)."""
+        cur = self._t24[lo:lo + new.size]
+        diff = np.flatnonzero(cur != new)
+        if diff.size:
+            cur[diff] = new[diff]
 
     # ------------------------------------------------------------ changes
 

@@ -236,6 +236,42 @@ def test_load_and_one_by_one_build_the_same_table(unread: bool) -> None:
     assert mismatches(a, a_ref, probes(a_ref, rng)) == []
 
 
+def test_a_load_over_a_previous_table_answers_as_the_new_routes_everywhere() -> None:
+    """A restart's load builds and publishes one range of tbl24 at a time: routes
+    shorter than a range (a /0, a /1, a /3) and longer ones, all over the address
+    space, must answer as a brute-force match, at each range's edges too, and
+    what only the previous table held must be gone."""
+    rng = random.Random(11)
+
+    def anywhere(length: int) -> Route:
+        addr = rng.randrange(1 << 32)
+        return ((addr >> (32 - length)) << (32 - length) if length else 0), length
+
+    buffers = memory_buffers(1024, 256)
+    old_ref = Reference()
+    old = table(old_ref, buffers=buffers)
+    old_routes = {anywhere(rng.choice([2, 9, 16, 24, 26, 32])): value(rng.randrange(1, 9))
+                  for _ in range(300)}
+    old_ref.routes.update(old_routes)
+    load(old, old_routes)
+
+    ref = Reference()
+    new = table(ref, buffers=buffers)
+    routes = {anywhere(n): value(rng.randrange(1, 9)) for n in range(33) for _ in range(12)}
+    routes[(0, 0)] = value(9)
+    # /24s on both sides of each range's edge (a range is 1 << 20 entries or less)
+    routes.update({(((k << 18) + d) << 8, 24): value(k % 8 + 1)
+                   for k in range(1, 64) for d in (-1, 0)})
+    ref.routes.update(routes)
+    assert load(new, routes) == []
+    edges = [(lo << 8) + d for lo in range(0, 1 << 24, 1 << 18) for d in (-1, 0, 1)]
+    checked = probes(ref, rng) + probes(old_ref, rng) + [e % (1 << 32) for e in edges]
+    assert mismatches(new, ref, checked) == []
+    in_place = table(Reference())
+    load(in_place, routes, unread=True)
+    assert [in_place.lookup(a) for a in checked] == [new.lookup(a) for a in checked]
+
+
 # ---------------------------------------------------------------- concurrency rules
 
 
