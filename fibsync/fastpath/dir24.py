@@ -261,15 +261,23 @@ class Dir24Table:
         self.slots.reserve(slots.tolist())
 
     def _referenced(self) -> tuple[U32Array, U32Array]:
-        """(groups, slots) that entries of the table name."""
-        t24 = self._t24[self._t24 != 0]
-        ext = (t24 & EXT) != 0
-        groups = np.unique(t24[ext] & INDEX)
-        groups = groups[groups < self.groups.size]
-        t8 = self._t8.reshape(-1, TBL8)[groups].ravel()
-        named = np.concatenate([t24[~ext], t8[t8 != 0]]) & INDEX
-        slots = np.unique(named)
-        return groups, slots[slots < self.slots.size]
+        """(groups, slots) that entries of the table name, read a range at a time
+        (the whole table's temporaries were ~100 MB at a restart's peak)."""
+        groups, slots = [], []
+        for lo in range(0, TBL24, _CHUNK):
+            part = self._t24[lo:lo + _CHUNK]
+            part = part[part != 0]
+            ext = (part & EXT) != 0
+            groups.append(np.unique(part[ext] & INDEX))
+            slots.append(np.unique(part[~ext] & INDEX))
+        used = np.unique(np.concatenate(groups))
+        used = used[used < self.groups.size]
+        t8, per = self._t8.reshape(-1, TBL8), _CHUNK // TBL8
+        for i in range(0, used.size, per):
+            part = t8[used[i:i + per]].ravel()
+            slots.append(np.unique(part[part != 0] & INDEX))
+        named = np.unique(np.concatenate(slots))
+        return used, named[named < self.slots.size]
 
     def _slot(self, value: bytes) -> int | None:
         """The slot holding this route value, written now if it is new."""
@@ -392,47 +400,47 @@ class Dir24Table:
         placed = (entries & INDEX) != 0
         failed = [np.flatnonzero(~placed)]
 
-        # each depth's routes by the first tbl24 entry they cover, ascending, so
-        # that a step finds those over its range by binary search (found by a pass
-        # over the lengths per depth: no argsort of a full table's lengths)
-        by_depth = []
-        for depth in range(0, 25):
-            sel = np.flatnonzero(placed & (lens == depth))
-            if not sel.size:
-                continue
-            span = 1 << (24 - depth)
-            first = (addrs[sel] >> np.uint32(8)) & np.uint32((TBL24 - 1) & ~(span - 1))
-            order = np.argsort(first, kind="stable")
-            by_depth.append((span, first[order], entries[sel][order]))
-        longer = np.flatnonzero(placed & (lens > 24))
-        rows24 = addrs[longer] >> np.uint32(8)
-        order = np.argsort(rows24, kind="stable")
-        longer, rows24 = longer[order], rows24[order]
-
         # One range of tbl24 at a time, shortest routes first: in place when no
         # program reads the arrays, else in private memory published entry by entry
-        # (a range at a time: 4 MiB, not a whole 64 MiB table, at the peak).
+        # (a range at a time: 4 MiB, not a whole 64 MiB table, at the peak). A
+        # range's routes are a slice of the routes in address order (the writer
+        # hands them so; others are sorted here), except the few wider than a
+        # range, which are painted first.
         step = TBL24 if unread else _CHUNK
         private = None if unread else np.empty(_CHUNK, np.uint32)
+        order = None
+        if step < TBL24 and addrs.size and bool(np.any(addrs[1:] < addrs[:-1])):
+            order = np.argsort(addrs, kind="stable")
+        in_order = addrs if order is None else addrs[order]
+        wide_depth = 24 - (step.bit_length() - 1)  # a route this short covers a range
+        wide = np.flatnonzero(placed & (lens <= wide_depth))
+        wide = wide[np.argsort(lens[wide], kind="stable")].tolist()
         for lo in range(0, TBL24, step):
             hi = lo + step
             new = self._t24[lo:hi] if private is None else private
             if private is not None:
                 new.fill(0)
-            for span, first, ents in by_depth:
-                if span >= step:
-                    # at most one route of this depth covers the whole range
-                    at = int(np.searchsorted(first, lo & ~(span - 1)))
-                    if at < first.size and first[at] == lo & ~(span - 1):
-                        new[:] = ents[at]
+            for i in wide:
+                span = 1 << (24 - int(lens[i]))
+                if (int(addrs[i]) >> 8) & ~(span - 1) == lo & ~(span - 1):
+                    new[:] = entries[i]
+            a, b = (0, addrs.size) if step == TBL24 else \
+                np.searchsorted(in_order, (lo << 8, hi << 8))
+            rows = slice(a, b) if order is None else order[a:b]
+            r_addrs, r_lens, r_entries = addrs[rows], lens[rows], entries[rows]
+            r_placed = placed[rows]
+            for depth in range(wide_depth + 1, 25):
+                sel = np.flatnonzero(r_placed & (r_lens == depth))
+                if not sel.size:
                     continue
-                a, b = np.searchsorted(first, (lo, hi))
-                if a < b:
-                    new.reshape(-1, span)[(first[a:b] - lo) // span] = ents[a:b][:, None]
-            a, b = np.searchsorted(rows24, (lo, hi))
-            if a < b:
-                failed.append(self._load_groups(new, rows24[a:b] - lo, addrs, lens, entries,
-                                                longer[a:b]))
+                span = 1 << (24 - depth)
+                at = ((r_addrs[sel] >> np.uint32(8)) - np.uint32(lo)) >> np.uint32(24 - depth)
+                new.reshape(-1, span)[at] = r_entries[sel][:, None]
+            longer = np.flatnonzero(r_placed & (r_lens > 24))
+            if longer.size:
+                longer = a + longer if order is None else order[a:b][longer]
+                failed.append(self._load_groups(new, (addrs[longer] >> np.uint32(8)) - lo,
+                                                addrs, lens, entries, longer))
             if private is not None:
                 self._publish(new, lo)
         self.groups.release_reserved()
