@@ -463,7 +463,8 @@ def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, in
 
 # What the two runs may legitimately differ in, and is left out of the comparison:
 # ARP and the ICMPv6 neighbour discovery and multicast listener messages (types
-# 130-137, 143): r's neighbour and MLD state machines run on timers.
+# 130-137, 143): r's neighbour and MLD state machines run on timers. (Also, where a
+# caller names them, the number of answers to failed resolutions: multiset.)
 ICMPV6_TIMER_DRIVEN = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})
 
 
@@ -511,11 +512,43 @@ def normalise(frame: bytes, router_v4: set[bytes], router_v6: set[bytes]) -> byt
     return frame
 
 
-def multiset(caught: Caught, topo: Topology) -> Counter[tuple[str, bytes]]:
+def failed_resolution(frame: bytes) -> bytes | None:
+    """For r's answer to a packet whose next hop did not resolve (ICMP host
+    unreachable, ICMPv6 address unreachable), the quoted packet's destination;
+    None for any other frame. IPv4 host unreachable also answers unreachable
+    routes: the caller knows which destinations are on-link and nobody's."""
+    if frame[12:14] == b"\x08\x00" and len(frame) >= 34 and frame[23] == 1:
+        icmp = 14 + (frame[14] & 0x0F) * 4
+        if frame[icmp:icmp + 2] == b"\x03\x01" and len(frame) >= icmp + 28:
+            return frame[icmp + 24:icmp + 28]
+    elif frame[12:14] == b"\x86\xdd" and len(frame) >= 102 and frame[20] == 58 and \
+            frame[54:56] == b"\x01\x03":
+        return frame[86:102]
+    return None
+
+
+def multiset(caught: Caught, topo: Topology,
+             racy: frozenset[bytes] = frozenset()) -> Counter[tuple[str, bytes]]:
+    """The frames compared, normalised; without those ``racy`` leaves out: the answers
+    to failed resolutions of these destinations (see ``answered_unresolved``)."""
     own = [ipaddress.ip_address(a).packed for a in topo.router_addresses()]
     v4, v6 = {a for a in own if len(a) == 4}, {a for a in own if len(a) == 16}
     return Counter((host, normalise(frame, v4, v6)) for host, frame in caught.frames
-                   if not timer_driven(frame))
+                   if not timer_driven(frame) and failed_resolution(frame) not in racy)
+
+
+def answered_unresolved(caught: Caught, racy: frozenset[bytes]) -> set[str]:
+    """Which of the ``racy`` destinations r answered as unresolved at least once.
+
+    How many of the packets queued behind a failed resolution get their ICMP
+    answer is a race in the kernel itself: neigh_invalidate() answers the queue
+    one packet at a time, dropping the neighbour's lock for each, and stops (the
+    rest of the queue purged silently) as soon as a new packet for the same
+    address has put the entry back into INCOMPLETE on the other CPU. The first
+    packet of each failure is always answered, so that each destination was
+    answered at all is what two runs can compare."""
+    return {str(ipaddress.ip_address(d)) for _, frame in caught.frames
+            if (d := failed_resolution(frame)) in racy}
 
 
 def describe(frame: bytes) -> str:
@@ -528,6 +561,12 @@ def describe(frame: bytes) -> str:
     l3 = pkt.payload
     fields = f" ttl/hlim {getattr(l3, 'ttl', getattr(l3, 'hlim', '?'))}" \
         f" id {getattr(l3, 'id', '-')} len {getattr(l3, 'len', getattr(l3, 'plen', '?'))}"
+    icmp = l3.payload
+    if hasattr(icmp, "type") and hasattr(icmp, "code"):
+        fields += f" icmp {icmp.type}/{icmp.code}"
+    quoted = pkt.getlayer("IPerror6") or pkt.getlayer("IPerror")
+    if quoted is not None:
+        fields += f" about {quoted.src} > {quoted.dst}"
     return f"{pkt.summary()} [{fields.strip()}] ({len(frame)} bytes)"
 
 
