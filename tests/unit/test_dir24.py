@@ -259,7 +259,7 @@ def test_a_load_over_a_previous_table_answers_as_the_new_routes_everywhere() -> 
     new = table(ref, buffers=buffers)
     routes = {anywhere(n): value(rng.randrange(1, 9)) for n in range(33) for _ in range(12)}
     routes[(0, 0)] = value(9)
-    # /24s on both sides of each range's edge (a range is 1 << 20 entries or less)
+    # /24s on both sides of each range's edge (a range is 1 << 18 entries, or a multiple)
     routes.update({(((k << 18) + d) << 8, 24): value(k % 8 + 1)
                    for k in range(1, 64) for d in (-1, 0)})
     ref.routes.update(routes)
