@@ -14,6 +14,7 @@ import grp
 import json
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,9 @@ def query(sock_path: Path, command: str = "status", timeout: float = TIMEOUT) ->
     except PermissionError as e:
         raise DaemonError(f"{sock_path}: permission denied (are you in its group?)") from e
     try:
+        stopped = _stopped_peer(s)
+        if stopped:
+            raise DaemonSilent(f"{sock_path}: the daemon (pid {stopped}) is stopped")
         s.sendall(command.encode() + b"\n")
         chunks = []
         while chunk := s.recv(1 << 16):
@@ -52,6 +56,20 @@ def query(sock_path: Path, command: str = "status", timeout: float = TIMEOUT) ->
     except ValueError as e:
         raise DaemonError(f"{sock_path}: the daemon sent no valid JSON") from e
     return doc
+
+
+def _stopped_peer(s: socket.socket) -> int:
+    """The daemon's pid when the kernel holds it stopped (SIGSTOP, a debugger), else
+    0: the listening socket's owner, from SO_PEERCRED. A stopped daemon's socket
+    still accepts connections; no answer would come before the timeout."""
+    try:
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     struct.calcsize("3i")))
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, ValueError, IndexError, struct.error):
+        return 0
+    return pid if state in ("T", "t") else 0
 
 
 class StatusServer:

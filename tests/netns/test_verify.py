@@ -94,8 +94,8 @@ def test_verify_says_equal_then_lists_each_difference(world_ns: Netns, lab_rundi
     text = subprocess.run([*fibsync_argv(), "--netns", world_ns.name, "verify", "--instance",
                            daemon.instance], capture_output=True, text=True, timeout=60)
     assert text.returncode == 1
-    assert "compared without the daemon; changes it has read and not yet written show " \
-           "as differences" in text.stderr
+    assert f"the daemon (pid {daemon.pid}) is stopped: compared without the daemon; " \
+           "changes it has read and not yet written show as differences" in text.stderr
     assert "203.0.113.0/24: kernel unicast via 192.0.2.2 dev e0" in text.stdout
     assert "; maps none" in text.stdout
     assert "4 differences" in text.stdout
