@@ -18,7 +18,8 @@
  *     fs_ipv{4,6}_header    header validation: version, lengths, options
  *     fs_ipv{4,6}_addresses multicast, link-local and martian addresses
  *     fs_fragment_to_kernel the fragment policy (fs_config.flags)
- *     fs_stale              heartbeat missed: bpf_fib_lookup alone (FWD_STALE)
+ *     fs_stale              heartbeat missed: bpf_fib_lookup alone, for the
+ *                           source too (FWD_STALE)
  *     fs_v{4,6}_route       the table choice: IPv4 from the LPM trie or the
  *                           DIR-24-8 table, IPv6 from the LPM trie or the
  *                           hash per prefix length
@@ -688,16 +689,20 @@ static __always_inline struct fs_verdict fs_ipv4(struct fs_pkt *p, struct fs_cur
 		if (!fs_fib_source_v4(p, iph, &reason))
 			return fs_pass(reason);
 		reason = FS_REASON_FWD_RULES;
+	} else if (fs_stale()) {
+		/* tables that may lag the kernel's judge neither the destination nor the
+		 * source: bpf_fib_lookup does both (what it cannot confirm, the kernel
+		 * decides) */
+		if (!fs_fib_source_v4(p, iph, &reason))
+			return fs_pass(reason);
+		reason = FS_REASON_FWD_STALE;
 	} else {
 		if (!fs_ipv4_source(p, iph, &reason))
 			return fs_pass(reason);
-		reason = FS_REASON_FWD_STALE;
-		if (!fs_stale()) {
-			r = fs_v4_route(&p->cfg, iph->daddr);
-			if (r && fs_route_verdict(p, iph, &iph->daddr, r, &v))
-				return v;
-			reason = FS_REASON_FWD_FIB;
-		}
+		r = fs_v4_route(&p->cfg, iph->daddr);
+		if (r && fs_route_verdict(p, iph, &iph->daddr, r, &v))
+			return v;
+		reason = FS_REASON_FWD_FIB;
 	}
 	/* one bpf_fib_lookup for the three ways here (each inlined copy of the
 	 * lookup and the redirect is code the fast path's hits must live beside) */

@@ -193,6 +193,26 @@ def test_resolved_nexthop_beats_the_fib(net: FibNet) -> None:
     assert net.lab.counters() == {Reason.FWD_FAST: (1, len(pkt))}
 
 
+def test_a_stale_heartbeat_checks_the_source_by_the_kernel_fib_too(net: FibNet) -> None:
+    """Strict rp_filter, and tables behind the kernel's: the stale table routes the
+    source back through the ingress, the kernel's FIB through out0. The kernel would
+    drop the packet; the program must not forward it by its stale table's word."""
+    coarse = time.clock_gettime_ns(6)  # CLOCK_MONOTONIC_COARSE
+    net.lab.iface(net.in_ifindex, IN_MAC, flags=abi.FS_IF_RPF_STRICT)
+    net.lab.nexthop(2, net.in_ifindex, IN_MAC, CLIENT)
+    net.lab.route("192.0.2.0/24", 2)  # the kernel has 192.0.2.0/25 via out0
+    pkt = (Ether(src=CLIENT, dst=IN_MAC) / IP(src="192.0.2.9", dst="192.0.2.200")
+           / UDP(sport=4000, dport=53) / Raw(b"z" * 32))
+    net.lab.heartbeat(coarse - 1)
+    assert net.run(pkt) == (XDP_PASS, bytes(pkt))
+    assert net.lab.counters() == {Reason.PASS_RP_FILTER: (1, len(pkt))}
+    # a source the kernel's FIB routes back through in0 is forwarded, by the FIB
+    net.lab.clear_counters()
+    ok = v4("192.0.2.200")  # from 10.1.0.7, in0's own network
+    assert net.run(ok) == (XDP_REDIRECT, via_gateway(ok))
+    assert net.lab.counters() == {Reason.FWD_STALE: (1, len(ok))}
+
+
 def test_a_stale_heartbeat_hands_every_lookup_to_the_kernel_fib(net: FibNet) -> None:
     """Past fresh_until the program trusts none of its own entries: a route the daemon
     never heard withdrawn (100.127.0.0/16 here) stops being forwarded, and the rest
