@@ -39,7 +39,6 @@ RTPROT_FRR_STATIC = 196
 RT_SCOPE_LINK = 253
 RT_SCOPE_HOST = 254
 LWTUNNEL_ENCAP_IP = 2
-LWTUNNEL_ENCAP_SEG6 = 5
 IFF_UP_BROADCAST_RUNNING_MULTICAST_LOWER_UP = 0x1 | 0x2 | 0x40 | 0x1000 | 0x10000
 IFF_BROADCAST_MULTICAST = 0x2 | 0x1000
 
@@ -135,7 +134,7 @@ EXPECTED: dict[str, tuple[int, Change]] = {
         nl.RTM_NEWROUTE,
         Change(
             Op.ADD,
-            route("10.9.0.0/16", nh(None, encap=LWTUNNEL_ENCAP_SEG6), scope=RT_SCOPE_LINK),
+            route("10.9.0.0/16", nh(None, encap=LWTUNNEL_ENCAP_IP), scope=RT_SCOPE_LINK),
             DUMP,
         ),
     ),
@@ -224,7 +223,7 @@ EXPECTED: dict[str, tuple[int, Change]] = {
     ),
     "nexthop_encap": (
         nl.RTM_NEWNEXTHOP,
-        Change(Op.ADD, NexthopObject(1030, AF_INET, V0, encap=LWTUNNEL_ENCAP_SEG6), DUMP),
+        Change(Op.ADD, NexthopObject(1030, AF_INET, V0, encap=LWTUNNEL_ENCAP_IP), DUMP),
     ),
     # nexthop notifications carry the request's flags (here REQUEST|ACK from ip)
     "del_nexthop": (

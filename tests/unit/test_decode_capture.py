@@ -157,7 +157,7 @@ def run_scenario(s: Scenario) -> None:
         "ip nexthop add id 1004 blackhole",
         "ip nexthop add id 1010 group 1001,1/1002,3",
         "ip nexthop add id 1020 via 192.0.2.9 fdb",
-        "ip nexthop add id 1030 encap seg6 mode encap segs 2001:db8::9 dev v0",
+        "ip nexthop add id 1030 encap ip id 5 dst 198.51.100.9 dev v0",
         "ip route add 10.1.0.0/16 via 192.0.2.2 dev v0 metric 20 mtu 1400 table 1000",
         "ip route add 10.2.0.0/16 nexthop via 192.0.2.2 weight 1 nexthop via 192.0.2.3 weight 3",
         "ip route add 10.3.0.0/16 via inet6 2001:db8::2 dev v0",
@@ -166,7 +166,7 @@ def run_scenario(s: Scenario) -> None:
         "ip route add 10.6.0.0/16 nhid 1010",
         "ip route add 10.7.0.0/16 nhid 1001 proto 196 metric 20",
         "ip route add 10.8.0.0/16 tos 0x10 via 192.0.2.2",
-        "ip route add 10.9.0.0/16 encap seg6 mode encap segs 2001:db8::9 dev v0",
+        "ip route add 10.9.0.0/16 encap ip id 5 dst 198.51.100.9 dev v0",
         "ip route add 10.10.0.0/16 nexthop encap ip id 5 dst 198.51.100.9 dev v0"
         " nexthop via 192.0.2.2 dev v0",
         "ip -6 route add 2001:db8:100::/48 via 2001:db8::2 dev v0",
@@ -222,7 +222,7 @@ def run_scenario(s: Scenario) -> None:
         (
             1030,
             "nexthop_encap",
-            "ip nexthop add id 1030 encap seg6 mode encap segs 2001:db8::9 dev v0",
+            "ip nexthop add id 1030 encap ip id 5 dst 198.51.100.9 dev v0",
         ),
     ):
         s.keep(name, nexthops, nl.RTM_NEWNEXTHOP, id_is(nh_id), f"dump, {how}")
@@ -245,7 +245,7 @@ def run_scenario(s: Scenario) -> None:
         ("route_unreachable", "10.5.0.0/16", "unreachable 10.5.0.0/16"),
         ("route_v4_nhid_group_compat", "10.6.0.0/16", "nhid 1010, nexthop_compat_mode=1"),
         ("route_v4_tos", "10.8.0.0/16", "tos 0x10 via 192.0.2.2"),
-        ("route_v4_encap", "10.9.0.0/16", "encap seg6 mode encap segs 2001:db8::9 dev v0"),
+        ("route_v4_encap", "10.9.0.0/16", "encap ip id 5 dst 198.51.100.9 dev v0"),
         (
             "route_v4_multipath_encap",
             "10.10.0.0/16",
