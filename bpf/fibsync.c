@@ -12,14 +12,17 @@
  *
  * A packet's way through, each step a named helper:
  *
- *   fs_process              Ethernet, VLAN, link-layer multicast; fs_config_read
- *                           (the config map, read once per packet)
+ *   fs_process              Ethernet, VLAN, link-layer multicast; fs_trust (no
+ *                           live daemon: everything to the kernel); the ingress
+ *                           interface's conditions; fs_config_read (the config
+ *                           map, read once per packet)
  *   fs_ipv4, fs_ipv6:
  *     fs_ipv{4,6}_header    header validation: version, lengths, options
  *     fs_ipv{4,6}_addresses multicast, link-local and martian addresses
  *     fs_fragment_to_kernel the fragment policy (fs_config.flags)
- *     fs_stale              heartbeat missed: bpf_fib_lookup alone, for the
- *                           source too (FWD_STALE)
+ *     p->trust              tables behind the kernel's (a heartbeat missed or
+ *                           withdrawn): bpf_fib_lookup alone, for the source
+ *                           too (FWD_STALE)
  *     fs_v{4,6}_route       the table choice: IPv4 from the LPM trie or the
  *                           DIR-24-8 table, IPv6 from the LPM trie or the
  *                           hash per prefix length
@@ -138,13 +141,26 @@ static __always_inline void fs_config_read(struct fs_config *cfg)
 		*cfg = *c;
 }
 
-/* The daemon missed its heartbeat: its tables may lag the kernel's. */
-static __always_inline int fs_stale(void)
+/*
+ * How far the daemon's promises (fs_heartbeat) stand, read once per packet:
+ * FS_TRUST_TABLES, its tables and conditions; FS_TRUST_FIB, its conditions
+ * only (the tables may lag the kernel's: bpf_fib_lookup alone); FS_TRUST_NONE,
+ * nothing (no daemon follows the kernel: every packet to the kernel).
+ */
+static __always_inline __u8 fs_trust(void)
 {
 	__u32 zero = 0;
 	struct fs_heartbeat *hb = heartbeat.lookup(&zero);
+	__u64 now;
 
-	return hb && hb->fresh_until && bpf_ktime_get_coarse_ns() > hb->fresh_until;
+	if (!hb || !(hb->fresh_until | hb->watched_until))
+		return FS_TRUST_TABLES;
+	now = bpf_ktime_get_coarse_ns();
+	if (hb->watched_until && now > hb->watched_until)
+		return FS_TRUST_NONE;
+	if (hb->fresh_until && now > hb->fresh_until)
+		return FS_TRUST_FIB;
+	return FS_TRUST_TABLES;
 }
 
 static __always_inline void fs_count(__u32 reason, __u64 bytes)
@@ -689,7 +705,7 @@ static __always_inline struct fs_verdict fs_ipv4(struct fs_pkt *p, struct fs_cur
 		if (!fs_fib_source_v4(p, iph, &reason))
 			return fs_pass(reason);
 		reason = FS_REASON_FWD_RULES;
-	} else if (fs_stale()) {
+	} else if (p->trust == FS_TRUST_FIB) {
 		/* tables that may lag the kernel's judge neither the destination nor the
 		 * source: bpf_fib_lookup does both (what it cannot confirm, the kernel
 		 * decides) */
@@ -793,7 +809,7 @@ static __always_inline struct fs_verdict fs_ipv6(struct fs_pkt *p, struct fs_cur
 		return fs_pass(reason);
 	if (p->ifc->flags & FS_IF_RULES_V6) {
 		reason = FS_REASON_FWD_RULES;
-	} else if (fs_stale()) {
+	} else if (p->trust == FS_TRUST_FIB) {
 		reason = FS_REASON_FWD_STALE;
 	} else {
 		r = fs_v6_route(&p->cfg, ip6h->daddr.s6_addr);
@@ -837,6 +853,10 @@ static __always_inline struct fs_verdict fs_process(struct xdp_md *ctx, void *da
 	}
 	if (p.eth->h_dest[0] & 1)
 		return FS_PASS(PASS_MULTICAST);
+	/* before anything the daemon wrote is read: `ifaces` is as old as its promise */
+	p.trust = fs_trust();
+	if (p.trust == FS_TRUST_NONE)
+		return FS_PASS(PASS_NO_DAEMON);
 	ifc = ifaces.lookup(&ingress);
 	if (!ifc)
 		return FS_PASS(PASS_IFACE_UNKNOWN);

@@ -214,12 +214,13 @@
 	X(PASS_HAIRPIN, 29, "egress is the ingress interface: the kernel may send a redirect") \
 	X(PASS_MARTIAN_SOURCE, 30, "source is an address of this host: the kernel drops it") \
 	X(PASS_IFACE_UNKNOWN, 31, "interface without fast path state (ifindex beyond FS_MAX_IFACES)") \
-	X(PASS_OTHERHOST, 32, "frame not addressed to the ingress interface's MAC: the kernel drops it")
+	X(PASS_OTHERHOST, 32, "frame not addressed to the ingress interface's MAC: the kernel drops it") \
+	X(PASS_NO_DAEMON, 33, "no daemon follows the kernel (its heartbeat ran out): the kernel forwards")
 
 #define FS_REASON_ENUM(name, value, desc) FS_REASON_##name = value,
 enum fs_reason {
 	FS_REASONS(FS_REASON_ENUM)
-	FS_REASON_MAX = 33
+	FS_REASON_MAX = 34
 };
 #undef FS_REASON_ENUM
 
@@ -312,15 +313,24 @@ struct fs_config {
 };
 
 /*
- * The daemon's promise that the tables follow the kernel: it writes
- * fresh_until = now + stale_after (CLOCK_MONOTONIC_COARSE, the clock of
- * bpf_ktime_get_coarse_ns) each time it has applied every change the kernel
- * announced. Past fresh_until the program forwards by bpf_fib_lookup alone
- * (FWD_STALE), which is exact whatever the tables hold. 0: no promise needed
- * (stale_after = 0).
+ * The daemon's two promises, each renewed as now + stale_after
+ * (CLOCK_MONOTONIC_COARSE, the clock of bpf_ktime_get_coarse_ns); 0: no
+ * promise needed (stale_after = 0).
+ *
+ * watched_until: the daemon is alive and follows the kernel's conditions
+ * (`ifaces`: rules, sysctls, netfilter, IPsec, qdiscs...). Renewed each
+ * second whatever its tables' state. Past it nothing the program knows can be
+ * trusted, the conditions included: every packet goes to the kernel
+ * (PASS_NO_DAEMON), so a stopped, crashed or frozen daemon leaves plain Linux.
+ *
+ * fresh_until: its tables follow the kernel's too: renewed only once every
+ * change the kernel announced is applied, withdrawn (1: in the past) when
+ * announcements were lost. Past it, while watched, the program forwards by
+ * bpf_fib_lookup alone (FWD_STALE), which is exact whatever the tables hold.
  */
 struct fs_heartbeat {
 	__u64 fresh_until;
+	__u64 watched_until;
 };
 
 #endif /* FIBSYNC_H */

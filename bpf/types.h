@@ -35,6 +35,13 @@ struct fs_egress {
 	const __u8 *dmac;
 };
 
+/* fs_trust(): how far the daemon's promises (struct fs_heartbeat) stand. */
+enum fs_trust {
+	FS_TRUST_TABLES = 0, /* tables and conditions follow the kernel */
+	FS_TRUST_FIB = 1,    /* conditions only: bpf_fib_lookup alone (FWD_STALE) */
+	FS_TRUST_NONE = 2,   /* no daemon follows the kernel: to the kernel */
+};
+
 /* Header facts the forwarding decision needs, family independent. */
 struct fs_pkt {
 	struct xdp_md *ctx;
@@ -48,6 +55,7 @@ struct fs_pkt {
 	__u8 hops; /* TTL or hop limit */
 	__u8 is_frag;
 	__u8 family;
+	__u8 trust; /* fs_trust(): how far the daemon's promises stand */
 };
 
 #endif /* FIBSYNC_TYPES_H */

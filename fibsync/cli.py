@@ -114,8 +114,8 @@ def run(
         "--audit-interval", help="Seconds between self-audits; 0 turns them off.",
         metavar="SECONDS")] = None,
     stale_after: Annotated[str | None, typer.Option(
-        "--stale-after", help="Seconds without a heartbeat after which XDP forwards by "
-        "bpf_fib_lookup alone; 0 never.", metavar="SECONDS")] = None,
+        "--stale-after", help="Seconds without a heartbeat after which XDP hands "
+        "every packet to the kernel; 0 never.", metavar="SECONDS")] = None,
     netfilter: Annotated[str | None, typer.Option(
         "--netfilter", help="respect (netfilter rules send their family to the kernel) "
         "or bypass.")] = None,

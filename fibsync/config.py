@@ -136,8 +136,9 @@ KEYS: tuple[Key, ...] = (
         "seconds between self-audits (the maps against a fresh kernel dump, also run after "
         "every resync); 0 turns the audit off"),
     Key("stale_after", "stale_after", "--stale-after", "5",
-        "seconds without the daemon's heartbeat after which the XDP program stops using "
-        "its tables and forwards by bpf_fib_lookup alone (exact, slower); 0: never"),
+        "seconds without the daemon's heartbeat after which the XDP program hands every "
+        "packet to the kernel (tables behind while the daemon runs: bpf_fib_lookup "
+        "alone); 0: never"),
     Key("netfilter", "netfilter", "--netfilter", '"respect"',
         "respect: while a netfilter rule may act on a family's forwarded traffic, that "
         "family goes to the kernel; bypass: forward past netfilter (its rules then miss "

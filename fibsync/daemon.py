@@ -368,6 +368,10 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             self.notify.ping()
+            assert self.heartbeat is not None
+            # alive and following the kernel's conditions, synced or not (this loop
+            # stalls with the watchers: then the program hands everything to the kernel)
+            self.heartbeat.watch(time.monotonic())
             if self.state != "synced":
                 continue
             if self._reload:
@@ -378,7 +382,6 @@ class Daemon:
                 if reclaim:
                     self._reclaim = asyncio.create_task(self._wait_grace(reclaim))
             now = time.monotonic()
-            assert self.heartbeat is not None
             if self.heartbeat.withdraw():
                 self.log.warning("heartbeat.withdrawn", reason="netlink out of sync",
                                  note="the program forwards by bpf_fib_lookup alone until "

@@ -151,6 +151,20 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
+def _offline_heartbeat(fresh: float | None, watched: float | None) -> str:
+    """What the XDP program makes of a stopped daemon's last promises (seconds left,
+    negative once run out; None: no promise needed)."""
+    if watched is not None and watched < 0:
+        return (f"none for {_fmt_seconds(-watched)}: XDP hands every packet to the kernel "
+                "(PASS_NO_DAEMON)")
+    if fresh is not None and fresh < 0:
+        return "the tables are stale: XDP forwards by bpf_fib_lookup alone (FWD_STALE)" + (
+            f" for {_fmt_seconds(watched)} more" if watched is not None else "")
+    left = min(x for x in (fresh, watched, float("inf")) if x is not None)
+    return f"the tables are trusted {_fmt_seconds(left)} more" if left != float("inf") \
+        else "off (stale_after = 0)"
+
+
 def _fmt_seconds(s: float) -> str:
     if s < 1:
         return f"{s * 1000:.1f} ms"
@@ -232,10 +246,8 @@ def render(doc: dict[str, Any]) -> str:
                                       f"trusted for {_fmt_seconds(hb['stale_after'])} after one"
                                       if hb["stale_after"] else "off (stale_after = 0)"))
     elif hb:
-        left = hb["fresh_for_seconds"]
-        lines.append("heartbeat  " + (f"stale for {_fmt_seconds(-left)}: XDP forwards by "
-                                      "bpf_fib_lookup alone" if left < 0 else
-                                      f"the tables are trusted {_fmt_seconds(left)} more"))
+        lines.append("heartbeat  " + _offline_heartbeat(hb.get("fresh_for_seconds"),
+                                                        hb.get("watched_for_seconds")))
     au = doc.get("audit")
     if au:
         if not au.get("interval"):

@@ -105,12 +105,21 @@ class SyncSink:
 
 
 class Heartbeat:
-    """Promises the XDP program that its tables follow the kernel for ``stale_after``.
+    """The daemon's two promises to the XDP program (struct fs_heartbeat), each for
+    ``stale_after`` from when it is made.
 
-    Only once every change the kernel announced is applied: a daemon that was
-    stopped applies its backlog first, one that lost changes resyncs first (no
-    promise while the source is out of sync). Without a fresh promise the
-    program forwards by bpf_fib_lookup alone (FWD_STALE).
+    ``watch``: the daemon is alive and follows the kernel's conditions (`ifaces`:
+    the watchers run in its event loop), renewed from the housekeeping loop
+    whatever the tables' state. Once it runs out the program trusts nothing it was
+    given and hands every packet to the kernel (PASS_NO_DAEMON): a daemon stopped,
+    crashed or frozen for longer than stale_after leaves the router as plain Linux,
+    which then applies a firewall rule or a sysctl changed meanwhile.
+
+    ``beat``: the tables follow the kernel too, only once every change the kernel
+    announced is applied: a daemon that was stopped applies its backlog first, one
+    that lost changes resyncs first (no promise while the source is out of sync).
+    Without it, while watched, the program forwards by bpf_fib_lookup alone
+    (FWD_STALE).
     """
 
     EVERY = 1.0  # seconds between beats at most (fewer for a short stale_after)
@@ -119,26 +128,53 @@ class Heartbeat:
         self.maps = maps
         self.source = source
         self.stale_after = stale_after  # a reload may change it
-        self.last = 0.0  # monotonic time of the last heartbeat written
+        self.last = 0.0  # monotonic time of the last promise of the tables
+        self.watched = 0.0  # monotonic time of the last promise of the conditions
         self.promised = False  # this run's promise stands (withdraw() takes it back)
+        # a previous run's promises stand until this one renews them (a restart
+        # within stale_after stays on its tables)
+        self.fresh_until, self.watched_until = maps.heartbeat()
+
+    def _every(self) -> float:
+        return min(self.EVERY, self.stale_after / 4)
+
+    def _write(self) -> None:
+        self.maps.set_heartbeat(self.fresh_until, self.watched_until)
+
+    def _until(self) -> int:
+        return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + int(self.stale_after * 1e9)
 
     def due(self, now: float) -> bool:
-        return now - self.last >= min(self.EVERY, self.stale_after / 4)
+        return now - self.last >= self._every()
+
+    def watch(self, now: float) -> None:
+        """Renew the promise that the daemon follows the kernel's conditions, when due
+        (one map write)."""
+        if not self.stale_after:  # no promises needed: everything is always trusted
+            if self.fresh_until or self.watched_until:
+                self.fresh_until = self.watched_until = 0
+                self._write()
+            return
+        if now - self.watched < self._every():
+            return
+        self.watched = now
+        self.watched_until = self._until()
+        self._write()
 
     async def beat(self, now: float) -> None:
         """One beat; it waits while the sink applies a backlog (run it as a task of its
         own, not in a loop that must stay prompt)."""
         self.last = now
-        stale_after = self.stale_after
-        if not stale_after:
-            self.maps.set_heartbeat(0)
+        if not self.stale_after:
+            self.watch(now)
             self.promised = False  # none needed: the tables are always trusted
             return
         # the promise runs from now: what the kernel announced up to now is applied then
-        asked = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+        until = self._until()
         # in sync still once caught up: changes lost since are the withdrawal's to handle
         if await self.source.caught_up() and self.source.in_sync:
-            self.maps.set_heartbeat(asked + int(stale_after * 1e9))
+            self.fresh_until = until
+            self._write()
             self.promised = True
 
     def withdraw(self) -> bool:
@@ -149,10 +185,12 @@ class Heartbeat:
         until the next beat, the first after the resync. True when it withdrew."""
         if not self.promised or self.source.in_sync:
             return False
-        self.maps.set_heartbeat(1)  # 1 ns after boot: in the past (0 means no promise)
+        self.fresh_until = 1  # 1 ns after boot: in the past (0 means no promise)
+        self._write()
         self.promised = False
         return True
 
     def doc(self) -> dict[str, Any]:
-        return {"stale_after": self.stale_after,
-                "age_seconds": round(time.monotonic() - self.last, 3)}
+        now = time.monotonic()
+        return {"stale_after": self.stale_after, "age_seconds": round(now - self.last, 3),
+                "watched_age_seconds": round(now - self.watched, 3)}

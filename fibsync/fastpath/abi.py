@@ -132,9 +132,11 @@ class Reason(IntEnum):
     PASS_IFACE_UNKNOWN = 31, "interface without fast path state (ifindex beyond FS_MAX_IFACES)"
     PASS_OTHERHOST = 32, ("frame not addressed to the ingress interface's MAC: the kernel "
                           "drops it")
+    PASS_NO_DAEMON = 33, ("no daemon follows the kernel (its heartbeat ran out): the kernel "
+                          "forwards")
 
 
-FS_REASON_MAX = 33
+FS_REASON_MAX = 34
 
 
 class FsV4Key(ctypes.Structure):
@@ -223,7 +225,7 @@ class FsConfig(ctypes.Structure):
 
 
 class FsHeartbeat(ctypes.Structure):
-    _fields_ = [("fresh_until", ctypes.c_uint64)]
+    _fields_ = [("fresh_until", ctypes.c_uint64), ("watched_until", ctypes.c_uint64)]
 
 
 # C struct name -> ctypes twin (what the ABI test compares).
@@ -255,7 +257,7 @@ NEIGH = struct.Struct("=6sH")
 COUNTER = struct.Struct("=QQ")
 CONFIG = struct.Struct("=IIIII")
 IFACE = struct.Struct("=BBBB6sH")
-HEARTBEAT = struct.Struct("=Q")
+HEARTBEAT = struct.Struct("=QQ")
 # the key of the maps keyed by an index or an id (nexthops, groups, config, ...)
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")

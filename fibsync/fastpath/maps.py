@@ -101,15 +101,17 @@ class PinnedMaps:
         _, _, *rest = CONFIG.unpack_from(old) if isinstance(old, bytes) else (0,) * 5
         bpfsys.update(self.fd("config"), key, CONFIG.pack(ipv4, ipv6, *rest))
 
-    def heartbeat(self) -> int:
-        """fs_heartbeat.fresh_until (0: none)."""
+    def heartbeat(self) -> tuple[int, int]:
+        """fs_heartbeat: (fresh_until, watched_until); 0: no promise needed."""
         raw = bpfsys.lookup(self.fd("heartbeat"), U32.pack(0))
-        return HEARTBEAT.unpack_from(raw)[0] if isinstance(raw, bytes) else 0
+        return HEARTBEAT.unpack_from(raw) if isinstance(raw, bytes) else (0, 0)
 
-    def set_heartbeat(self, fresh_until_ns: int) -> None:
-        """fs_heartbeat: the program trusts its tables until this CLOCK_MONOTONIC_COARSE
-        time (0: always)."""
-        bpfsys.update(self.fd("heartbeat"), U32.pack(0), HEARTBEAT.pack(fresh_until_ns))
+    def set_heartbeat(self, fresh_until_ns: int, watched_until_ns: int) -> None:
+        """fs_heartbeat, in CLOCK_MONOTONIC_COARSE ns (0: always): the program trusts
+        the tables until fresh_until, and anything of the daemon's until watched_until
+        (bpf/fibsync.h)."""
+        bpfsys.update(self.fd("heartbeat"), U32.pack(0),
+                      HEARTBEAT.pack(fresh_until_ns, watched_until_ns))
 
     def config(self) -> tuple[int, int, int, int, int]:
         """fs_config: (hash_policy_v4, hash_policy_v6, flags, v4_table, v6_table)."""
@@ -521,16 +523,19 @@ def offline_status(settings: Any) -> dict[str, Any]:
                            "capacity": bpfsys.map_info(maps.fd(name)).max_entries}
                    for shown, name in names.items()}
     doc["counters"] = maps.counters()
-    fresh_until = maps.heartbeat()
-    if fresh_until:
-        left = (fresh_until - time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)) / 1e9
-        doc["heartbeat"] = {"fresh_for_seconds": round(left, 1)}
+    now = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+    fresh_until, watched_until = maps.heartbeat()
+    if fresh_until or watched_until:
+        doc["heartbeat"] = {
+            "fresh_for_seconds": round((fresh_until - now) / 1e9, 1) if fresh_until else None,
+            "watched_for_seconds": round((watched_until - now) / 1e9, 1)
+            if watched_until else None}
     from .program import attached
     doc["interfaces"] = [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
                           "prog_id": a.prog_id} for a in attached(settings.instance)]
-    doc["note"] = ("the daemon is down: the XDP program forwards by bpf_fib_lookup alone "
-                   "once its last heartbeat is stale_after old (FWD_STALE); start "
-                   "`fibsync run` to resync")
+    doc["note"] = ("the daemon is down: once its last heartbeat is stale_after old the XDP "
+                   "program hands every packet to the kernel (PASS_NO_DAEMON); start "
+                   "`fibsync run` to resync, or `fibsync detach`")
     return doc
 
 

@@ -199,10 +199,10 @@ class Lab:
         bpfsys.update(self.fp.map_fd("config"), struct.pack("=I", 0),
                       bytes(abi.FsConfig(v4, v6, flags, table, table6)))
 
-    def heartbeat(self, fresh_until: int) -> None:
-        """fs_heartbeat.fresh_until, in CLOCK_MONOTONIC_COARSE ns (0: never stale)."""
+    def heartbeat(self, fresh_until: int, watched_until: int = 0) -> None:
+        """fs_heartbeat, in CLOCK_MONOTONIC_COARSE ns (0: no promise needed)."""
         bpfsys.update(self.fp.map_fd("heartbeat"), struct.pack("=I", 0),
-                      bytes(abi.FsHeartbeat(fresh_until)))
+                      bytes(abi.FsHeartbeat(fresh_until, watched_until)))
 
     def iface(self, ifindex: int, mac: str = "00:00:00:00:00:00", *, pass_v4: int = 0,
               pass_v6: int = 0, flags: int = 0, egress: int = 0) -> None:

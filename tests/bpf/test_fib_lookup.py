@@ -242,3 +242,29 @@ def test_a_stale_heartbeat_hands_every_lookup_to_the_kernel_fib(net: FibNet) -> 
     net.lab.heartbeat(0)  # stale_after = 0: no promise needed
     assert net.run(gone)[0] == XDP_REDIRECT
     assert net.lab.counters() == {Reason.FWD_FAST: (1, len(gone))}
+
+
+def test_no_live_daemon_hands_every_packet_to_the_kernel(net: FibNet) -> None:
+    """Past watched_until no daemon follows the kernel: not its tables, and not its
+    conditions either (a firewall rule added, a sysctl changed since it stopped are in
+    no `ifaces` entry). The program trusts nothing it was given and hands every packet
+    to the kernel, untouched, even where its tables are still promised fresh."""
+    coarse = time.clock_gettime_ns(6)  # CLOCK_MONOTONIC_COARSE: bpf_ktime_get_coarse_ns
+    net.lab.nexthop(1, net.out_ifindex, OUT_MAC, "02:00:00:00:03:03")
+    net.lab.route("192.0.2.0/24", 1)
+    net.lab.route("2001:db8:99::/48", 1)
+    packets = (v4("192.0.2.9"), v6("2001:db8:99::9"))
+
+    net.lab.heartbeat(coarse + 60 * 10**9, coarse + 60 * 10**9)
+    assert [net.run(pkt)[0] for pkt in packets] == [XDP_REDIRECT] * 2
+    net.lab.clear_counters()
+    net.lab.heartbeat(coarse - 1, coarse + 60 * 10**9)  # watched: the kernel's FIB decides
+    assert [net.run(pkt)[0] for pkt in packets] == [XDP_REDIRECT] * 2
+    assert set(net.lab.counters()) == {Reason.FWD_STALE}
+
+    for fresh_until in (coarse + 60 * 10**9, coarse - 1, 0):
+        net.lab.clear_counters()
+        net.lab.heartbeat(fresh_until, coarse - 1)
+        assert [net.run(pkt) for pkt in packets] == [(XDP_PASS, bytes(pkt)) for pkt in packets]
+        assert net.lab.counters() == {
+            Reason.PASS_NO_DAEMON: (2, sum(len(pkt) for pkt in packets))}

@@ -1,11 +1,14 @@
-"""Never stale: a daemon that stops writing its heartbeat stops the fast path trusting its tables.
+"""Never stale: a daemon that stops writing its heartbeat stops the fast path trusting it.
 
 The router forwards as usual (kernel forwarding on). The daemon is frozen
 (SIGSTOP) and the kernel gets a more-specific route for h2's address: the
-fast path's tables no longer say what the kernel does. Within stale_after the
-program stops using them and asks bpf_fib_lookup, which follows the kernel;
-once the daemon runs again and has applied what it missed, its tables carry
-the traffic again.
+fast path's tables no longer say what the kernel does, and nothing follows the
+kernel's conditions either. Within stale_after the program hands every packet
+to the kernel (PASS_NO_DAEMON), which forwards it as Linux alone would; once
+the daemon runs again and has applied what it missed, its tables carry the
+traffic again. A daemon that lost announcements (an overrun) but still runs
+withdraws only the promise of its tables: the program forwards by
+bpf_fib_lookup alone (FWD_STALE) until the resync is written.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def counter(instance: str, reason: int) -> int:
                for v in values)
 
 
-def test_a_frozen_daemon_hands_forwarding_to_the_kernel_fib_until_it_catches_up(
+def test_a_frozen_daemon_hands_forwarding_to_the_kernel_until_it_catches_up(
         lab: Lab, fibsync: RouterDaemon) -> None:
     v4 = (str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip))
     v6 = (str(lab.h1_lan_v6.ip), str(lab.h2_lan_v6.ip))
@@ -80,27 +83,63 @@ def test_a_frozen_daemon_hands_forwarding_to_the_kernel_fib_until_it_catches_up(
     wait_until(lambda: not answers(lab, *v4), timeout=STALE_AFTER + 5,
                what="h2 unreachable, as the kernel's new route says")
     assert time.monotonic() - changed <= STALE_AFTER + 1 + 0.5  # + one ping's timeout
-    stale = counter(fibsync.instance, Reason.FWD_STALE)
-    assert answers(lab, *v6)  # IPv6 is forwarded still: by bpf_fib_lookup alone
-    assert counter(fibsync.instance, Reason.FWD_STALE) > stale
+    handed = counter(fibsync.instance, Reason.PASS_NO_DAEMON)
+    forwarded = lab.r.kernel_forwarded()[1]
+    assert answers(lab, *v6)  # IPv6 is forwarded still: by the kernel
+    assert counter(fibsync.instance, Reason.PASS_NO_DAEMON) > handed
+    assert lab.r.kernel_forwarded()[1] > forwarded
 
     os.kill(fibsync.pid, signal.SIGCONT)
     lab.r.run(["ip", "route", "del", "unreachable", f"{v4[1]}/32"])
     wait_until(lambda: answers(lab, *v4), timeout=10, what="h2 answers again")
     # caught up: the daemon's tables carry the traffic again
     time.sleep(1.5)
-    fast, stale = counter(fibsync.instance, Reason.FWD_FAST), \
-        counter(fibsync.instance, Reason.FWD_STALE)
+    fast, handed = counter(fibsync.instance, Reason.FWD_FAST), \
+        counter(fibsync.instance, Reason.PASS_NO_DAEMON)
+    forwarded = lab.r.kernel_forwarded()
     assert answers(lab, *v4) and answers(lab, *v6)
     assert counter(fibsync.instance, Reason.FWD_FAST) > fast
-    assert counter(fibsync.instance, Reason.FWD_STALE) == stale
+    assert counter(fibsync.instance, Reason.PASS_NO_DAEMON) == handed
+    assert lab.r.kernel_forwarded() == forwarded
+
+
+FORWARD_DROP_V6 = """table inet fs_stale_fw {
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        ip6 daddr %s drop
+    }
+}
+"""
+
+
+def test_a_firewall_rule_added_after_the_daemon_stopped_is_obeyed(
+        lab: Lab, fibsync: RouterDaemon) -> None:
+    """The daemon stops (the program stays attached, as `systemctl stop` leaves it) and
+    then the operator adds a forward rule dropping h2's IPv6 traffic. No watcher saw it,
+    so no `ifaces` entry says so: once stale_after has run out, the program trusts
+    nothing of the daemon's and the kernel, which applies the rule, decides."""
+    v6 = (str(lab.h1_lan_v6.ip), str(lab.h2_lan_v6.ip))
+    warm_up(lab, *v6)
+    fibsync.stop()
+    stopped = time.monotonic()
+    lab.r.run(["nft", "-f", "-"], input=FORWARD_DROP_V6 % v6[1])
+    try:
+        wait_until(lambda: not answers(lab, *v6), timeout=STALE_AFTER + 5,
+                   what="h2 unanswered over IPv6, as the new forward rule says")
+        assert time.monotonic() - stopped <= STALE_AFTER + 1 + 0.5
+        handed = counter(fibsync.instance, Reason.PASS_NO_DAEMON)
+        assert not answers(lab, *v6)
+        assert counter(fibsync.instance, Reason.PASS_NO_DAEMON) > handed
+    finally:
+        lab.r.run(["nft", "delete", "table", "inet", "fs_stale_fw"], check=False)
+    assert answers(lab, *v6)  # the kernel forwards it again, as Linux alone would
 
 
 def fresh_until(instance: str) -> int:
     """fs_heartbeat.fresh_until, read from the pinned map (0: no promise)."""
     maps = PinnedMaps(PIN_ROOT / instance)
     try:
-        return maps.heartbeat()
+        return maps.heartbeat()[0]
     finally:
         maps.close()
 

@@ -140,7 +140,7 @@ CONTRACT = {
     "fs_neigh_key": [("ifindex", 0, 4), ("family", 4, 4), ("addr", 8, 16)],
     "fs_neigh": [("mac", 0, 6), ("pad", 6, 2)],
     "fs_counter": [("packets", 0, 8), ("bytes", 8, 8)],
-    "fs_heartbeat": [("fresh_until", 0, 8)],
+    "fs_heartbeat": [("fresh_until", 0, 8), ("watched_until", 8, 8)],
     "fs_config": [("hash_policy_v4", 0, 4), ("hash_policy_v6", 4, 4), ("flags", 8, 4),
                   ("v4_table", 12, 4), ("v6_table", 16, 4)],
     "fs_v6_lengths": [("lengths", 0, 24)],
@@ -177,7 +177,7 @@ def test_map_specs_use_the_struct_sizes() -> None:
         "v4_nh", "v6_hash", "v6_lengths")
     assert not set(abi.RETIRED_MAPS) & set(abi.MAP_NAMES)
     assert (specs["heartbeat"].type, specs["heartbeat"].value_size,
-            specs["heartbeat"].max_entries) == (abi.MAP_ARRAY, 8, 1)
+            specs["heartbeat"].max_entries) == (abi.MAP_ARRAY, 16, 1)
     assert (specs["tx_direct"].type, specs["tx_direct"].max_entries) == (
         abi.MAP_DEVMAP, abi.FS_TX_DIRECT)
     assert (specs["routes_v4"].key_size, specs["routes_v4"].value_size) == (8, 8)

@@ -77,6 +77,22 @@ def test_render_down() -> None:
     assert "note       the daemon is down" in text
 
 
+@pytest.mark.parametrize(("fresh", "watched", "says"), [
+    (3.0, 3.5, "heartbeat  the tables are trusted 3.0 s more"),
+    (-1.0, 2.0, "heartbeat  the tables are stale: XDP forwards by bpf_fib_lookup alone "
+                "(FWD_STALE) for 2.0 s more"),
+    (-8.0, -7.5, "heartbeat  none for 7.5 s: XDP hands every packet to the kernel "
+                 "(PASS_NO_DAEMON)"),
+    (None, -2.0, "heartbeat  none for 2.0 s: XDP hands every packet to the kernel"),
+])
+def test_render_down_says_what_the_program_makes_of_the_last_heartbeat(
+        fresh: float | None, watched: float | None, says: str) -> None:
+    doc = {"instance": "edge1", "daemon": "down", "state": "down", "interfaces": [],
+           "counters": {}, "heartbeat": {"fresh_for_seconds": fresh,
+                                         "watched_for_seconds": watched}}
+    assert says in st.render(doc)
+
+
 def test_query_talks_the_protocol(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
 
