@@ -130,6 +130,9 @@ class Daemon:
             sync = self.sync = SyncSink(self.rib, self.guard, self.notify, self._on_resync)
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
             self.heartbeat = Heartbeat(self.maps, self.source, s.stale_after)
+            # routes may have changed while no daemon ran: a previous run's tables are
+            # trusted no longer, and this run's only once its first sync is written
+            self.heartbeat.hold()
             self.auditor = Auditor(s.audit_interval, self._audit_args, self._audit_exclude,
                                    self._repair, lambda: sync.last_change, self.log,
                                    window=(self._open_audit_window, self._close_audit_window))
@@ -146,6 +149,8 @@ class Daemon:
                                     [values[i:i + size] for i in range(0, len(values), size)],
                                     strict=True))
             await self.fidelity.start()
+            # the conditions are this run's now: the promise to watch them can start
+            self.heartbeat.watch(time.monotonic())
             try:
                 self.fastpath = await load
             except BaseException:

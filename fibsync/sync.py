@@ -144,6 +144,16 @@ class Heartbeat:
     def _until(self) -> int:
         return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + int(self.stale_after * 1e9)
 
+    def hold(self) -> None:
+        """At start: whatever a previous run promised, its tables followed the kernel
+        only until it stopped, and this run's follow it only once its first sync is
+        written (and what the kernel announced meanwhile applied); until the first beat
+        the program forwards by bpf_fib_lookup alone (FWD_STALE). With stale_after = 0
+        the tables are always trusted: nothing to withhold."""
+        if self.stale_after:
+            self.fresh_until = 1
+            self._write()
+
     def due(self, now: float) -> bool:
         return now - self.last >= self._every()
 

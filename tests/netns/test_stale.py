@@ -83,6 +83,11 @@ def test_a_frozen_daemon_hands_forwarding_to_the_kernel_until_it_catches_up(
     wait_until(lambda: not answers(lab, *v4), timeout=STALE_AFTER + 5,
                what="h2 unreachable, as the kernel's new route says")
     assert time.monotonic() - changed <= STALE_AFTER + 1 + 0.5  # + one ping's timeout
+    # the tables' promise may run out up to a beat before the conditions' one (FWD_STALE
+    # meanwhile): from the conditions' end on, nothing of the frozen daemon's is trusted
+    watched_until = heartbeat(fibsync.instance)[1]
+    wait_until(lambda: time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) > watched_until,
+               timeout=STALE_AFTER, what="the frozen daemon's last watched_until")
     handed = counter(fibsync.instance, Reason.PASS_NO_DAEMON)
     forwarded = lab.r.kernel_forwarded()[1]
     assert answers(lab, *v6)  # IPv6 is forwarded still: by the kernel
@@ -135,13 +140,18 @@ def test_a_firewall_rule_added_after_the_daemon_stopped_is_obeyed(
     assert answers(lab, *v6)  # the kernel forwards it again, as Linux alone would
 
 
-def fresh_until(instance: str) -> int:
-    """fs_heartbeat.fresh_until, read from the pinned map (0: no promise)."""
+def heartbeat(instance: str) -> tuple[int, int]:
+    """fs_heartbeat (fresh_until, watched_until), read from the pinned map (0: no
+    promise)."""
     maps = PinnedMaps(PIN_ROOT / instance)
     try:
-        return maps.heartbeat()[0]
+        return maps.heartbeat()
     finally:
         maps.close()
+
+
+def fresh_until(instance: str) -> int:
+    return heartbeat(instance)[0]
 
 
 def test_lost_announcements_withdraw_the_promise_at_once(lab: Lab) -> None:

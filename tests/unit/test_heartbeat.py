@@ -78,3 +78,22 @@ def test_stale_after_zero_needs_no_promise() -> None:
     hb.watch(2.0)
     asyncio.run(hb.beat(2.0))
     assert maps.written == [(0, 0)]  # written once, not every tick
+
+
+def test_a_start_withholds_a_previous_runs_tables_until_its_own_first_beat() -> None:
+    """Routes may have changed while no daemon ran, and this run's tables follow the
+    kernel only once its first sync is written: meanwhile the program forwards by
+    bpf_fib_lookup alone."""
+    later = now_ns() + 4 * SECOND
+    maps, source = Maps(previous=(later, later)), Source()
+    hb = Heartbeat(maps, source, stale_after=5.0)  # type: ignore[arg-type]
+    hb.hold()
+    assert maps.written == [(1, later)]  # the conditions' promise stands
+    hb.watch(1.0)
+    assert maps.written[-1][0] == 1
+    asyncio.run(hb.beat(1.0))
+    assert maps.written[-1][0] > later
+
+    quiet = Maps(previous=(later, later))
+    Heartbeat(quiet, source, stale_after=0.0).hold()  # type: ignore[arg-type]
+    assert quiet.written == []  # always trusted: nothing to withhold
