@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -313,7 +314,15 @@ class FastPath:
         maps = ["tx_ports", "tx_direct"] if ifindex < abi.FS_TX_DIRECT else ["tx_ports"]
         if present:
             for name in maps:
-                bpfsys.update(self.map_fd(name), key, key)
+                try:
+                    bpfsys.update(self.map_fd(name), key, key)
+                except MapError as exc:
+                    # a devmap takes only a device that exists (dev_get_by_index): one
+                    # deleted since it was looked up (a link deleted under a storm) is
+                    # no redirect target, and the kernel took its entries with it
+                    if exc.errno == errno.EINVAL and not _link_exists(ifindex):
+                        return
+                    raise
         else:
             for name in reversed(maps):
                 bpfsys.delete(self.map_fd(name), key)  # False when it was not there
@@ -632,6 +641,15 @@ _MODE_FLAGS = {"generic": nl.XDP_FLAGS_SKB_MODE, "native": nl.XDP_FLAGS_DRV_MODE
                "offload": nl.XDP_FLAGS_HW_MODE}
 _PROG_ID_ATTR = {nl.IFLA_XDP_DRV_PROG_ID: "native", nl.IFLA_XDP_SKB_PROG_ID: "generic",
                  nl.IFLA_XDP_HW_PROG_ID: "offload"}
+
+
+def _link_exists(ifindex: int) -> bool:
+    """An interface of this thread's network namespace has this index."""
+    try:
+        socket.if_indextoname(ifindex)
+    except OSError:
+        return False
+    return True
 
 
 def _ifindex(ifname: str) -> int:

@@ -19,7 +19,16 @@ from scapy.packet import Packet, Raw
 
 from fibsync.fastpath import abi
 from fibsync.fastpath.abi import Reason
-from tests.bpf.harness import ACTION_NAMES, ROUTER, XDP_DROP, XDP_PASS, XDP_REDIRECT, Lab, sh
+from tests.bpf.harness import (
+    ACTION_NAMES,
+    ROUTER,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    Lab,
+    inside,
+    sh,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -349,6 +358,26 @@ def test_any_ifindex_is_a_redirect_target(lab: Lab, ifindex: int) -> None:
                                   Reason.FWD_FAST: (1, len(frame))}
     finally:
         sh("ip", "-n", lab.ns, "link", "del", "big0")
+
+
+def test_a_port_whose_interface_is_gone_is_written_nowhere_and_raises_nothing(
+        lab: Lab) -> None:
+    """A devmap takes only a device that exists (EINVAL otherwise), and an interface can
+    go between the daemon's look and its write: a link deleted under a storm while the
+    daemon re-attaches it, or released from an egress condition once deleted. Such a
+    port is no redirect target and nothing to fail on (it stopped the daemon, exit 1:
+    "update: Invalid argument")."""
+    sh("ip", "-n", lab.ns, "link", "add", "name", "gone0", "type", "veth", "peer", "name",
+       "gone1")
+    ifindex = lab.ifindex("gone0")
+    sh("ip", "-n", lab.ns, "link", "del", "gone0")
+    with inside(lab.ns):
+        lab.fp.hold_ports({ifindex})
+        lab.fp.allow_port(ifindex)  # held: nothing written yet
+        lab.fp.hold_ports(())  # released: now it would be
+        lab.fp.allow_port(ifindex)
+        assert ifindex not in lab.fp.ports()
+        lab.fp.forbid_port(ifindex)
 
 
 def test_an_interface_beyond_the_conditions_map_is_left_to_the_kernel(lab: Lab) -> None:
