@@ -137,6 +137,30 @@ class RouterDaemon:
         except OSError:
             return ""
 
+    def postmortem(self, events: int = 10) -> str:
+        """What a failing test should say about the daemon: alive or how it ended, what
+        its status socket answers (an offline document when it does not), its last
+        warnings and errors, and any output that is not a log line (a traceback)."""
+        if (pid := self.pid) is not None:
+            life = f"alive (pid {pid})"
+        elif self.proc is not None and self.proc.poll() is not None:
+            life = f"exited with {self.proc.returncode}"
+        else:
+            life = "gone"
+        doc = self.status()
+        said = [{k: v for k, v in e.items() if k != "instance"} for e in self.logs()
+                if e.get("level") in ("warning", "error", "critical")][-events:]
+        try:
+            other = [line for line in self.log_file.read_text().splitlines()
+                     if not line.startswith("{")][-events:]
+        except OSError:
+            other = []
+        return json.dumps({"daemon": life,
+                           "status": {k: doc.get(k) for k in ("daemon", "state", "netlink",
+                                                               "sync", "note")},
+                           "last warnings and errors": said, "other output": other},
+                          indent=1, default=str)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         pid = self.pid
         if pid is not None:

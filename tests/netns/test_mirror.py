@@ -140,7 +140,7 @@ def test_churn_leaves_maps_equal_to_kernel(world_ns: Netns, lab_rundir: Path,
     daemons.append(daemon)
     batch(world_ns, Churn(seed=seed + compat).lines(20_000), lab_rundir)
     diff = settle(daemon, world_ns)
-    assert not diff, "\n".join(diff)
+    assert not diff, "\n".join([*diff, daemon.postmortem()])
     # the storm reached the fast path: the view is not trivially empty
     assert len(daemon.routes()) > 50
     assert daemon.status()["state"] == "synced"
@@ -155,7 +155,7 @@ def test_overruns_resync_to_an_exact_mirror(world_ns: Netns, lab_rundir: Path,
     daemons.append(daemon)
     batch(world_ns, Churn(seed=seed).lines(20_000), lab_rundir)
     diff = settle(daemon, world_ns)
-    assert not diff, "\n".join(diff)
+    assert not diff, "\n".join([*diff, daemon.postmortem()])
     netlink = daemon.status()["netlink"]
     assert netlink["overruns"] > 0
     assert netlink["resyncs"] > 0
@@ -170,4 +170,4 @@ def test_other_table_is_followed_when_asked(world_ns: Netns, lab_rundir: Path,
     daemons.append(daemon)
     batch(world_ns, Churn(seed=seed).lines(5_000), lab_rundir)
     diff = settle(daemon, world_ns, table="100")
-    assert not diff, "\n".join(diff)
+    assert not diff, "\n".join([*diff, daemon.postmortem()])

@@ -58,7 +58,7 @@ def verify(d: RouterDaemon) -> tuple[int, dict]:  # type: ignore[type-arg]
     r = subprocess.run([*fibsync_argv(), "--netns", d.ns.name, "verify", "--instance",
                         d.instance, "--json"], capture_output=True, text=True, timeout=60)
     assert r.stdout, (f"fibsync verify exited with {r.returncode}: {r.stderr.strip()}; "
-                      f"{[e for e in d.logs() if e.get('event') == 'audit.error'][-1:]}")
+                      f"{d.postmortem()}")
     return r.returncode, json.loads(r.stdout)
 
 
@@ -163,12 +163,7 @@ def test_verify_raises_no_false_alarm_while_the_kernel_changes(
     # on failure, say whether the daemon answered (verify compares on its own, without
     # the daemon's backlog, when it is down or silent for 5 s), resynced or lagged, and
     # what it logged last (seen once: status without netlink/sync/audit, the maps frozen)
-    status = daemon.status()
-    said = [(e.get("event"), e.get("level")) for e in daemon.logs()
-            if e.get("level") in ("warning", "error", "critical")][-10:]
-    assert all(rc == 0 for rc, _, _ in outcomes), (outcomes, daemon.pid, status.get("daemon"),
-                                                status.get("netlink"), status.get("sync"),
-                                                status.get("audit"), said)
+    assert all(rc == 0 for rc, _, _ in outcomes), (outcomes, daemon.postmortem())
 
 
 def test_the_kernel_ipv6_dump_skips_live_routes(netns_factory: Callable[[str], Netns],
