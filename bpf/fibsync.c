@@ -329,6 +329,28 @@ static __always_inline struct fs_route *fs_v6_route(const struct fs_config *cfg,
 }
 
 /*
+ * The nexthop a route names (nh_id: the route's, or its group's choice): its
+ * copy in `v4_nh` (a DIR-24-8 slot's one nexthop, an array read the verifier
+ * inlines) or the `nexthops` hash.
+ */
+static __always_inline struct fs_nexthop *fs_route_nexthop(const struct fs_route *r,
+							   __u32 nh_id)
+{
+	struct fs_nexthop *nh;
+
+	if (r->flags & FS_ROUTE_NH_COPY) {
+		nh = v4_nh.lookup(&nh_id);
+		/* Keeps clang from merging the two lookups into one call whose map is
+		 * chosen at run time, which the verifier cannot inline: the copy's
+		 * array read was a bpf_map_lookup_elem call, and through it the hash's
+		 * lookup function (bpftool's xlated dump, 2026-12-04). */
+		asm volatile("" : "+r"(nh));
+		return nh;
+	}
+	return nexthops.lookup(&nh_id);
+}
+
+/*
  * A FORWARD route's egress: true with *eg filled, false when the fast path's
  * tables cannot say (missing entry, unresolved neighbour) and bpf_fib_lookup
  * must. An unresolved neighbour is never probed from here: bpf_fib_lookup
@@ -359,10 +381,7 @@ static __always_inline bool fs_nexthop_egress(struct fs_pkt *p, void *l3, const 
 	}
 
 	/* A route may briefly name a nexthop the writer has not stored yet. */
-	if (r->flags & FS_ROUTE_NH_COPY)
-		nh = v4_nh.lookup(&nh_id);
-	else
-		nh = nexthops.lookup(&nh_id);
+	nh = fs_route_nexthop(r, nh_id);
 	if (!nh)
 		return false;
 
@@ -595,7 +614,6 @@ static __always_inline bool fs_ipv4_source(struct fs_pkt *p, struct iphdr *iph, 
 	__u8 rpf = p->ifc->flags & (FS_IF_RPF_LOOSE | FS_IF_RPF_STRICT);
 	struct fs_route *r;
 	struct fs_nexthop *nh;
-	__u32 nh_id;
 
 	if (!rpf && !fs_maybe_local_v4(iph->saddr))
 		return true;
@@ -613,11 +631,7 @@ static __always_inline bool fs_ipv4_source(struct fs_pkt *p, struct iphdr *iph, 
 		return true;
 	if (r->flags & FS_ROUTE_GROUP)
 		return false;
-	nh_id = r->nh_id;
-	if (r->flags & FS_ROUTE_NH_COPY)
-		nh = v4_nh.lookup(&nh_id);
-	else
-		nh = nexthops.lookup(&nh_id);
+	nh = fs_route_nexthop(r, r->nh_id);
 	return nh && nh->ifindex == p->ctx->ingress_ifindex;
 }
 
