@@ -157,7 +157,7 @@ class RouterDaemon:
             other = []
         return json.dumps({"daemon": life,
                            "status": {k: doc.get(k) for k in ("daemon", "state", "netlink",
-                                                               "sync", "note")},
+                                                               "sync", "audit", "note")},
                            "last warnings and errors": said, "other output": other},
                           indent=1, default=str)
 

@@ -160,9 +160,10 @@ def _offline_heartbeat(fresh: float | None, watched: float | None) -> str:
     if fresh is not None and fresh < 0:
         return "the tables are stale: XDP forwards by bpf_fib_lookup alone (FWD_STALE)" + (
             f" for {_fmt_seconds(watched)} more" if watched is not None else "")
-    left = min(x for x in (fresh, watched, float("inf")) if x is not None)
-    return f"the tables are trusted {_fmt_seconds(left)} more" if left != float("inf") \
-        else "off (stale_after = 0)"
+    left = [x for x in (fresh, watched) if x is not None]
+    if not left:
+        return "off (stale_after = 0)"
+    return f"the tables are trusted {_fmt_seconds(min(left))} more"
 
 
 def _fmt_seconds(s: float) -> str:

@@ -123,6 +123,7 @@ class Heartbeat:
     """
 
     EVERY = 1.0  # seconds between beats at most (fewer for a short stale_after)
+    WITHHELD = 1  # fresh_until 1 ns after boot: in the past (0 means no promise needed)
 
     def __init__(self, maps: PinnedMaps, source: Any, stale_after: float) -> None:
         self.maps = maps
@@ -151,7 +152,7 @@ class Heartbeat:
         the program forwards by bpf_fib_lookup alone (FWD_STALE). With stale_after = 0
         the tables are always trusted: nothing to withhold."""
         if self.stale_after:
-            self.fresh_until = 1
+            self.fresh_until = self.WITHHELD
             self._write()
 
     def due(self, now: float) -> bool:
@@ -175,9 +176,8 @@ class Heartbeat:
         """One beat; it waits while the sink applies a backlog (run it as a task of its
         own, not in a loop that must stay prompt)."""
         self.last = now
-        if not self.stale_after:
-            self.watch(now)
-            self.promised = False  # none needed: the tables are always trusted
+        if not self.stale_after:  # watch() writes the zeros: nothing to promise
+            self.promised = False
             return
         # the promise runs from now: what the kernel announced up to now is applied then
         until = self._until()
@@ -195,7 +195,7 @@ class Heartbeat:
         until the next beat, the first after the resync. True when it withdrew."""
         if not self.promised or self.source.in_sync:
             return False
-        self.fresh_until = 1  # 1 ns after boot: in the past (0 means no promise)
+        self.fresh_until = self.WITHHELD
         self._write()
         self.promised = False
         return True
