@@ -13,9 +13,13 @@ Start-up order matters for correctness:
    layout changed is replaced, never reused: program.py);
 3. subscribe, dump, build the RIB, write every map (ids above those a previous
    run left, so the old entries stay valid while the new ones go in);
-4. attach XDP (on a cold start the fast path never sees a half-filled table;
-   on a restart the new program replaces the old one atomically), then sweep
-   what the previous run left and the kernel no longer has;
+4. attach XDP (on a restart the new program replaces the old one atomically):
+   beside the first write while the tables' promise is withheld (step 2's
+   Heartbeat.hold: the program reads none of the tables being written, it
+   forwards by bpf_fib_lookup alone), after it otherwise (stale_after = 0:
+   the program trusts whatever tables it finds, so it must never see a
+   half-filled one); then sweep what the previous run left and the kernel no
+   longer has;
 5. report ``synced`` and READY=1.
 Stopping leaves the program attached and the maps pinned: traffic keeps flowing
 while the daemon restarts (``fibsync detach`` removes everything).
@@ -24,6 +28,7 @@ while the daemon restarts (``fibsync detach`` removes everything).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import signal
@@ -88,6 +93,7 @@ class Daemon:
         self._reload = False
         self._netlink_task: asyncio.Task[None] | None = None
         self._pending_sync: float | None = None
+        self._attaching: concurrent.futures.Future[None] | None = None  # beside the first write
         self._first_id = 1
         self._last_interface_check = 0.0
         self._hash_policy: tuple[int, ...] = ()
@@ -127,7 +133,8 @@ class Daemon:
             self.rib = Rib(self._filter(s), first_id=self._first_id)
             self.rib.set_multipath_use_neigh(_read_use_neigh())
             self.guard = FullMapGuard(self.rib, self.writer, self.log)
-            sync = self.sync = SyncSink(self.rib, self.guard, self.notify, self._on_resync)
+            sync = self.sync = SyncSink(self.rib, self.guard, self.notify, self._on_resync,
+                                         self._on_resync_start)
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
             self.heartbeat = Heartbeat(self.maps, self.source, s.stale_after)
             # routes may have changed while no daemon ran: a previous run's tables are
@@ -234,6 +241,30 @@ class Daemon:
 
     # ---------------------------------------------------- netlink -> maps
 
+    def _on_resync_start(self) -> None:
+        """Attach the program beside the first write when that is safe. At a full table
+        the write takes seconds, and attaching ~0.1 s an interface (under RTNL; more
+        where a driver rebuilds its rings for XDP). While the tables' promise is
+        withheld the program reads none of the tables and forwards by bpf_fib_lookup
+        alone, so the attach need not wait for them; its syscalls release the GIL, so
+        a thread runs it beside the write's. Without a promise to withhold
+        (stale_after = 0) it waits for the write: the program trusts what it finds."""
+        if self.state == "synced" or self.xdp is None or self._attaching is not None:
+            return
+        if self.heartbeat is None or not self.heartbeat.withheld:
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="attach")
+        self._attaching = pool.submit(self.xdp.attach_all)
+        pool.shutdown(wait=False)  # the thread ends with its one task
+
+    def _attach_all(self) -> None:
+        assert self.xdp is not None
+        attaching, self._attaching = self._attaching, None
+        if attaching is None:
+            self.xdp.attach_all()
+        else:
+            attaching.result()  # its failure is the daemon's, as in the loop
+
     def _on_resync(self, t0: float) -> None:
         if self.fastpath is None:
             # the program is still being built: the maps are filled, attach it once loaded
@@ -246,7 +277,7 @@ class Daemon:
         assert self.xdp is not None
         self._pending_sync = None
         if self.state != "synced":
-            self.xdp.attach_all()
+            self._attach_all()
             # what a previous run left in the pinned maps and the kernel no longer has; the
             # new program runs already, so the old one never meets a half-swept table
             swept = self.writer.sweep(self.rib.holds_prefix, *self.rib.fast_path_keys())

@@ -5,7 +5,9 @@ The source hands over one ``Snapshot`` per (re)dump (``resync``) and then
 batches of changes (``apply``); each goes RIB -> FullMapGuard -> writer before
 the call returns, so the maps follow the kernel one batch behind at most.
 What a finished resync means for the daemon's life (attach, sweep, READY=1)
-is the daemon's business: the sink calls ``on_resync`` after writing it.
+is the daemon's business: the sink calls ``on_resync_start`` before reading a
+resync (what may run beside the write starts there) and ``on_resync`` after
+writing it.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ class SyncSink:
     """Kernel state in, map writes out (the source's ``Sink``)."""
 
     def __init__(self, rib: Rib, guard: FullMapGuard, notify: SdNotify,
-                 on_resync: Callable[[float], None]) -> None:
+                 on_resync: Callable[[float], None],
+                 on_resync_start: Callable[[], None] = lambda: None) -> None:
         self.rib = rib
         self.guard = guard
         self.notify = notify
         self.on_resync = on_resync  # called with the resync's start (monotonic), once written
+        self.on_resync_start = on_resync_start  # called before the RIB reads a resync
         self.lag = SyncLag()
         self.last_change = 0.0  # monotonic time of the last batch of kernel changes
         self.rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
@@ -80,6 +84,7 @@ class SyncSink:
         if self.audit_window is not None:
             self.audit_window.overrun = True  # everything may have changed
         self.resync_quiet = snapshot.quiet
+        self.on_resync_start()
         self.rib.resync(snapshot)
         # consumed: a full table's columns (~45 MB) are freed before the first write
         snapshot.route_columns = []
@@ -144,6 +149,12 @@ class Heartbeat:
 
     def _until(self) -> int:
         return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + int(self.stale_after * 1e9)
+
+    @property
+    def withheld(self) -> bool:
+        """The tables' promise is withheld: the program reads none of the tables (it
+        forwards by bpf_fib_lookup alone, FWD_STALE), whatever state they are in."""
+        return self.fresh_until == self.WITHHELD
 
     def hold(self) -> None:
         """At start: whatever a previous run promised, its tables followed the kernel
