@@ -12,6 +12,8 @@ import contextlib
 import ipaddress
 import json
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
@@ -503,3 +505,63 @@ def test_caught_up_returns_during_a_storm_with_what_came_before(
             m.alive()
 
     run(go())
+
+
+def _dump_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "dump-recv" and t.is_alive()]
+
+
+@pytest.fixture
+def big_table(router: Namespace) -> Namespace:
+    """20k IPv6 routes over a nexthop object (the dump's columns) and 2k plain IPv4 ones:
+    a dump of a hundred or so buffers."""
+    lines = ["nexthop add id 7 via 2001:db8::2 dev v0"]
+    lines += [f"route add 2001:db8:{i:x}::/48 nhid 7" for i in range(1, 20001)]
+    lines += [f"route add 198.18.{i >> 8}.{i & 255}/32 via 192.0.2.2" for i in range(2000)]
+    router.sh("-batch", "-", stdin="\n".join(lines) + "\n")
+    return router
+
+
+def test_a_dump_read_slower_than_the_kernel_sends_it_is_whole_and_waits_in_few_buffers(
+        big_table: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def count() -> int:
+        return (await NetlinkSource(netns=big_table.name).dump()).route_count()
+
+    whole = asyncio.run(count())
+    assert whole > 22000
+
+    waiting: list[int] = []
+    real_put, real_on_chunk = source_module._Receiver._put, source_module._Dump.on_chunk
+
+    def put(self: Any, item: Any) -> None:
+        real_put(self, item)
+        waiting.append(self.buffers.qsize())
+
+    def on_chunk(self: Any, chunk: bytes) -> bool:
+        time.sleep(0.002)  # a reader slower than the kernel
+        return real_on_chunk(self, chunk)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(source_module._Receiver, "AHEAD", 2)
+    monkeypatch.setattr(source_module._Receiver, "_put", put)
+    monkeypatch.setattr(source_module._Dump, "on_chunk", on_chunk)
+    assert asyncio.run(count()) == whole
+    assert len(waiting) > 50 and max(waiting) == 2  # it waited, in two buffers at most
+    assert not _dump_threads()
+
+
+def test_a_dump_whose_reader_fails_leaves_no_receiving_thread(
+        big_table: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[bytes] = []
+    real_on_chunk = source_module._Dump.on_chunk
+
+    def on_chunk(self: Any, chunk: bytes) -> bool:
+        read.append(chunk)
+        if len(read) == 3:
+            raise RuntimeError("the reader fails")
+        return real_on_chunk(self, chunk)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(source_module._Dump, "on_chunk", on_chunk)
+    with pytest.raises(RuntimeError, match="the reader fails"):
+        asyncio.run(NetlinkSource(netns=big_table.name).dump())
+    assert len(read) == 3
+    assert not _dump_threads()  # the receiver, waiting for room or for the kernel, ended
