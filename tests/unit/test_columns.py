@@ -837,3 +837,24 @@ def test_rows_are_grouped_by_layout_and_carry_their_ordinal() -> None:
     dump, unclaimed = run([b"".join(msgs)], batch=DEFAULT_BATCH)
     assert check(dump, unclaimed, msgs, AF_INET) == {0, 1, 2}
     assert sorted(dump.columns(AF_INET).ordinal.tolist()) == [0, 1, 2]
+
+
+def test_a_batch_and_its_arrays_stay_under_the_daemons_mmap_threshold() -> None:
+    # a batch closes once it holds BATCH bytes, so it may hold one more received
+    # buffer (the kernel's dump buffers are 32 KiB at most)
+    from fibsync import process
+    from fibsync.netlink import columns
+
+    assert columns.BATCH + (32 << 10) <= process.MMAP_THRESHOLD
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
+def test_the_columns_of_many_batches_are_joined_in_dump_order(
+        family: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fibsync.netlink import columns
+
+    monkeypatch.setattr(columns, "MERGE", 3)  # a full table's dump joins every 64 batches
+    msgs, _ = mixed_dump(family)
+    dump, unclaimed = run(chunked(random.Random(7), msgs), batch=512)
+    check(dump, unclaimed, msgs, family)
+    assert len(dump._merged[family]) >= 2  # joined more than once, the rest still apart
