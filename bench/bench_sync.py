@@ -10,10 +10,11 @@ then starts fibsync ``--runs`` times, the first with an empty program cache
 (bcc compiles: a first start on a machine) and the others with the cache
 filled (every later start); then ``--restarts`` times over the pinned maps
 and the attached program the previous run left (a restart: the maps
-adopted). Each start is timed from `fibsync run` to the daemon's
-`sync.done` log line (the moment `status` says synced; its timestamp, so no
-polling delay counts) and, as a user sees it, to the first
-`fibsync status` that says `synced`. Reports the ratios, the daemon's RSS
+adopted). Each start is timed from `fibsync run` to its READY=1, received on
+a NOTIFY_SOCKET as systemd does (nothing polls the daemon meanwhile: a
+`fibsync status` every 0.1 s took a core from the start it measured, ~0.5 s
+of a full table's), and to the daemon's `sync.done` log line (its
+timestamp). Reports the ratios, the daemon's RSS
 (steady and peak) and the maps' memory. Everything is removed at the end.
 """
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
-from fulltable import install, router, time_ip_show  # noqa: E402
+from fulltable import install, router, start_until_ready, time_ip_show  # noqa: E402
 
 
 def proc_mb(pid: int, field: str) -> float:
@@ -73,10 +74,11 @@ def plot(doc: dict[str, Any], path: str) -> None:
     values = [ref]
     for i, run in enumerate(doc["runs"], 1):
         labels.append(f"fibsync {run.get('kind', 'start')} #{i}\n({run['program']} program)")
-        values.append(run["run_to_synced_s"])
+        values.append(run.get("run_to_ready_s", run["run_to_synced_s"]))
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(labels, values, color=["grey"] + ["tab:blue"] * (len(values) - 1))
-    ax.axhline(2 * ref, color="tab:red", linestyle="--", label="target: 2x ip route show")
+    ax.axhline(1.2 * ref, color="tab:red", linestyle="--",
+               label="goal: 1.2x ip route show (program cached)")
     for bar, v in zip(bars, values, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.2f} s", ha="center", va="bottom")
     ax.set_ylabel("seconds")
@@ -109,9 +111,7 @@ def main() -> None:
         kinds = ["start"] * args.runs + ["restart"] * args.restarts
         for i, kind in enumerate(kinds):
             started = time.time()
-            t0 = time.monotonic()
-            daemon.start(timeout=600)
-            seen = time.monotonic() - t0
+            ready = start_until_ready(daemon)
             pid = daemon.pid or 0
             synced = log_time(daemon.log_file, "sync.done") - started
             load = json.loads(next(line for line in reversed(
@@ -120,8 +120,8 @@ def main() -> None:
             runs.append({
                 "kind": kind,
                 "program": "cached" if load.get("cached") else "compiled",
+                "run_to_ready_s": round(ready, 2),
                 "run_to_synced_s": round(synced, 2),
-                "run_to_status_synced_s": round(seen, 2),
                 "rss_mb": round(proc_mb(pid, "VmRSS"), 1),
                 "peak_rss_mb": round(proc_mb(pid, "VmHWM"), 1),
             })
@@ -137,7 +137,7 @@ def main() -> None:
                                check=True)
             ip_show = min(ip_show, time_ip_show(name))
         for run in runs:  # against the best `ip route show` of the whole session
-            run["ratio"] = round(run["run_to_synced_s"] / ip_show, 2)
+            run["ratio"] = round(run["run_to_ready_s"] / ip_show, 2)
         fp = status["fastpath"]
         result = {
             "date": time.strftime("%Y-%m-%d"),

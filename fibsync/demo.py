@@ -73,6 +73,11 @@ class RouterDaemon:
     def start(self, timeout: float = 60) -> None:
         if self.pid is not None:
             return
+        self.spawn()
+        self.wait_synced(timeout)
+
+    def spawn(self) -> None:
+        """Start the daemon and return at once (``start`` waits until it says synced)."""
         self.rundir.mkdir(parents=True, exist_ok=True)
         where = [*self.wrap, *self.command] if self.wrap else \
             [*self.command, "--netns", self.ns.name]
@@ -83,7 +88,6 @@ class RouterDaemon:
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          env={**os.environ, **self.env})
         self.pid_file.write_text(f"{self.proc.pid}\n")
-        self.wait_synced(timeout)
 
     def wait_synced(self, timeout: float = 60) -> dict[str, Any]:
         def synced() -> dict[str, Any] | None:
