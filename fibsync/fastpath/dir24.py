@@ -49,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ class Dir24Table:
 
     def __init__(self, tbl24: Any, tbl8: Any, slots: Any, nh: Any = None, *, cover: Cover,
                  nexthop: Nexthops | None = None,
-                 grace: Callable[[], None] = rcu_grace) -> None:
+                 grace: Callable[[], None] = rcu_grace, adopt_aside: bool = False) -> None:
         self._t24: U32Array = np.frombuffer(tbl24, dtype=np.uint32)
         self._t8: U32Array = np.frombuffer(tbl8, dtype=np.uint32)
         if self._t24.size != TBL24 or self._t8.size % TBL8:
@@ -249,7 +250,17 @@ class Dir24Table:
         self._switches_pending = False  # switches in this epoch, no grace period begun since
         self._held: set[int] = set()  # slots interned by the operation under way
         self.stats = Dir24Stats()
-        self._adopt()
+        # ``adopt_aside``: learn the buffers' table in a thread (~0.15 s over a full
+        # table's, a restart's: the daemon dumps the kernel's tables meanwhile);
+        # whatever takes or frees a group or slot waits for it first (``_adopted``)
+        self._adopting: threading.Thread | None = None
+        self._adopt_failure: BaseException | None = None
+        if adopt_aside:
+            self._adopting = threading.Thread(target=self._adopt_in_thread,
+                                              name="dir24-adopt", daemon=True)
+            self._adopting.start()
+        else:
+            self._adopt()
 
     # ------------------------------------------------------------ slots
 
@@ -259,6 +270,19 @@ class Dir24Table:
         groups, slots = self._referenced()
         self.groups.reserve(groups.tolist())
         self.slots.reserve(slots.tolist())
+
+    def _adopt_in_thread(self) -> None:
+        try:
+            self._adopt()
+        except BaseException as exc:  # raised where the table is next used
+            self._adopt_failure = exc
+
+    def _adopted(self) -> None:
+        if self._adopting is not None:
+            self._adopting.join()
+            self._adopting = None
+            if self._adopt_failure is not None:
+                raise self._adopt_failure
 
     def _referenced(self) -> tuple[U32Array, U32Array]:
         """(groups, slots) that entries of the table name, read a range at a time
@@ -317,6 +341,7 @@ class Dir24Table:
     def begin_reclaim(self) -> Reclaim:
         """What a grace period starting now frees: retired groups and slots, and the
         other copy of every slot switched so far (``nexthops_changed``)."""
+        self._adopted()
         switches = None
         if self._switches_pending:
             epoch = self._epoch
@@ -336,6 +361,7 @@ class Dir24Table:
         runs grace periods off the write path (``begin_reclaim``), so that only
         a nexthop changing twice within a few milliseconds waits. Contents equal
         to what the slot's copy holds (a re-announcement) switch nothing."""
+        self._adopted()
         if self._nh is None:
             return
         for nh_id, nhb in changed.items():
@@ -392,6 +418,7 @@ class Dir24Table:
         table object loads: it knows which groups and slots the table it
         replaces uses, and nothing else yet.
         """
+        self._adopted()
         if self.stats.loads or self.stats.adds or self.stats.deletes:
             raise RuntimeError("a Dir24Table loads once, before any change")
         self.stats.loads += 1
@@ -490,6 +517,7 @@ class Dir24Table:
     def add(self, routes: Sequence[tuple[int, int, bytes]]) -> list[int]:
         """Add or change routes (addr host order, prefix length, value), the
         longest first; returns the indexes of those that could not be placed."""
+        self._adopted()
         failed: list[int] = []
         try:
             i = 0
@@ -538,6 +566,7 @@ class Dir24Table:
         """Remove routes (addr host order, prefix length), after ``cover``
         stopped knowing them: their addresses go to the route that covers them
         now, or to bpf_fib_lookup."""
+        self._adopted()
         try:
             for addr, depth in prefixes:
                 got = self._cover(addr, depth) if depth else None
@@ -675,6 +704,7 @@ class Dir24Table:
 
     def memory(self) -> dict[str, int]:
         """Bytes of each table, and how many groups and slots are in use."""
+        self._adopted()
         return {"tbl24_bytes": self._t24.nbytes, "tbl8_bytes": self._t8.nbytes,
                 "slots_bytes": len(self._slots),
                 "nexthop_copies_bytes": len(self._nh) if self._nh is not None else 0,

@@ -292,8 +292,10 @@ class MapWriter:
         # struct fs_nexthop of every nexthop written, for the DIR-24-8 table's copies
         self._nexthops: dict[int, bytes] = {}
         if buffers is not None:
+            # a previous run's table (adopted arrays) is learnt while the daemon dumps
             self.dir24 = dir24.Dir24Table(*buffers, cover=_v4_cover(maps),
-                                          nexthop=self._nexthops.get)
+                                          nexthop=self._nexthops.get,
+                                          adopt_aside=not self.fresh.issuperset(DIR24_MAPS))
         self.v4_table: V4Table = "dir24" if self.dir24 is not None else "lpm"
         self.v6: v6hash.V6Lengths | None = None
         if v6_table != "lpm":

@@ -60,9 +60,10 @@ class Graces:
 
 def table(ref: Reference, groups: int = 256, slots: int = 64,
           buffers: tuple[object, ...] | None = None,
-          nexthops: dict[int, bytes] | None = None) -> Dir24Table:
+          nexthops: dict[int, bytes] | None = None, adopt_aside: bool = False) -> Dir24Table:
     return Dir24Table(*(buffers or memory_buffers(groups, slots)), cover=ref.cover,
-                      nexthop=None if nexthops is None else nexthops.get, grace=Graces())
+                      nexthop=None if nexthops is None else nexthops.get, grace=Graces(),
+                      adopt_aside=adopt_aside)
 
 
 def load(t: Dir24Table, routes: dict[Route, bytes], unread: bool = False) -> list[int]:
@@ -275,9 +276,12 @@ def test_a_load_over_a_previous_table_answers_as_the_new_routes_everywhere() -> 
 # ---------------------------------------------------------------- concurrency rules
 
 
-def test_load_over_a_previous_table_uses_other_groups_and_slots_and_retires_old_ones() -> None:
+@pytest.mark.parametrize("aside", [False, True], ids=["adopted", "adopted-aside"])
+def test_load_over_a_previous_table_uses_other_groups_and_slots_and_retires_old_ones(
+        aside: bool) -> None:
     """A restarted daemon adopts the maps while the program reads them: the
-    new table must not write into what the old one still names."""
+    new table must not write into what the old one still names (learnt in a
+    thread while the daemon dumps, the load waits for it)."""
     rng = random.Random(3)
     buffers = memory_buffers(64, 64)
     old_ref = Reference()
@@ -292,7 +296,8 @@ def test_load_over_a_previous_table_uses_other_groups_and_slots_and_retires_old_
     slots_before = bytes(buffers[2])
 
     ref = Reference()
-    new = table(ref, buffers=buffers)
+    new = table(ref, buffers=buffers, adopt_aside=aside)
+    new.memory()  # waits for the adoption, as everything that takes or frees does
     assert set(new.groups._skip) == old_groups and set(new.slots._skip) == old_slots
     routes = {(ip("10.0.0.0"), 8): value(11), (ip("10.1.2.128"), 25): value(12),
               (ip("10.9.9.0"), 27): value(13)}
@@ -512,3 +517,14 @@ def test_entry_constants_agree_with_the_header() -> None:
     assert EXT == 1 << 31 and INDEX == (1 << 24) - 1
     assert abi.FS_DIR_PINNED > 32 and abi.FS_DIR_PINNED <= abi.FS_DIR_DEPTH_MASK
     assert abi.ROUTE.size == 8
+
+
+def test_a_table_that_cannot_be_learnt_aside_fails_where_it_is_next_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Dir24Table) -> None:
+        raise ValueError("unreadable table")
+
+    monkeypatch.setattr(Dir24Table, "_referenced", broken)
+    t = table(Reference(), adopt_aside=True)
+    with pytest.raises(ValueError, match="unreadable table"):
+        load(t, {(ip("10.0.0.0"), 8): value(1)})
