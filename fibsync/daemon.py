@@ -94,6 +94,7 @@ class Daemon:
         self._netlink_task: asyncio.Task[None] | None = None
         self._pending_sync: float | None = None
         self._attaching: concurrent.futures.Future[None] | None = None  # beside the first write
+        self._opened: Any = None  # OpenMaps: the superseded maps, released once synced
         self._first_id = 1
         self._last_interface_check = 0.0
         self._hash_policy: tuple[int, ...] = ()
@@ -116,7 +117,7 @@ class Daemon:
                           config=s.config_file or None)
             self.notify.status("starting: compiling and loading the XDP program")
             t0 = time.monotonic()
-            maps = OpenMaps.open(s.instance, sizes=abi.Sizes(**s.map_sizes))
+            maps = self._opened = OpenMaps.open(s.instance, sizes=abi.Sizes(**s.map_sizes))
             self._first_id = maps.previous_max_id + 1
             # the program builds in a child process on one core while the kernel's
             # tables are dumped, mirrored and written to the maps on the other; only
@@ -289,6 +290,10 @@ class Daemon:
             self.log.info("sync.done", seconds=round(time.monotonic() - t0, 3), stale=swept,
                           **counts)
             self.notify.send("READY=1")
+            if self._opened is not None:
+                # the previous run's route tables: the kernel frees them now, not
+                # beside the first write (~1.25M entries of a full table)
+                self._opened.release_superseded()
         self._update_status_line()
         self.notify.ping(force=True)
         assert self.auditor is not None

@@ -114,7 +114,11 @@ class OpenMaps:
     compiles (seconds), then calls ``load_program``. ``previous_max_id`` is the
     highest nexthop or group id a previous run left pinned, read before any map
     is replaced: the new run numbers above it, so that the old program's
-    entries stay valid while the new ones go in.
+    entries stay valid while the new ones go in. ``superseded`` holds fds of the
+    maps a renewed or replaced pin named before (the previous run's route
+    tables): their owner closes them once the first sync is done, so that the
+    kernel frees a full table's entries after it, not beside the first write
+    (the old program, replaced on the interfaces meanwhile, held them last).
     """
 
     def __init__(self, instance: str, directory: Path, map_fds: dict[str, int],
@@ -128,6 +132,7 @@ class OpenMaps:
         self._previous = previous
         self._mounted = mounted
         self._sizes = sizes
+        self.superseded: list[int] = []
 
     @classmethod
     def open(cls, instance: str = "default", *, sizes: abi.Sizes | None = None,
@@ -143,17 +148,21 @@ class OpenMaps:
                 (directory / name).unlink()
         map_fds: dict[str, int] = {}
         origin: dict[str, MapOrigin] = {}
+        superseded: list[int] = []
         try:
             for spec in abi.map_specs(sizes):
                 if not renew:  # a second program on the running tables (benchmarks)
                     spec = dataclasses.replace(spec, renew=False)
-                map_fds[spec.name], origin[spec.name] = _adopt_or_create(directory, spec)
+                map_fds[spec.name], origin[spec.name] = _adopt_or_create(directory, spec,
+                                                                         superseded)
         except BaseException:
-            for fd in map_fds.values():
+            for fd in [*map_fds.values(), *superseded]:
                 os.close(fd)
             raise
-        return cls(instance, directory, map_fds, origin, previous, mounted, sizes,
+        maps = cls(instance, directory, map_fds, origin, previous, mounted, sizes,
                    previous_max_id)
+        maps.superseded = superseded
+        return maps
 
     def load_program(self) -> FastPath:
         """Compile and load the program against these maps and pin it; the
@@ -175,6 +184,12 @@ class OpenMaps:
         for fd in self.map_fds.values():
             os.close(fd)
         self.map_fds = {}
+        self.release_superseded()
+
+    def release_superseded(self) -> None:
+        for fd in self.superseded:
+            os.close(fd)
+        self.superseded = []
 
 
 class FastPath:
@@ -210,7 +225,10 @@ class FastPath:
 
         Nothing is attached: ``attach()`` does that, per interface.
         """
-        return OpenMaps.open(instance, sizes=sizes, renew=renew).load_program()
+        maps = OpenMaps.open(instance, sizes=sizes, renew=renew)
+        fp = maps.load_program()
+        maps.release_superseded()  # nothing is written here
+        return fp
 
     def map_fd(self, name: str) -> int:
         """The fd of one of ``abi.MAP_NAMES`` (owned by this object)."""
@@ -386,7 +404,8 @@ def remove(instance: str = "default") -> list[Attachment]:
 # ---------------------------------------------------------------- maps and pins
 
 
-def _adopt_or_create(directory: Path, spec: abi.MapSpec) -> tuple[int, MapOrigin]:
+def _adopt_or_create(directory: Path, spec: abi.MapSpec,
+                     superseded: list[int]) -> tuple[int, MapOrigin]:
     path = directory / spec.name
     origin: MapOrigin = "created"
     if path.exists():
@@ -402,7 +421,7 @@ def _adopt_or_create(directory: Path, spec: abi.MapSpec) -> tuple[int, MapOrigin
                                    spec.max_entries, spec.flags, spec.kernel_name)
             if same and not spec.renew:
                 return fd, "adopted"
-            os.close(fd)
+            superseded.append(fd)  # released by OpenMaps' owner
             origin = "renewed" if same else "replaced"
         else:
             origin = "replaced"

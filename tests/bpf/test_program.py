@@ -8,12 +8,13 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fibsync.errors import InterfaceError
+from fibsync.errors import InterfaceError, MapError
 from fibsync.fastpath import abi, bpfsys, program
 from fibsync.model import Prefix
 from fibsync.netns import inside
@@ -91,6 +92,37 @@ def test_second_load_adopts_maps_and_keeps_their_contents(instance: str) -> None
             assert bpfsys.prog_info(pinned).id == second.prog_id
         finally:
             os.close(pinned)
+
+
+def _map_alive(map_id: int) -> bool:
+    try:
+        os.close(bpfsys.map_fd_by_id(map_id))
+    except MapError:
+        return False
+    return True
+
+
+def test_a_restart_frees_the_previous_route_tables_only_once_it_releases_them(
+        instance: str) -> None:
+    """The kernel frees a renewed map's entries when its last holder lets go (the
+    previous program, replaced on the interfaces while the first sync is written):
+    the daemon holds them until it is synced, so that the kernel's work of freeing
+    a full table's entries does not compete with its first write."""
+    with program.FastPath.load(instance, sizes=TEST_SIZES) as first:
+        old = {name: bpfsys.map_info(first.map_fd(name)).id for name in RENEWED}
+    os.close(first.prog_fd)  # as the previous run's process, gone: its pin holds it
+    maps = program.OpenMaps.open(instance, sizes=TEST_SIZES)
+    fp = maps.load_program()  # the new program's pin: nothing else holds the old tables
+    try:
+        assert sorted(bpfsys.map_info(fd).id for fd in maps.superseded) == sorted(old.values())
+        assert all(_map_alive(i) for i in old.values())
+        maps.release_superseded()
+        deadline = time.monotonic() + 10  # the kernel frees a map in a work item
+        while any(_map_alive(i) for i in old.values()):
+            assert time.monotonic() < deadline, "the previous route tables stayed"
+            time.sleep(0.05)
+    finally:
+        fp.close()
 
 
 def test_a_second_program_on_the_running_tables_adopts_the_route_tables(instance: str) -> None:
