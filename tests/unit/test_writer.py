@@ -195,6 +195,21 @@ def test_a_prefix_routes_v4_cannot_take_stays_out_of_dir24() -> None:
     assert dir24_agrees_with_lpm(writer, maps, [0x0A010203, 0x0A010300, 0x0A090000]) == []
 
 
+def test_a_large_first_write_that_routes_v4_cannot_take_whole_keeps_dir24_to_it() -> None:
+    """The first write's DIR-24-8 load, of a table too big for routes_v4: it holds
+    only what routes_v4 took, and answers as routes_v4 does."""
+    rng = random.Random(5)
+    live: dict[Prefix, FpRoute] = {}
+    while len(live) < 24000:
+        live[random_prefix(rng)] = fwd(rng.randrange(1, 5))
+    maps = MemoryMaps(dir24=True, tbl8_groups=4097, capacity={"routes_v4": 23000})
+    writer = MapWriter(maps)
+    writer.write(FastPathDiff(routes=dict(live)))
+    assert len(writer.unwritten) == 1000 and writer.stats.full == 1
+    assert writer.dir24 is not None and writer.dir24.stats.loads == 1
+    assert dir24_agrees_with_lpm(writer, maps, probe_addrs(list(live), rng)) == []
+
+
 def test_a_route_without_a_tbl8_group_is_unwritten_and_handed_to_the_kernel() -> None:
     maps = MemoryMaps(dir24=True, tbl8_groups=2)
     writer = MapWriter(maps)
