@@ -244,12 +244,14 @@ def status(instance: Instance = None, config_file: ConfigFile = None,
            as_json: AsJson = False) -> None:
     """Show the daemon's state, or what the pinned maps hold when it is down."""
     from . import status as st
-    from .fastpath.maps import offline_status
 
     settings = config.instance_for(instance, config_file)
     try:
         doc = st.query(settings.status_socket)
     except DaemonDown:
+        # the pinned maps, read here (numpy and the map layouts: only for this)
+        from .fastpath.maps import offline_status
+
         doc = offline_status(settings)
     print(st.dumps(doc) if as_json else st.render(doc))
     if doc.get("daemon") != "up":

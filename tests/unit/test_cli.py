@@ -276,3 +276,16 @@ def test_an_error_under_journald_carries_its_priority(tmp_path) -> None:  # type
                        env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert err.read_text().startswith("<3>fibsync: error: ")
     del sys
+
+
+def test_status_of_a_running_daemon_asks_its_socket_without_loading_the_map_layouts() -> None:
+    """`fibsync status` is run often, by hand and by scripts: against a running daemon it
+    is one socket query; numpy and the map layouts are for the offline status only (the
+    daemon down: the pinned maps read), and took half of its CPU (0.37 -> 0.19 s)."""
+    setup = ("import atexit, fibsync.status as st\n"
+             "st.query = lambda path: {'daemon': 'up', 'state': 'synced'}\n"
+             "atexit.register(lambda: print('numpy loaded:', 'numpy' in sys.modules))")
+    r = run_main(["status", "--json", "--instance", "edge1"], setup)
+    assert r.returncode == 0, r.stderr
+    assert '"state": "synced"' in r.stdout
+    assert "numpy loaded: False" in r.stdout
