@@ -123,23 +123,16 @@ class RouterDaemon:
 
     def logs(self) -> list[dict[str, Any]]:
         """The daemon's JSON log lines, parsed (other lines skipped)."""
-        out = []
-        try:
-            text = self.log_file.read_text()
-        except OSError:
-            return []
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict):
-                    out.append(doc)
-        return out
+        return _json_lines(self._log_lines())
 
     def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self._log_lines()[-lines:])
+
+    def _log_lines(self) -> list[str]:
         try:
-            return "\n".join(self.log_file.read_text().splitlines()[-lines:])
+            return self.log_file.read_text().splitlines()
         except OSError:
-            return ""
+            return []
 
     def postmortem(self, events: int = 10) -> str:
         """What a failing test should say about the daemon: alive or how it ended, what
@@ -152,13 +145,10 @@ class RouterDaemon:
         else:
             life = "gone"
         doc = self.status()
-        said = [{k: v for k, v in e.items() if k != "instance"} for e in self.logs()
+        lines = self._log_lines()
+        said = [{k: v for k, v in e.items() if k != "instance"} for e in _json_lines(lines)
                 if e.get("level") in ("warning", "error", "critical")][-events:]
-        try:
-            other = [line for line in self.log_file.read_text().splitlines()
-                     if not line.startswith("{")][-events:]
-        except OSError:
-            other = []
+        other = [line for line in lines if not line.startswith("{")][-events:]
         return json.dumps({"daemon": life,
                            "status": {k: doc.get(k) for k in ("daemon", "state", "netlink",
                                                                "sync", "audit", "note")},
@@ -185,6 +175,16 @@ class RouterDaemon:
         shutil.rmtree(PIN_ROOT / self.instance, ignore_errors=True)
         for suffix in ("sock", "lock"):
             (RUN_DIR / f"{self.instance}.{suffix}").unlink(missing_ok=True)
+
+
+def _json_lines(lines: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            doc = json.loads(line)
+            if isinstance(doc, dict):
+                out.append(doc)
+    return out
 
 
 def _reap(proc: subprocess.Popen[bytes] | None) -> bool:
