@@ -128,8 +128,8 @@ async def dump_raw(sock: socket.socket, req: bytes, on_chunk: Callable[[bytes], 
 
 
 def read_chunk(sock: socket.socket, buf: bytearray) -> bytes:
-    """One received dump buffer (what the socket's blocking mode makes of an empty
-    queue, BlockingIOError or TimeoutError, passes through)."""
+    """One received dump buffer (an empty queue's BlockingIOError passes through: both
+    callers read non-blocking sockets)."""
     n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
     if n > len(buf):
         raise NetlinkError(f"a {n}-byte dump message does not fit the receive buffer")
