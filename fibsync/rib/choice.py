@@ -14,7 +14,7 @@ selection can (see its docstring).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..model import (
     NUD_VALID,
@@ -136,11 +136,11 @@ def _encap(obj: NexthopObject, objects: Mapping[int, NexthopObject]) -> bool:
     return any(m in objects and objects[m].encap for m, _ in obj.group)
 
 
-def kernel_picks_path(paths: list[tuple[Link | None, Neighbour | None, bool]],
-                      object_group: bool, use_neigh: bool) -> bool:
+def kernel_picks_path(states: Sequence[tuple[bool, bool]], object_group: bool,
+                      use_neigh: bool) -> bool:
     """Whether an ECMP group must leave the choice of its path to the kernel: True
-    when the kernel's selection may pass over one of ``paths`` (each: its link, the
-    neighbour entry of its gateway, whether it has a gateway).
+    when the kernel's selection may pass over one of its paths (``states``: each
+    path's ``path_state``, which FpTable keeps for every fast-path nexthop).
 
     The kernel's hash-threshold selection skips a path whose gateway's neighbour
     entry exists and is not NUD_VALID (INCOMPLETE, FAILED, NONE; no entry counts as
@@ -159,14 +159,11 @@ def kernel_picks_path(paths: list[tuple[Link | None, Neighbour | None, bool]],
     goes to bpf_fib_lookup, which runs the kernel's own path selection. A group of
     one path has nothing to choose: the program's own fallback suffices.
     """
-    if len(paths) < 2:
+    if len(states) < 2:
         return False
-    check_neighbour = object_group or use_neigh
-    for path in paths:
-        dead, neighbour_invalid = path_state(*path)
-        if dead or (check_neighbour and neighbour_invalid):
-            return True
-    return False
+    if object_group or use_neigh:
+        return any(dead or neighbour_invalid for dead, neighbour_invalid in states)
+    return any(dead for dead, _ in states)
 
 
 def path_state(link: Link | None, neighbour: Neighbour | None, gateway: bool

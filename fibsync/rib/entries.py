@@ -20,7 +20,7 @@ import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 
-from ..model import AF_INET, Link, Neighbour, Nexthop, NexthopObject, Prefix, Snapshot
+from ..model import AF_INET, Nexthop, NexthopObject, Prefix, Snapshot
 from .choice import (
     Choice,
     PathKey,
@@ -358,7 +358,10 @@ class FpTable:
         # unresolved asks bpf_fib_lookup, and the kernel then forwards the packet
         # (resolving the neighbour) or picks another path, as it would have. While
         # the kernel may skip a path, no bucket: every packet asks bpf_fib_lookup.
-        by_kernel = kernel_picks_path([self._path_state(m) for m, _ in known],
+        # each member's path_state as _render_nexthop keeps it (a group is rendered
+        # again whenever one changes): no link or neighbour looked up again here
+        state = self._nh_state
+        by_kernel = kernel_picks_path([state[m] for m, _ in known],
                                       gid in self._object_groups, self.use_neigh)
         old = self.groups.get(gid)
         if old is not None and old.members == known and old.by_kernel == by_kernel:
@@ -367,12 +370,6 @@ class FpTable:
         if old != group:
             self.groups[gid] = group
             self.diff.groups[gid] = group
-
-    def _path_state(self, fid: int) -> tuple[Link | None, Neighbour | None, bool]:
-        ifindex, family, gateway = self._nh_source[fid]
-        neighbour = None if gateway is None else \
-            self.kernel.neighbours.get((ifindex, family, gateway))
-        return self.kernel.links.get(ifindex), neighbour, gateway is not None
 
     def _del_group(self, gid: int) -> None:
         for mid, _ in self.members.pop(gid, ()):

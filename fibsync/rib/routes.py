@@ -9,7 +9,6 @@ indexes; nothing here knows about other prefixes or the fast path.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 
 from ..model import AF_INET, AF_INET6, Nexthop, Route, RouteType
 from ..netlink.rtnl import NLM_F_APPEND, NLM_F_REPLACE, RTNH_F_DEAD, RTPROT_RA
@@ -150,16 +149,25 @@ def links_of(routes: Iterable[Route]) -> set[int]:
     return {n.ifindex for r in routes if not r.nhid for n in r.nexthops}
 
 
-def _with_nexthops(route: Route, nexthops: tuple[Nexthop, ...]) -> Route:
-    return replace(route, nexthops=nexthops)
+# The model's constructors by hand, not dataclasses.replace (0.8 against 0.2 µs: it
+# reads the fields' definitions each call; a link going down rewrites every route
+# with a path over it): tests/unit/test_rib.py checks that these copy every field.
+
+def _with_nexthops(r: Route, nexthops: tuple[Nexthop, ...]) -> Route:
+    return Route(r.prefix, r.table, r.type, r.protocol, r.scope, r.metric, r.tos, nexthops,
+                 r.nhid, r.mtu, r.flags)
+
+
+def _with_flags(n: Nexthop, flags: int) -> Nexthop:
+    return Nexthop(n.ifindex, n.gateway, n.gateway_family, n.weight, flags, n.encap)
 
 
 def _dead(n: Nexthop) -> Nexthop:
-    return replace(n, flags=n.flags | RTNH_F_DEAD)
+    return _with_flags(n, n.flags | RTNH_F_DEAD)
 
 
 def _alive(n: Nexthop) -> Nexthop:
-    return replace(n, flags=n.flags & ~RTNH_F_DEAD) if n.flags & RTNH_F_DEAD else n
+    return _with_flags(n, n.flags & ~RTNH_F_DEAD) if n.flags & RTNH_F_DEAD else n
 
 
 def _ecmp6(route: Route) -> bool:

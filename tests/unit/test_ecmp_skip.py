@@ -27,7 +27,7 @@ from fibsync.model import (
     Op,
     Snapshot,
 )
-from fibsync.rib.choice import kernel_picks_path
+from fibsync.rib.choice import kernel_picks_path, path_state
 
 from .mirror import DOWN, MAC1, MAC2, NO_CARRIER, UP, Mirror, link, neigh, nh_obj, route
 
@@ -86,7 +86,8 @@ def test_kernel_picks_path(case: Case) -> None:
     paths = [(None if p.flags is None else link(i + 1, p.flags),
               None if p.state == NO_ENTRY else neigh(i + 1, f"192.0.2.{i + 1}", state=p.state),
               p.gateway) for i, p in enumerate(case.paths)]
-    assert kernel_picks_path(paths, case.object_group, case.use_neigh) is case.by_kernel
+    states = [path_state(*p) for p in paths]
+    assert kernel_picks_path(states, case.object_group, case.use_neigh) is case.by_kernel
 
 
 # --- through the RIB and the writer, the way the daemon runs them
