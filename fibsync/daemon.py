@@ -54,7 +54,7 @@ from .fastpath.maps import PinnedMaps
 from .fastpath.writer import MapWriter
 from .fidelity import Fidelity
 from .model import Prefix
-from .process import InstanceLock, SdNotify, fix_mmap_threshold, release_memory
+from .process import InstanceLock, SdNotify, fix_mmap_threshold, relax_gc, release_memory
 from .rib import Filter, Rib
 from .status import StatusServer
 from .sync import Heartbeat, SyncSink
@@ -588,6 +588,7 @@ def main(settings: Settings, overrides: dict[str, Any],
 
     logging.configure(settings.log_level, settings.log_format)
     fix_mmap_threshold()  # before the sync's first big array
+    relax_gc()
     daemon = Daemon(settings, overrides)
     try:
         uvloop.run(daemon.run())

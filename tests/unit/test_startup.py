@@ -67,3 +67,32 @@ def test_a_resync_once_synced_attaches_nothing() -> None:
     d.state = "synced"
     d._on_resync_start()
     assert not d.xdp.threads  # type: ignore[union-attr]
+
+
+def test_the_daemon_collects_cycles_less_often_than_python_does(monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """daemon.main relaxes the cyclic GC before the first sync (process.relax_gc)."""
+    import gc
+
+    import uvloop
+
+    from fibsync import daemon as daemon_module
+    from fibsync import process
+
+    seen = []
+
+    def run(coro: object) -> None:
+        seen.append(gc.get_threshold())
+        coro.close()  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(uvloop, "run", run)
+    monkeypatch.setattr(daemon_module.logging, "configure", lambda *a: None)
+    monkeypatch.setattr(daemon_module, "fix_mmap_threshold", lambda: None)
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert daemon_module.main(Settings(instance="t", interfaces=("x0",)), {},
+                                  lambda e: None) == 0
+    finally:
+        gc.set_threshold(*before)
+    assert seen == [(process.GC_YOUNG, 10, 10)] and process.GC_YOUNG > 700
