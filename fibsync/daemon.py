@@ -59,6 +59,7 @@ from .rib import Filter, Rib
 from .status import StatusServer
 from .sync import Heartbeat, SyncSink
 from .verify import InFlight
+from .watch import paced
 
 # how often the housekeeping loop checks that every configured interface runs our program
 INTERFACE_CHECK_SECONDS = 2.0
@@ -97,6 +98,7 @@ class Daemon:
         self._opened: Any = None  # OpenMaps: the superseded maps, released once synced
         self._first_id = 1
         self._last_interface_check = 0.0
+        self._interface_check_every = INTERFACE_CHECK_SECONDS
         self._hash_policy: tuple[int, ...] = ()
         self._reclaim: asyncio.Task[None] | None = None
         self.auditor: Auditor | None = None
@@ -429,7 +431,7 @@ class Daemon:
                                       "the resync is written")
             if self.heartbeat.due(now) and (self._beating is None or self._beating.done()):
                 self._beating = asyncio.create_task(self.heartbeat.beat(now), name="heartbeat")
-            if now - self._last_interface_check >= INTERFACE_CHECK_SECONDS:
+            if now - self._last_interface_check >= self._interface_check_every:
                 self._last_interface_check = now
                 assert self.xdp is not None
                 self.xdp.check()
@@ -438,6 +440,10 @@ class Daemon:
                 assert self.fidelity is not None
                 self.fidelity.write()  # interfaces that appeared get their entries
                 self._update_status_line()
+                # the XDP check and the interface list are link dumps: under the RTNL
+                # lock, which a routing storm holds (watch.paced)
+                self._interface_check_every = paced(INTERFACE_CHECK_SECONDS,
+                                                    time.monotonic() - now)
 
     async def _wait_grace(self, reclaim: Any) -> None:
         """Wait for an RCU grace period in a thread, for the DIR-24-8 slots and groups

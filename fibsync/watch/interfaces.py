@@ -33,7 +33,8 @@ netlink message at all, so every interface is asked with BPF_PROG_QUERY once
 a second (POLL): a tcx program is found within a second, as is a veth peer's
 `ethtool -K ... tx on` (the peer's namespace hears of it, ours does not).
 A veth that appears, or whose peer changes, is checked at the dump its
-RTM_NEWLINK causes.
+RTM_NEWLINK causes. Dumps and polls all take the RTNL lock: while a routing
+storm holds it they are paced (``watch.paced``), a few seconds apart.
 
 All kernel I/O runs on one worker thread that lives in the watched namespace
 (bpf() finds an ifindex in the calling thread's namespace); the event loop
@@ -46,7 +47,7 @@ import asyncio
 import contextlib
 import errno
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,7 @@ from fibsync.errors import DecodeError, MapError
 from fibsync.fastpath import bpfsys
 from fibsync.netlink import rtnl as nl
 
-from . import Condition
+from . import Condition, paced
 from .veth import Link, Peer, PeerProbe, checksum_conditions, parse_link
 
 log = structlog.get_logger(__name__)
@@ -261,13 +262,14 @@ class InterfaceWatch:
         self.ready = asyncio.Event()
         self.stats: dict[str, Any] = dict(dumps=0, polls=0, notifications=0, overruns=0,
                                           bad_messages=0, errors=0, veths=0, peers_unchecked=0,
-                                          tcx="queried every second")
+                                          slow_kernel=0, tcx="queried every second")
         self._conditions: list[Condition] = []
         self._reset()
 
     def _reset(self) -> None:
         """A fresh state for each run (a failed run is started again by fidelity)."""
         self._links: dict[int, Link] = {}
+        self._resume_at = 0.0  # loop time before which no dump or poll starts (_paced)
         self._tc: TcView | None = None  # None: the last dump failed
         self._tcx: dict[tuple[int, int], list[int]] = {}
         self._tcx_problems: dict[tuple[int, int], str] = {}
@@ -295,10 +297,11 @@ class InterfaceWatch:
             while True:
                 if self._dump_wanted:
                     self._dump_wanted = False
-                    await self._dump(loop, worker, state)
+                    await self._paced(loop, self._dump(loop, worker, state))
                 if loop.time() >= next_poll:
-                    next_poll = loop.time() + POLL
-                    await self._poll(loop, worker, state)
+                    started = loop.time()
+                    await self._paced(loop, self._poll(loop, worker, state))
+                    next_poll = started + paced(POLL, loop.time() - started)
                 self._publish()
                 self.ready.set()
                 await self._wait(loop, next_poll)
@@ -306,6 +309,19 @@ class InterfaceWatch:
             loop.remove_reader(sock.fileno())
             sock.close()
             worker.shutdown(wait=False, cancel_futures=True)
+
+    async def _paced(self, loop: asyncio.AbstractEventLoop, job: Awaitable[None]) -> None:
+        """Run a dump or a poll, no sooner than the last one's pace allows (``paced``):
+        both take the RTNL lock, and a storm holding it makes each wait long."""
+        pause = self._resume_at - loop.time()
+        if pause > 0:
+            await asyncio.sleep(pause)
+        started = loop.time()
+        await job
+        took = loop.time() - started
+        self._resume_at = started + paced(0.0, took)
+        if took > POLL:
+            self.stats["slow_kernel"] += 1
 
     async def _dump(self, loop: asyncio.AbstractEventLoop, worker: ThreadPoolExecutor,
                     state: _Worker) -> None:

@@ -10,14 +10,23 @@ filter hands arriving packets over.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
 
 from fibsync.errors import DecodeError
 from fibsync.netlink import rtnl as nl
-from fibsync.watch import Condition
-from fibsync.watch.interfaces import EGRESS, INGRESS, ROOT, TcView, handle_text, parse_qdisc
+from fibsync.watch import RTNL_DUTY, RTNL_PAUSE_MAX, Condition, paced
+from fibsync.watch.interfaces import (
+    EGRESS,
+    INGRESS,
+    ROOT,
+    InterfaceWatch,
+    TcView,
+    handle_text,
+    parse_qdisc,
+)
 from fibsync.watch.veth import (
     ETHTOOL_A_BITSET_BIT_NAME,
     ETHTOOL_A_BITSET_BIT_VALUE,
@@ -225,3 +234,32 @@ def test_checksum_conditions_name_the_peer_and_the_fix() -> None:
                      "`ethtool -K h1-r tx off` there, or its TCP/UDP goes to the kernel")
     assert "not found" in by[7] and "goes to the kernel" in by[7]
     assert "not checked yet" in by[8]  # careful until its peer has been read
+
+
+# --- pacing: dumps and polls wait for the RTNL lock, which a routing storm holds
+
+
+def test_a_quick_kernel_keeps_the_interval_and_a_slow_one_stretches_it() -> None:
+    assert paced(1.0, 0.004) == 1.0  # the usual answer: polled once a second
+    assert paced(1.0, 0.3) == pytest.approx(0.3 / RTNL_DUTY)  # waiting for the lock
+    assert paced(1.0, 60.0) == RTNL_PAUSE_MAX  # never longer than this
+
+
+def test_a_dump_or_poll_that_waited_long_delays_the_next_one() -> None:
+    async def go() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        watch = InterfaceWatch(None, lambda: None)
+
+        async def job(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+        t0 = loop.time()
+        await watch._paced(loop, job(0.03))  # a query that waited for the lock
+        await watch._paced(loop, job(0.0))
+        t2 = loop.time()
+        await watch._paced(loop, job(0.0))  # after a quick one: at once, nearly
+        return t2 - t0, loop.time() - t2
+
+    slow_to_next, quick_to_next = asyncio.run(go())
+    assert slow_to_next >= 0.03 / RTNL_DUTY - 0.005
+    assert quick_to_next < 0.03
