@@ -433,6 +433,7 @@ class Daemon:
                 self._beating = asyncio.create_task(self.heartbeat.beat(now), name="heartbeat")
             if now - self._last_interface_check >= self._interface_check_every:
                 self._last_interface_check = now
+                spent = time.thread_time()
                 assert self.xdp is not None
                 self.xdp.check()
                 self._sync_hash_policy()
@@ -441,9 +442,9 @@ class Daemon:
                 self.fidelity.write()  # interfaces that appeared get their entries
                 self._update_status_line()
                 # the XDP check and the interface list are link dumps: under the RTNL
-                # lock, which a routing storm holds (watch.paced)
+                # lock, on which a routing storm makes them spin (watch.paced)
                 self._interface_check_every = paced(INTERFACE_CHECK_SECONDS,
-                                                    time.monotonic() - now)
+                                                    time.thread_time() - spent)
 
     async def _wait_grace(self, reclaim: Any) -> None:
         """Wait for an RCU grace period in a thread, for the DIR-24-8 slots and groups

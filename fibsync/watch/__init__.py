@@ -71,23 +71,24 @@ class Condition:
 
 # Periodic kernel queries that take the RTNL lock (BPF_PROG_QUERY of tcx, link,
 # qdisc and filter dumps, ethtool requests) spend at most this share of the time
-# on it, and pause at most RTNL_PAUSE_MAX seconds for that.
+# spinning on it, and pause at most RTNL_PAUSE_MAX seconds for that.
 RTNL_DUTY = 0.1
 RTNL_PAUSE_MAX = 15.0
 
 
-def paced(interval: float, took: float) -> float:
+def paced(interval: float, spent: float) -> float:
     """Seconds from the start of a periodic kernel query to the start of the next:
-    ``interval``, or ``took / RTNL_DUTY`` when the last one took that long (at most
-    RTNL_PAUSE_MAX).
+    ``interval``, or ``spent / RTNL_DUTY`` when the last one took ``spent`` seconds
+    of CPU (at most RTNL_PAUSE_MAX).
 
     Such a query waits for the RTNL lock. While `ip` or a routing daemon holds it
     for a change that walks the whole FIB (a nexthop object replaced under a full
     table: 0.1-0.4 s each), the kernel's mutex lets the waiter spin as long as the
-    holder runs: 0.2-0.4 s of CPU a query, for an answer that took as long to come
-    (measured during a storm of such replaces: 12 s of CPU in 44 s for a query every
-    10 ms). Queries once a second then cost a core and slow the storm's writer; paced,
-    they cost a tenth at most, and what they watch is known a few seconds later
-    during the storm only.
+    holder runs: 0.2-0.4 s of CPU a query, against 0.1 ms when the lock is free
+    (measured during a storm of such replaces: 12 s of CPU in 44 s for a query
+    every 10 ms). Paced by the CPU it spent (not by how long it took: a query
+    that merely waited for a busy core costs nothing), a query costs a tenth of a
+    core at most, and what it watches is known a few seconds late during the
+    storm only.
     """
-    return max(interval, min(took / RTNL_DUTY, RTNL_PAUSE_MAX))
+    return max(interval, min(spent / RTNL_DUTY, RTNL_PAUSE_MAX))

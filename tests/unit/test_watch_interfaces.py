@@ -245,21 +245,27 @@ def test_a_quick_kernel_keeps_the_interval_and_a_slow_one_stretches_it() -> None
     assert paced(1.0, 60.0) == RTNL_PAUSE_MAX  # never longer than this
 
 
-def test_a_dump_or_poll_that_waited_long_delays_the_next_one() -> None:
+def test_a_dump_or_poll_that_spun_on_the_lock_delays_the_next_one() -> None:
+    class Worker:
+        cpu = 0.0
+
     async def go() -> tuple[float, float]:
         loop = asyncio.get_running_loop()
         watch = InterfaceWatch(None, lambda: None)
+        state = Worker()
 
-        async def job(seconds: float) -> None:
-            await asyncio.sleep(seconds)
+        async def job(cpu: float, wall: float = 0.0) -> None:
+            await asyncio.sleep(wall)
+            state.cpu += cpu  # what the worker thread counted (time.thread_time)
 
         t0 = loop.time()
-        await watch._paced(loop, job(0.03))  # a query that waited for the lock
-        await watch._paced(loop, job(0.0))
-        t2 = loop.time()
-        await watch._paced(loop, job(0.0))  # after a quick one: at once, nearly
-        return t2 - t0, loop.time() - t2
+        await watch._paced(loop, state, job(0.03))  # spun 30 ms on the RTNL lock
+        # waited 50 ms for a busy core, spending nothing: no reason to pause after it
+        await watch._paced(loop, state, job(0.0, wall=0.05))
+        t1 = loop.time()
+        await watch._paced(loop, state, job(0.0))
+        return t1 - 0.05 - t0, loop.time() - t1
 
-    slow_to_next, quick_to_next = asyncio.run(go())
-    assert slow_to_next >= 0.03 / RTNL_DUTY - 0.005
-    assert quick_to_next < 0.03
+    spun_to_next, waited_to_next = asyncio.run(go())
+    assert spun_to_next >= 0.03 / RTNL_DUTY - 0.005
+    assert waited_to_next < 0.02
