@@ -42,7 +42,6 @@ import pickle
 import platform
 import pstats
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -54,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
-from bench_tax import burst_lines, run_batch  # noqa: E402
-from fulltable import install, router  # noqa: E402
+from bench_tax import add_burst_arguments, burst_lines, prepare, run_batch  # noqa: E402
+from fulltable import router  # noqa: E402
 
 from fibsync import process  # noqa: E402
 from fibsync.fastpath import abi  # noqa: E402
@@ -63,7 +62,6 @@ from fibsync.fastpath.guard import FullMapGuard  # noqa: E402
 from fibsync.fastpath.maps import PinnedMaps  # noqa: E402
 from fibsync.fastpath.program import FastPath, remove  # noqa: E402
 from fibsync.fastpath.writer import MapWriter, MemoryMaps  # noqa: E402
-from fibsync.lab import Netns  # noqa: E402
 from fibsync.log import configure  # noqa: E402
 from fibsync.model import Change  # noqa: E402
 from fibsync.netlink.decode import decode  # noqa: E402
@@ -80,20 +78,13 @@ def record(args: argparse.Namespace) -> dict[str, Any]:
     """The snapshot and the burst's notifications, as the daemon would receive them."""
     setup, burst = burst_lines(args.seed, args.changes)
     with router("fsa") as (name, daemon):
-        install(name, args.v4, args.v6)
-        Netns(name).sysctl("net.ipv4.nexthop_compat_mode", args.compat)
-        rundir = daemon.rundir
-        rundir.mkdir(parents=True, exist_ok=True)
-        (rundir / "setup.txt").write_text("\n".join(setup) + "\n")
-        (rundir / "burst.txt").write_text("\n".join(burst) + "\n")
-        subprocess.run(["ip", "-n", name, "-force", "-batch", str(rundir / "setup.txt")],
-                       check=False, capture_output=True)
+        batch = prepare(name, daemon.rundir, args, setup, burst)
         # subscribed before the dump, as the source is; what arrives meanwhile is replayed
         events = open_socket(netns=name, rcvbuf=1 << 30, groups=EVENT_GROUPS)
         try:
             snapshot = asyncio.run(NetlinkSource(netns=name).dump())
             before = _drain(events)
-            wall, _ = run_batch(name, rundir / "burst.txt")
+            wall, _ = run_batch(name, batch)
             messages = before + _drain(events)
         finally:
             events.close()
@@ -189,11 +180,7 @@ class _Quiet:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--v4", type=int, default=200_000)
-    ap.add_argument("--v6", type=int, default=50_000)
-    ap.add_argument("--changes", type=int, default=60_000)
-    ap.add_argument("--compat", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=14)
+    add_burst_arguments(ap, v4=200_000, v6=50_000, changes=60_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--save", help="keep the recording in this file")
     ap.add_argument("--load", help="replay this recording instead of making one")

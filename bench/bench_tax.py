@@ -94,19 +94,26 @@ def settle(pid: int, quiet: float = 1.0, limit: float = 600) -> float:
     return last
 
 
+def prepare(name: str, rundir: Path, args: argparse.Namespace, setup: list[str],
+            burst: list[str]) -> Path:
+    """Namespace ``name`` with the full table and the stress world, in ``args.compat``
+    mode; the burst written to a batch file, whose path this returns."""
+    install(name, args.v4, args.v6)
+    Netns(name).sysctl("net.ipv4.nexthop_compat_mode", args.compat)
+    rundir.mkdir(parents=True, exist_ok=True)
+    (rundir / "setup.txt").write_text("\n".join(setup) + "\n")
+    (rundir / "burst.txt").write_text("\n".join(burst) + "\n")
+    # -force: the prefill collides with the full table here and there (as in the harness)
+    subprocess.run(["ip", "-n", name, "-force", "-batch", str(rundir / "setup.txt")],
+                   check=False, capture_output=True)
+    return rundir / "burst.txt"
+
+
 def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[str],
              ) -> dict[str, Any]:
     with router("fst") as (name, daemon):
-        ns = Netns(name)
-        install(name, args.v4, args.v6)
-        ns.sysctl("net.ipv4.nexthop_compat_mode", args.compat)
+        batch = prepare(name, daemon.rundir, args, setup, burst)
         rundir = daemon.rundir
-        rundir.mkdir(parents=True, exist_ok=True)
-        (rundir / "setup.txt").write_text("\n".join(setup) + "\n")
-        (rundir / "burst.txt").write_text("\n".join(burst) + "\n")
-        # -force: the prefill collides with the full table here and there (as in the harness)
-        subprocess.run(["ip", "-n", name, "-force", "-batch", str(rundir / "setup.txt")],
-                       check=False, capture_output=True)
         out: dict[str, Any] = {"mode": mode}
         listener: subprocess.Popen[bytes] | None = None
         pid = None
@@ -134,7 +141,7 @@ def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[
                 time.sleep(1)
             cpu0 = cpu_seconds(pid) if pid else 0.0
             own0 = cpu_seconds(pid, children=False) if pid else 0.0
-            wall, ip_cpu = run_batch(name, rundir / "burst.txt")
+            wall, ip_cpu = run_batch(name, batch)
             done = time.monotonic()
             out.update(ip_batch_s=round(wall, 2), ip_cpu_s=round(ip_cpu, 2))
             if mode == "ip monitor" and pid:
@@ -172,13 +179,19 @@ def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--v4", type=int, default=1_000_000)
-    ap.add_argument("--v6", type=int, default=250_000)
-    ap.add_argument("--changes", type=int, default=200_000)
+def add_burst_arguments(ap: argparse.ArgumentParser, *, v4: int, v6: int,
+                        changes: int) -> None:
+    """The table under the burst and the burst itself (also bench_apply.py's)."""
+    ap.add_argument("--v4", type=int, default=v4)
+    ap.add_argument("--v6", type=int, default=v6)
+    ap.add_argument("--changes", type=int, default=changes)
     ap.add_argument("--compat", type=int, default=1)
     ap.add_argument("--seed", type=int, default=14)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_burst_arguments(ap, v4=1_000_000, v6=250_000, changes=200_000)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", default=",".join(MODES), help="modes, comma-separated")
     ap.add_argument("--keep-log", help="copy fibsync's log here")
