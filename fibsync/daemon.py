@@ -433,7 +433,7 @@ class Daemon:
                 self._beating = asyncio.create_task(self.heartbeat.beat(now), name="heartbeat")
             if now - self._last_interface_check >= self._interface_check_every:
                 self._last_interface_check = now
-                spent = time.thread_time()
+                cpu_before = time.thread_time()
                 assert self.xdp is not None
                 self.xdp.check()
                 self._sync_hash_policy()
@@ -444,7 +444,7 @@ class Daemon:
                 # the XDP check and the interface list are link dumps: under the RTNL
                 # lock, on which a routing storm makes them spin (watch.paced)
                 self._interface_check_every = paced(INTERFACE_CHECK_SECONDS,
-                                                    time.thread_time() - spent)
+                                                    time.thread_time() - cpu_before)
 
     async def _wait_grace(self, reclaim: Any) -> None:
         """Wait for an RCU grace period in a thread, for the DIR-24-8 slots and groups

@@ -123,7 +123,8 @@ class OpenMaps:
 
     def __init__(self, instance: str, directory: Path, map_fds: dict[str, int],
                  origin: dict[str, MapOrigin], previous: int | None, mounted: bool,
-                 sizes: abi.Sizes, previous_max_id: int = 0) -> None:
+                 sizes: abi.Sizes, previous_max_id: int = 0,
+                 superseded: list[int] | None = None) -> None:
         self.instance = instance
         self.pin_dir = directory
         self.map_fds = map_fds
@@ -132,7 +133,7 @@ class OpenMaps:
         self._previous = previous
         self._mounted = mounted
         self._sizes = sizes
-        self.superseded: list[int] = []
+        self.superseded = superseded if superseded is not None else []
 
     @classmethod
     def open(cls, instance: str = "default", *, sizes: abi.Sizes | None = None,
@@ -159,10 +160,8 @@ class OpenMaps:
             for fd in [*map_fds.values(), *superseded]:
                 os.close(fd)
             raise
-        maps = cls(instance, directory, map_fds, origin, previous, mounted, sizes,
-                   previous_max_id)
-        maps.superseded = superseded
-        return maps
+        return cls(instance, directory, map_fds, origin, previous, mounted, sizes,
+                   previous_max_id, superseded)
 
     def load_program(self) -> FastPath:
         """Compile and load the program against these maps and pin it; the

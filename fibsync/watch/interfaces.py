@@ -318,9 +318,8 @@ class InterfaceWatch:
                     self._dump_wanted = False
                     await self._paced(loop, state, self._dump(loop, worker, state))
                 if loop.time() >= next_poll:
-                    started, spent = loop.time(), state.cpu
+                    next_poll = loop.time() + POLL  # or later: _paced
                     await self._paced(loop, state, self._poll(loop, worker, state))
-                    next_poll = started + paced(POLL, state.cpu - spent)
                 self._publish()
                 self.ready.set()
                 await self._wait(loop, next_poll)
