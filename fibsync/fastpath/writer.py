@@ -343,7 +343,7 @@ class MapWriter:
         for family, name in self.route_maps.items():
             # taken out: a full table's IPv4 batch (~25 MB) goes before IPv6's lengths
             batch = batches.pop(family)
-            written = self._routes_written(batch, done[family])
+            written = self._routes_written(name, batch, done[family])
             self._delete(name, [route_key(p) for p in dels[family]])
             if self.unwritten:
                 self.unwritten.difference_update(dels[family])
@@ -456,10 +456,19 @@ class MapWriter:
             calls += 1
         return done, calls, None
 
-    def _routes_written(self, batch: RouteBatch, done: int) -> np.ndarray[Any, Any]:
+    def _routes_written(self, name: str, batch: RouteBatch, done: int) -> np.ndarray[Any, Any]:
         """Note which routes of a batch the map did not take; returns the indexes
-        of those it did, longest first."""
+        of those it did, longest first.
+
+        A route not taken is deleted from the map: one it held already keeps its
+        old value when the batch stops before it (a full map stops a batch at its
+        first new key, and replacing needs no room), and the guard counts on
+        an unwritten prefix being absent. Not needed on the first write into a map
+        this run created: what it holds is what the write put there."""
         written = batch.order[:done]
+        if done < len(batch) and not (self._first and name in self.fresh):
+            self._delete(name, [batch.keys[i:i + batch.key_size].tobytes() for i in
+                                range(done * batch.key_size, len(batch.keys), batch.key_size)])
         if self.unwritten:
             self.unwritten.difference_update(batch.prefixes(written))
         self.unwritten.update(batch.prefixes(batch.order[done:]))

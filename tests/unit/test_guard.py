@@ -19,6 +19,8 @@ from fibsync.model import AF_INET, Change, Nexthop, Op, Prefix, Route, RouteType
 
 from .mirror import Mirror, link
 
+NLM_F_REPLACE = 0x100
+
 
 def route(prefix: str, gw: str) -> Route:
     hop = Nexthop(1, socket.inet_pton(AF_INET, gw), AF_INET, 1)
@@ -74,6 +76,23 @@ def test_a_more_specific_that_does_not_fit_turns_its_cover_into_fib() -> None:
     assert m.writer.unwritten == set()
     assert m.types() == {"10.0.0.0/8": "unicast", "10.1.0.0/16": "unicast"}
     assert m.guard.demoted == set()
+
+
+def test_a_route_changed_in_a_batch_that_stopped_at_a_full_map_keeps_no_old_value() -> None:
+    # one batch: a new more-specific (written first, longest first) finds no room,
+    # and the map's batch stops there; the changed route after it was not written:
+    # it must not stay in the map with its old next hop
+    m = Guarded(capacity=2)
+    m.start(route("10.0.0.0/8", "192.0.2.1"), route("172.16.0.0/12", "192.0.2.1"))
+    m.apply(Change(Op.ADD, route("10.1.0.0/16", "192.0.2.2")),
+            Change(Op.ADD, route("172.16.0.0/12", "192.0.2.3"), NLM_F_REPLACE))
+    held = m.routes()
+    changed = held.get("172.16.0.0/12")
+    if changed is None:
+        assert Prefix.parse("172.16.0.0/12") in m.writer.unwritten
+    else:
+        assert [h["gateway"] for h in changed["nexthops"]] == ["192.0.2.3"]
+    m.assert_no_misroute()
 
 
 def test_a_cover_added_later_is_written_as_fib() -> None:
