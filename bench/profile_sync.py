@@ -46,6 +46,9 @@ class Capture:
         self.snapshot: Snapshot | None = None
         self.done = asyncio.Event()
 
+    def before_routes(self, snapshot: Snapshot) -> None:
+        return None
+
     def resync(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self.done.set()

@@ -8,6 +8,11 @@ What a finished resync means for the daemon's life (attach, sweep, READY=1)
 is the daemon's business: the sink calls ``on_resync_start`` before reading a
 resync (what may run beside the write starts there) and ``on_resync`` after
 writing it.
+
+Before the first write, a fresh IPv4 route map is filled while the routes are
+still dumped (``before_routes``; fastpath/prefill.py): the RIB guesses each
+part's rows, the writer writes them ahead, and the first write makes the map
+equal to the RIB's answer.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 from .fastpath.guard import FullMapGuard
 from .fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps
-from .model import Change, Prefix, Snapshot
+from .model import Change, Prefix, RouteColumns, Snapshot
 from .process import SdNotify
 from .rib import Rib
 from .verify import InFlight
@@ -78,6 +83,11 @@ class SyncSink:
         self.audit_window: InFlight | None = None  # open while an audit reads
         self.resync_quiet = False  # the last resync's dump met no change (Snapshot.quiet)
 
+    def before_routes(self, snapshot: Snapshot) -> Callable[[RouteColumns], None] | None:
+        """The dump has everything but its routes: the RIB begins the resync, and
+        the writer may take the route dump's parts as they are read."""
+        return self.guard.writer.prefill(self.rib.prepare(snapshot))
+
     def resync(self, snapshot: Snapshot) -> None:
         self.notify.ping(force=True)
         t0 = time.monotonic()
@@ -91,7 +101,8 @@ class SyncSink:
         for prefix in self.rewrite:
             self.rib.rewrite(prefix)
         self.rewrite = set()
-        self.flush()
+        # routes written ahead are made right by the first write, whatever its diff
+        self.flush(always=self.guard.writer.prefilled)
         self.on_resync(t0)
 
     def apply(self, changes: list[Change]) -> None:
@@ -103,9 +114,9 @@ class SyncSink:
         self.flush()
         self.lag.observe(time.monotonic() - t0, len(changes))
 
-    def flush(self) -> None:
+    def flush(self, always: bool = False) -> None:
         diff = self.rib.take_diff()
-        if diff:
+        if diff or always:
             self.guard.write(diff)
 
 

@@ -33,10 +33,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from ..errors import MapError, MapFullError
-from ..model import AF_INET, AF_INET6, Prefix
+from ..model import AF_INET, AF_INET6, Prefix, RouteColumns
 from ..rib.types import Action, FastPathDiff, FpGroup, FpNexthop, FpRoute, RouteRows
 from . import abi, bpfsys, dir24, v6hash
 from .local import LocalV4
+from .prefill import Prefill, RowsOf
 
 ROUTE_MAPS = {AF_INET: "routes_v4", AF_INET6: "routes_v6"}
 V6_TABLES = {abi.FS_V6_LPM: "routes_v6", abi.FS_V6_HASH: "v6_hash"}
@@ -223,11 +224,6 @@ class RouteBatch:
     def prefixes(self, rows: np.ndarray[Any, Any]) -> list[Prefix]:
         return [self.prefix(i) for i in rows.tolist()]
 
-    def items(self, lo: int, hi: int) -> list[tuple[bytes, bytes]]:
-        ks = self.key_size
-        k, v = self.keys[lo * ks:hi * ks].tobytes(), self.vals[lo * 8:hi * 8].tobytes()
-        return [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8]) for i in range(hi - lo)]
-
     def local_changes(self, known: set[Prefix], deleted: list[Prefix]
                       ) -> tuple[list[Prefix], list[Prefix]]:
         """For LocalV4.stage: the prefixes this batch writes with a PASS_LOCAL
@@ -266,6 +262,7 @@ class WriterStats:
     errors: int = 0
     full: int = 0
     last_error: str = ""
+    ahead: int = 0  # IPv4 routes written while the first dump ran (prefill.py)
 
 
 class MapWriter:
@@ -310,6 +307,35 @@ class MapWriter:
         # the `local_v4` bitmap, where the map set has it
         self.local = LocalV4() if _has(maps, "local_v4") else None
         self._first = True
+        # the fresh IPv4 route map filled while the routes are dumped, until the first write
+        self._prefill: Prefill | None = None
+
+    def prefill(self, rows_of: RowsOf) -> Callable[[RouteColumns], None] | None:
+        """What takes the parts of a route dump as it is read, to fill a fresh IPv4
+        route map ahead of the first write (``prefill.py``; ``rows_of`` is the
+        RIB's guess at a part's rows). None when there is nothing to fill ahead:
+        the first write is done, or the map is not this run's own, empty one."""
+        name = self.route_maps[AF_INET]
+        if not self._first or name not in self.fresh:
+            return None
+        if self._prefill is None:
+            self._prefill = Prefill(
+                self.maps, name, _fd(self.maps, name), self.batch,
+                lambda rows: RouteBatch(AF_INET, [], [rows], by_address=True))
+        ahead = self._prefill
+        ahead.restart()  # a dump again (the one before was lost): its parts are stale
+
+        def take(part: RouteColumns) -> None:
+            if part.family == AF_INET:
+                ahead.put(part, rows_of)
+
+        return take
+
+    @property
+    def prefilled(self) -> bool:
+        """Routes were written ahead: the first write must come, even with nothing in
+        its diff (it deletes what the resync did not confirm)."""
+        return self._prefill is not None and self._first
 
     def write(self, diff: FastPathDiff) -> None:
         encoded = {i: encode_nexthop(nh) for i, nh in diff.nexthops.items() if nh}
@@ -407,72 +433,118 @@ class MapWriter:
             swept += len(stale)
         return swept
 
-    def _put_routes(self, batches: dict[int, RouteBatch]) -> dict[int, int]:
-        """Write each family's batch, longest prefixes first; returns how many
-        routes of each made it (all, unless a map is full or fails).
+    def _put_routes(self, batches: dict[int, RouteBatch]) -> dict[int, np.ndarray[Any, Any]]:
+        """Write each family's batch, longest prefixes first; returns the positions
+        (in each batch's order) of the routes the map holds now: all, unless a map
+        is full or fails.
 
         The kernel's LPM trie takes ~1.3 µs an insert; with a big batch for
         each family the two maps are written side by side, IPv6 in a thread
         (the bpf() calls release the GIL, and each trie has its own lock).
         """
         names = self.route_maps
+        ahead, self._prefill = self._prefill, None
+
+        def put(family: int) -> tuple[np.ndarray[Any, Any], int, MapError | None]:
+            if family == AF_INET and ahead is not None:
+                return self._put_rest(names[family], batches[family], ahead)
+            return self._put_batch(names[family], batches[family])
+
         if min(len(b) for b in batches.values()) >= _PARALLEL_ROUTES and \
                 _fd(self.maps, names[AF_INET6]) is not None:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                v6 = pool.submit(self._put_batch, names[AF_INET6], batches[AF_INET6])
-                results = {AF_INET: self._put_batch(names[AF_INET], batches[AF_INET]),
-                           AF_INET6: v6.result()}
+                v6 = pool.submit(put, AF_INET6)
+                results = {AF_INET: put(AF_INET), AF_INET6: v6.result()}
         else:
-            results = {f: self._put_batch(names[f], b) for f, b in batches.items()}
+            results = {f: put(f) for f in batches}
         done = {}
-        for family, (count, calls, error) in results.items():
+        for family, (written, calls, error) in results.items():
             self.stats.batches += calls
-            self.stats.entries += count
+            self.stats.entries += len(written)
             if error is not None:
                 self._error(error, full=isinstance(error, MapFullError))
-            done[family] = count
+            done[family] = written
         return done
 
-    def _put_batch(self, name: str, batch: RouteBatch) -> tuple[int, int, MapError | None]:
-        """(routes written, bpf calls, the error that stopped it); no bookkeeping here:
-        this may run in a thread."""
-        n = len(batch)
+    def _put_rest(self, name: str, batch: RouteBatch, ahead: Prefill
+                  ) -> tuple[np.ndarray[Any, Any], int, MapError | None]:
+        """The first write's IPv4 batch into a map filled ahead: the keys the batch
+        does not have deleted first, then the rows held with another value (no room
+        needed), then the rows not there. A row held with another value that could
+        not be written is deleted: what the writer notes as unwritten is absent."""
+        todo = ahead.reconcile(batch)
+        self.stats.ahead = ahead.routes
+        ks = batch.key_size
+        self._delete(name, [todo.gone[i:i + ks].tobytes() for i in range(0, len(todo.gone), ks)])
+        rows = np.concatenate([todo.replace, todo.insert])
+        written, calls, error = self._put_batch(name, batch, rows)
+        if error is not None:
+            wrong = todo.replace[len(written):]  # those written came first
+            keys = batch.keys.reshape(-1, ks)
+            self._delete(name, [keys[i].tobytes() for i in wrong.tolist()])
+        return np.concatenate([todo.held, written]), calls, error
+
+    def _put_batch(self, name: str, batch: RouteBatch, rows: np.ndarray[Any, Any] | None = None
+                   ) -> tuple[np.ndarray[Any, Any], int, MapError | None]:
+        """Write the batch's routes (those at ``rows``, positions in its order: all by
+        default). Returns (the positions written, bpf calls, the error that stopped
+        it); no bookkeeping here: this may run in a thread."""
+        ks = batch.key_size
+        keys, vals = batch.keys, batch.vals
+        if rows is not None:
+            keys = keys.reshape(-1, ks)[rows].ravel()
+            vals = vals.reshape(-1, 8)[rows].ravel()
+        n = len(vals) // 8
         done = calls = 0
         fd = _fd(self.maps, name)
-        ks = batch.key_size
+        error: MapError | None = None
         for lo in range(0, n, self.batch):
             hi = min(lo + self.batch, n)
             try:
                 if fd is None:
-                    self.maps.update(name, batch.items(lo, hi))
+                    k, v = keys[lo * ks:hi * ks].tobytes(), vals[lo * 8:hi * 8].tobytes()
+                    self.maps.update(name, [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8])
+                                            for i in range(hi - lo)])
                 else:
-                    bpfsys.update_batch(fd, memoryview(batch.keys)[lo * ks:hi * ks],
-                                        memoryview(batch.vals)[lo * 8:hi * 8], hi - lo)
+                    bpfsys.update_batch(fd, memoryview(keys)[lo * ks:hi * ks],
+                                        memoryview(vals)[lo * 8:hi * 8], hi - lo)
             except MapFullError as e:
-                return done + e.done, calls, e
+                done, error = done + e.done, e
+                break
             except MapError as e:
-                return done, calls, e
+                error = e
+                break
             done += hi - lo
             calls += 1
-        return done, calls, None
+        return (np.arange(done) if rows is None else rows[:done]), calls, error
 
-    def _routes_written(self, name: str, batch: RouteBatch, done: int) -> np.ndarray[Any, Any]:
-        """Note which routes of a batch the map did not take; returns the indexes
-        of those it did, longest first.
+    def _routes_written(self, name: str, batch: RouteBatch, written: np.ndarray[Any, Any]
+                        ) -> np.ndarray[Any, Any]:
+        """Note which routes of a batch the map did not take (``written``: positions
+        of those it did); returns the indexes of those it did, longest first.
 
         A route not taken is deleted from the map: one it held already keeps its
         old value when the batch stops before it (a full map stops a batch at its
         first new key, and replacing needs no room), and the guard counts on
         an unwritten prefix being absent. Not needed on the first write into a map
-        this run created: what it holds is what the write put there."""
-        written = batch.order[:done]
-        if done < len(batch) and not (self._first and name in self.fresh):
-            self._delete(name, [batch.keys[i:i + batch.key_size].tobytes() for i in
-                                range(done * batch.key_size, len(batch.keys), batch.key_size)])
+        this run created: what it holds is what the write put there
+        (``_put_rest`` deletes its own)."""
+        if len(written) == len(batch):
+            rows = batch.order
+            left = batch.order[:0]
+        else:
+            written = np.sort(written)
+            rows = batch.order[written]
+            missed = np.ones(len(batch), bool)
+            missed[written] = False
+            left = batch.order[missed]
+            if not (self._first and name in self.fresh):
+                keys = batch.keys.reshape(-1, batch.key_size)[missed]
+                self._delete(name, [k.tobytes() for k in keys])
         if self.unwritten:
-            self.unwritten.difference_update(batch.prefixes(written))
-        self.unwritten.update(batch.prefixes(batch.order[done:]))
-        return written
+            self.unwritten.difference_update(batch.prefixes(rows))
+        self.unwritten.update(batch.prefixes(left))
+        return rows
 
     def _write_dir24(self, batch: RouteBatch, written: np.ndarray[Any, Any],
                      dels: list[Prefix]) -> None:

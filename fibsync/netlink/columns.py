@@ -21,6 +21,7 @@ would have turned into the same route (tests/unit/test_columns.py checks that).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +209,9 @@ class RouteDump:
         # table's worth of small arrays, interleaved with the batches' temporaries
         self._parts: dict[int, list[RouteColumns]] = {AF_INET: [], AF_INET6: []}
         self._merged: dict[int, list[RouteColumns]] = {AF_INET: [], AF_INET6: []}
+        # called with each joined part as it is made (read-only: the columns are
+        # the dump's), in the reading thread
+        self.on_part: Callable[[RouteColumns], None] | None = None
 
     def feed(self, chunk: bytes) -> Unclaimed:
         offsets = self._offsets
@@ -235,6 +239,20 @@ class RouteDump:
 
     def flush(self) -> Unclaimed:
         return self._process() if self._chunks else []
+
+    def seal(self) -> None:
+        """The dump is over: the batches' columns not joined yet become the last
+        part (handed to ``on_part`` like the others)."""
+        for family, parts in self._parts.items():
+            if parts:
+                self._join(family)
+
+    def _join(self, family: int) -> None:
+        part = RouteColumns.concat(family, self._parts[family])
+        self._parts[family] = []
+        self._merged[family].append(part)
+        if self.on_part is not None:
+            self.on_part(part)
 
     def columns(self, family: int) -> RouteColumns:
         return RouteColumns.concat(family, self._merged[family] + self._parts[family])
@@ -291,11 +309,9 @@ class RouteDump:
                 continue
             claimed[rows[hit]] = True
             n = len(hit)
-            parts = self._parts[layout.family]
-            if len(parts) >= MERGE:
-                self._merged[layout.family].append(RouteColumns.concat(layout.family, parts))
-                parts.clear()
-            parts.append(RouteColumns(
+            if len(self._parts[layout.family]) >= MERGE:
+                self._join(layout.family)
+            self._parts[layout.family].append(RouteColumns(
                 family=layout.family,
                 ordinal=ordinals[hit],
                 dst=(m[:, layout.dst:layout.dst + layout.addr_len].copy() if layout.dst >= 0

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import structlog
 
 from fibsync.errors import DecodeError, NetlinkError, NetlinkOverrun
-from fibsync.model import AF_INET, AF_INET6, Change, Snapshot
+from fibsync.model import AF_INET, AF_INET6, Change, RouteColumns, Snapshot
 from fibsync.netlink import rtnl as nl
 from fibsync.netlink.columns import RouteDump
 from fibsync.netlink.decode import HANDLED_TYPES, decode
@@ -53,6 +53,10 @@ DUMP_RCVBUF = 4 << 20
 
 
 class Sink(Protocol):
+    def before_routes(self, snapshot: Snapshot) -> Callable[[RouteColumns], None] | None:
+        """The dump has every object but the routes; returns what takes each part of
+        the route columns as the dump reads it (in the dump's thread), or None."""
+
     def resync(self, snapshot: Snapshot) -> None:
         """Full state after a (re)dump; replaces everything held before."""
 
@@ -199,7 +203,7 @@ class NetlinkSource:
         try:
             loop.add_reader(fd, self._drain, events)
             heard = self.stats.messages + self.stats.undecodable
-            snapshot = await self.dump()
+            snapshot = await self.dump(sink.before_routes)
             # what the kernel announced while the dump ran is in the socket by now;
             # any notification at all, decodable or not, makes the dump unquiet
             self._drain(events)
@@ -334,8 +338,11 @@ class NetlinkSource:
         self._overrun = reason
         self._wake.set()
 
-    async def dump(self) -> Snapshot:
-        """One full dump on sockets of its own (the session's, and ``fibsync verify``'s)."""
+    async def dump(self, before_routes: Callable[[Snapshot], Callable[[RouteColumns], None]
+                                                 | None] | None = None) -> Snapshot:
+        """One full dump on sockets of its own (the session's, and ``fibsync verify``'s).
+        ``before_routes`` is called once every object but the routes is in the
+        snapshot; what it returns takes the route columns a part at a time."""
         snapshot = Snapshot()
         routes: list[_Dump] = []
         sock = open_socket(netns=self.netns, rcvbuf=DUMP_RCVBUF)
@@ -354,6 +361,10 @@ class NetlinkSource:
                 self._check_overrun()
         finally:
             sock.close()
+        take = before_routes(snapshot) if before_routes is not None else None
+        for d in routes:
+            assert d.columns is not None
+            d.columns.on_part = take
         # The route dumps side by side, each in a thread of its own (and each
         # received by another, _Receiver): the kernel builds a dump inside recv(),
         # which releases the GIL, so the two families' dumps run on two cores
@@ -414,7 +425,9 @@ class _Dump:
         with _Receiver(self.source.netns, self.req, self._abandoned) as chunks:
             for chunk in chunks:
                 if self.on_chunk(chunk):
-                    return
+                    break
+        if self.columns is not None and self.failure is None and not self._abandoned():
+            self.columns.seal()  # the last part handed on too
 
     def _abandoned(self) -> bool:
         return self.cancelled or self.source._overrun is not None

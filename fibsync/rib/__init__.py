@@ -26,7 +26,8 @@ chooses the entries and records the diff.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 from ..model import (
     AF_INET,
@@ -40,8 +41,11 @@ from ..model import (
     Op,
     Prefix,
     Route,
+    RouteColumns,
     Snapshot,
 )
+from .choice import FIB
+from .compact import likely_rows
 from .entries import FpTable, weighted_buckets
 from .kernel import KernelState
 from .types import (
@@ -80,6 +84,19 @@ class EntryView(Mapping[Prefix, FpRoute]):
         return len(self._rib.table.entries) + len(self._rib.kernel.compact)
 
 
+@dataclass
+class _Begun:
+    """A resync begun before its dump had its routes (``Rib.prepare``): the fresh
+    kernel side and table, and what they were begun from."""
+
+    snapshot: Snapshot
+    old: FpTable
+    use_neigh: bool
+    changes: int
+    kernel: KernelState
+    table: FpTable
+
+
 class Rib:
     def __init__(self, filter: Filter | None = None, first_id: int = 1) -> None:
         self.filter = filter or Filter()
@@ -88,6 +105,7 @@ class Rib:
         self.stats = {"changes": 0, "ignored": 0, "resyncs": 0}
         self.use_neigh = False  # net.ipv4.fib_multipath_use_neigh
         self.kernel, self.table = self._fresh()
+        self._begun: _Begun | None = None
 
     def _fresh(self) -> tuple[KernelState, FpTable]:
         kernel = KernelState()
@@ -123,6 +141,37 @@ class Rib:
 
     # ------------------------------------------------------------------ input
 
+    def prepare(self, snapshot: Snapshot) -> Callable[[RouteColumns], RouteRows]:
+        """Begin the resync of a dump that has everything but its routes yet: the
+        kernel side and the ids of its nexthop objects, which ``resync`` of the same
+        snapshot goes on from (the mirror itself is untouched). Returns the rows a
+        part of the route dump most likely gives (``compact.likely_rows``): it may
+        run in another thread while the dump goes on."""
+        kernel, table = self._fresh()
+        table.take_over(self.table, snapshot)
+        kernel.load(snapshot)
+        self._begun = _Begun(snapshot, self.table, self.use_neigh, self.stats["changes"],
+                             kernel, table)
+        entries = {o.id: table.nhid_entry(o.id) for o in snapshot.nexthops}
+        follow = self.filter
+
+        def rows_of(part: RouteColumns) -> RouteRows:
+            return likely_rows(part, follow, lambda nhid: entries.get(nhid, FIB))
+
+        return rows_of
+
+    def _begin(self, snapshot: Snapshot) -> tuple[KernelState, FpTable]:
+        """The fresh kernel side and table of a resync: those ``prepare`` made, when
+        nothing they were made from has changed since."""
+        begun, self._begun = self._begun, None
+        if begun is not None and begun.snapshot is snapshot and begun.old is self.table \
+                and begun.use_neigh == self.use_neigh and begun.changes == self.stats["changes"]:
+            return begun.kernel, begun.table
+        kernel, table = self._fresh()
+        table.take_over(self.table, snapshot)
+        kernel.load(snapshot)
+        return kernel, table
+
     def resync(self, snapshot: Snapshot) -> None:
         """Replace the whole mirror by a fresh dump: mark and sweep.
 
@@ -132,9 +181,7 @@ class Rib:
         """
         self.stats["resyncs"] += 1
         old = self.table
-        self.kernel, self.table = self._fresh()
-        self.table.take_over(old, snapshot)
-        self.kernel.load(snapshot)
+        self.kernel, self.table = self._begin(snapshot)
         rows = self._add_routes(snapshot)
         self.table.settle()
         self.table.diff_from(old, rows)

@@ -27,6 +27,7 @@ from ..model import (
     RT_TABLE_LOCAL,
     Prefix,
     Route,
+    RouteColumns,
     RouteType,
     Snapshot,
 )
@@ -93,6 +94,32 @@ def factorize(columns: list[np.ndarray[Any, Any]]) -> tuple[list[Compact], np.nd
     _, first, ids = np.unique(code, return_index=True, return_inverse=True)
     picked = [col[first].tolist() for col in columns]
     return list(zip(*picked, strict=True)), ids  # type: ignore[arg-type]
+
+
+def _kinds(cols: RouteColumns, follow: Filter) -> tuple[np.ndarray[Any, Any],
+                                                       np.ndarray[Any, Any]]:
+    """(followed, compact-able) masks of a part's rows: a row in the followed table
+    (and of a followed protocol), and one of those the compact store can keep
+    (unicast or blackhole, no TOS), unless its prefix has other routes."""
+    follows = cols.table == follow.table
+    if follow.protocols is not None:
+        follows &= np.isin(cols.protocol, np.array(sorted(follow.protocols), np.uint8))
+    compact = follows & (cols.tos == 0) & ((cols.type == RouteType.UNICAST)
+                                           | (cols.type == RouteType.BLACKHOLE))
+    return follows, compact
+
+
+def likely_rows(cols: RouteColumns, follow: Filter, entry_of: Callable[[int], FpRoute]
+                ) -> RouteRows:
+    """The rows a part of a route dump most likely gives the fast path: the
+    compact-able ones, each with its nexthop object's entry. A guess (another
+    route of the same prefix, elsewhere in the dump, makes a row a ``Route``
+    of the general kind), for a writer filling a fresh map ahead of the
+    resync, which decides."""
+    idx = np.flatnonzero(_kinds(cols, follow)[1])
+    objects, ids = np.unique(cols.nhid[idx], return_inverse=True)
+    return RouteRows(cols.family, cols.dst[idx], cols.dst_len[idx], ids.ravel(),
+                     [entry_of(n) for n in objects.tolist()])
 
 
 class _Part:
@@ -250,13 +277,9 @@ class CompactRoutes:
         ignored = 0
         for cols in snapshot.route_columns:
             family = cols.family
-            follows = cols.table == follow.table
-            if follow.protocols is not None:
-                follows &= np.isin(cols.protocol, np.array(sorted(follow.protocols), np.uint8))
+            follows, compact = _kinds(cols, follow)
             local = cols.table == RT_TABLE_LOCAL
             ignored += int(np.count_nonzero(~follows & ~local))
-            compact = follows & (cols.tos == 0) & ((cols.type == RouteType.UNICAST)
-                                                   | (cols.type == RouteType.BLACKHOLE))
             # rows the RIB must see as routes: local-table ones, and followed ones of other kinds
             for i in np.flatnonzero(~compact & (follows | local)).tolist():
                 general.append((int(cols.ordinal[i]), cols.route(i)))

@@ -184,6 +184,9 @@ def dump(ns: str) -> Snapshot:
         def __init__(self) -> None:
             self.done = asyncio.Event()
 
+        def before_routes(self, snapshot: Snapshot) -> None:
+            return None
+
         def resync(self, snapshot: Snapshot) -> None:
             self.snapshot = snapshot
             self.done.set()

@@ -61,6 +61,9 @@ class MirrorSink:
         self.neighbours: dict[tuple[int, int, bytes], Neighbour] = {}
         self.links: dict[int, Link] = {}
 
+    def before_routes(self, snapshot: Snapshot) -> None:
+        return None
+
     def resync(self, snapshot: Snapshot) -> None:
         self.resyncs += 1
         self.quiet.append(snapshot.quiet)
