@@ -160,13 +160,16 @@ def test_with_a_full_map_every_prefix_missing_is_known_as_unwritten() -> None:
         sink.guard.retry()
 
 
-def test_route_keys_round_trip_in_address_order() -> None:
+def test_route_keys_round_trip_in_the_first_writes_order() -> None:
+    # by address, then longest first: the order of RouteBatch(by_address=True)
     rng = np.random.default_rng(1)
     keys = np.zeros(1000, [("plen", "<u4"), ("addr", "u1", 4)])
     keys["plen"] = rng.integers(0, 33, 1000)
     keys["addr"] = rng.integers(0, 256, (1000, 4))
+    keys["addr"][:10] = 0  # the same address at several lengths, /0 among them
+    keys["plen"][0] = 0
     raw = keys.view(np.uint8)
     ordered = order_keys(raw)
     assert bytes(route_keys(ordered)) == bytes(raw)
-    by_address = sorted(range(1000), key=lambda i: (bytes(keys["addr"][i]), keys["plen"][i]))
-    assert np.argsort(ordered, kind="stable").tolist() == by_address
+    first_write = sorted(range(1000), key=lambda i: (bytes(keys["addr"][i]), -int(keys["plen"][i])))
+    assert np.argsort(ordered, kind="stable").tolist() == first_write
