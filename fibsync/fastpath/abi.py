@@ -392,13 +392,14 @@ LAYOUT = 1
 def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
     """Every map of the contract, in pin-file order.
 
-    The route tables (the tries, the IPv6 hash and its lengths) are renewed on a
-    restart rather than adopted: the whole table is written anyway, and into an
-    empty trie in address order it goes in as fast as on a fresh start, with no
-    previous run's keys to walk and sweep after (the walk alone, ``get_next_key``
-    from the root for each of 1.25M keys, took longer than the write). The previous
-    run's program keeps its own tables until the new program replaces it on each
-    interface.
+    The route tables (the tries, the DIR-24-8 arrays, the IPv6 hash and its
+    lengths) are renewed on a restart rather than adopted: the whole table is
+    written anyway, and into an empty trie in address order it goes in as fast as
+    on a fresh start, with no previous run's keys to walk and sweep after (the
+    walk alone, ``get_next_key`` from the root for each of 1.25M keys, took longer
+    than the write); DIR-24-8 is built in place, not beside a previous run's
+    table it would first have to learn. The previous run's program keeps its own
+    tables until the new program replaces it on each interface.
     """
     s = ctypes.sizeof
     return (
@@ -416,11 +417,13 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("heartbeat", MAP_ARRAY, 4, s(FsHeartbeat), 1),
         MapSpec("ifaces", MAP_ARRAY, 4, s(FsIface), FS_MAX_IFACES),
         MapSpec("local_v4", MAP_ARRAY, 4, 8, FS_LOCAL_V4_WORDS),
-        MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE),
+        MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE,
+                renew=True),
         MapSpec("v4_tbl8", MAP_ARRAY, 4, s(FsDirPair),
-                sizes.tbl8_groups * FS_TBL8_ENTRIES // 2, BPF_F_MMAPABLE),
-        MapSpec("v4_slots", MAP_ARRAY, 4, s(FsRoute), sizes.slots, BPF_F_MMAPABLE),
-        MapSpec("v4_nh", MAP_ARRAY, 4, s(FsNexthop), sizes.slots * 2, BPF_F_MMAPABLE),
+                sizes.tbl8_groups * FS_TBL8_ENTRIES // 2, BPF_F_MMAPABLE, renew=True),
+        MapSpec("v4_slots", MAP_ARRAY, 4, s(FsRoute), sizes.slots, BPF_F_MMAPABLE, renew=True),
+        MapSpec("v4_nh", MAP_ARRAY, 4, s(FsNexthop), sizes.slots * 2, BPF_F_MMAPABLE,
+                renew=True),
         MapSpec("v6_hash", MAP_HASH, s(FsV6Key), s(FsRoute), sizes.routes_v6,
                 BPF_F_NO_PREALLOC, renew=True),
         MapSpec("v6_lengths", MAP_ARRAY, 4, s(FsV6Lengths), FS_V6_SLOTS + 1, BPF_F_MMAPABLE,
