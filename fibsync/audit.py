@@ -89,7 +89,8 @@ class Auditor:
                  last_change: Callable[[], float], log: Any,
                  child: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] = run_child,
                  window: tuple[Callable[[], Any], Callable[[], Awaitable[InFlight]]] = (
-                     lambda: None, _nothing_in_flight)) -> None:
+                     lambda: None, _nothing_in_flight),
+                 clean: Callable[[float], None] = lambda started: None) -> None:
         self.interval = interval
         self._args = args
         self._exclude = exclude
@@ -97,6 +98,9 @@ class Auditor:
         self._last_change = last_change
         self.log = log
         self._child = child
+        # told the start (monotonic) of each audit that found no divergence and lost no
+        # announcement (the heartbeat's promise after a resync may wait for one)
+        self._clean = clean
         # open and close the daemon's record of what it applied meanwhile: a change it
         # had not applied when the child read the maps is in flight, not a divergence
         self._open, self._close = window
@@ -191,6 +195,9 @@ class Auditor:
             self._repair([Prefix.parse(d["prefix"]) for d in differences])
         elif report["in_flight"] or report["overrun"]:
             s.last_result = "inconclusive"
+            if not report["overrun"]:
+                # what it could not judge changed meanwhile, and its changes are applied
+                self._clean(t0)
             # urgent: again soon, backing off while the kernel keeps changing; else
             # once the kernel is quiet, or at the next interval
             self._retry = min(self.interval, max(FIRST_RETRY, 2 * (self._retry or 0))) \
@@ -199,6 +206,7 @@ class Auditor:
                            overrun=report["overrun"], retry=self._retry)
         else:
             s.last_result = "equal"
+            self._clean(t0)
             self._retry = None
             self._urgent = False
             self.log.info("audit.equal", checked=report["checked"],

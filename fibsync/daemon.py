@@ -145,7 +145,8 @@ class Daemon:
             self.heartbeat.hold()
             self.auditor = Auditor(s.audit_interval, self._audit_args, self._audit_exclude,
                                    self._repair, lambda: sync.last_change, self.log,
-                                   window=(self._open_audit_window, self._close_audit_window))
+                                   window=(self._open_audit_window, self._close_audit_window),
+                                   clean=self.heartbeat.audited)
             self._netlink_task = asyncio.create_task(self.source.run(sync), name="netlink")
             self.notify.status("syncing: dumping the kernel's tables")
             # what the kernel does beyond its routes (rules, sysctls, netfilter, IPsec,
@@ -298,10 +299,13 @@ class Daemon:
                 self._opened.release_superseded()
         self._update_status_line()
         self.notify.ping(force=True)
-        assert self.auditor is not None
+        assert self.auditor is not None and self.heartbeat is not None
         # a resync's dump taken while the kernel changed may have skipped live routes
         # (verify.py says how): prove it at once, and again soon while it cannot judge
-        # everything; one that met no change is audited too, once the kernel is quiet
+        # everything, and promise its tables only then; one that met no change is
+        # audited too, once the kernel is quiet
+        if not self.sync.resync_quiet and self.auditor.interval:
+            self.heartbeat.await_audit()
         self.auditor.request(urgent=not self.sync.resync_quiet)
         # once the source has let go of the snapshot (before it next waits)
         asyncio.get_running_loop().call_soon(release_memory)
@@ -339,6 +343,8 @@ class Daemon:
         self.heartbeat.stale_after = new.stale_after
         if self.auditor is not None and new.audit_interval != old.audit_interval:
             self.auditor.set_interval(new.audit_interval)
+            if not new.audit_interval:
+                self.heartbeat.audited(self.heartbeat.unaudited_since or 0.0)  # none will come
         assert self.fidelity is not None
         self.fidelity.set_netfilter(new.netfilter)
         if new.socket_group != old.socket_group:

@@ -243,9 +243,14 @@ def render(doc: dict[str, Any]) -> str:
         )
     hb = doc.get("heartbeat")
     if hb and "stale_after" in hb:
-        lines.append("heartbeat  " + (f"{_fmt_seconds(hb['age_seconds'])} ago, the tables are "
-                                      f"trusted for {_fmt_seconds(hb['stale_after'])} after one"
-                                      if hb["stale_after"] else "off (stale_after = 0)"))
+        if hb.get("awaiting_audit"):
+            lines.append("heartbeat  the tables wait for an audit (their dump met changes): "
+                         "XDP forwards by bpf_fib_lookup alone (FWD_STALE) until then")
+        else:
+            lines.append("heartbeat  " + (f"{_fmt_seconds(hb['age_seconds'])} ago, the tables "
+                                          f"are trusted for {_fmt_seconds(hb['stale_after'])} "
+                                          "after one" if hb["stale_after"]
+                                          else "off (stale_after = 0)"))
     elif hb:
         lines.append("heartbeat  " + _offline_heartbeat(hb.get("fresh_for_seconds"),
                                                         hb.get("watched_for_seconds")))

@@ -136,6 +136,12 @@ class Heartbeat:
     that lost changes resyncs first (no promise while the source is out of sync).
     Without it, while watched, the program forwards by bpf_fib_lookup alone
     (FWD_STALE).
+
+    Nor after a resync whose dump met changes (``await_audit``): such a dump may
+    have skipped live routes that no notification will name (verify.py says how),
+    and a covering prefix in the tables would catch their traffic. The promise
+    waits for an audit begun after that resync's write to find no divergence
+    (``audited``).
     """
 
     EVERY = 1.0  # seconds between beats at most (fewer for a short stale_after)
@@ -148,6 +154,9 @@ class Heartbeat:
         self.last = 0.0  # monotonic time of the last promise of the tables
         self.watched = 0.0  # monotonic time of the last promise of the conditions
         self.promised = False  # this run's promise stands (withdraw() takes it back)
+        # monotonic time of the write of a resync whose dump met changes, until an
+        # audit begun after it finds no divergence
+        self.unaudited_since: float | None = None
         # a previous run's promises stand until this one renews them (a restart
         # within stale_after stays on its tables)
         self.fresh_until, self.watched_until = maps.heartbeat()
@@ -204,10 +213,25 @@ class Heartbeat:
         # the promise runs from now: what the kernel announced up to now is applied then
         until = self._until()
         # in sync still once caught up: changes lost since are the withdrawal's to handle
-        if await self.source.caught_up() and self.source.in_sync:
+        if await self.source.caught_up() and self.source.in_sync \
+                and self.unaudited_since is None:
             self.fresh_until = until
             self._write()
             self.promised = True
+
+    def await_audit(self) -> None:
+        """The tables were just written from a dump that met changes: no promise until
+        an audit begun after now finds no divergence; one standing is taken back."""
+        self.unaudited_since = time.monotonic()
+        if self.promised:
+            self.fresh_until = self.WITHHELD
+            self._write()
+            self.promised = False
+
+    def audited(self, started: float) -> None:
+        """An audit begun at ``started`` (monotonic) found no divergence."""
+        if self.unaudited_since is not None and started >= self.unaudited_since:
+            self.unaudited_since = None
 
     def withdraw(self) -> bool:
         """Take the promise back at once when the source is out of sync (announcements
@@ -225,4 +249,5 @@ class Heartbeat:
     def doc(self) -> dict[str, Any]:
         now = time.monotonic()
         return {"stale_after": self.stale_after, "age_seconds": round(now - self.last, 3),
-                "watched_age_seconds": round(now - self.watched, 3)}
+                "watched_age_seconds": round(now - self.watched, 3),
+                "awaiting_audit": self.unaudited_since is not None}

@@ -13,8 +13,9 @@ from fibsync.model import Change, Op, Prefix, Route
 from fibsync.verify import InFlight
 
 
-def report(differences: tuple[str, ...] = (), in_flight: int = 0) -> dict[str, Any]:
-    return {"equal": not differences, "checked": 10, "in_flight": in_flight, "overrun": False,
+def report(differences: tuple[str, ...] = (), in_flight: int = 0, overrun: bool = False
+           ) -> dict[str, Any]:
+    return {"equal": not differences, "checked": 10, "in_flight": in_flight, "overrun": overrun,
             "changes_during": 0, "seconds": 0.01,
             "differences": [{"prefix": p, "kernel": None,
                              "maps": {"prefix": p, "type": "blackhole", "nexthops": []}}
@@ -26,6 +27,7 @@ class Fake:
         self.reports = list(reports)
         self.args: list[dict[str, Any]] = []
         self.repaired: list[list[Prefix]] = []
+        self.clean: list[float] = []  # the starts of the audits that found no divergence
 
     async def child(self, args: dict[str, Any]) -> dict[str, Any]:
         self.args.append(args)
@@ -34,7 +36,8 @@ class Fake:
     def auditor(self, interval: float = 300) -> Auditor:
         return Auditor(interval, lambda: {"pin_dir": "/x", "table": 254, "protocols": []},
                        lambda: {Prefix.parse("192.0.2.0/24")}, self.repaired.append,
-                       lambda: 0.0, structlog.get_logger(), child=self.child)
+                       lambda: 0.0, structlog.get_logger(), child=self.child,
+                       clean=self.clean.append)
 
 
 def test_a_divergence_is_counted_and_repaired() -> None:
@@ -185,3 +188,18 @@ def test_waiting_for_the_daemons_backlog_does_not_hold_the_next_audit_off() -> N
         return time.monotonic() - started
 
     assert asyncio.run(go()) < 1.2  # its own 0.6 s, not 2 x 0.6 s of waiting first
+
+
+def test_an_audit_that_found_no_divergence_says_when_it_began() -> None:
+    # the heartbeat's promise after a resync whose dump met changes waits for one:
+    # equal, or unable to judge only what changed meanwhile (those changes are
+    # applied); not one that diverged, nor one that lost announcements
+    fake = Fake(report(), report(in_flight=2), report(("198.51.100.0/24",)),
+                report(overrun=True))
+    auditor = fake.auditor()
+    starts = []
+    for _ in range(4):
+        starts.append(time.monotonic())
+        asyncio.run(auditor.audit_once())
+    assert len(fake.clean) == 2
+    assert starts[0] <= fake.clean[0] <= starts[1] <= fake.clean[1] <= starts[2]

@@ -100,3 +100,26 @@ def test_a_start_withholds_a_previous_runs_tables_until_its_own_first_beat() -> 
     always = Heartbeat(quiet, source, stale_after=0.0)  # type: ignore[arg-type]
     always.hold()
     assert quiet.written == [] and not always.withheld  # always trusted: nothing to withhold
+
+
+def test_tables_written_from_a_dump_that_met_changes_wait_for_an_audit() -> None:
+    # such a dump may have skipped live routes no notification will name, whose
+    # traffic a covering prefix in the tables would catch: until an audit begun
+    # after the write finds no divergence the program forwards by bpf_fib_lookup
+    maps, source = Maps(), Source()
+    hb = Heartbeat(maps, source, stale_after=5.0)  # type: ignore[arg-type]
+    asyncio.run(hb.beat(1.0))
+    assert hb.promised
+    before = time.monotonic()
+    hb.await_audit()  # a standing promise is taken back at once
+    assert maps.written[-1][0] == Heartbeat.WITHHELD and not hb.promised
+    assert hb.doc()["awaiting_audit"]
+    asyncio.run(hb.beat(2.0))
+    assert maps.written[-1][0] == Heartbeat.WITHHELD and not hb.promised
+    hb.audited(before - 1.0)  # an audit begun before that write proves nothing about it
+    asyncio.run(hb.beat(3.0))
+    assert not hb.promised
+    hb.audited(time.monotonic())
+    asyncio.run(hb.beat(4.0))
+    assert hb.promised and maps.written[-1][0] > now_ns() + 4 * SECOND
+    assert not hb.doc()["awaiting_audit"]
