@@ -146,7 +146,7 @@ class Daemon:
             self.auditor = Auditor(s.audit_interval, self._audit_args, self._audit_exclude,
                                    self._repair, lambda: sync.last_change, self.log,
                                    window=(self._open_audit_window, self._close_audit_window),
-                                   clean=self.heartbeat.audited)
+                                   clean=self._tables_audited)
             self._netlink_task = asyncio.create_task(self.source.run(sync), name="netlink")
             self.notify.status("syncing: dumping the kernel's tables")
             # what the kernel does beyond its routes (rules, sysctls, netfilter, IPsec,
@@ -306,6 +306,9 @@ class Daemon:
         # audited too, once the kernel is quiet
         if not self.sync.resync_quiet and self.auditor.interval:
             self.heartbeat.await_audit()
+            self.log.info("heartbeat.awaiting_audit",
+                          note="the dump met changes and may have skipped live routes: XDP "
+                               "forwards by bpf_fib_lookup alone until the audit finds none")
         self.auditor.request(urgent=not self.sync.resync_quiet)
         # once the source has let go of the snapshot (before it next waits)
         asyncio.get_running_loop().call_soon(release_memory)
@@ -393,6 +396,15 @@ class Daemon:
         window, self.sync.audit_window = self.sync.audit_window or InFlight(), None
         window.nhids = self.rib.objects_using(window.nhids)
         return window
+
+    def _tables_audited(self, started: float) -> None:
+        """An audit begun at ``started`` found no divergence (the Auditor's ``clean``)."""
+        assert self.heartbeat is not None
+        if self.heartbeat.unaudited_since is None:
+            return
+        self.heartbeat.audited(started)
+        if self.heartbeat.unaudited_since is None:
+            self.log.info("heartbeat.audited", note="the tables are promised at the next beat")
 
     def _repair(self, prefixes: list[Prefix]) -> None:
         """Dump again, and write these prefixes whatever the RIB believes the maps hold:

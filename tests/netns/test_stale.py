@@ -18,6 +18,7 @@ import os
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -181,5 +182,56 @@ def test_lost_announcements_withdraw_the_promise_at_once(lab: Lab) -> None:
                    timeout=30, what="a promise after the resync")
         assert daemon.status()["netlink"]["resyncs"] >= 2
     finally:
+        daemon.stop()
+        daemon.remove_pins()
+
+
+def test_tables_whose_dump_met_changes_wait_for_an_audit(lab: Lab) -> None:
+    """A dump taken while routes change may skip live routes that no notification will
+    name (fibsync/verify.py), and a covering prefix in the tables would catch their
+    traffic. The daemon starts while routes change on the router: its first sync's
+    tables are not promised (XDP forwards by bpf_fib_lookup alone) until the audit that
+    follows finds no divergence, which it can while the changes go on (what it could
+    not judge changed meanwhile, and those changes are applied)."""
+    # enough routes that the dump takes a while, and changes that never pause
+    lab.r.run(["ip", "-batch", "-"], input="".join(
+        f"route add blackhole 198.18.{i >> 8}.{i & 255}/32\n" for i in range(20000)))
+    stop = threading.Event()
+
+    def churn() -> None:
+        ip = lab.r.popen(["ip", "-force", "-batch", "-"], stdin=subprocess.PIPE, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert ip.stdin is not None
+        i = 0
+        try:
+            while not stop.is_set():
+                # each round changes every prefix's type: a replace that changes nothing
+                # is not announced
+                kind = ("blackhole", "unreachable")[(i // 250) % 2]
+                ip.stdin.write("".join(f"route replace {kind} 198.19.{(i + j) % 250}.0/24\n"
+                                       for j in range(50)))
+                ip.stdin.flush()
+                i += 50
+        finally:
+            ip.stdin.close()
+            ip.wait()
+
+    daemon = RouterDaemon.for_lab(lab, ["--stale-after", "60"])
+    changing = threading.Thread(target=churn, daemon=True)
+    changing.start()
+    try:
+        daemon.start()
+        coarse = CLOCK_MONOTONIC_COARSE
+        wait_until(lambda: fresh_until(daemon.instance) > time.clock_gettime_ns(coarse) + 30e9,
+                   timeout=60, what="the tables promised, routes still changing")
+        assert changing.is_alive()
+        events = [e.get("event") for e in daemon.logs()]
+        assert "heartbeat.awaiting_audit" in events, daemon.log_tail()
+        assert events.index("heartbeat.awaiting_audit") < events.index("heartbeat.audited")
+        assert daemon.status()["audit"]["runs"] >= 1
+        assert not daemon.status()["heartbeat"]["awaiting_audit"]
+    finally:
+        stop.set()
+        changing.join()
         daemon.stop()
         daemon.remove_pins()
