@@ -170,7 +170,9 @@ class Auditor:
             s.failures += 1
             s.last_result = "failed"
             self._ended = time.monotonic()
-            self._retry = self.interval
+            # urgent (a resync's tables wait for it): again soon, backing off; else at
+            # the next interval
+            self._retry = self._backoff() if self._urgent else self.interval
             self.log.error("audit.error", error=str(exc))
             return None
         self._judge(report, await self._close())
@@ -200,8 +202,7 @@ class Auditor:
                 self._clean(t0)
             # urgent: again soon, backing off while the kernel keeps changing; else
             # once the kernel is quiet, or at the next interval
-            self._retry = min(self.interval, max(FIRST_RETRY, 2 * (self._retry or 0))) \
-                if self._urgent else self.interval
+            self._retry = self._backoff() if self._urgent else self.interval
             self.log.debug("audit.inconclusive", in_flight=report["in_flight"],
                            overrun=report["overrun"], retry=self._retry)
         else:
@@ -212,6 +213,10 @@ class Auditor:
             self.log.info("audit.equal", checked=report["checked"],
                           seconds=round(s.last_seconds, 2))
         return report
+
+    def _backoff(self) -> float:
+        """The next retry of an urgent audit: FIRST_RETRY, doubling up to the interval."""
+        return min(self.interval, max(FIRST_RETRY, 2 * (self._retry or 0)))
 
     @staticmethod
     def _judge(report: dict[str, Any], inflight: InFlight) -> None:

@@ -203,3 +203,28 @@ def test_an_audit_that_found_no_divergence_says_when_it_began() -> None:
         asyncio.run(auditor.audit_once())
     assert len(fake.clean) == 2
     assert starts[0] <= fake.clean[0] <= starts[1] <= fake.clean[1] <= starts[2]
+
+
+def test_an_urgent_audit_whose_child_failed_runs_again_soon() -> None:
+    # after a resync whose dump met changes the tables wait for an audit: a child that
+    # failed (killed, out of memory) is tried again soon, backing off, not only at the
+    # next interval
+    async def broken(_args: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("verify child exited with -9: killed")
+
+    auditor = Auditor(300, dict, set, lambda _p: None, lambda: 0.0, structlog.get_logger(),
+                      child=broken)
+    auditor.request(urgent=True)
+
+    async def go() -> list[float | None]:
+        delays = []
+        for _ in range(3):
+            await auditor.audit_once()
+            delays.append(auditor._retry)
+        return delays
+
+    assert asyncio.run(go()) == [1.0, 2.0, 4.0]
+    calm = Auditor(300, dict, set, lambda _p: None, lambda: 0.0, structlog.get_logger(),
+                   child=broken)
+    asyncio.run(calm.audit_once())
+    assert calm._retry == 300  # a periodic audit: at the next interval
