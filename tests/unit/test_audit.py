@@ -40,6 +40,18 @@ class Fake:
                        clean=self.clean.append)
 
 
+def retries(auditor: Auditor, audits: int) -> list[float | None]:
+    """The retry delay after each of ``audits`` audits in a row (None: none pending)."""
+    async def go() -> list[float | None]:
+        delays = []
+        for _ in range(audits):
+            await auditor.audit_once()
+            delays.append(auditor._retry)
+        return delays
+
+    return asyncio.run(go())
+
+
 def test_a_divergence_is_counted_and_repaired() -> None:
     fake = Fake(report(("198.51.100.0/24", "2001:db8::/48")))
     auditor = fake.auditor()
@@ -63,15 +75,7 @@ def test_an_urgent_audit_that_could_not_judge_runs_again_soon_and_backs_off() ->
     fake = Fake(report(in_flight=3), report(in_flight=1), report())
     auditor = fake.auditor()
     auditor.request(urgent=True)
-
-    async def go() -> list[float | None]:
-        delays = []
-        for _ in range(3):
-            await auditor.audit_once()
-            delays.append(auditor._retry)
-        return delays
-
-    assert asyncio.run(go()) == [1.0, 2.0, None]
+    assert retries(auditor, 3) == [1.0, 2.0, None]
 
 
 def test_any_other_audit_that_could_not_judge_waits_for_a_quiet_kernel() -> None:
@@ -215,15 +219,7 @@ def test_an_urgent_audit_whose_child_failed_runs_again_soon() -> None:
     auditor = Auditor(300, dict, set, lambda _p: None, lambda: 0.0, structlog.get_logger(),
                       child=broken)
     auditor.request(urgent=True)
-
-    async def go() -> list[float | None]:
-        delays = []
-        for _ in range(3):
-            await auditor.audit_once()
-            delays.append(auditor._retry)
-        return delays
-
-    assert asyncio.run(go()) == [1.0, 2.0, 4.0]
+    assert retries(auditor, 3) == [1.0, 2.0, 4.0]
     calm = Auditor(300, dict, set, lambda _p: None, lambda: 0.0, structlog.get_logger(),
                    child=broken)
     asyncio.run(calm.audit_once())
