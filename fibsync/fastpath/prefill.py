@@ -34,10 +34,11 @@ import numpy as np
 from ..errors import MapFullError
 from ..model import RouteColumns
 from ..rib.types import RouteRows
-from . import bpfsys
 
 # the rows of a part of the dump, as the RIB expects them to end up
 RowsOf = Callable[[RouteColumns], RouteRows]
+# writes route records laid end to end (keys, values) into the map: the writer's
+Put = Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any]], None]
 
 
 class Encoded(Protocol):
@@ -98,15 +99,12 @@ class Prefill:
 
     ``put`` queues a part of the dump (from the dump's thread); a thread of its
     own turns each into rows (``rows_of``), encodes them (``encode``) and writes
-    them ``batch`` at a time. ``reconcile`` (the first write) stops the thread
-    and says what is left to do.
+    them ``batch`` at a time (``write``, the writer's). ``reconcile`` (the first
+    write) stops the thread and says what is left to do.
     """
 
-    def __init__(self, maps: Any, name: str, fd: int | None, batch: int,
-                 encode: Callable[[RouteRows], Encoded]) -> None:
-        self.maps = maps  # a MapSet: where ``fd`` is None, its update() writes
-        self.name = name
-        self.fd = fd
+    def __init__(self, write: Put, batch: int, encode: Callable[[RouteRows], Encoded]) -> None:
+        self.write = write
         self.batch = batch
         self.encode = encode
         self.routes = 0  # rows written ahead (confirmed)
@@ -148,7 +146,6 @@ class Prefill:
         n = len(vals) // 8
         ordered = order_keys(keys)
         values = vals.view(np.uint64)
-        fd = self.fd
         for lo in range(0, n, self.batch):
             hi = min(lo + self.batch, n)
             # recorded before the write: a write that raises mid-way leaves keys the
@@ -157,13 +154,7 @@ class Prefill:
             written = np.full(hi - lo, UNSURE)
             self._vals.append(written)
             try:
-                if fd is None:
-                    self.maps.update(self.name, [(keys[i * 8:i * 8 + 8].tobytes(),
-                                                  vals[i * 8:i * 8 + 8].tobytes())
-                                                 for i in range(lo, hi)])
-                else:
-                    bpfsys.update_batch(fd, memoryview(keys)[lo * 8:hi * 8],
-                                        memoryview(vals)[lo * 8:hi * 8], hi - lo)
+                self.write(keys[lo * 8:hi * 8], vals[lo * 8:hi * 8])
             except MapFullError as e:
                 written[:e.done] = values[lo:lo + e.done]
                 self.routes += e.done

@@ -224,6 +224,10 @@ class RouteBatch:
     def prefixes(self, rows: np.ndarray[Any, Any]) -> list[Prefix]:
         return [self.prefix(i) for i in rows.tolist()]
 
+    def map_keys(self, positions: np.ndarray[Any, Any]) -> list[bytes]:
+        """The map keys at these positions of the write order (indexes or a mask)."""
+        return [k.tobytes() for k in self.keys.reshape(-1, self.key_size)[positions]]
+
     def local_changes(self, known: set[Prefix], deleted: list[Prefix]
                       ) -> tuple[list[Prefix], list[Prefix]]:
         """For LocalV4.stage: the prefixes this batch writes with a PASS_LOCAL
@@ -320,8 +324,8 @@ class MapWriter:
             return None
         if self._prefill is None:
             self._prefill = Prefill(
-                self.maps, name, _fd(self.maps, name), self.batch,
-                lambda rows: RouteBatch(AF_INET, [], [rows], by_address=True))
+                functools.partial(_put_records, self.maps, name, _fd(self.maps, name)),
+                self.batch, lambda rows: RouteBatch(AF_INET, [], [rows], by_address=True))
         ahead = self._prefill
         ahead.restart()  # a dump again (the one before was lost): its parts are stale
 
@@ -479,9 +483,8 @@ class MapWriter:
         rows = np.concatenate([todo.replace, todo.insert])
         written, calls, error = self._put_batch(name, batch, rows)
         if error is not None:
-            wrong = todo.replace[len(written):]  # those written came first
-            keys = batch.keys.reshape(-1, ks)
-            self._delete(name, [keys[i].tobytes() for i in wrong.tolist()])
+            # those written came first
+            self._delete(name, batch.map_keys(todo.replace[len(written):]))
         return np.concatenate([todo.held, written]), calls, error
 
     def _put_batch(self, name: str, batch: RouteBatch, rows: np.ndarray[Any, Any] | None = None
@@ -501,13 +504,7 @@ class MapWriter:
         for lo in range(0, n, self.batch):
             hi = min(lo + self.batch, n)
             try:
-                if fd is None:
-                    k, v = keys[lo * ks:hi * ks].tobytes(), vals[lo * 8:hi * 8].tobytes()
-                    self.maps.update(name, [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8])
-                                            for i in range(hi - lo)])
-                else:
-                    bpfsys.update_batch(fd, memoryview(keys)[lo * ks:hi * ks],
-                                        memoryview(vals)[lo * 8:hi * 8], hi - lo)
+                _put_records(self.maps, name, fd, keys[lo * ks:hi * ks], vals[lo * 8:hi * 8])
             except MapFullError as e:
                 done, error = done + e.done, e
                 break
@@ -539,8 +536,7 @@ class MapWriter:
             missed[written] = False
             left = batch.order[missed]
             if not (self._first and name in self.fresh):
-                keys = batch.keys.reshape(-1, batch.key_size)[missed]
-                self._delete(name, [k.tobytes() for k in keys])
+                self._delete(name, batch.map_keys(missed))
         if self.unwritten:
             self.unwritten.difference_update(batch.prefixes(rows))
         self.unwritten.update(batch.prefixes(left))
@@ -632,6 +628,20 @@ class MapWriter:
         self.stats.errors += 1
         self.stats.full += full
         self.stats.last_error = str(e)
+
+
+def _put_records(maps: MapSet, name: str, fd: int | None, keys: np.ndarray[Any, Any],
+                 vals: np.ndarray[Any, Any]) -> None:
+    """Route records laid end to end (keys, 8-byte values) into map ``name``: in one
+    bpf() call on its fd, or item by item through the map set where it has none
+    (``MemoryMaps``). A full map raises MapFullError with how many went in."""
+    count = len(vals) // 8
+    if fd is not None:
+        bpfsys.update_batch(fd, memoryview(keys), memoryview(vals), count)
+        return
+    ks = len(keys) // count if count else 0
+    k, v = keys.tobytes(), vals.tobytes()
+    maps.update(name, [(k[i * ks:(i + 1) * ks], v[i * 8:(i + 1) * 8]) for i in range(count)])
 
 
 def _joined(parts: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
