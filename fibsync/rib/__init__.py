@@ -147,9 +147,7 @@ class Rib:
         snapshot goes on from (the mirror itself is untouched). Returns the rows a
         part of the route dump most likely gives (``compact.likely_rows``): it may
         run in another thread while the dump goes on."""
-        kernel, table = self._fresh()
-        table.take_over(self.table, snapshot)
-        kernel.load(snapshot)
+        kernel, table = self._fresh_from(snapshot)
         self._begun = _Begun(snapshot, self.table, self.use_neigh, self.stats["changes"],
                              kernel, table)
         entries = {o.id: table.nhid_entry(o.id) for o in snapshot.nexthops}
@@ -167,6 +165,11 @@ class Rib:
         if begun is not None and begun.snapshot is snapshot and begun.old is self.table \
                 and begun.use_neigh == self.use_neigh and begun.changes == self.stats["changes"]:
             return begun.kernel, begun.table
+        return self._fresh_from(snapshot)
+
+    def _fresh_from(self, snapshot: Snapshot) -> tuple[KernelState, FpTable]:
+        """A fresh kernel side with the snapshot's links, addresses, neighbours and
+        nexthop objects, and a table that takes over the current one's ids."""
         kernel, table = self._fresh()
         table.take_over(self.table, snapshot)
         kernel.load(snapshot)
