@@ -347,7 +347,7 @@ class Daemon:
         if self.auditor is not None and new.audit_interval != old.audit_interval:
             self.auditor.set_interval(new.audit_interval)
             if not new.audit_interval:
-                self.heartbeat.audited(self.heartbeat.unaudited_since or 0.0)  # none will come
+                self.heartbeat.unaudited_since = None  # no audit will come
         assert self.fidelity is not None
         self.fidelity.set_netfilter(new.netfilter)
         if new.socket_group != old.socket_group:
@@ -400,10 +400,7 @@ class Daemon:
     def _tables_audited(self, started: float) -> None:
         """An audit begun at ``started`` found no divergence (the Auditor's ``clean``)."""
         assert self.heartbeat is not None
-        if self.heartbeat.unaudited_since is None:
-            return
-        self.heartbeat.audited(started)
-        if self.heartbeat.unaudited_since is None:
+        if self.heartbeat.audited(started):
             self.log.info("heartbeat.audited", note="the tables are promised at the next beat")
 
     def _repair(self, prefixes: list[Prefix]) -> None:

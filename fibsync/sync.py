@@ -228,10 +228,13 @@ class Heartbeat:
             self._write()
             self.promised = False
 
-    def audited(self, started: float) -> None:
-        """An audit begun at ``started`` (monotonic) found no divergence."""
-        if self.unaudited_since is not None and started >= self.unaudited_since:
-            self.unaudited_since = None
+    def audited(self, started: float) -> bool:
+        """An audit begun at ``started`` (monotonic) found no divergence; True when
+        the tables waited for it."""
+        if self.unaudited_since is None or started < self.unaudited_since:
+            return False
+        self.unaudited_since = None
+        return True
 
     def withdraw(self) -> bool:
         """Take the promise back at once when the source is out of sync (announcements
