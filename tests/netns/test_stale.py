@@ -212,6 +212,9 @@ def test_tables_whose_dump_met_changes_wait_for_an_audit(lab: Lab) -> None:
                                        for j in range(50)))
                 ip.stdin.flush()
                 i += 50
+                # ~10k changes a second: without a pause `ip` outran the daemon's
+                # event socket, and its overruns' resyncs kept the tables waiting
+                time.sleep(0.005)
         finally:
             ip.stdin.close()
             ip.wait()
