@@ -28,7 +28,6 @@ first audit that can judge everything once the storm is over repairs it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .model import Prefix
+from .process import wait_event
 from .verify import InFlight, entry_of
 
 QUIET = 0.5  # seconds without a netlink change before a pending re-audit starts
@@ -149,8 +149,7 @@ class Auditor:
             elif now >= deadline:
                 return
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.1)
+            await wait_event(self._wake, 0.1)
 
     async def audit_once(self) -> dict[str, Any] | None:
         """One audit now (after the one running, if any); its report, None if it failed."""

@@ -8,6 +8,7 @@ WATCHDOG=1 from the housekeeping loop, memory back after each full sync).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import fcntl
@@ -18,6 +19,21 @@ import time
 
 from .config import Settings
 from .errors import DaemonError
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait at most ``timeout`` seconds for ``event``; True if it is set.
+
+    What the daemon's loops wait on between polls. ``asyncio.wait_for`` on Python
+    3.11 drops a cancellation that comes in the loop iteration the event is set in
+    (it returns the result instead: CPython gh-86296, fixed in 3.12): a watcher or
+    the auditor cancelled at that moment ran on, and what awaited it (the daemon's
+    stop, a test's teardown) waited forever. ``asyncio.timeout`` keeps it.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
 
 
 class SdNotify:

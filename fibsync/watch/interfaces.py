@@ -44,7 +44,6 @@ only reads notifications, schedules, and publishes conditions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import socket
@@ -59,6 +58,7 @@ import structlog
 from fibsync.errors import DecodeError, MapError
 from fibsync.fastpath import bpfsys
 from fibsync.netlink import rtnl as nl
+from fibsync.process import wait_event
 
 from . import Condition, paced
 from .veth import Link, Peer, PeerProbe, checksum_conditions, parse_link
@@ -378,8 +378,7 @@ class InterfaceWatch:
         elif self._dump_wanted:
             timeout = 0
         if timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_event(self._wake, timeout)
         if self._wake.is_set():
             self._wake.clear()
             await asyncio.sleep(DEBOUNCE)

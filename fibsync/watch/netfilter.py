@@ -106,6 +106,7 @@ import structlog
 
 from fibsync.model import AF_INET, AF_INET6
 from fibsync.netlink import rtnl as nl
+from fibsync.process import wait_event
 from fibsync.watch import Condition
 
 log = structlog.get_logger(__name__)
@@ -913,14 +914,11 @@ class DumpWatch:
             self._last_notice = -math.inf
             self._wake.set()
             while True:
-                if not self._wake.is_set():
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), self._poll_delay())
-                    except TimeoutError:
-                        polled = await loop.run_in_executor(worker, self._poll)
-                        if polled is not None:
-                            self._apply(polled)
-                        continue
+                if not await wait_event(self._wake, self._poll_delay()):
+                    polled = await loop.run_in_executor(worker, self._poll)
+                    if polled is not None:
+                        self._apply(polled)
+                    continue
                 while True:  # debounce
                     due = min(self._last_notice + self.DEBOUNCE, self._stale_since + self.MAX_DELAY)
                     if due <= loop.time():

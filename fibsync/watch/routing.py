@@ -68,6 +68,7 @@ import structlog
 from fibsync.errors import DecodeError
 from fibsync.model import AF_INET, AF_INET6
 from fibsync.netlink import rtnl as nl
+from fibsync.process import wait_event
 from fibsync.watch import Condition
 from fibsync.watch.rules import decode_rule, judge
 
@@ -448,9 +449,7 @@ class RoutingWatch:
             self._send_next()
             while self._failure is None:
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                except TimeoutError:
+                if not await wait_event(self._wake, POLL_SECONDS):
                     self._poll()
         finally:
             loop.remove_reader(sock.fileno())

@@ -3,6 +3,7 @@ program then reads none of the tables being written), after it otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from types import SimpleNamespace
 
@@ -96,3 +97,30 @@ def test_the_daemon_collects_cycles_less_often_than_python_does(monkeypatch: pyt
     finally:
         gc.set_threshold(*before)
     assert seen == [(process.GC_YOUNG, 10, 10)] and process.GC_YOUNG > 700
+
+
+def test_a_wait_between_polls_keeps_a_cancellation_that_comes_with_its_event() -> None:
+    # asyncio.wait_for on Python 3.11 returned instead (gh-86296): an interfaces watcher
+    # stopped as a notification woke it ran on, and its test's teardown waited forever
+    import uvloop
+
+    from fibsync.process import wait_event
+
+    async def stopped_as_woken() -> bool:
+        event = asyncio.Event()
+        task = asyncio.create_task(wait_event(event, 10))
+        await asyncio.sleep(0)
+        event.set()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert uvloop.run(stopped_as_woken())
+
+    async def times_out() -> bool:
+        return await wait_event(asyncio.Event(), 0.01)
+
+    assert uvloop.run(times_out()) is False
