@@ -3,7 +3,7 @@
 At a full table the first write's slowest part is the kernel inserting a
 million prefixes into the ``routes_v4`` LPM trie (~0.9 µs each), and it used
 to wait for the whole dump and the RIB's resync. The dump hands its route
-columns over a part at a time (``netlink/columns.py``, ~80k routes each); a
+columns over a part at a time (``netlink/columns.py``, ~55k routes each); a
 ``Prefill`` writes each part's likely rows (the RIB's guess: its compact
 rows, with their objects' entries) into the trie from a thread of its own,
 beside the dump (the bpf() calls release the GIL).
