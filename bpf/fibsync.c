@@ -89,6 +89,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct fs_counter, counters, FS_REASON_M
 		 FS_PIN(counters));
 BPF_TABLE_PINNED("array", __u32, struct fs_config, config, 1, FS_PIN(config));
 BPF_TABLE_PINNED("array", __u32, struct fs_heartbeat, heartbeat, 1, FS_PIN(heartbeat));
+BPF_TABLE_PINNED("percpu_array", __u32, struct fs_trust_memo, trust_memo, 1,
+		 FS_PIN(trust_memo));
 BPF_TABLE_PINNED("array", __u32, struct fs_iface, ifaces, FS_MAX_IFACES, FS_PIN(ifaces));
 BPF_TABLE_PINNED("array", __u32, __u64, local_v4, FS_LOCAL_V4_WORDS, FS_PIN(local_v4));
 BPF_TABLE_PINNED("array", __u32, struct fs_dir_pair, v4_tbl24, FS_DIR24_ENTRIES / 2,
@@ -145,22 +147,41 @@ static __always_inline void fs_config_read(struct fs_config *cfg)
  * How far the daemon's promises (fs_heartbeat) stand, read once per packet:
  * FS_TRUST_TABLES, its tables and conditions; FS_TRUST_FIB, its conditions
  * only (the tables may lag the kernel's: bpf_fib_lookup alone); FS_TRUST_NONE,
- * nothing (no daemon follows the kernel: every packet to the kernel).
+ * nothing (no daemon follows the kernel: every packet to the kernel). The
+ * clock is read once per jiffy and heartbeat on each CPU (struct
+ * fs_trust_memo); the other packets compare three words.
  */
 static __always_inline __u8 fs_trust(void)
 {
 	__u32 zero = 0;
 	struct fs_heartbeat *hb = heartbeat.lookup(&zero);
-	__u64 now;
+	struct fs_trust_memo *memo;
+	__u64 fresh, watched, tick, now;
+	__u8 trust = FS_TRUST_TABLES;
 
-	if (!hb || !(hb->fresh_until | hb->watched_until))
+	if (!hb)
 		return FS_TRUST_TABLES;
+	fresh = hb->fresh_until;
+	watched = hb->watched_until;
+	if (!(fresh | watched))
+		return FS_TRUST_TABLES;
+	tick = bpf_jiffies64();
+	memo = trust_memo.lookup(&zero);
+	if (memo && memo->jiffies == tick && memo->fresh_until == fresh &&
+	    memo->watched_until == watched)
+		return memo->trust;
 	now = bpf_ktime_get_coarse_ns();
-	if (hb->watched_until && now > hb->watched_until)
-		return FS_TRUST_NONE;
-	if (hb->fresh_until && now > hb->fresh_until)
-		return FS_TRUST_FIB;
-	return FS_TRUST_TABLES;
+	if (watched && now > watched)
+		trust = FS_TRUST_NONE;
+	else if (fresh && now > fresh)
+		trust = FS_TRUST_FIB;
+	if (memo) {
+		memo->jiffies = tick;
+		memo->fresh_until = fresh;
+		memo->watched_until = watched;
+		memo->trust = trust;
+	}
+	return trust;
 }
 
 static __always_inline void fs_count(__u32 reason, __u64 bytes)

@@ -333,4 +333,20 @@ struct fs_heartbeat {
 	__u64 watched_until;
 };
 
+/*
+ * The program's own memo, one per CPU (`trust_memo`, never written by user
+ * space): fs_trust's answer for one jiffy and one fs_heartbeat. The coarse
+ * clock the promises are written in moves only at the timer ticks that move
+ * jiffies, so within a jiffy the answer for the same heartbeat stands, and
+ * reading jiffies is a load where reading the clock is a helper call (13 ns a
+ * packet on the benchmark VM). A promise runs out at most one tick late: the
+ * kernel moves jiffies just before the coarse clock.
+ */
+struct fs_trust_memo {
+	__u64 jiffies;
+	__u64 fresh_until;
+	__u64 watched_until;
+	__u64 trust; /* enum fs_trust */
+};
+
 #endif /* FIBSYNC_H */

@@ -228,6 +228,13 @@ class FsHeartbeat(ctypes.Structure):
     _fields_ = [("fresh_until", ctypes.c_uint64), ("watched_until", ctypes.c_uint64)]
 
 
+class FsTrustMemo(ctypes.Structure):
+    """The program's own per-CPU memo of fs_trust's answer (user space never writes it)."""
+
+    _fields_ = [("jiffies", ctypes.c_uint64), ("fresh_until", ctypes.c_uint64),
+                ("watched_until", ctypes.c_uint64), ("trust", ctypes.c_uint64)]
+
+
 # C struct name -> ctypes twin (what the ABI test compares).
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_v4_key": FsV4Key,
@@ -242,6 +249,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fs_counter": FsCounter,
     "fs_config": FsConfig,
     "fs_heartbeat": FsHeartbeat,
+    "fs_trust_memo": FsTrustMemo,
     "fs_iface": FsIface,
 }
 
@@ -415,6 +423,7 @@ def map_specs(sizes: Sizes) -> tuple[MapSpec, ...]:
         MapSpec("counters", MAP_PERCPU_ARRAY, 4, s(FsCounter), FS_REASON_MAX),
         MapSpec("config", MAP_ARRAY, 4, s(FsConfig), 1),
         MapSpec("heartbeat", MAP_ARRAY, 4, s(FsHeartbeat), 1),
+        MapSpec("trust_memo", MAP_PERCPU_ARRAY, 4, s(FsTrustMemo), 1),
         MapSpec("ifaces", MAP_ARRAY, 4, s(FsIface), FS_MAX_IFACES),
         MapSpec("local_v4", MAP_ARRAY, 4, 8, FS_LOCAL_V4_WORDS),
         MapSpec("v4_tbl24", MAP_ARRAY, 4, s(FsDirPair), FS_DIR24_ENTRIES // 2, BPF_F_MMAPABLE,

@@ -244,6 +244,30 @@ def test_a_stale_heartbeat_hands_every_lookup_to_the_kernel_fib(net: FibNet) -> 
     assert net.lab.counters() == {Reason.FWD_FAST: (1, len(gone))}
 
 
+@pytest.mark.parametrize(("promise", "after"), [("fresh_until", Reason.FWD_STALE),
+                                                  ("watched_until", Reason.PASS_NO_DAEMON)])
+def test_a_promise_runs_out_unwritten(net: FibNet, promise: str, after: Reason) -> None:
+    """The program reads the clock once per jiffy and heartbeat (`trust_memo`): a
+    promise that nobody rewrites still runs out on time, as the clock passes it. A
+    memo kept beyond its tick would go on forwarding by the tables."""
+    net.lab.nexthop(1, net.out_ifindex, OUT_MAC, "02:00:00:00:03:03")
+    net.lab.route("192.0.2.0/24", 1)
+    pkt = v4("192.0.2.9")
+    far = time.clock_gettime_ns(6) + 60 * 10**9  # CLOCK_MONOTONIC_COARSE
+    deadline = time.clock_gettime_ns(6) + 300 * 10**6
+    net.lab.heartbeat(**{"fresh_until": far, "watched_until": far, promise: deadline})
+    # runs in the promise's last ticks: the memo holds their answer
+    verdicts = {net.run(pkt)[0] for _ in range(50)}
+    assert time.clock_gettime_ns(6) < deadline, "the runs came too late to tell"
+    assert (verdicts, net.lab.counters()) == ({XDP_REDIRECT},
+                                              {Reason.FWD_FAST: (50, 50 * len(pkt))})
+    # past the deadline by a few ticks (at HZ 100, 10 ms each), heartbeat unchanged
+    time.sleep((deadline - time.clock_gettime_ns(6)) / 1e9 + 0.05)
+    net.lab.clear_counters()
+    net.run(pkt)
+    assert net.lab.counters() == {after: (1, len(pkt))}
+
+
 def test_no_live_daemon_hands_every_packet_to_the_kernel(net: FibNet) -> None:
     """Past watched_until no daemon follows the kernel: not its tables, and not its
     conditions either (a firewall rule added, a sysctl changed since it stopped are in

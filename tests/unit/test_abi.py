@@ -173,11 +173,14 @@ def test_map_specs_use_the_struct_sizes() -> None:
     specs = {s.name: s for s in abi.map_specs(abi.Sizes())}
     assert tuple(specs) == abi.MAP_NAMES == (
         "routes_v4", "routes_v6", "nexthops", "groups", "neighbours", "tx_ports", "tx_direct",
-        "counters", "config", "heartbeat", "ifaces", "local_v4", "v4_tbl24", "v4_tbl8", "v4_slots",
-        "v4_nh", "v6_hash", "v6_lengths")
+        "counters", "config", "heartbeat", "trust_memo", "ifaces", "local_v4", "v4_tbl24",
+        "v4_tbl8", "v4_slots", "v4_nh", "v6_hash", "v6_lengths")
     assert not set(abi.RETIRED_MAPS) & set(abi.MAP_NAMES)
     assert (specs["heartbeat"].type, specs["heartbeat"].value_size,
             specs["heartbeat"].max_entries) == (abi.MAP_ARRAY, 16, 1)
+    # the program's own: one memo per CPU
+    assert (specs["trust_memo"].type, specs["trust_memo"].max_entries) == (
+        abi.MAP_PERCPU_ARRAY, 1)
     assert (specs["tx_direct"].type, specs["tx_direct"].max_entries) == (
         abi.MAP_DEVMAP, abi.FS_TX_DIRECT)
     assert (specs["routes_v4"].key_size, specs["routes_v4"].value_size) == (8, 8)
