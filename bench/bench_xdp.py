@@ -70,7 +70,7 @@ from profile_sync import dump, rss_mb  # noqa: E402
 from fibsync import fidelity, netns  # noqa: E402
 from fibsync.fastpath import abi, bpfsys  # noqa: E402
 from fibsync.fastpath.abi import CONFIG, U32  # noqa: E402
-from fibsync.fastpath.maps import PinnedMaps  # noqa: E402
+from fibsync.fastpath.maps import CLOCK_MONOTONIC_COARSE, PinnedMaps  # noqa: E402
 from fibsync.fastpath.program import FastPath, bpf_source_dir, remove  # noqa: E402
 from fibsync.fastpath.writer import MapWriter  # noqa: E402
 from fibsync.lab import Netns  # noqa: E402
@@ -399,7 +399,11 @@ def main() -> None:
         forwarder, forwarder_fd = fib_forwarder(list(ifindex.values()))
         modules.append(forwarder)
         set_tables(fib, v4=abi.FS_V4_DIR24, v6=abi.FS_V6_HASH)
+        # the daemon's two promises, as it renews them: the never-stale check (the
+        # clock read against fs_heartbeat) is in the measured path
+        until = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + 3600 * 10**9
         for fp in (fast, fib):
+            PinnedMaps(fp.pin_dir).set_heartbeat(until, until)
             for idx in ifindex.values():
                 fp.allow_port(idx)
             # what the daemon's Fidelity writes for an interface without conditions
