@@ -59,10 +59,28 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
-    """User + system CPU of ``pid`` and its threads, and of its waited-for children
-    (fibsync's self-audits) unless ``children`` is False."""
+    """User + system CPU of ``pid`` and its threads, and of its children (fibsync's
+    self-audits) unless ``children`` is False: those waited for, and those still
+    running (an audit that has not ended by the sentinel counts too)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15 if children else 13]) / TICK
+    ticks = sum(int(f) for f in fields[11:15 if children else 13])
+    for child in _children(pid) if children else ():
+        try:  # after the parent's stat: a child reaped meanwhile is missed, not counted twice
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += sum(int(f) for f in fields[11:15])
+    return ticks / TICK
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def burst_lines(seed: int, changes: int) -> tuple[list[str], list[str]]:
