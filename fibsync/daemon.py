@@ -33,7 +33,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from .fastpath.attach import Attachments, check_interfaces
 from .fastpath.guard import FullMapGuard
 from .fastpath.maps import PinnedMaps
 from .fastpath.writer import MapWriter
-from .fidelity import Fidelity
+from .fidelity import Fidelity, kernel_links
 from .model import Prefix
 from .process import InstanceLock, SdNotify, fix_mmap_threshold, relax_gc, release_memory
 from .rib import Filter, Rib
@@ -137,7 +137,7 @@ class Daemon:
             self.rib.set_multipath_use_neigh(_read_use_neigh())
             self.guard = FullMapGuard(self.rib, self.writer, self.log)
             sync = self.sync = SyncSink(self.rib, self.guard, self.notify, self._on_resync,
-                                         self._on_resync_start)
+                                         self._on_resync_start, self._on_links)
             self.source = NetlinkSource(rcvbuf=s.netlink_rcvbuf, log=self.log)
             self.heartbeat = Heartbeat(self.maps, self.source, s.stale_after)
             # routes may have changed while no daemon ran: a previous run's tables are
@@ -153,7 +153,8 @@ class Daemon:
             # qdiscs): known and in `ifaces` before the program is first attached
             maps_ = self.maps
             self.fidelity = Fidelity(lambda items: maps_.update("ifaces", items), self.log,
-                                     s.netfilter, hold=self._hold_egress)
+                                     s.netfilter, links=self._link_macs,
+                                     hold=self._hold_egress)
             keys, values = self.maps.read_all("ifaces")
             size = abi.IFACE.size
             self.fidelity.adopt(zip([keys[i:i + 4] for i in range(0, len(keys), 4)],
@@ -268,6 +269,22 @@ class Daemon:
             self.xdp.attach_all()
         else:
             attaching.result()  # its failure is the daemon's, as in the loop
+
+    def _link_macs(self) -> Mapping[int, bytes]:
+        """The interfaces' Ethernet addresses, for `ifaces`: as the RIB follows them
+        (RTM_NEWLINK) once its first sync is in, else asked of the kernel. Not asked
+        at every write: the interface list is a link dump, under the RTNL lock, which a
+        routing storm holds for tenths of a second at each nexthop replace, and the
+        watchers' changes come often in such a storm (the event loop waited)."""
+        if self.rib is None or not self.rib.stats["resyncs"]:
+            return kernel_links()
+        return self.rib.link_macs()
+
+    def _on_links(self) -> None:
+        """The RIB's links changed: `ifaces` follows (a new interface gets its entry,
+        a changed MAC is compared from the next packet on)."""
+        if self.fidelity is not None:
+            self.fidelity.changed()
 
     def _on_resync(self, t0: float) -> None:
         if self.fastpath is None:
@@ -454,10 +471,12 @@ class Daemon:
                 self._sync_hash_policy()
                 self._sync_use_neigh()
                 assert self.fidelity is not None
-                self.fidelity.write()  # interfaces that appeared get their entries
+                # `ifaces` follows the RIB's links as they change (_on_links); this
+                # write, without a syscall, only makes sure of it
+                self.fidelity.write()
                 self._update_status_line()
-                # the XDP check and the interface list are link dumps: under the RTNL
-                # lock, on which a routing storm makes them spin (watch.paced)
+                # the XDP check is a link dump: under the RTNL lock, on which a
+                # routing storm makes it spin (watch.paced)
                 self._interface_check_every = paced(INTERFACE_CHECK_SECONDS,
                                                     time.thread_time() - cpu_before)
 

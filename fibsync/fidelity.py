@@ -176,7 +176,7 @@ class Fidelity:
         self.log = log
         self.netfilter = netfilter
         self.watchers = watchers(self.changed)
-        self.links = links or _links
+        self.links = links or kernel_links
         self.failed: dict[str, str] = {}
         self.written: dict[int, bytes] = {}
         self.active: list[Condition] = []
@@ -314,7 +314,7 @@ SIOCGIFHWADDR = 0x8927
 ARPHRD_ETHER = 1
 
 
-def _links() -> dict[int, bytes]:
+def kernel_links() -> dict[int, bytes]:
     """ifindex -> Ethernet address of every interface of this network namespace (all
     zeros for one that has none: lo, tunnels)."""
     out = {}

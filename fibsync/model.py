@@ -73,6 +73,8 @@ NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | 
 RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
 
+ARPHRD_ETHER = 1  # ifinfomsg.ifi_type of an Ethernet interface (veth, bridge, bond, vlan...)
+
 
 class Prefix(NamedTuple):
     """A destination prefix; host bits are always zero.
@@ -273,6 +275,15 @@ class Link:
     kind: str = ""
     link: int = 0
     vlan_id: int = 0
+    arphrd: int = ARPHRD_ETHER  # ifinfomsg's ifi_type: what ``mac`` is an address of
+
+    @property
+    def ethernet_mac(self) -> bytes:
+        """The interface's Ethernet address; zeros for one that has none (lo,
+        tunnels, any other hardware type), as SIOCGIFHWADDR would say."""
+        if self.arphrd == ARPHRD_ETHER and self.mac is not None and len(self.mac) == 6:
+            return self.mac
+        return bytes(6)
 
     @property
     def up(self) -> bool:

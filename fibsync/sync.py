@@ -71,12 +71,14 @@ class SyncSink:
 
     def __init__(self, rib: Rib, guard: FullMapGuard, notify: SdNotify,
                  on_resync: Callable[[float], None],
-                 on_resync_start: Callable[[], None] = lambda: None) -> None:
+                 on_resync_start: Callable[[], None] = lambda: None,
+                 on_links: Callable[[], None] = lambda: None) -> None:
         self.rib = rib
         self.guard = guard
         self.notify = notify
         self.on_resync = on_resync  # called with the resync's start (monotonic), once written
         self.on_resync_start = on_resync_start  # called before the RIB reads a resync
+        self.on_links = on_links  # called once the RIB's links changed (a batch, a resync)
         self.lag = SyncLag()
         self.last_change = 0.0  # monotonic time of the last batch of kernel changes
         self.rewrite: set[Prefix] = set()  # prefixes an audit found wrong: for the next resync
@@ -96,6 +98,7 @@ class SyncSink:
         self.resync_quiet = snapshot.quiet
         self.on_resync_start()
         self.rib.resync(snapshot)
+        self.on_links()
         # consumed: a full table's columns (~45 MB) are freed before the first write
         snapshot.route_columns = []
         for prefix in self.rewrite:
@@ -110,7 +113,10 @@ class SyncSink:
         if self.audit_window is not None:
             for change in changes:
                 self.audit_window.note(change)
+        links = self.rib.link_changes
         self.rib.apply(changes)
+        if self.rib.link_changes != links:
+            self.on_links()
         self.flush()
         self.lag.observe(time.monotonic() - t0, len(changes))
 

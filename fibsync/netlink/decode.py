@@ -463,7 +463,7 @@ def _cstring(buf: bytes, pos: int, end: int) -> str:
 def _link(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | None:
     if end - pos < 16:
         raise DecodeError("link message shorter than struct ifinfomsg")
-    family, _arphrd, ifindex, flags, _change = IFINFOMSG.unpack_from(buf, pos)
+    family, arphrd, ifindex, flags, _change = IFINFOMSG.unpack_from(buf, pos)
     if family != AF_UNSPEC:
         # AF_BRIDGE messages describe bridge ports (a DELLINK there only
         # removes the port), AF_INET6 ones IPv6 per-device state
@@ -496,7 +496,7 @@ def _link(buf: bytes, pos: int, end: int, mtype: int, nlflags: int) -> Change | 
         elif atype == IFLA_LINKINFO:
             kind, vlan_id = _linkinfo(buf, data, pos + alen)
         pos += (alen + 3) & ~3
-    obj = Link(ifindex, name, mac, mtu, flags, kind, link, vlan_id)
+    obj = Link(ifindex, name, mac, mtu, flags, kind, link, vlan_id, arphrd)
     return Change(Op.ADD if mtype == RTM_NEWLINK else Op.DEL, obj, nlflags)
 
 

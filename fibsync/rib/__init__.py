@@ -103,6 +103,9 @@ class Rib:
         # ids below first_id belong to entries a previous run left in the maps
         self.first_id = first_id
         self.stats = {"changes": 0, "ignored": 0, "resyncs": 0}
+        # links applied and resyncs done: what follows the links (Fidelity's `ifaces`
+        # entries) compares it before and after
+        self.link_changes = 0
         self.use_neigh = False  # net.ipv4.fib_multipath_use_neigh
         self.kernel, self.table = self._fresh()
         self._begun: _Begun | None = None
@@ -121,6 +124,11 @@ class Rib:
     @property
     def links(self) -> dict[int, Link]:
         return self.kernel.links
+
+    def link_macs(self) -> dict[int, bytes]:
+        """ifindex -> Ethernet address of every link the kernel announced (zeros for
+        one that has none), as the mirror holds them: no syscall."""
+        return {i: link.ethernet_mac for i, link in self.kernel.links.items()}
 
     @property
     def addresses(self) -> dict[tuple[int, int, bytes, int], Address]:
@@ -183,6 +191,7 @@ class Rib:
         valid entry during a resync.
         """
         self.stats["resyncs"] += 1
+        self.link_changes += 1
         old = self.table
         self.kernel, self.table = self._begin(snapshot)
         rows = self._add_routes(snapshot)
@@ -223,6 +232,7 @@ class Rib:
                     kernel.del_nh_object(obj.id)
             elif isinstance(obj, Link):
                 kernel.set_link(obj, change.op)
+                self.link_changes += 1
             elif isinstance(obj, Address):
                 kernel.set_address(obj, change.op)
             else:

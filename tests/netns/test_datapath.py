@@ -21,7 +21,7 @@ import pytest
 
 from fibsync.config import PIN_ROOT
 from fibsync.demo import RouterDaemon
-from fibsync.fastpath import abi
+from fibsync.fastpath import abi, bpfsys
 from fibsync.fastpath.maps import PinnedMaps
 from fibsync.lab import Lab
 
@@ -189,6 +189,48 @@ def test_non_ip_and_local_traffic_go_to_the_kernel(lab: Lab, router: RouterDaemo
     after = counters(router)
     # the router itself answered: packets for it are handed to the kernel, counted
     assert after["PASS_LOCAL"] - before["PASS_LOCAL"] >= 2
+
+
+def ingress_mac(daemon: RouterDaemon, ifindex: int) -> bytes:
+    """The MAC the program compares a frame's destination with on that interface."""
+    maps = PinnedMaps(PIN_ROOT / daemon.instance)
+    try:
+        raw = bpfsys.lookup(maps.fd("ifaces"), abi.U32.pack(ifindex))
+    finally:
+        maps.close()
+    assert isinstance(raw, bytes)
+    return abi.IFACE.unpack(raw)[4]
+
+
+def test_a_mac_change_reaches_the_fast_path_at_once(lab: Lab, router: RouterDaemon) -> None:
+    """The router's interface toward h1 takes another MAC. The kernel drops a frame
+    to the old one (PACKET_OTHERHOST) and forwards one to the new one: the program's
+    `ifaces` entry follows the link as the daemon mirrors it, not at its next
+    interface check (every 2 s), and h1's traffic crosses in XDP at once."""
+    rif = lab.h1_link.router_if
+    ifindex = int(lab.r.run(["cat", f"/sys/class/net/{rif}/ifindex"]).stdout)
+    old = lab.r.run(["cat", f"/sys/class/net/{rif}/address"]).stdout.strip()
+    new = "02:aa:00:00:00:0d"
+    assert ingress_mac(router, ifindex) == bytes.fromhex(old.replace(":", ""))
+    try:
+        lab.r.run(["ip", "link", "set", "dev", rif, "address", new])
+        changed = time.monotonic()
+        while ingress_mac(router, ifindex) != bytes.fromhex(new.replace(":", "")):
+            assert time.monotonic() - changed < 0.5, "`ifaces` kept the old MAC"
+            time.sleep(0.01)
+        # h1 learns the new MAC; the router's kernel flushed its neighbours on that
+        # link with the change (NETDEV_CHANGEADDR), and resolves them again itself
+        lab.h1.run(["ip", "neigh", "flush", "dev", lab.h1_link.host_if])
+        warm_up(lab)
+        before, kernel = counters(router)["FWD_FAST"], kernel_forwarded(lab)
+        src, dst = str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip)
+        r = lab.h1.run(["ping", "-c", "5", "-i", "0.05", "-W", "1", "-I", src, dst], check=False)
+        assert r.returncode == 0, r.stdout
+        assert kernel_forwarded(lab)[0] == kernel[0]
+        assert counters(router)["FWD_FAST"] - before >= 10
+    finally:
+        lab.r.run(["ip", "link", "set", "dev", rif, "address", old])
+        lab.h1.run(["ip", "neigh", "flush", "dev", lab.h1_link.host_if])
 
 
 @pytest.mark.parametrize("table, code", [("lpm", abi.FS_V4_LPM), ("dir24", abi.FS_V4_DIR24)])
