@@ -191,6 +191,17 @@ def test_non_ip_and_local_traffic_go_to_the_kernel(lab: Lab, router: RouterDaemo
     assert after["PASS_LOCAL"] - before["PASS_LOCAL"] >= 2
 
 
+def assert_pings_cross_in_xdp(lab: Lab, daemon: RouterDaemon) -> None:
+    """Five IPv4 pings h1 -> h2: request and reply each cross the router in the fast
+    path (FWD_FAST), none through its kernel (ForwDatagrams flat)."""
+    before, kernel = counters(daemon)["FWD_FAST"], kernel_forwarded(lab)
+    src, dst = str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip)
+    r = lab.h1.run(["ping", "-c", "5", "-i", "0.05", "-W", "1", "-I", src, dst], check=False)
+    assert r.returncode == 0, r.stdout
+    assert kernel_forwarded(lab)[0] == kernel[0]
+    assert counters(daemon)["FWD_FAST"] - before >= 10
+
+
 def ingress_mac(daemon: RouterDaemon, ifindex: int) -> bytes:
     """The MAC the program compares a frame's destination with on that interface."""
     maps = PinnedMaps(PIN_ROOT / daemon.instance)
@@ -222,12 +233,7 @@ def test_a_mac_change_reaches_the_fast_path_at_once(lab: Lab, router: RouterDaem
         # link with the change (NETDEV_CHANGEADDR), and resolves them again itself
         lab.h1.run(["ip", "neigh", "flush", "dev", lab.h1_link.host_if])
         warm_up(lab)
-        before, kernel = counters(router)["FWD_FAST"], kernel_forwarded(lab)
-        src, dst = str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip)
-        r = lab.h1.run(["ping", "-c", "5", "-i", "0.05", "-W", "1", "-I", src, dst], check=False)
-        assert r.returncode == 0, r.stdout
-        assert kernel_forwarded(lab)[0] == kernel[0]
-        assert counters(router)["FWD_FAST"] - before >= 10
+        assert_pings_cross_in_xdp(lab, router)
     finally:
         lab.r.run(["ip", "link", "set", "dev", rif, "address", old])
         lab.h1.run(["ip", "neigh", "flush", "dev", lab.h1_link.host_if])
@@ -246,14 +252,7 @@ def test_the_ipv4_table_is_the_operators_choice(lab: Lab, table: str, code: int)
             assert maps.config()[3] == code  # what the program reads
         finally:
             maps.close()
-        before = counters(daemon)["FWD_FAST"]
-        kernel = kernel_forwarded(lab)
-        src, dst = str(lab.h1_lan_v4.ip), str(lab.h2_lan_v4.ip)
-        r = lab.h1.run(["ping", "-c", "5", "-i", "0.05", "-W", "1", "-I", src, dst], check=False)
-        assert r.returncode == 0, r.stdout
-        assert kernel_forwarded(lab)[0] == kernel[0]
-        # request and reply each crossed the router in the fast path, not through the kernel
-        assert counters(daemon)["FWD_FAST"] - before >= 10
+        assert_pings_cross_in_xdp(lab, daemon)
     finally:
         daemon.stop()
         daemon.remove_pins()
