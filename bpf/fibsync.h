@@ -61,7 +61,7 @@
  *   v4_tbl24  2^24 entries, indexed by the top 24 bits of the destination
  *   v4_tbl8   FS_MAX_TBL8_GROUPS groups of 256 entries, by the low 8 bits
  *   v4_slots  struct fs_route by slot number (0 is never used)
- *   v4_nh     struct fs_nexthop, two copies per slot (2 * slot + 0 or 1)
+ *   v4_nh     struct fs_nexthop, two copies per slot number (2 * n + 0 or 1)
  *
  * Array values sit at an 8-byte stride, so both tables pack two 4-byte
  * entries per element (struct fs_dir_pair): entry i is element i / 2, half
@@ -79,9 +79,10 @@
  *
  * A slot of a FORWARD route to one nexthop carries FS_ROUTE_NH_COPY: its
  * nh_id is then the index in v4_nh of a copy of that nexthop (an array read
- * instead of a hash lookup). When the nexthop changes, user space writes the
- * slot's other copy and switches nh_id with one 4-byte store; a copy is
- * rewritten only after an RCU grace period since the last switch.
+ * instead of a hash lookup). When the nexthop changes, user space writes a
+ * copy no reader can hold and switches nh_id with one 4-byte store: the
+ * slot's other copy, or, before an RCU grace period has passed since its last
+ * switch, a copy of a slot number it borrows until its next switch.
  */
 #define FS_DIR24_ENTRIES 16777216
 #define FS_TBL8_ENTRIES 256

@@ -589,7 +589,9 @@ class Daemon:
                        "v6_table": self.writer.v6_table,
                        "unwritten": len(self.writer.unwritten),
                        "demoted": len(self.guard.demoted) if self.guard else 0,
-                       "full_episodes": self.guard.episodes if self.guard else 0},
+                       "full_episodes": self.guard.episodes if self.guard else 0,
+                       **({"dir24": _public(self.writer.dir24.stats)}
+                          if self.writer.dir24 is not None else {})},
             "rib": dict(self.rib.stats),
             "reloads": dict(self.reloads),
             "audit": self.auditor.doc() if self.auditor is not None else {},

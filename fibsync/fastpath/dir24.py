@@ -20,7 +20,8 @@ answerable at each instant:
   named, except the nexthop copy it names (a FORWARD slot to one nexthop
   names one of its two copies in ``v4_nh``: a nexthop change writes the other
   copy, then switches the slot's nh_id with one 4-byte store; a copy is
-  rewritten only after a grace period since the slot's last switch); a tbl8
+  rewritten only after a grace period since the slot's last switch, and a slot
+  switched again sooner borrows the pair of a free slot number); a tbl8
   group is filled completely before the tbl24 entry that points to it is
   stored (x86-64 keeps stores in program order, and nothing here issues a
   fence: a weakly ordered CPU would need one; the reader's second read
@@ -142,13 +143,15 @@ class Pool:
         self._retired.extend(self._reserved)
         self._reserved = []
 
-    def take(self) -> int | None:
-        n = self._take()
+    def take(self, wait: bool = True) -> int | None:
+        """A free number; None when there is none, or (``wait`` False) when only a
+        grace period waited for here could free one."""
+        n = self._take(wait)
         if n is not None:
             self.in_use += 1
         return n
 
-    def _take(self) -> int | None:
+    def _take(self, wait: bool) -> int | None:
         if self._free:
             return self._free.pop()
         while self._next < self.size:
@@ -156,7 +159,7 @@ class Pool:
             self._next += 1
             if n not in self._skip:
                 return n
-        if self._retired or self._reclaiming:
+        if wait and (self._retired or self._reclaiming):
             # the one wait on the write path; begin_reclaim/end_reclaim save it
             self._grace()
             self.graces += 1
@@ -192,6 +195,9 @@ class Dir24Stats:
     deletes: int = 0
     pinned: int = 0  # /24s handed to bpf_fib_lookup for want of a tbl8 group
     slot_gcs: int = 0
+    copy_switches: int = 0  # slots switched to another copy of their nexthop
+    copy_borrows: int = 0  # of those, into a borrowed pair (switched again within a grace)
+    copy_waits: int = 0  # of those, after a grace period waited for here (no number free)
 
 
 class Reclaim:
@@ -238,11 +244,14 @@ class Dir24Table:
         self.slots = Pool(len(self._slots) // abi.ROUTE.size, grace)
         self._slot_of: dict[bytes, int] = {}
         self._value_of: dict[int, bytes] = {}
-        # nexthop copies: which copy a slot names, the slots of each nexthop, and
-        # the grace epoch of each slot's last switch
+        # nexthop copies: the copy a slot names (its index in v4_nh: 2 * slot or
+        # 2 * slot + 1, its own pair, or 2 * b of a number b it borrowed from the
+        # pool), the number it borrowed, the slots of each nexthop, and the grace
+        # epoch of each slot's last switch
         self._nh = memoryview(nh).cast("B") if nh is not None and nexthop is not None else None
         self._nexthop = nexthop
         self._copy: dict[int, int] = {}
+        self._borrowed: dict[int, int] = {}
         self._slots_of_nh: dict[int, set[int]] = {}
         self._switched: dict[int, int] = {}
         self._epoch = 0  # switches made now belong to this epoch
@@ -269,7 +278,10 @@ class Dir24Table:
         run's, when the maps were adopted): they stay untouched until replaced."""
         groups, slots = self._referenced()
         self.groups.reserve(groups.tolist())
-        self.slots.reserve(slots.tolist())
+        # and the numbers whose copy pair a slot borrowed (``nexthops_changed``)
+        lent = {self._slot_words[2 * s] // 2 for s in slots.tolist()
+                if self._slots[s * 8 + 5] & abi.FS_ROUTE_NH_COPY}
+        self.slots.reserve(sorted(set(slots.tolist()) | lent))
 
     def _adopt_in_thread(self) -> None:
         try:
@@ -334,7 +346,7 @@ class Dir24Table:
         if nhb is None:
             return value
         self._nh[2 * slot * NH_STRIDE:2 * slot * NH_STRIDE + NH_SIZE] = nhb
-        self._copy[slot] = 0
+        self._copy[slot] = 2 * slot
         self._slots_of_nh.setdefault(nh_id, set()).add(slot)
         return abi.ROUTE.pack(2 * slot, action, flags | abi.FS_ROUTE_NH_COPY, reason, 0)
 
@@ -354,33 +366,52 @@ class Dir24Table:
 
     def nexthops_changed(self, changed: dict[int, bytes]) -> None:
         """Nexthops (id -> struct fs_nexthop bytes) got new contents: every slot
-        naming a copy of one switches to its other copy, written first.
+        naming a copy of one switches to another copy, written first.
 
-        A slot switched again before a grace period has passed since its last
-        switch waits for one here (its other copy may still be read); the daemon
-        runs grace periods off the write path (``begin_reclaim``), so that only
-        a nexthop changing twice within a few milliseconds waits. Contents equal
-        to what the slot's copy holds (a re-announcement) switch nothing."""
+        A copy a slot left is rewritten only once a grace period has passed since
+        (a reader may still hold it). A slot switched again before one has passed
+        since its last switch borrows the copy pair of a free slot number instead
+        (the pool hands out only numbers no reader can hold), and gives it back when
+        it switches away; only with no number free does it wait for a grace period
+        here. The daemon runs grace periods off the write path (``begin_reclaim``).
+        Contents equal to what the slot's copy holds (a re-announcement) switch
+        nothing."""
         self._adopted()
         if self._nh is None:
             return
         for nh_id, nhb in changed.items():
             for slot in self._slots_of_nh.get(nh_id, ()):
-                at = (2 * slot + self._copy[slot]) * NH_STRIDE
+                at = self._copy[slot] * NH_STRIDE
                 if self._nh[at:at + NH_SIZE] == nhb:
                     continue
-                if self._switched.get(slot, -1) > self._settled:
-                    # its other copy may still be read through the last switch
-                    self._grace()
-                    self._settled = self._epoch
-                    self._epoch += 1
-                other = 1 - self._copy[slot]
-                at = (2 * slot + other) * NH_STRIDE
-                self._nh[at:at + NH_SIZE] = nhb
-                self._slot_words[2 * slot] = 2 * slot + other
-                self._copy[slot] = other
-                self._switched[slot] = self._epoch
-                self._switches_pending = True
+                self._switch(slot, nhb)
+
+    def _switch(self, slot: int, nhb: bytes) -> None:
+        now = self._copy[slot]
+        lent = None
+        if self._switched.get(slot, -1) > self._settled:
+            # the copy it left last may still be read
+            lent = self.slots.take(wait=False)
+            if lent is None:
+                self.stats.copy_waits += 1
+                self._grace()
+                self._settled = self._epoch
+                self._epoch += 1
+        # with its last switch settled, its own pair is free but for the copy it names
+        to = 2 * lent if lent is not None else 2 * slot + (now == 2 * slot)
+        self._nh[to * NH_STRIDE:to * NH_STRIDE + NH_SIZE] = nhb
+        self._slot_words[2 * slot] = to
+        self._copy[slot] = to
+        self._switched[slot] = self._epoch
+        self._switches_pending = True
+        self.stats.copy_switches += 1
+        self.stats.copy_borrows += lent is not None
+        # the pair it leaves, if borrowed, may be read until a grace period: retired
+        left = self._borrowed.pop(slot, None)
+        if left is not None:
+            self.slots.retire(left)
+        if lent is not None:
+            self._borrowed[slot] = lent
 
     def _collect_slots(self) -> None:
         """Retire the slots no entry names any more (values no route uses now).
@@ -399,6 +430,9 @@ class Dir24Table:
                 if self._copy.pop(slot, None) is not None:
                     self._slots_of_nh[abi.ROUTE.unpack(value)[0]].discard(slot)
                     self._switched.pop(slot, None)
+                    lent = self._borrowed.pop(slot, None)
+                    if lent is not None:
+                        self.slots.retire(lent)
                 self.slots.retire(slot)
 
     # ------------------------------------------------------------ load

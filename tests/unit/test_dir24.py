@@ -5,6 +5,7 @@ ordering rules that keep concurrent readers right (no root needed)."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -397,26 +398,47 @@ def test_a_forward_slot_names_a_copy_of_its_nexthop() -> None:
     assert t.nexthop_copy(ip("10.2.0.1")) is None
 
 
+def copy_at(t: Dir24Table, index: int) -> bytes:
+    return bytes(t._nh[index * 40:index * 40 + 36])
+
+
 def test_a_changed_nexthop_switches_copies_after_writing_the_other() -> None:
     ref = Reference()
     nexthops = {1: nexthop(1)}
     t = table(ref, nexthops=nexthops)
     add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
     slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
-    first = bytes(t._nh[2 * slot * 40:2 * slot * 40 + 36])
     nexthops[1] = nexthop(7)
     t.nexthops_changed({1: nexthops[1]})
     assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(7)
     assert t._slot_words[2 * slot] == 2 * slot + 1
     # the copy a reader may still hold is untouched
-    assert bytes(t._nh[2 * slot * 40:2 * slot * 40 + 36]) == first
+    assert copy_at(t, 2 * slot) == nexthop(1)
     graces = t._grace
     assert isinstance(graces, Graces) and graces.count == 0
-    t.nexthops_changed({1: nexthop(8)})  # switching back needs a grace period first
-    assert graces.count == 1
+    # again before a grace period: neither own copy may be written, a free number's
+    # pair is borrowed, and nothing waits
+    t.nexthops_changed({1: nexthop(8)})
+    lent = t._slot_words[2 * slot] // 2
+    assert lent not in (0, slot) and graces.count == 0
     assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(8)
+    assert (copy_at(t, 2 * slot), copy_at(t, 2 * slot + 1)) == (nexthop(1), nexthop(7))
+    assert (t.stats.copy_switches, t.stats.copy_borrows, t.stats.copy_waits) == (2, 1, 0)
     t.nexthops_changed({3: nexthop(3)})  # no slot names nexthop 3: nothing to do
-    assert graces.count == 1
+    assert graces.count == 0
+
+
+def test_with_no_number_free_a_second_switch_waits_for_a_grace_period() -> None:
+    ref = Reference()
+    t = table(ref, slots=2, nexthops={1: nexthop(1)})  # one slot number in all
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
+    slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
+    t.nexthops_changed({1: nexthop(7)})
+    t.nexthops_changed({1: nexthop(8)})
+    graces = t._grace
+    assert isinstance(graces, Graces) and graces.count == 1 and t.stats.copy_waits == 1
+    assert t._slot_words[2 * slot] == 2 * slot  # back to its first copy, after the wait
+    assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(8)
 
 
 def test_a_nexthop_announced_again_unchanged_switches_nothing() -> None:
@@ -435,30 +457,111 @@ def test_a_nexthop_announced_again_unchanged_switches_nothing() -> None:
     assert not t.begin_reclaim()  # nothing switched: no grace period to run either
 
 
-def test_a_grace_period_run_elsewhere_frees_the_other_copy() -> None:
+def test_a_grace_period_run_elsewhere_frees_the_own_pair_and_the_borrowed_one() -> None:
     ref = Reference()
-    nexthops = {1: nexthop(1)}
-    t = table(ref, nexthops=nexthops)
+    t = table(ref, nexthops={1: nexthop(1)})
     add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
+    slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
     graces = t._grace
     assert isinstance(graces, Graces)
     t.nexthops_changed({1: nexthop(7)})
-    reclaim = t.begin_reclaim()  # the daemon's thread: a grace period begins after the switch
-    assert reclaim
-    t.nexthops_changed({1: nexthop(8)})  # before it ended: this switch has to wait here
-    assert graces.count == 1
-    reclaim = t.begin_reclaim()
-    reclaim.done()
-    t.nexthops_changed({1: nexthop(9)})  # after one ended: no wait
-    assert graces.count == 1 and t.nexthop_copy(ip("10.0.0.1")) == nexthop(9)
-    t.begin_reclaim().done()
+    first = t.begin_reclaim()  # the daemon's thread: a grace period begins after the switch
+    assert first
+    t.nexthops_changed({1: nexthop(8)})  # before it ended: a borrowed pair
+    lent = t._slot_words[2 * slot] // 2
+    assert lent != slot
+    second = t.begin_reclaim()
+    first.done()
+    second.done()
+    # both switches are past a grace period: back to its own pair, and the borrowed
+    # number is retired (free again after a grace period of its own)
+    t.nexthops_changed({1: nexthop(9)})
+    assert t._slot_words[2 * slot] == 2 * slot and graces.count == 0
+    assert t.nexthop_copy(ip("10.0.0.1")) == nexthop(9)
+    assert lent in t.slots._retired and slot not in t._borrowed
     # a grace period that began before a switch does not free that switch's copy
+    t.begin_reclaim().done()
     early = t.begin_reclaim()
     t.nexthops_changed({1: nexthop(10)})
     early.done()
-    assert graces.count == 1
     t.nexthops_changed({1: nexthop(11)})
-    assert graces.count == 2 and t.nexthop_copy(ip("10.0.0.1")) == nexthop(11)
+    # borrowed again (the number given back before is free again by now)
+    assert t._slot_words[2 * slot] // 2 != slot
+    assert copy_at(t, 2 * slot + 1) == nexthop(10)  # the copy just left, untouched
+    assert graces.count == 0 and t.nexthop_copy(ip("10.0.0.1")) == nexthop(11)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_copy_a_reader_may_hold_is_ever_written(seed: int) -> None:
+    """Readers take the copy their slot names and hold it until a grace period that
+    began after them has ended (the daemon's, run elsewhere, or one waited for
+    here). Random switches, grace periods and readers: no write ever lands on a
+    copy a reader holds, and every slot always names its nexthop's contents."""
+    rng = random.Random(seed)
+    readers: list[tuple[int, int]] = []  # (copy index, when the reader started)
+    clock = [0]
+
+    def waited() -> None:  # a grace period waited for here: every reader is done
+        readers.clear()
+
+    ref = Reference()
+    contents = {n: nexthop(n) for n in range(1, 4)}
+    t = Dir24Table(*memory_buffers(64, 8), cover=ref.cover, nexthop=contents.get,
+                   grace=waited)
+    add(t, ref, {(ip(f"10.{n}.0.0"), 16): value(n) for n in range(1, 4)})
+    running: list[tuple[Any, int]] = []  # grace periods begun elsewhere, and when
+    for _ in range(3000):
+        clock[0] += 1
+        op = rng.random()
+        if op < 0.4:
+            for n in range(1, 4):
+                slot = t._m24[ip(f"10.{n}.0.0") >> 8] & INDEX
+                readers.append((t._slot_words[2 * slot], clock[0]))
+        elif op < 0.75:
+            n = rng.randrange(1, 4)
+            contents[n] = nexthop(rng.randrange(1, 200))
+            before = bytes(t._nh)
+            t.nexthops_changed({n: contents[n]})
+            after = bytes(t._nh)
+            written = {i // 40 for i in range(len(after)) if before[i] != after[i]}
+            assert not written & {i for i, _ in readers}
+        elif op < 0.9:
+            running.append((t.begin_reclaim(), clock[0]))
+        elif running:
+            reclaim, began = running.pop(0)
+            reclaim.done()
+            readers[:] = [(i, at) for i, at in readers if at > began]
+        for n in range(1, 4):
+            assert t.nexthop_copy(ip(f"10.{n}.0.1")) == contents[n]
+
+
+def test_a_slot_collected_gives_back_the_pair_it_borrowed() -> None:
+    ref = Reference()
+    t = table(ref, nexthops={1: nexthop(1), 2: nexthop(2)})
+    add(t, ref, {(ip("10.0.0.0"), 24): value(1)})
+    t.nexthops_changed({1: nexthop(7)})
+    t.nexthops_changed({1: nexthop(8)})
+    slot = t._m24[ip("10.0.0.0") >> 8] & INDEX
+    lent = t._borrowed[slot]
+    add(t, ref, {(ip("10.0.0.0"), 24): value(2)})  # the slot of value(1) is named no more
+    t._collect_slots()
+    assert slot not in t._copy and slot not in t._borrowed
+    assert {slot, lent} <= set(t.slots._retired)
+
+
+def test_adopting_a_table_keeps_the_pairs_its_slots_borrowed() -> None:
+    buffers = memory_buffers(64, 64)
+    old_ref = Reference()
+    old = table(old_ref, buffers=buffers, nexthops={1: nexthop(1)})
+    add(old, old_ref, {(ip("10.0.0.0"), 8): value(1)})
+    old.nexthops_changed({1: nexthop(7)})
+    old.nexthops_changed({1: nexthop(8)})
+    slot = old._m24[ip("10.0.0.0") >> 8] & INDEX
+    lent = old._borrowed[slot]
+    new = table(Reference(), buffers=buffers, nexthops={1: nexthop(1)})
+    # neither the slot the old table names nor the pair it reads is handed out
+    taken = {new.slots.take(wait=False) for _ in range(60)}
+    assert not {slot, lent} & taken
 
 
 def test_slots_collected_forget_their_copies() -> None:
