@@ -184,7 +184,9 @@ def one_mode(mode: str, args: argparse.Namespace, setup: list[str], burst: list[
                 r = daemon.cli("verify", check=False)
                 out["verify_exit"] = r.returncode
                 out["verify"] = (r.stdout.strip().splitlines() or [""])[-1][:200]
-                out["netlink"] = daemon.status().get("netlink")
+                doc = daemon.status()
+                out["netlink"] = doc.get("netlink")
+                out["dir24"] = doc.get("writer", {}).get("dir24")
         finally:
             if args.keep_log and daemon.log_file.exists():
                 shutil.copy(daemon.log_file, args.keep_log)
