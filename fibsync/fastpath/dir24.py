@@ -279,9 +279,10 @@ class Dir24Table:
         groups, slots = self._referenced()
         self.groups.reserve(groups.tolist())
         # and the numbers whose copy pair a slot borrowed (``nexthops_changed``)
-        lent = {self._slot_words[2 * s] // 2 for s in slots.tolist()
+        named = slots.tolist()
+        lent = {self._slot_words[2 * s] // 2 for s in named
                 if self._slots[s * 8 + 5] & abi.FS_ROUTE_NH_COPY}
-        self.slots.reserve(sorted(set(slots.tolist()) | lent))
+        self.slots.reserve(sorted(set(named) | lent))
 
     def _adopt_in_thread(self) -> None:
         try:
@@ -392,6 +393,9 @@ class Dir24Table:
         if self._switched.get(slot, -1) > self._settled:
             # the copy it left last may still be read
             lent = self.slots.take(wait=False)
+            if lent is not None and 2 * lent + 1 >= len(self._nh) // NH_STRIDE:
+                self.slots.retire(lent)  # its pair is past the copies' array
+                lent = None
             if lent is None:
                 self.stats.copy_waits += 1
                 self._grace()

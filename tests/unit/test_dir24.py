@@ -4,6 +4,7 @@ ordering rules that keep concurrent readers right (no root needed)."""
 
 from __future__ import annotations
 
+import mmap
 import random
 from typing import Any
 
@@ -455,6 +456,18 @@ def test_a_nexthop_announced_again_unchanged_switches_nothing() -> None:
     assert isinstance(graces, Graces) and graces.count == 0
     assert t._slot_words[2 * slot] == 2 * slot  # still the first copy
     assert not t.begin_reclaim()  # nothing switched: no grace period to run either
+
+
+def test_a_number_whose_pair_the_copies_lack_is_not_borrowed() -> None:
+    ref = Reference()
+    tbl24, tbl8, slots, nh = memory_buffers(64, 8)
+    short = mmap.mmap(-1, 4 * 40)  # copies for slot numbers 0 and 1 only
+    t = Dir24Table(tbl24, tbl8, slots, short, cover=ref.cover,
+                   nexthop={1: nexthop(1)}.get, grace=Graces())
+    add(t, ref, {(ip("10.0.0.0"), 8): value(1)})
+    t.nexthops_changed({1: nexthop(7)})
+    t.nexthops_changed({1: nexthop(8)})  # number 2 is free, but its pair is not there
+    assert t.stats.copy_waits == 1 and t.nexthop_copy(ip("10.0.0.1")) == nexthop(8)
 
 
 def test_a_grace_period_run_elsewhere_frees_the_own_pair_and_the_borrowed_one() -> None:
