@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from .fastpath import abi
 from .fastpath.abi import Reason
-from .model import AF_INET, AF_INET6
+from .model import AF_INET, AF_INET6, ARPHRD_ETHER
 from .watch import KINDS, Condition
 
 # kind -> (what the ingress entry hands over with, per family); first match wins
@@ -311,7 +311,6 @@ class Fidelity:
 
 
 SIOCGIFHWADDR = 0x8927
-ARPHRD_ETHER = 1
 
 
 def kernel_links() -> dict[int, bytes]:
