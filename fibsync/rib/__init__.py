@@ -103,8 +103,8 @@ class Rib:
         # ids below first_id belong to entries a previous run left in the maps
         self.first_id = first_id
         self.stats = {"changes": 0, "ignored": 0, "resyncs": 0}
-        # links applied and resyncs done: what follows the links (Fidelity's `ifaces`
-        # entries) compares it before and after
+        # links applied: what follows the links (Fidelity's `ifaces` entries) compares
+        # it before and after a batch (a resync replaces them all anyway)
         self.link_changes = 0
         self.use_neigh = False  # net.ipv4.fib_multipath_use_neigh
         self.kernel, self.table = self._fresh()
@@ -191,7 +191,6 @@ class Rib:
         valid entry during a resync.
         """
         self.stats["resyncs"] += 1
-        self.link_changes += 1
         old = self.table
         self.kernel, self.table = self._begin(snapshot)
         rows = self._add_routes(snapshot)
