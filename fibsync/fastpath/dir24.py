@@ -340,7 +340,7 @@ class Dir24Table:
         whose bytes are known, the value naming a fresh copy of that nexthop."""
         nh_id, action, flags, reason, _ = abi.ROUTE.unpack(value)
         if self._nh is None or action != abi.FS_ACT_FORWARD or flags & abi.FS_ROUTE_GROUP \
-                or 2 * slot + 1 >= len(self._nh) // NH_STRIDE:
+                or not self._has_pair(slot):
             return value
         assert self._nexthop is not None
         nhb = self._nexthop(nh_id)
@@ -393,8 +393,8 @@ class Dir24Table:
         if self._switched.get(slot, -1) > self._settled:
             # the copy it left last may still be read
             lent = self.slots.take(wait=False)
-            if lent is not None and 2 * lent + 1 >= len(self._nh) // NH_STRIDE:
-                self.slots.retire(lent)  # its pair is past the copies' array
+            if lent is not None and not self._has_pair(lent):
+                self.slots.retire(lent)
                 lent = None
             if lent is None:
                 self.stats.copy_waits += 1
@@ -410,12 +410,21 @@ class Dir24Table:
         self._switches_pending = True
         self.stats.copy_switches += 1
         self.stats.copy_borrows += lent is not None
-        # the pair it leaves, if borrowed, may be read until a grace period: retired
-        left = self._borrowed.pop(slot, None)
-        if left is not None:
-            self.slots.retire(left)
+        self._give_back(slot)  # the pair it leaves, if borrowed
         if lent is not None:
             self._borrowed[slot] = lent
+
+    def _has_pair(self, n: int) -> bool:
+        """The copies' array holds a pair for number n (2 * n and 2 * n + 1)."""
+        assert self._nh is not None
+        return 2 * n + 1 < len(self._nh) // NH_STRIDE
+
+    def _give_back(self, slot: int) -> None:
+        """Retire the number whose pair the slot borrowed, if any: read until a grace
+        period has passed, as any retired number."""
+        lent = self._borrowed.pop(slot, None)
+        if lent is not None:
+            self.slots.retire(lent)
 
     def _collect_slots(self) -> None:
         """Retire the slots no entry names any more (values no route uses now).
@@ -434,9 +443,7 @@ class Dir24Table:
                 if self._copy.pop(slot, None) is not None:
                     self._slots_of_nh[abi.ROUTE.unpack(value)[0]].discard(slot)
                     self._switched.pop(slot, None)
-                    lent = self._borrowed.pop(slot, None)
-                    if lent is not None:
-                        self.slots.retire(lent)
+                    self._give_back(slot)
                 self.slots.retire(slot)
 
     # ------------------------------------------------------------ load
