@@ -62,15 +62,20 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     """User + system CPU of ``pid`` and its threads, and of its children (fibsync's
     self-audits) unless ``children`` is False: those waited for, and those still
     running (an audit that has not ended by the sentinel counts too)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(f) for f in fields[11:15 if children else 13])
+    ticks = _ticks(pid, 15 if children else 13)
     for child in _children(pid) if children else ():
         try:  # after the parent's stat: a child reaped meanwhile is missed, not counted twice
-            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += _ticks(child, 15)
         except FileNotFoundError:
             continue
-        ticks += sum(int(f) for f in fields[11:15])
     return ticks / TICK
+
+
+def _ticks(pid: int, end: int) -> int:
+    """utime + stime (end 13), and cutime + cstime too (end 15), of /proc/PID/stat
+    (its fields after the command name: state first)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:end])
 
 
 def _children(pid: int) -> list[int]:
